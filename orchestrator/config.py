@@ -1,0 +1,262 @@
+"""The one configuration: frozen dataclasses loaded from one TOML file.
+
+Validation happens in one pass and reports every problem at once, each naming
+its key (`backends[1].slots: ...`), so a person fixes the file in one edit.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+SYNTHETIC = "synthetic"
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    # Claude Code's main requests are 30-90 KB; a long session with pasted
+    # files can reach a few MB. Far beyond that is a mistake, not a prompt.
+    max_body_bytes: int = 32 * 1024 * 1024
+    # count_tokens is answered by the backend only if it answers quickly;
+    # /context fires up to 25 of them and waits for all.
+    count_tokens_timeout_seconds: float = 2.0
+    # How long to wait for a backend's TCP connect before calling it down.
+    connect_timeout_seconds: float = 5.0
+    health_interval_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_depth: int = 64
+    # Claude Code's own timeout is 600 s per attempt (X-Stainless-Timeout).
+    max_wait_seconds: float = 600.0
+    retry_after_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    url: str
+    slots: int = 1
+    models: tuple[str, ...] = ("*",)
+    role: str = "main"  # "main" or "background"
+    # Sent to the backend as x-api-key and Bearer token (remote backends).
+    api_key: str | None = None
+    # The client's own key is not forwarded unless asked: Claude Code sends a
+    # real Anthropic key when a person has one configured.
+    forward_client_key: bool = False
+    health_path: str = "/health"
+    # The process to supervise (supervision issue); None for remote backends.
+    command: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    background_models: tuple[str, ...] = ("*haiku*",)
+    # A backend name with role "background", or "synthetic".
+    background: str = SYNTHETIC
+    # Non-streaming max_tokens=1 requests are token-count probes from Claude
+    # Code releases that lack count_tokens: "count_tokens" answers them from
+    # the count path, "forward" sends them to the model like any request.
+    count_probes: str = "count_tokens"
+    # Drop the per-request `x-anthropic-billing-header` system block, which
+    # changes every request and so defeats the backend's prompt cache.
+    strip_billing_header: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    backends: tuple[BackendConfig, ...] = (BackendConfig(name="primary", url="http://127.0.0.1:8080"),)
+
+    def backend(self, name: str) -> BackendConfig:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    @property
+    def main_backends(self) -> tuple[BackendConfig, ...]:
+        return tuple(b for b in self.backends if b.role == "main")
+
+    @property
+    def background_backend(self) -> BackendConfig | None:
+        if self.routing.background == SYNTHETIC:
+            return None
+        return self.backend(self.routing.background)
+
+
+class _Checker:
+    """Collects problems while reading a table; never stops at the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def table(self, raw: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problems.append(f"{key}: must be a table")
+            return {}
+        for k in sorted(set(raw) - allowed):
+            self.problems.append(f"{key}.{k}: unknown key (known: {', '.join(sorted(allowed))})")
+        return raw
+
+    def get(self, raw: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...],
+            default: Any, *, check=None, why: str = "") -> Any:
+        if key not in raw:
+            return default
+        value = raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a port of `true` is still a mistake.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if ok and check is not None and not check(value):
+            ok = False
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            self.problems.append(f"{path}.{key}: must be {why or names}, got {value!r}")
+            return default
+        if float in kinds and isinstance(value, int):
+            value = float(value)
+        return value
+
+    def patterns(self, raw: dict[str, Any], key: str, path: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(raw, key, path, list, list(default),
+                         check=lambda v: all(isinstance(p, str) and p for p in v),
+                         why="a list of non-empty strings")
+        return tuple(value)
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _url_ok(v: str) -> bool:
+    parts = urlsplit(v)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    c = _Checker()
+    top = c.table(raw, source, {"gateway", "queue", "routing", "backends"})
+    base = Config()
+
+    g = c.table(top.get("gateway"), "gateway", set(GatewayConfig.__dataclass_fields__))
+    gw = base.gateway
+    gateway = GatewayConfig(
+        host=c.get(g, "host", "gateway", str, gw.host, check=bool, why="a host name"),
+        port=c.get(g, "port", "gateway", int, gw.port, check=lambda v: 0 <= v < 65536, why="a port (0-65535)"),
+        max_body_bytes=c.get(g, "max_body_bytes", "gateway", int, gw.max_body_bytes, check=_positive,
+                             why="a positive integer"),
+        count_tokens_timeout_seconds=c.get(g, "count_tokens_timeout_seconds", "gateway", (int, float),
+                                           gw.count_tokens_timeout_seconds, check=_positive, why="a positive number"),
+        connect_timeout_seconds=c.get(g, "connect_timeout_seconds", "gateway", (int, float),
+                                      gw.connect_timeout_seconds, check=_positive, why="a positive number"),
+        health_interval_seconds=c.get(g, "health_interval_seconds", "gateway", (int, float),
+                                      gw.health_interval_seconds, check=_positive, why="a positive number"),
+    )
+
+    q = c.table(top.get("queue"), "queue", set(QueueConfig.__dataclass_fields__))
+    qd = base.queue
+    queue = QueueConfig(
+        max_depth=c.get(q, "max_depth", "queue", int, qd.max_depth, check=lambda v: v >= 0,
+                        why="a non-negative integer"),
+        max_wait_seconds=c.get(q, "max_wait_seconds", "queue", (int, float), qd.max_wait_seconds,
+                               check=_positive, why="a positive number"),
+        retry_after_seconds=c.get(q, "retry_after_seconds", "queue", int, qd.retry_after_seconds,
+                                  check=_positive, why="a positive integer"),
+    )
+
+    backends: list[BackendConfig] = []
+    raw_backends = top.get("backends")
+    if raw_backends is None:
+        backends = list(base.backends)
+    elif not isinstance(raw_backends, list) or not raw_backends:
+        c.problems.append("backends: must be a non-empty array of tables ([[backends]])")
+    else:
+        for i, rb in enumerate(raw_backends):
+            path = f"backends[{i}]"
+            b = c.table(rb, path, set(BackendConfig.__dataclass_fields__))
+            name = c.get(b, "name", path, str, "", check=lambda v: v and v != SYNTHETIC,
+                         why='a non-empty name other than "synthetic"')
+            if "name" not in b:
+                c.problems.append(f"{path}.name: required")
+            url = c.get(b, "url", path, str, "", check=_url_ok, why="an http(s) URL")
+            if "url" not in b:
+                c.problems.append(f"{path}.url: required")
+            backends.append(BackendConfig(
+                name=name or f"backend{i}",
+                url=url.rstrip("/"),
+                slots=c.get(b, "slots", path, int, 1, check=lambda v: v >= 1, why="a positive integer"),
+                models=c.patterns(b, "models", path, ("*",)),
+                role=c.get(b, "role", path, str, "main", check=lambda v: v in ("main", "background"),
+                           why='"main" or "background"'),
+                api_key=c.get(b, "api_key", path, str, None),
+                forward_client_key=c.get(b, "forward_client_key", path, bool, False),
+                health_path=c.get(b, "health_path", path, str, "/health", check=lambda v: v.startswith("/"),
+                                  why='a path starting with "/"'),
+                command=c.get(b, "command", path, str, None),
+            ))
+        names = [b.name for b in backends]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            c.problems.append(f"backends: name {dup!r} is used more than once")
+        if not any(b.role == "main" for b in backends):
+            c.problems.append('backends: at least one backend needs role = "main"')
+
+    r = c.table(top.get("routing"), "routing", set(RoutingConfig.__dataclass_fields__))
+    rd = base.routing
+    routing = RoutingConfig(
+        background_models=c.patterns(r, "background_models", "routing", rd.background_models),
+        background=c.get(r, "background", "routing", str, rd.background),
+        count_probes=c.get(r, "count_probes", "routing", str, rd.count_probes,
+                           check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"'),
+        strip_billing_header=c.get(r, "strip_billing_header", "routing", bool, rd.strip_billing_header),
+    )
+    if routing.background != SYNTHETIC:
+        match = [b for b in backends if b.name == routing.background]
+        if not match:
+            c.problems.append(f"routing.background: {routing.background!r} names no backend "
+                              f'(use "synthetic" or a backend name)')
+        elif match[0].role != "background":
+            c.problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
+
+    if c.problems:
+        raise ConfigError(c.problems, source)
+    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends))
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {path}"], str(path)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], str(path)) from None
+    return config_from_dict(raw, str(path))
+
+
+def with_overrides(config: Config, *, host: str | None = None, port: int | None = None) -> Config:
+    gateway = config.gateway
+    if host is not None:
+        gateway = replace(gateway, host=host)
+    if port is not None:
+        gateway = replace(gateway, port=port)
+    return replace(config, gateway=gateway)

@@ -1,0 +1,117 @@
+"""One exception family that renders as the Anthropic error envelope.
+
+Every error a client sees, from bad JSON to a dead backend, goes through
+`GatewayError.body()` so Claude Code's retry logic and error display work the
+same way they do against the real API.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class GatewayError(Exception):
+    status = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 error_type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class Overloaded(GatewayError):
+    """529 with retry-after: the status Claude Code treats as 'try again later'."""
+
+    status = 529
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, *, retry_after: int = 10):
+        super().__init__(message, headers={"retry-after": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class UpstreamError(GatewayError):
+    """The backend failed: refused, reset, timed out, or answered nonsense."""
+
+    status = 502
+    error_type = "api_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No byte was exchanged: the request can safely be sent again."""
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    error_type = "timeout_error"
+
+
+# Anthropic's error types by HTTP status, for backends that answer in other shapes.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def from_upstream(status: int, raw: bytes) -> GatewayError:
+    """Translate a backend's error answer (llama-server's is OpenAI-shaped) to ours.
+
+    A 5xx stays a 5xx so clients retry; a 4xx keeps its status so they do not.
+    """
+    message = raw.decode("utf-8", "replace").strip()[:2000] or f"upstream answered HTTP {status}"
+    error_type = None
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            if parsed.get("type") == "error" and isinstance(err.get("type"), str):
+                error_type = err["type"]  # already Anthropic-shaped
+        elif isinstance(err, str):
+            message = err
+    if error_type is None:
+        error_type = _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    if status < 400:
+        status = 502
+    return GatewayError(f"backend: {message}", status=status, error_type=error_type)

@@ -1,0 +1,171 @@
+"""HTTP handlers, kept thin: parse and refuse bad input, route, then hand over."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import __version__, synthetic
+from .errors import GatewayError, InvalidRequest, RequestTooLarge, UnsupportedMediaType
+from .health import State
+from .counting import estimate_tokens
+from .proxy import Gateway, forward
+from .routing import Route, RouteKind, Shape, backends_for_model, choose_route, strip_billing_header
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    ctype = request.headers.get("Content-Type", "")
+    mime = ctype.split(";", 1)[0].strip().lower()
+    if mime and mime != "application/json" and not mime.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {mime!r}")
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
+                              f"(gateway.max_body_bytes)")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise RequestTooLarge(f"request body is over the limit of {limit} bytes (gateway.max_body_bytes)")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return raw, body
+
+
+def check_messages(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Field required (a non-empty string)")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages: Field required (a list of messages)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequest(f"messages.{i}: each message must be an object with a role")
+    if needs_max_tokens:
+        mt = body.get("max_tokens")
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise InvalidRequest(f"max_tokens: must be a positive integer, got {mt!r}")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidRequest("stream: must be true or false")
+
+
+def _background_up(gw: Gateway) -> bool:
+    bg = gw.config.background_backend
+    return bg is not None and gw.health[bg.name].up
+
+
+def _counting_backend(gw: Gateway, model: str):
+    """The backend whose tokenizer counts for this model; None when it is down (estimate at once)."""
+    backend = gw.config.backend(backends_for_model(model, gw.config)[0])
+    return backend if gw.health[backend.name].state is not State.DOWN else None
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    arrived = time.monotonic()
+    try:
+        raw, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
+        check_messages(body, needs_max_tokens=True)
+    except GatewayError as e:
+        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
+        gw.metrics.requests.labels("main", "none", str(e.status)).inc()
+        raise
+    route = choose_route(body, gw.config, background_up=_background_up(gw))
+    if route.kind is RouteKind.SYNTHETIC:
+        return await answer_synthetic(request, gw, body, route, arrived)
+
+    data = raw
+    if gw.config.routing.strip_billing_header:
+        stripped = strip_billing_header(body)
+        if stripped is not None:
+            data = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
+    return await forward(request, gw, body, data, route, arrived)
+
+
+async def answer_synthetic(request: web.Request, gw: Gateway, body: dict[str, Any], route: Route,
+                           arrived: float) -> web.StreamResponse:
+    if route.shape is Shape.COUNT_PROBE:
+        input_tokens = await gw.counter.count(_counting_backend(gw, body["model"]), body)
+    else:
+        input_tokens = estimate_tokens(body)
+    gw.metrics.synthetic.labels(route.shape.value).inc()
+    gw.metrics.requests.labels("synthetic", "gateway", "200").inc()
+    if body.get("stream"):
+        payload = synthetic.stream(body, route.shape, input_tokens)
+        gw.metrics.ttft.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
+        response = web.Response(body=payload, content_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache"})
+    else:
+        response = web.json_response(synthetic.message(body, route.shape, input_tokens))
+    gw.metrics.duration.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    try:
+        _, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
+        check_messages(body, needs_max_tokens=False)
+    except GatewayError as e:
+        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
+        gw.metrics.requests.labels("count_tokens", "none", str(e.status)).inc()
+        raise
+    backend = _counting_backend(gw, body["model"])
+    n = await gw.counter.count(backend, body)
+    gw.metrics.requests.labels("count_tokens", backend.name if backend else "estimate", "200").inc()
+    return web.json_response({"input_tokens": n})
+
+
+async def probe(request: web.Request) -> web.Response:
+    # Claude Code's start-up reachability checks: HEAD / and HEAD /api/hello.
+    return web.json_response({"name": "orchestrator", "version": __version__})
+
+
+async def health(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    backends = [h.snapshot() for h in gw.health.values()]
+    ok = all(h.up for h in gw.health.values() if h.backend.role == "main")
+    return web.json_response({
+        "status": "ok" if ok else "degraded",
+        "gateway": {"version": __version__, "uptime_seconds": round(time.time() - gw.started, 1)},
+        "backends": backends,
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    resp = web.Response(body=generate_latest(gw.metrics.registry))
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    ids: list[str] = []
+    for b in gw.config.main_backends:
+        literal = [m for m in b.models if not any(ch in m for ch in "*?[")]
+        ids += literal or [b.name]
+    data = [{"type": "model", "id": i, "display_name": i, "created_at": "1970-01-01T00:00:00Z"}
+            for i in dict.fromkeys(ids)]
+    return web.json_response({"data": data, "has_more": False,
+                              "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/messages", messages)
+    r.add_post("/v1/messages/count_tokens", count_tokens)
+    r.add_get("/v1/models", models)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/", probe)
+    r.add_get("/api/hello", probe)

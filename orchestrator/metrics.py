@@ -1,0 +1,94 @@
+"""Every Prometheus metric the gateway exports, declared once, on an injected registry.
+
+Labels are initialised up front so a series exists (at zero) before its first
+event: `increase()` then sees the first crash or rejection, and dashboards are
+never empty on a quiet system.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUTES = ("main", "background", "synthetic", "count_tokens")
+PRIORITIES = ("main", "background")
+SYNTHETIC_KINDS = ("title", "topic", "warmup", "count_probe", "other")
+DISCONNECT_STAGES = ("queued", "streaming")
+REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found")
+
+# A synthetic answer takes a millisecond; a first-turn prefill of 25k tokens on
+# a 225 GB model, or a wait behind one, takes minutes.
+LATENCY_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+TOKENS_PER_SECOND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, backends: Iterable[str] = ()) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter("orchestrator_requests", "Requests answered, by route, backend and HTTP status",
+                                ["route", "backend", "status"], registry=r)
+        self.queue_wait = Histogram("orchestrator_queue_wait_seconds", "Arrival to slot grant",
+                                    ["backend", "priority"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("orchestrator_ttft_seconds",
+                              "Arrival at the gateway to the first content event sent to the client",
+                              ["backend", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_ttft = Histogram("orchestrator_upstream_ttft_seconds",
+                                       "Slot grant to the first content event (prefill time)",
+                                       ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("orchestrator_request_duration_seconds", "Arrival to the last byte sent",
+                                  ["backend", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("orchestrator_prompt_tokens",
+                                     'Prompt tokens; cache="hit" were read from the prompt cache',
+                                     ["backend", "cache"], registry=r)
+        self.output_tokens = Counter("orchestrator_output_tokens", "Generated tokens", ["backend"], registry=r)
+        self.tokens_per_second = Histogram("orchestrator_generation_tokens_per_second",
+                                           "Output tokens over first-token-to-end time, per request",
+                                           ["backend"], buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.queue_depth = Gauge("orchestrator_queue_depth", "Requests waiting for a slot", ["backend"], registry=r)
+        self.slots_busy = Gauge("orchestrator_slots_busy", "Slots in use", ["backend"], registry=r)
+        self.slots = Gauge("orchestrator_slots", "Slots configured", ["backend"], registry=r)
+        self.backend_up = Gauge("orchestrator_backend_up", "1 when the backend answers its health check",
+                                ["backend"], registry=r)
+        self.backend_restarts = Counter("orchestrator_backend_restarts", "Backend process restarts seen",
+                                        ["backend"], registry=r)
+        self.synthetic = Counter("orchestrator_synthetic_responses", "Answers made by the gateway itself",
+                                 ["kind"], registry=r)
+        self.disconnects = Counter("orchestrator_client_disconnects", "Clients gone before their answer ended",
+                                   ["stage"], registry=r)
+        self.rejections = Counter("orchestrator_rejections", "Requests refused by the gateway", ["reason"],
+                                  registry=r)
+        self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
+                                           ["source"], registry=r)
+
+        for kind in SYNTHETIC_KINDS:
+            self.synthetic.labels(kind)
+        for stage in DISCONNECT_STAGES:
+            self.disconnects.labels(stage)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        for source in ("backend", "cache", "estimate"):
+            self.count_tokens_source.labels(source)
+        for name in backends:
+            self.add_backend(name)
+
+    def add_backend(self, name: str) -> None:
+        for cache in ("hit", "miss"):
+            self.prompt_tokens.labels(name, cache)
+        self.output_tokens.labels(name)
+        self.backend_restarts.labels(name)
+        self.backend_up.labels(name)
+        for prio in PRIORITIES:
+            self.queue_wait.labels(name, prio)
+        self.upstream_ttft.labels(name)
+        self.tokens_per_second.labels(name)
+        for route in ("main", "background"):
+            self.ttft.labels(name, route)
+            self.duration.labels(name, route)
+
+    def watch_queue(self, name: str, slots: int, depth: Callable[[], float], busy: Callable[[], float]) -> None:
+        """Gauges read at scrape time, so they can never drift from the queue."""
+        self.slots.labels(name).set(slots)
+        self.queue_depth.labels(name).set_function(depth)
+        self.slots_busy.labels(name).set_function(busy)

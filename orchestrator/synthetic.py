@@ -1,0 +1,145 @@
+"""Answers the gateway makes itself, for background requests with no model to run them.
+
+Each answer must be correct for what was asked, or Claude Code shows an error:
+a title request gets JSON valid against its schema, a topic request continues
+its `{` prefill into valid JSON, and streams are complete SSE sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from . import sse
+from .routing import Shape, text_of
+
+# Request verbs and filler that say what is to be done, not what it is about.
+_FILLER = {
+    "a", "an", "the", "please", "can", "could", "would", "you", "i", "we", "me", "us", "my", "our",
+    "write", "fix", "add", "make", "create", "implement", "help", "with", "check", "investigate",
+    "debug", "refactor", "update", "look", "into", "evaluate", "build", "to", "for", "of", "and",
+    "some", "want", "need", "let's", "lets", "how", "do", "is", "are", "what", "why",
+}
+_TRAILING = {"a", "an", "the", "that", "to", "for", "of", "and", "in", "on", "with", "which"}
+_SESSION = re.compile(r"<session>(.*?)</session>", re.S)
+_WORD = re.compile(r"[\w][\w.'/-]*", re.U)
+
+
+def user_words(body: dict[str, Any]) -> str:
+    """The user's own text: inside Claude Code's <session> tags when present, else the last user message."""
+    for msg in reversed(body.get("messages") or []):
+        if isinstance(msg, dict) and msg.get("role") == "user":
+            text = text_of(msg.get("content"))
+            m = _SESSION.search(text)
+            return (m.group(1) if m else text).strip()
+    return ""
+
+
+def make_title(body: dict[str, Any], max_words: int = 5) -> str:
+    words = _WORD.findall(user_words(body))
+    while words and words[0].lower() in _FILLER:
+        words.pop(0)
+    words = words[:max_words]
+    while words and words[-1].lower() in _TRAILING:
+        words.pop()
+    if not words:
+        return "New session"
+    title = " ".join(words)
+    return title[0].upper() + title[1:]
+
+
+def instance_of(schema: Any, title: str) -> Any:
+    """A small value valid against a JSON schema, with `title` wherever a title string fits."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return instance_of(schema[key][0], title)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        keys = list(props) if schema.get("additionalProperties") is False else list(schema.get("required") or props)
+        out = {}
+        for k in keys:
+            sub = props.get(k, {})
+            out[k] = title if k == "title" and sub.get("type", "string") == "string" else instance_of(sub, title)
+        return out
+    if kind == "string":
+        return title if title and schema.get("minLength", 1) <= len(title) else "x" * schema.get("minLength", 0)
+    if kind == "boolean":
+        return False
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "array":
+        return [instance_of(schema.get("items", {}), title) for _ in range(schema.get("minItems", 0))]
+    return None
+
+
+def answer_text(body: dict[str, Any], shape: Shape) -> tuple[str, str]:
+    """(text, stop_reason) of the synthetic answer for this request."""
+    fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return json.dumps(instance_of(fmt.get("schema"), make_title(body))), "end_turn"
+    if shape is Shape.TOPIC:
+        # The client glues its "{" prefill in front of what we return.
+        full = json.dumps({"isNewTopic": True, "title": make_title(body, max_words=3)})
+        return full[1:], "end_turn"
+    if shape is Shape.COUNT_PROBE:
+        return "", "max_tokens"
+    if shape is Shape.WARMUP:
+        return "Ready.", "end_turn"
+    return "OK", "end_turn"
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def _output_tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4)
+
+
+def message(body: dict[str, Any], shape: Shape, input_tokens: int) -> dict[str, Any]:
+    text, stop = answer_text(body, shape)
+    return {
+        "id": f"msg_synth_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", ""),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": _usage(input_tokens, _output_tokens(text)),
+    }
+
+
+def stream(body: dict[str, Any], shape: Shape, input_tokens: int) -> bytes:
+    """The whole SSE sequence the real API would send for the same answer."""
+    msg = message(body, shape, input_tokens)
+    text = msg["content"][0]["text"]
+    start = {**msg, "content": [], "stop_reason": None, "usage": _usage(input_tokens, 1)}
+    parts = [
+        sse.encode("message_start", {"type": "message_start", "message": start}),
+        sse.encode("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}}),
+    ]
+    if text:
+        parts.append(sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                        "delta": {"type": "text_delta", "text": text}}))
+    parts += [
+        sse.encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse.encode("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
+                                     "usage": {"output_tokens": msg["usage"]["output_tokens"]}}),
+        sse.encode("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(parts)

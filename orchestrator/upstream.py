@@ -1,0 +1,120 @@
+"""Talking to a backend: one persistent ClientSession, errors mapped at the boundary.
+
+Callers see only `errors.GatewayError`s. The split that matters downstream is
+`UpstreamUnavailable` (nothing was received: safe to send again after the
+backend comes back) against every other failure (something may have happened).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+
+from .config import BackendConfig
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp must compute itself.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "content-encoding",
+})
+CLIENT_KEYS = frozenset({"x-api-key", "authorization"})
+
+
+def request_headers(client: Mapping[str, str], backend: BackendConfig) -> dict[str, str]:
+    out = {}
+    for k, v in client.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or (lk in CLIENT_KEYS and not backend.forward_client_key):
+            continue
+        out[k] = v
+    if backend.api_key:
+        out["x-api-key"] = backend.api_key
+        out["Authorization"] = f"Bearer {backend.api_key}"
+    # Byte-faithful SSE passthrough needs the stream uncompressed.
+    out["Accept-Encoding"] = "identity"
+    out.setdefault("Content-Type", "application/json")
+    return out
+
+
+def response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in upstream.items() if k.lower() not in HOP_BY_HOP and k.lower() != "date"
+            and k.lower() != "server"}
+
+
+class UpstreamClient:
+    def __init__(self, connect_timeout: float = 5.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        # No total timeout: a first prefill on a big model takes minutes, and
+        # the slot queue, not a socket timer, decides how long a request may live.
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        return self._session
+
+    @asynccontextmanager
+    async def post(self, backend: BackendConfig, path: str, data: bytes, headers: Mapping[str, str],
+                   *, timeout: float | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST and yield the response with its headers read; leaving the block
+        closes the connection unless the body was read to the end, so a
+        backend stops generating for a client that is gone."""
+        url = backend.url + path
+        try:
+            resp = await self.session.post(url, data=data, headers=dict(headers),
+                                           timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None)
+        except BaseException as exc:
+            raise map_error(exc, backend) from exc
+        try:
+            yield resp
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
+
+    async def get_json(self, backend: BackendConfig, path: str, *, timeout: float) -> tuple[int, Any]:
+        try:
+            async with self.session.get(backend.url + path, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                raw = await resp.read()
+                try:
+                    return resp.status, await resp.json(content_type=None) if raw else None
+                except ValueError:
+                    return resp.status, None
+        except BaseException as exc:
+            raise map_error(exc, backend) from exc
+
+
+def map_error(exc: BaseException, backend: BackendConfig) -> BaseException:
+    """The one place where aiohttp's errors become ours; cancellation passes through."""
+    if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+        return exc
+    where = f"backend {backend.name!r} ({backend.url})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"{where} refused the connection: {exc.os_error or exc}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamUnavailable(f"{where} closed the connection before answering")
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"{where} timed out")
+    if isinstance(exc, (aiohttp.ClientOSError, ConnectionError)):
+        return UpstreamUnavailable(f"{where}: connection failed: {exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamError(f"{where}: {exc.__class__.__name__}: {exc}")
+    return exc

