@@ -66,12 +66,13 @@ async def serve_app():
 
 @pytest.fixture
 async def gateway(registry):
-    """Start the real gateway app for a config dict; returns (base_url, app)."""
+    """Start the real gateway app for a config dict; returns (base_url, app).
+    The first gateway of a test uses the test's registry, later ones their own."""
     runners = []
 
     async def _start(raw: dict):
         raw = {**raw, "gateway": {"health_interval_seconds": 0.2, **raw.get("gateway", {})}}
-        app = create_app(config_from_dict(raw), registry)
+        app = create_app(config_from_dict(raw), registry if not runners else CollectorRegistry())
         runner = await start(app, "127.0.0.1", 0)
         runners.append(runner)
         host, port = runner.addresses[0][:2]

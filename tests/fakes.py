@@ -52,6 +52,7 @@ class FakeUpstream:
     generations_finished: int = 0
     cancelled: int = 0
     count_calls: int = 0
+    answer_model: str | None = None  # None: echo the request's model
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -74,14 +75,15 @@ class FakeUpstream:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.paths.append(request.path_qs)
+        mode = request.headers.get("x-fake-mode", self.mode)
         if self.fail_next > 0:
             self.fail_next -= 1
             request.transport.close()
             return web.Response()
-        if self.mode == "error500":
+        if mode == "error500":
             return web.json_response({"error": {"code": 500, "message": "boom", "type": "server_error"}},
                                      status=500)
-        if self.mode == "error400":
+        if mode == "error400":
             return web.json_response({"error": {"code": 400, "message": "bad thing",
                                                 "type": "invalid_request_error"}}, status=400)
         self.in_flight += 1
@@ -94,20 +96,22 @@ class FakeUpstream:
                 request.transport.close()
                 return web.Response()
             await asyncio.sleep(self.prefill_delay)
-            if self.mode == "stall":
+            if mode == "stall":
                 await asyncio.sleep(3600)
-            events = sse_message([f"w{i} " for i in range(self.parts)], model=body.get("model", ""))
+            model = self.answer_model or body.get("model", "")
+            events = sse_message([f"w{i} " for i in range(self.parts)], model=model)
             if not body.get("stream"):
                 await asyncio.sleep(self.chunk_delay * self.parts)
+                self.generations_finished += 1
                 return web.json_response({
-                    "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+                    "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                     "content": [{"type": "text", "text": "".join(f"w{i} " for i in range(self.parts))}],
                     "stop_reason": "end_turn", "stop_sequence": None,
                     "usage": {"input_tokens": 10, "output_tokens": self.parts, "cache_read_input_tokens": 3}})
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             for i, ev in enumerate(events):
-                if self.mode == "die_midstream" and i == 3:
+                if mode == "die_midstream" and i == 3:
                     await resp.write(ev[: len(ev) // 2])
                     request.transport.close()
                     return resp
