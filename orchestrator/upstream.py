@@ -53,10 +53,13 @@ class UpstreamClient:
     async def start(self) -> None:
         # No total timeout: a first prefill on a big model takes minutes, and
         # the slot queue, not a socket timer, decides how long a request may live.
+        # force_close: llama-server (cpp-httplib) drops idle keep-alive
+        # connections after 5 s, and a POST on such a stale connection fails in
+        # a way that looks like a crash. A new loopback connection costs ~0.1 ms.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
             auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
         )
 
     async def close(self) -> None:

@@ -41,7 +41,8 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                     connector=aiohttp.TCPConnector(force_close=True)) as s:
         yield s
 
 
