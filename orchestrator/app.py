@@ -15,7 +15,7 @@ from .config import Config
 from .counting import TokenCounter
 from .errors import GatewayError, InvalidRequest, NotFound
 from .handlers import GATEWAY, add_routes
-from .health import BackendHealth
+from .health import BackendHealth, watch_for
 from .metrics import Metrics
 from .proxy import Gateway
 from .slots import SlotQueue
@@ -52,7 +52,7 @@ async def anthropic_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
-    metrics = Metrics(registry, [b.name for b in config.backends] + ["gateway"])
+    metrics = Metrics(registry, [b.name for b in config.backends])
     upstream = UpstreamClient(connect_timeout=config.gateway.connect_timeout_seconds)
     counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
                            on_source=lambda source: metrics.count_tokens_source.labels(source).inc())
@@ -62,9 +62,11 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
         queue = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_wait=q.max_wait_seconds,
                           retry_after=q.retry_after_seconds)
         gw.queues[b.name] = queue
+        watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
         gw.health[b.name] = BackendHealth(
-            b, queue, on_change=lambda name, state: metrics.backend_up.labels(name).set(
-                1 if gw.health[name].up else 0))
+            b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
+            on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.health[name].up else 0),
+            on_restart=lambda name: metrics.backend_restarts.labels(name).inc())
         metrics.backend_up.labels(b.name).set(1)
         metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
     return gw

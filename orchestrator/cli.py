@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, status_view, supervise
 from .config import SYNTHETIC, Config, ConfigError, config_from_dict, load_config, \
     with_overrides
 
@@ -37,14 +38,16 @@ def main() -> None:
               help='"synthetic", or the URL of a small-model server for background requests.')
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(config_path, host, port, primary_url, slots, background, log_level) -> None:
+@click.option("--supervisor-socket", default=None, hidden=True, help="Set by `orchestrator up`.")
+@click.option("--log-dir", default=None, hidden=True, help="Set by `orchestrator up`.")
+def serve(config_path, host, port, primary_url, slots, background, log_level, supervisor_socket, log_dir) -> None:
     """Run the gateway."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path) if config_path else _one_liner_config(primary_url, slots, background)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    config = with_overrides(config, host=host, port=port)
+    config = with_overrides(config, host=host, port=port, supervisor_socket=supervisor_socket, log_dir=log_dir)
     from .app import serve as run
 
     run(config)
@@ -62,3 +65,59 @@ def check_config(path) -> None:
     for b in config.backends:
         click.echo(f"  backend {b.name}: {b.url} role={b.role} slots={b.slots} models={list(b.models)}")
     click.echo(f"  background: {config.routing.background}")
+
+
+def _load(config_path: str) -> tuple[Config, Path]:
+    path = Path(config_path).resolve()
+    try:
+        return load_config(path), path
+    except ConfigError as e:
+        raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
+
+
+def _paths(config: Config, config_path: Path) -> "supervise.StackPaths":
+    return supervise.StackPaths((config_path.parent / config.supervisor.dir).resolve())
+
+
+config_option = click.option("--config", "config_path", default="deploy/orchestrator.toml", show_default=True,
+                             type=click.Path(dir_okay=False, exists=True), help="TOML config file.")
+
+
+@main.command()
+@config_option
+@click.option("--llama-server", "llama_server", default=None, help="llama-server binary for {llama_server}.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for every program.")
+def up(config_path, llama_server, timeout) -> None:
+    """Start the stack under supervisord (or update it); idempotent."""
+    config, path = _load(config_path)
+    paths = _paths(config, path)
+    binary = llama_server or supervise.find_llama_server(config.supervisor.llama_server)
+    try:
+        action = supervise.up(config, path, paths, llama_server=binary, timeout=timeout)
+    except supervise.SuperviseError as e:
+        raise click.ClickException(f"{e}\n  logs: {paths.log_dir}") from None
+    click.echo(f"stack {action}: supervisord.conf in {paths.root}")
+    g = config.gateway
+    click.echo(f"Point Claude Code at it:  export ANTHROPIC_BASE_URL=http://{g.host}:{g.port} "
+               f"ANTHROPIC_API_KEY=none")
+
+
+@main.command()
+@config_option
+def down(config_path) -> None:
+    """Stop every program of the stack and supervisord."""
+    config, path = _load(config_path)
+    try:
+        stopped = supervise.down(_paths(config, path))
+    except supervise.SuperviseError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("stack stopped" if stopped else "stack was not running")
+
+
+@main.command()
+@config_option
+def status(config_path) -> None:
+    """Programs, backends, queues and restarts, in the terminal."""
+    config, path = _load(config_path)
+    paths = _paths(config, path)
+    click.echo(status_view.render(config, paths))

@@ -43,6 +43,9 @@ class QueueConfig:
     # Claude Code's own timeout is 600 s per attempt (X-Stainless-Timeout).
     max_wait_seconds: float = 600.0
     retry_after_seconds: int = 10
+    # How long requests wait for a backend that is down (crashed, restarting)
+    # before they get 529. Claude Code retries a main call for about 3 minutes.
+    down_grace_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,13 @@ class BackendConfig:
     # real Anthropic key when a person has one configured.
     forward_client_key: bool = False
     health_path: str = "/health"
-    # The process to supervise (supervision issue); None for remote backends.
+    # The process supervisord runs for this backend; None for a remote or
+    # self-managed one. Placeholders: {llama_server}, {default_model}, {host}, {port}.
     command: str | None = None
+    # supervisord: seconds the process must stay up to count as started, and
+    # start attempts before it is FATAL.
+    start_seconds: int = 5
+    start_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,24 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    # Where `orchestrator up` keeps supervisord.conf and var/ (logs, socket,
+    # Prometheus data); relative paths are relative to the config file.
+    dir: str = "."
+    # The llama-server binary for {llama_server}; empty: PATH, then the cached build.
+    llama_server: str = ""
+    # Set for the gateway by `orchestrator up`: supervisord's socket, to see
+    # restarts and FATAL backends, and the folder of the programs' logs.
+    socket: str = ""
+    log_dir: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     backends: tuple[BackendConfig, ...] = (BackendConfig(name="primary", url="http://127.0.0.1:8080"),)
 
     def backend(self, name: str) -> BackendConfig:
@@ -155,7 +177,7 @@ def _url_ok(v: str) -> bool:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     c = _Checker()
-    top = c.table(raw, source, {"gateway", "queue", "routing", "backends"})
+    top = c.table(raw, source, {"gateway", "queue", "routing", "backends", "supervisor"})
     base = Config()
 
     g = c.table(top.get("gateway"), "gateway", set(GatewayConfig.__dataclass_fields__))
@@ -182,7 +204,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                                check=_positive, why="a positive number"),
         retry_after_seconds=c.get(q, "retry_after_seconds", "queue", int, qd.retry_after_seconds,
                                   check=_positive, why="a positive integer"),
+        down_grace_seconds=c.get(q, "down_grace_seconds", "queue", (int, float), qd.down_grace_seconds,
+                                 check=_positive, why="a positive number"),
     )
+
+    sv = c.table(top.get("supervisor"), "supervisor", set(SupervisorConfig.__dataclass_fields__))
+    supervisor = SupervisorConfig(**{k: c.get(sv, k, "supervisor", str, getattr(base.supervisor, k))
+                                     for k in SupervisorConfig.__dataclass_fields__})
 
     backends: list[BackendConfig] = []
     raw_backends = top.get("backends")
@@ -212,7 +240,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                 forward_client_key=c.get(b, "forward_client_key", path, bool, False),
                 health_path=c.get(b, "health_path", path, str, "/health", check=lambda v: v.startswith("/"),
                                   why='a path starting with "/"'),
-                command=c.get(b, "command", path, str, None),
+                command=c.get(b, "command", path, str, None, check=lambda v: bool(v.strip()),
+                              why="a non-empty command line"),
+                start_seconds=c.get(b, "start_seconds", path, int, 5, check=lambda v: v >= 0,
+                                    why="a non-negative integer"),
+                start_retries=c.get(b, "start_retries", path, int, 3, check=lambda v: v >= 0,
+                                    why="a non-negative integer"),
             ))
         names = [b.name for b in backends]
         for dup in sorted({n for n in names if names.count(n) > 1}):
@@ -239,7 +272,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
     if c.problems:
         raise ConfigError(c.problems, source)
-    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends))
+    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends), supervisor=supervisor)
 
 
 def load_config(path: str | Path) -> Config:
@@ -253,10 +286,16 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(raw, str(path))
 
 
-def with_overrides(config: Config, *, host: str | None = None, port: int | None = None) -> Config:
+def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,
+                   supervisor_socket: str | None = None, log_dir: str | None = None) -> Config:
     gateway = config.gateway
     if host is not None:
         gateway = replace(gateway, host=host)
     if port is not None:
         gateway = replace(gateway, port=port)
-    return replace(config, gateway=gateway)
+    supervisor = config.supervisor
+    if supervisor_socket is not None:
+        supervisor = replace(supervisor, socket=supervisor_socket)
+    if log_dir is not None:
+        supervisor = replace(supervisor, log_dir=log_dir)
+    return replace(config, gateway=gateway, supervisor=supervisor)

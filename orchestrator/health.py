@@ -1,8 +1,10 @@
-"""Each backend's state, from its /health and from what requests to it meet.
+"""Each backend's state, from its /health, from supervisord, and from what requests to it meet.
 
 A backend that refuses a connection is marked down at once and its queue is
 held: queued requests wait for it to come back instead of each failing on its
-own. Polling reopens the queue as soon as /health answers 200 again.
+own. Polling reopens the queue as soon as /health answers 200 again. A backend
+down for longer than the grace, or FATAL in supervisord, fails its waiters
+with an error that names it and its log.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import xmlrpc.client
 from enum import Enum
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from .config import BackendConfig
-from .errors import GatewayError
+from .errors import GatewayError, Overloaded
 from .slots import SlotQueue
+from .supervise import program_name, rpc_at
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -25,23 +30,54 @@ class State(str, Enum):
     UNKNOWN = "unknown"    # not yet checked; requests are let through
     LOADING = "loading"    # answers 503 while it loads its model
     READY = "ready"
-    DOWN = "down"          # refuses connections
+    DOWN = "down"          # refuses connections (crashed, restarting)
+    FAILED = "failed"      # FATAL in supervisord: will not come back by itself
+
+
+class ProcessWatch:
+    """Asks supervisord about one program: a new pid is a restart, FATAL is final."""
+
+    def __init__(self, socket: str, program: str) -> None:
+        self.socket = socket
+        self.program = program
+
+    def _info(self) -> dict[str, Any] | None:
+        try:
+            return rpc_at(self.socket).getProcessInfo(self.program)
+        except (OSError, xmlrpc.client.Error):
+            return None
+
+    async def info(self) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._info)
 
 
 class BackendHealth:
-    def __init__(self, backend: BackendConfig, queue: SlotQueue, *,
-                 on_change: Callable[[str, State], None] | None = None) -> None:
+    def __init__(self, backend: BackendConfig, queue: SlotQueue, *, grace: float = 300.0,
+                 watch: ProcessWatch | None = None, log_file: str = "",
+                 on_change: Callable[[str, State], None] | None = None,
+                 on_restart: Callable[[str], None] | None = None) -> None:
         self.backend = backend
         self.queue = queue
+        self.grace = grace
+        self.watch = watch
+        self.log_file = log_file
         self.state = State.UNKNOWN
         self.since = time.time()
         self.last_error = ""
+        self.restarts = 0
+        self.last_restart: float | None = None
+        self.pid: int | None = None
+        self.process_state = ""
         self.changed = asyncio.Event()
         self._on_change = on_change or (lambda name, state: None)
+        self._on_restart = on_restart or (lambda name: None)
 
     @property
     def up(self) -> bool:
         return self.state in (State.READY, State.UNKNOWN)
+
+    def _where(self) -> str:
+        return f"; see {self.log_file}" if self.log_file else ""
 
     def set(self, state: State, error: str = "") -> None:
         if error:
@@ -53,6 +89,9 @@ class BackendHealth:
         self.since = time.time()
         if self.up:
             self.queue.open()
+        elif state is State.FAILED:
+            message = f"backend {self.backend.name!r} failed: {self.last_error}{self._where()}"
+            self.queue.fail(lambda: Overloaded(message, retry_after=self.queue.retry_after))
         else:
             self.queue.hold()
         self._on_change(self.backend.name, state)
@@ -60,24 +99,58 @@ class BackendHealth:
         self.changed = asyncio.Event()
 
     def mark_down(self, error: str) -> None:
-        self.set(State.DOWN, error)
+        if self.state is not State.FAILED:
+            self.set(State.DOWN, error)
 
     async def check(self, upstream: UpstreamClient, timeout: float) -> State:
+        if self.watch is not None and await self._check_process():
+            return self.state
         try:
             status, _ = await upstream.get_json(self.backend, self.backend.health_path, timeout=timeout)
         except GatewayError as e:
-            self.set(State.DOWN, e.message)
+            self.mark_down(e.message)
+            self._past_grace()
             return self.state
         # A remote API without /health answers 404: it answers, so it is up.
         self.set(State.LOADING if status == 503 else State.READY,
                  "loading model (HTTP 503)" if status == 503 else "")
         return self.state
 
+    async def _check_process(self) -> bool:
+        """True when supervisord's word settles the state (FATAL)."""
+        info = await self.watch.info()
+        if info is None:
+            return False
+        self.process_state = info.get("statename", "")
+        pid = info.get("pid") or None
+        if pid and self.pid and pid != self.pid:
+            self.restarts += 1
+            self.last_restart = time.time()
+            log.warning("backend %s: process restarted (pid %s -> %s)", self.backend.name, self.pid, pid)
+            self._on_restart(self.backend.name)
+        if pid:
+            self.pid = pid
+        if self.process_state == "FATAL":
+            self.set(State.FAILED, f"its process is FATAL in supervisord (could not start after "
+                                   f"{self.backend.start_retries} retries)")
+            return True
+        if self.state is State.FAILED:
+            # Started again by hand (supervisorctl start): back to ordinary checks.
+            self.set(State.DOWN, "restarted after FATAL")
+        return False
+
+    def _past_grace(self) -> None:
+        down_for = time.time() - self.since
+        if self.state is State.DOWN and down_for > self.grace and self.queue.is_open is False:
+            message = (f"backend {self.backend.name!r} has been down for {down_for:.0f}s "
+                       f"(queue.down_grace_seconds = {self.grace:g}): {self.last_error}{self._where()}")
+            self.queue.fail(lambda: Overloaded(message, retry_after=self.queue.retry_after))
+
     async def poll(self, upstream: UpstreamClient, interval: float) -> None:
         while True:
             state = await self.check(upstream, timeout=max(interval, 1.0))
             # Poll fast while down so a restarted server is used the moment it is ready.
-            delay = interval if state is State.READY else min(interval, 0.25)
+            delay = interval if state in (State.READY, State.FAILED) else min(interval, 0.25)
             try:
                 async with asyncio.timeout(delay):
                     await self.changed.wait()
@@ -87,4 +160,14 @@ class BackendHealth:
     def snapshot(self) -> dict:
         return {"name": self.backend.name, "url": self.backend.url, "role": self.backend.role,
                 "state": self.state.value, "since": self.since, "last_error": self.last_error,
-                "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth}
+                "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
+                "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
+                "process_state": self.process_state, "log": self.log_file}
+
+
+def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> tuple[ProcessWatch | None, str]:
+    """The supervisord watch and log file of a supervised backend; (None, "") otherwise."""
+    if not socket or not backend.command:
+        return None, ""
+    program = program_name(backend)
+    return ProcessWatch(socket, program), str(Path(log_dir) / f"{program}.log") if log_dir else ""

@@ -72,6 +72,9 @@ class Metrics:
             self.count_tokens_source.labels(source)
         for name in backends:
             self.add_backend(name)
+        # Synthetic answers are made by the gateway itself.
+        self.ttft.labels("gateway", "synthetic")
+        self.duration.labels("gateway", "synthetic")
 
     def add_backend(self, name: str) -> None:
         for cache in ("hit", "miss"):

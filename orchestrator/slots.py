@@ -12,7 +12,7 @@ import heapq
 import itertools
 import time
 from enum import IntEnum
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from .errors import Overloaded
 
@@ -68,6 +68,7 @@ class SlotQueue:
         self.retry_after = retry_after
         self._busy = 0
         self._open = True
+        self._failure: Callable[[], Exception] | None = None
         self._waiters: list[list] = []  # heap of [priority, seq, future]
         self._seq = itertools.count()
         # Counted for the invariant tests and /health.
@@ -98,6 +99,8 @@ class SlotQueue:
     async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False) -> Lease:
         """Wait for a slot. `front` puts a request that already waited once (a
         retry after a backend failure) ahead of its class, past the depth bound."""
+        if self._failure is not None:
+            raise self._failure()
         if self.has_free_slot():
             return self._grant_now()
         if not front and len(self._waiters) >= self.max_depth:
@@ -111,7 +114,7 @@ class SlotQueue:
             async with asyncio.timeout(self.max_wait):
                 await fut
         except BaseException as exc:  # CancelledError (client gone) and TimeoutError alike
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Granted in the same tick we were cancelled: hand the slot on.
                 self._release()
             else:
@@ -130,7 +133,18 @@ class SlotQueue:
 
     def open(self) -> None:
         self._open = True
+        self._failure = None
         self._wake()
+
+    def fail(self, error: Callable[[], Exception]) -> None:
+        """The backend will not come back by itself (FATAL, or down past the
+        grace): answer every waiter, and every newcomer until `open()`, with `error()`."""
+        self._open = False
+        self._failure = error
+        waiters, self._waiters = self._waiters, []
+        for _, _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(error())
 
     def _grant_now(self) -> Lease:
         self._busy += 1

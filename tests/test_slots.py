@@ -210,3 +210,22 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     # The queue still works afterwards.
     lease = await q.acquire()
     lease.release()
+
+
+async def test_fail_answers_waiters_and_newcomers_until_open():
+    from orchestrator.errors import Overloaded
+
+    q = SlotQueue("b", 1)
+    lease = await q.acquire()
+    waiter = asyncio.create_task(q.acquire())
+    await asyncio.sleep(0)
+    q.fail(lambda: Overloaded("backend 'b' is FATAL"))
+    with pytest.raises(Overloaded, match="FATAL"):
+        await waiter
+    with pytest.raises(Overloaded, match="FATAL"):
+        await q.acquire()
+    assert q.depth == 0
+    lease.release()  # the running request still releases normally
+    assert q.busy == 0 and q.acquired_total == q.released_total
+    q.open()
+    (await q.acquire()).release()
