@@ -22,6 +22,7 @@ llama-server: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
 
 test: install
+	deploy/install-prometheus.sh
 	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -38,6 +39,7 @@ CONFIG ?= $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrat
 
 .PHONY: up down status logs
 up: install
+	@deploy/install-prometheus.sh || echo "(continuing without Prometheus)"
 	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
 		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
 	@echo "supervisorctl: $(BIN)/supervisorctl status   (or: . $(BIN)/activate; supervisorctl status)"

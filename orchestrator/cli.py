@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import click
 
 from . import __version__, status_view, supervise
+from . import dashboard as grafana
 from .config import SYNTHETIC, Config, ConfigError, config_from_dict, load_config, \
     with_overrides
 
@@ -92,11 +94,16 @@ def up(config_path, llama_server, timeout) -> None:
     config, path = _load(config_path)
     paths = _paths(config, path)
     binary = llama_server or supervise.find_llama_server(config.supervisor.llama_server)
+    prometheus = shutil.which("prometheus") if config.supervisor.prometheus_listen else None
+    if config.supervisor.prometheus_listen and not prometheus:
+        click.echo("prometheus: not on PATH, not run (Debian: apt-get install prometheus; make up does it)")
     try:
-        action = supervise.up(config, path, paths, llama_server=binary, timeout=timeout)
+        action = supervise.up(config, path, paths, llama_server=binary, prometheus=prometheus, timeout=timeout)
     except supervise.SuperviseError as e:
         raise click.ClickException(f"{e}\n  logs: {paths.log_dir}") from None
     click.echo(f"stack {action}: supervisord.conf in {paths.root}")
+    if prometheus:
+        click.echo(f"Prometheus: http://{config.supervisor.prometheus_listen}")
     g = config.gateway
     click.echo(f"Point Claude Code at it:  export ANTHROPIC_BASE_URL=http://{g.host}:{g.port} "
                f"ANTHROPIC_API_KEY=none")
@@ -121,3 +128,19 @@ def status(config_path) -> None:
     config, path = _load(config_path)
     paths = _paths(config, path)
     click.echo(status_view.render(config, paths))
+
+
+@main.command()
+@config_option
+@click.option("--port", default=3000, show_default=True, help="Grafana's port on 127.0.0.1.")
+def dashboard(config_path, port) -> None:
+    """Open Grafana with the orchestrator dashboard (needs a Docker engine)."""
+    config, _ = _load(config_path)
+    listen = config.supervisor.prometheus_listen or "127.0.0.1:9091"
+    try:
+        url = grafana.start_grafana(f"http://{listen}", port=port)
+    except grafana.NoDockerEngine as e:
+        click.echo(f"No Docker engine answered ({str(e)[:100]}); for the same figures in the terminal "
+                   f"run: orchestrator status")
+        raise SystemExit(1) from None
+    click.echo(f"Grafana: {url}")

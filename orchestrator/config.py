@@ -95,6 +95,9 @@ class SupervisorConfig:
     # restarts and FATAL backends, and the folder of the programs' logs.
     socket: str = ""
     log_dir: str = ""
+    # Where the bundled Prometheus listens; empty: do not run one.
+    prometheus_listen: str = "127.0.0.1:9091"
+    prometheus_scrape_interval: str = "5s"
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class Metrics:
         # Synthetic answers are made by the gateway itself.
         self.ttft.labels("gateway", "synthetic")
         self.duration.labels("gateway", "synthetic")
+        self.requests.labels("synthetic", "gateway", "200")
 
     def add_backend(self, name: str) -> None:
         for cache in ("hit", "miss"):
@@ -89,6 +90,8 @@ class Metrics:
         for route in ("main", "background"):
             self.ttft.labels(name, route)
             self.duration.labels(name, route)
+        for route in ("main", "background", "count_tokens"):
+            self.requests.labels(route, name, "200")
 
     def watch_queue(self, name: str, slots: int, depth: Callable[[], float], busy: Callable[[], float]) -> None:
         """Gauges read at scrape time, so they can never drift from the queue."""

@@ -8,6 +8,7 @@ talks to supervisord over its unix socket with supervisor's own XML-RPC client.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -110,6 +111,45 @@ def backend_command(backend: BackendConfig, llama_server: str | None) -> str:
                              "(known: {llama_server}, {default_model}, {host}, {port})") from None
 
 
+RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules.yml"
+
+
+def _hostport(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def render_prometheus(config: Config, rules_file: Path = RULES_FILE) -> str:
+    """prometheus.yml for the bundled Prometheus: the gateway and every supervised llama-server."""
+    g = config.gateway
+    interval = config.supervisor.prometheus_scrape_interval
+    lines = [
+        "# Rendered by `orchestrator up`; the recording and alert rules live in deploy/prometheus/rules.yml.",
+        "global:",
+        f"  scrape_interval: {interval}",
+        f"  evaluation_interval: {interval}",
+        "rule_files:",
+        f"  - {json.dumps(str(rules_file))}",
+        "scrape_configs:",
+        "  - job_name: orchestrator",
+        "    static_configs:",
+        f"      - targets: [{json.dumps(f'{g.host}:{g.port}')}]",
+    ]
+    # A backend on this machine is a llama-server with --metrics; a remote API has no /metrics.
+    local = [b for b in config.backends if b.command or _is_loopback(b.url)]
+    if local:
+        lines += ["  - job_name: llama-server", "    static_configs:"]
+        for b in local:
+            lines += [f"      - targets: [{json.dumps(_hostport(b.url))}]",
+                      f"        labels: {{backend: {json.dumps(b.name)}}}"]
+    return "\n".join(lines) + "\n"
+
+
 def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server: str | None,
            prometheus: str | None = None, prometheus_config: Path | None = None,
            orchestrator_bin: str | None = None) -> str:
@@ -169,10 +209,10 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
         orchestrator_bin, "serve", "--config", config_path, "--supervisor-socket", paths.socket,
         "--log-dir", paths.log_dir])
     program("gateway", gateway_cmd, startsecs=2, priority=20)
-    if prometheus and prometheus_config:
+    if prometheus and prometheus_config and config.supervisor.prometheus_listen:
         prom_cmd = " ".join(shlex.quote(str(x)) for x in [
             prometheus, f"--config.file={prometheus_config}", f"--storage.tsdb.path={paths.var / 'prometheus'}",
-            "--web.listen-address=127.0.0.1:9091", "--storage.tsdb.retention.time=15d"])
+            f"--web.listen-address={config.supervisor.prometheus_listen}", "--storage.tsdb.retention.time=15d"])
         program("prometheus", prom_cmd, startsecs=2, priority=30)
     return "\n".join(lines)
 
@@ -207,13 +247,12 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
     with nothing changed, nothing running is touched. Returns what it did."""
     for d in (paths.log_dir, paths.run_dir):
         d.mkdir(parents=True, exist_ok=True)
+    if prometheus and prometheus_config is None:
+        prometheus_config = paths.var / "prometheus.yml"
+        _write_if_changed(prometheus_config, render_prometheus(config))
     text = render(config, config_path, paths, llama_server=llama_server, prometheus=prometheus,
                   prometheus_config=prometheus_config, orchestrator_bin=orchestrator_bin)
-    changed = not paths.conf.exists() or paths.conf.read_text() != text
-    if changed:
-        tmp = paths.conf.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(paths.conf)
+    changed = _write_if_changed(paths.conf, text)
     if running(paths):
         if changed:
             # Like `supervisorctl update`: restart only what changed.
@@ -236,6 +275,15 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
         action = "started"
     wait_running(paths, timeout)
     return action
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
 
 
 def wait_running(paths: StackPaths, timeout: float) -> None:
