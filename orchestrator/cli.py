@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 import shutil
 from pathlib import Path
 
 import click
 
-from . import __version__, status_view, supervise
+from . import __version__, claude_env, status_view, supervise
 from . import dashboard as grafana
 from .config import SYNTHETIC, Config, ConfigError, config_from_dict, load_config, \
     with_overrides
@@ -144,3 +146,35 @@ def dashboard(config_path, port) -> None:
                    f"run: orchestrator status")
         raise SystemExit(1) from None
     click.echo(f"Grafana: {url}")
+
+
+def _gateway_health(config: Config) -> dict:
+    health = status_view.fetch_health(config)
+    if health is None:
+        g = config.gateway
+        raise click.ClickException(f"the gateway is not running at http://{g.host}:{g.port} "
+                                   f"(start it with `make up` or `orchestrator serve`)")
+    return health
+
+
+@main.command()
+@config_option
+def env(config_path) -> None:
+    """Print `export` lines that point Claude Code at the running gateway."""
+    config, _ = _load(config_path)
+    for key, value in claude_env.claude_environment(config, _gateway_health(config)).items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@config_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def claude(config_path, args) -> None:
+    """Start Claude Code pointed at the running gateway; ARGS go to `claude`."""
+    config, _ = _load(config_path)
+    env = claude_env.claude_environment(config, _gateway_health(config))
+    binary = claude_env.find_claude()
+    if binary is None:
+        raise click.ClickException("Claude Code is not installed: npm install -g @anthropic-ai/claude-code "
+                                   "(or deploy/install-claude-code.sh)")
+    os.execvpe(binary, [binary, *args], {**os.environ, **env})

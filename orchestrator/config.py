@@ -7,6 +7,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import fnmatch
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,9 @@ class GatewayConfig:
     # How long to wait for a backend's TCP connect before calling it down.
     connect_timeout_seconds: float = 5.0
     health_interval_seconds: float = 2.0
+    # A streaming request silent this long (queued, backend restarting, long
+    # prefill) gets its headers and an SSE ping, then a ping every interval; 0: never.
+    ping_interval_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class BackendConfig:
     # start attempts before it is FATAL.
     start_seconds: int = 5
     start_retries: int = 3
+    # Clamp the request's max_tokens to this (0: no clamp). Claude Code asks for
+    # 32000; a small local model that never stops would fill its whole context.
+    max_output_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,11 +108,24 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class ClaudeConfig:
+    """What `orchestrator claude` and `orchestrator env` tell Claude Code."""
+
+    # The names Claude Code sends: `model` routes as main traffic, `small_model`
+    # must match routing.background_models so background calls are known by name.
+    model: str = "local-model"
+    small_model: str = "local-haiku"
+    # A first turn on a big model (25k tokens of prefill) takes minutes.
+    api_timeout_ms: int = 3_600_000
+
+
+@dataclass(frozen=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    claude: ClaudeConfig = field(default_factory=ClaudeConfig)
     backends: tuple[BackendConfig, ...] = (BackendConfig(name="primary", url="http://127.0.0.1:8080"),)
 
     def backend(self, name: str) -> BackendConfig:
@@ -180,7 +200,7 @@ def _url_ok(v: str) -> bool:
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     c = _Checker()
-    top = c.table(raw, source, {"gateway", "queue", "routing", "backends", "supervisor"})
+    top = c.table(raw, source, {"gateway", "queue", "routing", "backends", "supervisor", "claude"})
     base = Config()
 
     g = c.table(top.get("gateway"), "gateway", set(GatewayConfig.__dataclass_fields__))
@@ -196,6 +216,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                                       gw.connect_timeout_seconds, check=_positive, why="a positive number"),
         health_interval_seconds=c.get(g, "health_interval_seconds", "gateway", (int, float),
                                       gw.health_interval_seconds, check=_positive, why="a positive number"),
+        ping_interval_seconds=c.get(g, "ping_interval_seconds", "gateway", (int, float), gw.ping_interval_seconds,
+                                    check=lambda v: v >= 0, why="a non-negative number"),
     )
 
     q = c.table(top.get("queue"), "queue", set(QueueConfig.__dataclass_fields__))
@@ -249,6 +271,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                                     why="a non-negative integer"),
                 start_retries=c.get(b, "start_retries", path, int, 3, check=lambda v: v >= 0,
                                     why="a non-negative integer"),
+                max_output_tokens=c.get(b, "max_output_tokens", path, int, 0, check=lambda v: v >= 0,
+                                        why="a non-negative integer"),
             ))
         names = [b.name for b in backends]
         for dup in sorted({n for n in names if names.count(n) > 1}):
@@ -273,9 +297,23 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         elif match[0].role != "background":
             c.problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
 
+    cl = c.table(top.get("claude"), "claude", set(ClaudeConfig.__dataclass_fields__))
+    cd = base.claude
+    claude = ClaudeConfig(
+        model=c.get(cl, "model", "claude", str, cd.model, check=bool, why="a model name"),
+        small_model=c.get(cl, "small_model", "claude", str, cd.small_model, check=bool, why="a model name"),
+        api_timeout_ms=c.get(cl, "api_timeout_ms", "claude", int, cd.api_timeout_ms, check=_positive,
+                             why="a positive integer"),
+    )
+    if not any(fnmatch.fnmatchcase(claude.small_model.lower(), p.lower()) for p in routing.background_models):
+        c.problems.append(f"claude.small_model: {claude.small_model!r} matches none of routing.background_models "
+                          f"{list(routing.background_models)}, so Claude Code's background calls would take the "
+                          f"main slot")
+
     if c.problems:
         raise ConfigError(c.problems, source)
-    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends), supervisor=supervisor)
+    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends), supervisor=supervisor,
+                  claude=claude)
 
 
 def load_config(path: str | Path) -> Config:

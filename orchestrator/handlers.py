@@ -14,7 +14,7 @@ from .errors import GatewayError, InvalidRequest, RequestTooLarge, UnsupportedMe
 from .health import State
 from .counting import estimate_tokens
 from .proxy import Gateway, forward
-from .routing import Route, RouteKind, Shape, backends_for_model, choose_route, strip_billing_header
+from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
 
 GATEWAY = web.AppKey("gateway", Gateway)
 
@@ -81,13 +81,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     route = choose_route(body, gw.config, background_up=_background_up(gw))
     if route.kind is RouteKind.SYNTHETIC:
         return await answer_synthetic(request, gw, body, route, arrived)
-
-    data = raw
-    if gw.config.routing.strip_billing_header:
-        stripped = strip_billing_header(body)
-        if stripped is not None:
-            data = json.dumps(stripped, ensure_ascii=False, separators=(",", ":")).encode()
-    return await forward(request, gw, body, data, route, arrived)
+    return await forward(request, gw, body, raw, route, arrived)
 
 
 async def answer_synthetic(request: web.Request, gw: Gateway, body: dict[str, Any], route: Route,

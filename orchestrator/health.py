@@ -67,6 +67,9 @@ class BackendHealth:
         self.restarts = 0
         self.last_restart: float | None = None
         self.pid: int | None = None
+        # The context a request may fill (llama-server's per-slot n_ctx), for
+        # `orchestrator env` to hand Claude Code; None when unknown.
+        self.n_ctx: int | None = None
         self.process_state = ""
         self.changed = asyncio.Event()
         self._on_change = on_change or (lambda name, state: None)
@@ -112,9 +115,22 @@ class BackendHealth:
             self._past_grace()
             return self.state
         # A remote API without /health answers 404: it answers, so it is up.
-        self.set(State.LOADING if status == 503 else State.READY,
-                 "loading model (HTTP 503)" if status == 503 else "")
+        if status == 503:
+            self.set(State.LOADING, "loading model (HTTP 503)")
+            return self.state
+        if self.state is not State.READY or self.n_ctx is None:
+            self.n_ctx = await self._context_size(upstream, timeout)
+        self.set(State.READY)
         return self.state
+
+    async def _context_size(self, upstream: UpstreamClient, timeout: float) -> int | None:
+        try:
+            status, props = await upstream.get_json(self.backend, "/props", timeout=timeout)
+        except GatewayError:
+            return None
+        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+        n = settings.get("n_ctx") if status == 200 and isinstance(settings, dict) else None
+        return n if isinstance(n, int) and n > 0 else None
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""
@@ -162,7 +178,7 @@ class BackendHealth:
                 "state": self.state.value, "since": self.since, "last_error": self.last_error,
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
-                "process_state": self.process_state, "log": self.log_file}
+                "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx}
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> tuple[ProcessWatch | None, str]:

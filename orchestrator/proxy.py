@@ -10,6 +10,7 @@ stream with an SSE `error` event instead, so it is never silently truncated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,7 +25,8 @@ from .counting import TokenCounter
 from .errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
 from .health import BackendHealth, State
 from .metrics import Metrics
-from .routing import Route
+from .routing import Route, forwarded_body
+from .client_stream import ClientGone, ClientStream
 from .slots import SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers
 
@@ -74,31 +76,48 @@ class _Retry(Exception):
         self.cause = cause
 
 
-async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], data: bytes, route: Route,
+async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, route: Route,
                   arrived: float) -> web.StreamResponse:
     """Send through the least busy backend of the route's group; account the outcome on every path."""
     queue = pick_queue([gw.queues[name] for name in route.backends])
     outcome = Outcome(queue.name, status="client_gone")
+    client = ClientStream(request, gw.config.gateway.ping_interval_seconds) if body.get("stream") is True else None
     try:
-        response = await _forward(request, gw, queue, body, data, route, outcome)
+        backend = gw.config.backend(queue.name)
+        data = forwarded_body(body, raw, strip_billing=gw.config.routing.strip_billing_header,
+                              max_output_tokens=backend.max_output_tokens)
+        if client is not None:
+            client.keep_alive()
+        response = await _forward(request, gw, queue, body, data, route, outcome, client)
         if outcome.status == "client_gone":
             outcome.status = "200"
         return response
     except ClientGone as gone:
+        gw.metrics.disconnects.labels("streaming").inc()
         outcome.status = "client_gone"
-        return gone.response
+        return gone.response or web.Response(status=499)
     except GatewayError as e:
-        outcome.status = str(e.status)
-        raise
+        if client is None or not client.started:
+            outcome.status = str(e.status)
+            raise
+        # Headers and pings went out already: the error can only be an event.
+        outcome.status = "stream_error"
+        try:
+            await client.write(sse.encode("error", e.body()))
+            return await client.finish()
+        except ClientGone as gone:
+            return gone.response
     finally:
+        if client is not None:
+            with contextlib.suppress(ClientGone):
+                await client.stop_keep_alive()
         record(gw, route.kind.value, outcome, arrived)
 
 
 async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: dict[str, Any], data: bytes,
-                   route: Route, outcome: Outcome) -> web.StreamResponse:
+                   route: Route, outcome: Outcome, client: ClientStream | None) -> web.StreamResponse:
     backend = gw.config.backend(queue.name)
     health = gw.health[backend.name]
-    stream = body.get("stream") is True
     headers = request_headers(request.headers, backend)
     priority = route.priority.name.lower()
     last_error: UpstreamUnavailable | None = None
@@ -118,7 +137,7 @@ async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: di
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
         try:
             async with lease:
-                return await _exchange(request, gw, backend, health, request.path_qs, data, headers, stream,
+                return await _exchange(request, gw, backend, health, request.path_qs, data, headers, client,
                                        outcome, body.get("model"))
         except _Retry as r:
             last_error = r.cause
@@ -131,7 +150,7 @@ async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: di
 
 
 async def _exchange(request: web.Request, gw: Gateway, backend: BackendConfig, health: BackendHealth, path: str,
-                    data: bytes, headers: dict[str, str], stream: bool, outcome: Outcome,
+                    data: bytes, headers: dict[str, str], client: ClientStream | None, outcome: Outcome,
                     model: Any) -> web.StreamResponse:
     try:
         async with gw.upstream.post(backend, path, data, headers) as resp:
@@ -142,8 +161,8 @@ async def _exchange(request: web.Request, gw: Gateway, backend: BackendConfig, h
                     health.set(State.LOADING, "loading model (HTTP 503)")
                     raise UpstreamUnavailable(f"backend {backend.name!r} is loading its model")
                 raise from_upstream(resp.status, raw)
-            if stream:
-                return await _relay_stream(request, gw, backend, health, resp, outcome, model)
+            if client is not None:
+                return await _relay_stream(client, backend, health, resp, outcome, model)
             raw = await _read_bounded(resp, MAX_ANSWER_BYTES)
     except UpstreamUnavailable as e:
         raise _Retry(e) from e
@@ -192,10 +211,10 @@ def _take_usage(outcome: Outcome, usage: dict[str, Any]) -> None:
         outcome.output_tokens = n("output_tokens")
 
 
-async def _relay_stream(request: web.Request, gw: Gateway, backend: BackendConfig, health: BackendHealth, resp,
+async def _relay_stream(client: ClientStream, backend: BackendConfig, health: BackendHealth, resp,
                         outcome: Outcome, model: Any) -> web.StreamResponse:
     parser = sse.SSEParser()
-    response: web.StreamResponse | None = None
+    forwarded = False
     finished = False  # message_stop or an error event seen
     echo = ModelEcho(model)
     chunks = resp.content.iter_any()
@@ -207,7 +226,7 @@ async def _relay_stream(request: web.Request, gw: Gateway, backend: BackendConfi
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reset, payload error: the backend is gone
-            if response is None:
+            if not forwarded:
                 raise UpstreamUnavailable(f"backend {backend.name!r} failed before its first byte: "
                                           f"{exc.__class__.__name__}") from exc
             health.mark_down(f"stream broken: {exc.__class__.__name__}")
@@ -215,13 +234,10 @@ async def _relay_stream(request: web.Request, gw: Gateway, backend: BackendConfi
         for event in parser.feed(chunk):
             finished |= _observe_event(outcome, event)
         chunk = echo.feed(chunk)
-        if not chunk:
-            continue
-        if response is None:
-            response = web.StreamResponse(status=200, headers=_stream_headers(resp.headers))
-            await _client_write(gw, request, response, None)
-        await _client_write(gw, request, response, chunk)
-    if response is None:
+        if chunk:
+            await client.write(chunk, resp.headers)
+            forwarded = True
+    if not forwarded:
         # Nothing of the answer reached the client: safe to send again.
         raise UpstreamUnavailable(f"backend {backend.name!r} closed the stream before its first event")
     if not finished:
@@ -230,23 +246,8 @@ async def _relay_stream(request: web.Request, gw: Gateway, backend: BackendConfi
         outcome.status = "stream_error"
         health.mark_down("stream ended without message_stop")
         err = Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
-        await _client_write(gw, request, response, b"\n\n" + sse.encode("error", err.body()))
-    await response.write_eof()
-    return response
-
-
-async def _client_write(gw: Gateway, request: web.Request, response: web.StreamResponse,
-                        chunk: bytes | None) -> None:
-    try:
-        if chunk is None:
-            await response.prepare(request)
-        else:
-            await response.write(chunk)
-    except (ConnectionError, RuntimeError) as exc:
-        # The client went away mid-answer. Leaving here closes the upstream
-        # connection, which makes llama-server stop and free the slot.
-        gw.metrics.disconnects.labels("streaming").inc()
-        raise ClientGone(response) from exc
+        await client.write(b"\n\n" + sse.encode("error", err.body()))
+    return await client.finish()
 
 
 class ModelEcho:
@@ -292,22 +293,6 @@ class ModelEcho:
             lines[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
             return b"\n".join(lines)
         return block
-
-
-class ClientGone(Exception):
-    """The client disconnected while its answer streamed."""
-
-    def __init__(self, response: web.StreamResponse):
-        super().__init__("client disconnected")
-        self.response = response
-
-
-def _stream_headers(upstream_headers) -> dict[str, str]:
-    out = response_headers(upstream_headers)
-    out.setdefault("Content-Type", "text/event-stream")
-    out["Cache-Control"] = "no-cache"
-    out["X-Accel-Buffering"] = "no"
-    return out
 
 
 def _observe_event(outcome: Outcome, event: sse.Event) -> bool:

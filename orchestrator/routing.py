@@ -8,6 +8,7 @@ checks here recognise it even when it carries the main model's name.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -107,3 +108,16 @@ def strip_billing_header(body: dict[str, Any]) -> dict[str, Any] | None:
         _, _, rest = system.partition("\n")
         return {**body, "system": rest}
     return None
+
+
+def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int) -> bytes:
+    """The bytes to send a backend: the client's own, unless a documented rewrite applies."""
+    out = body
+    if strip_billing:
+        out = strip_billing_header(out) or out
+    mt = out.get("max_tokens")
+    if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
+        out = {**out, "max_tokens": max_output_tokens}
+    if out is body:
+        return raw
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()

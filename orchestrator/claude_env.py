@@ -1,0 +1,46 @@
+"""The environment that points Claude Code at the gateway, with everything a local setup needs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+
+def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]:
+    g, c = config.gateway, config.claude
+    env = {
+        "ANTHROPIC_BASE_URL": f"http://{g.host}:{g.port}",
+        # A dummy credential: the gateway does not check it, and an auth token,
+        # unlike an API key, never makes Claude Code ask whether to use it.
+        "ANTHROPIC_AUTH_TOKEN": "orchestrator-local",
+        "ANTHROPIC_MODEL": c.model,
+        "ANTHROPIC_DEFAULT_OPUS_MODEL": c.model,
+        "ANTHROPIC_DEFAULT_SONNET_MODEL": c.model,
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": c.small_model,
+        "ANTHROPIC_SMALL_FAST_MODEL": c.small_model,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "API_TIMEOUT_MS": str(c.api_timeout_ms),
+    }
+    primary = next((b for b in health.get("backends", []) if b.get("role") == "main"), None)
+    if primary and primary.get("n_ctx"):
+        env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(primary["n_ctx"])
+    cap = config.main_backends[0].max_output_tokens
+    if cap:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(cap)
+    return env
+
+
+def find_claude() -> str | None:
+    """`claude` on PATH, else the copy deploy/install-claude-code.sh caches."""
+    on_path = shutil.which("claude")
+    if on_path:
+        return on_path
+    cache = Path(os.environ.get("ORCHESTRATOR_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orchestrator")
+    cached = cache / "claude-code" / "node_modules" / ".bin" / "claude"
+    return str(cached) if os.access(cached, os.X_OK) else None

@@ -1,0 +1,97 @@
+"""The SSE response to one streaming client, prepared lazily, with keep-alive pings.
+
+A streaming request may wait minutes before its first byte: behind other
+requests in the queue, for a backend that restarts, or for a prefill of 25k
+tokens on a big model. Clients give up on a silent connection (Node's fetch
+waits at most 300 s for response headers), so after `interval` seconds of
+silence the response headers go out and an SSE `ping` follows every
+`interval`, until the backend's own bytes take over. A failure after that
+point can only be told as an SSE `error` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Mapping
+
+from aiohttp import web
+
+from . import sse
+from .upstream import response_headers
+
+PING = sse.encode("ping", {"type": "ping"})
+
+
+class ClientGone(Exception):
+    """The client disconnected while its answer streamed."""
+
+    def __init__(self, response: web.StreamResponse | None):
+        super().__init__("client disconnected")
+        self.response = response
+
+
+def stream_headers(upstream_headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    out = response_headers(upstream_headers or {})
+    out.setdefault("Content-Type", "text/event-stream")
+    out["Cache-Control"] = "no-cache"
+    out["X-Accel-Buffering"] = "no"
+    return out
+
+
+class ClientStream:
+    def __init__(self, request: web.Request, ping_interval: float) -> None:
+        self.request = request
+        self.interval = ping_interval
+        self.response: web.StreamResponse | None = None
+        self.pings = 0
+        self._pinger: asyncio.Task | None = None
+
+    @property
+    def started(self) -> bool:
+        """Headers sent: from here on, errors are SSE events, not HTTP statuses."""
+        return self.response is not None
+
+    def keep_alive(self) -> None:
+        if self.interval > 0 and self._pinger is None:
+            self._pinger = asyncio.create_task(self._ping_loop(), name="sse-ping")
+
+    async def stop_keep_alive(self) -> None:
+        pinger, self._pinger = self._pinger, None
+        if pinger is None:
+            return
+        pinger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pinger
+        if not pinger.cancelled() and pinger.exception() is not None:
+            raise ClientGone(self.response) from pinger.exception()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._write(PING)
+            self.pings += 1
+
+    async def write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
+        """The backend's bytes: pings stop for good before the first of them."""
+        await self.stop_keep_alive()
+        await self._write(chunk, upstream_headers)
+
+    async def _write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
+        try:
+            if self.response is None:
+                response = web.StreamResponse(status=200, headers=stream_headers(upstream_headers))
+                await response.prepare(self.request)
+                self.response = response
+            await self.response.write(chunk)
+        except (ConnectionError, RuntimeError) as exc:
+            # Leaving the handler closes the upstream connection, which makes
+            # llama-server stop generating and free the slot.
+            raise ClientGone(self.response) from exc
+
+    async def finish(self) -> web.StreamResponse:
+        await self.stop_keep_alive()
+        assert self.response is not None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.response.write_eof()
+        return self.response

@@ -1,0 +1,219 @@
+"""The real Claude Code CLI (npm @anthropic-ai/claude-code) through the gateway."""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from conftest import ROOT, free_port
+
+from orchestrator import claude_env, sse
+from orchestrator.config import config_from_dict
+from orchestrator.handlers import GATEWAY
+
+pytestmark = pytest.mark.real
+
+
+def claude_binary() -> str:
+    path = os.environ.get("ORCHESTRATOR_CLAUDE")
+    if path:
+        return path
+    out = subprocess.run([str(ROOT / "deploy" / "install-claude-code.sh")], check=True, capture_output=True,
+                         text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def claude_home(tmp_path):
+    """A throwaway HOME and project folder: onboarding done, folder trusted, no network lookups."""
+    home, project = tmp_path / "home", tmp_path / "project"
+    home.mkdir()
+    project.mkdir()
+    (home / ".claude.json").write_text(json.dumps({
+        "hasCompletedOnboarding": True,
+        "customApiKeyResponses": {"approved": ["none"], "rejected": []},
+        "projects": {str(project): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}},
+    }))
+    return home, project
+
+
+def claude_env_for(config, health, home: Path, *, nonessential: bool = False) -> dict:
+    env = {"PATH": f"{Path(shutil.which('node')).parent}:/usr/bin:/bin", "HOME": str(home), "TERM": "xterm-256color",
+           "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL": "1",
+           **claude_env.claude_environment(config, health)}
+    if nonessential:
+        del env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"]
+    return env
+
+
+async def start_for_claude(gateway, http, raw: dict):
+    base, app = await gateway(raw)
+    host, port = base.removeprefix("http://").split(":")
+    config = config_from_dict({**raw, "gateway": {**raw.get("gateway", {}), "host": host, "port": int(port)}})
+    for _ in range(100):  # until the first health check (and its /props read) is done
+        async with http.get(base + "/health") as r:
+            health = await r.json()
+        if health["backends"][0]["state"] == "ready":
+            break
+        await asyncio.sleep(0.05)
+    return base, app[GATEWAY], config, health
+
+
+async def run_claude(args: list[str], env: dict, cwd: Path, timeout: float = 600) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(claude_binary(), *args, cwd=cwd, env=env,
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _metric(http, base, name, **labels) -> float:
+    async with http.get(base + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_print_mode_through_gateway_to_real_llama_server(llama, gateway, http, claude_home):
+    home, project = claude_home
+    base, gw, config, health = await start_for_claude(gateway, http, {
+        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
+    assert health["backends"][0]["n_ctx"] == 8192
+    env = claude_env_for(config, health, home)
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "8192"
+    code, out, err = await run_claude(["-p", "Say hello"], env, project)
+    assert code == 0, (out, err)
+    assert out.strip(), "Claude Code printed no answer"
+    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="200") >= 1
+    assert gw.queues["primary"].busy == 0
+
+
+# ---- a fake upstream that asks for a tool, for the round trip ----------------------------------
+
+def tool_use_stream(model: str) -> bytes:
+    msg = {"id": "msg_tool", "type": "message", "role": "assistant", "model": model, "content": [],
+           "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
+    block = {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {}}
+    args = json.dumps({"command": "echo hi", "description": "Print hi"})
+    return b"".join([
+        sse.encode("message_start", {"type": "message_start", "message": msg}),
+        sse.encode("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+        sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "input_json_delta", "partial_json": args}}),
+        sse.encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use",
+                                                                        "stop_sequence": None},
+                                     "usage": {"output_tokens": 20}}),
+        sse.encode("message_stop", {"type": "message_stop"}),
+    ])
+
+
+def text_stream(model: str, text: str) -> bytes:
+    from fakes import sse_message
+
+    return b"".join(sse_message([text], model=model))
+
+
+class ToolFake:
+    def __init__(self, prefill_delay: float = 0.0):
+        self.requests: list[dict] = []
+        self.prefill_delay = prefill_delay
+        self.on_request = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
+        return app
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.on_request is not None:
+            await self.on_request(body)
+        await asyncio.sleep(self.prefill_delay)
+        results = [b for m in body["messages"] if isinstance(m.get("content"), list)
+                   for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if body.get("tools") and not results:
+            payload = tool_use_stream(body["model"])
+        else:
+            payload = text_stream(body["model"], "The command printed hi. Done.")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(payload)
+        await resp.write_eof()
+        return resp
+
+
+async def test_tool_round_trip(gateway, serve_app, http, claude_home):
+    home, project = claude_home
+    fake = ToolFake()
+    url = await serve_app(fake.app())
+    base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
+    env = claude_env_for(config, health, home)
+    code, out, err = await run_claude(["-p", "Run echo hi", "--allowedTools", "Bash(echo hi)"], env, project,
+                                      timeout=300)
+    assert code == 0, (out, err)
+    assert "Done." in out
+    follow_ups = [r for r in fake.requests if any(
+        isinstance(m.get("content"), list) and any(b.get("type") == "tool_result" for b in m["content"])
+        for m in r["messages"])]
+    assert follow_ups, [r["messages"][-1] for r in fake.requests]
+    result = next(b for m in follow_ups[0]["messages"] if isinstance(m.get("content"), list)
+                  for b in m["content"] if b.get("type") == "tool_result")
+    assert "hi" in json.dumps(result["content"])
+
+
+async def test_backend_restart_while_claude_code_waits(gateway, http, claude_home):
+    """The backend dies under the first main request and comes back 3 s later on the
+    same port: the request waits in the gateway (with pings) and the turn completes."""
+    home, project = claude_home
+    port = free_port()
+    first, second = ToolFake(), ToolFake()
+    runners = []
+
+    async def serve(fake):
+        runner = web.AppRunner(fake.app(), handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+        runners.append(runner)
+        return runner
+
+    first_runner = await serve(first)
+    died = asyncio.Event()
+
+    async def die(body):
+        if body.get("tools"):  # the main request: the "server" crashes under it
+            died.set()
+            await asyncio.sleep(3600)
+
+    first.on_request = die
+    base, gw, config, health = await start_for_claude(gateway, http, {
+        "gateway": {"ping_interval_seconds": 0.5},
+        "backends": [{"name": "primary", "url": f"http://127.0.0.1:{port}"}]})
+    env = claude_env_for(config, health, home)
+    run = asyncio.create_task(run_claude(["-p", "Say hello"], env, project, timeout=300))
+    await asyncio.wait_for(died.wait(), 120)
+    await first_runner.shutdown()
+    await first_runner.cleanup()
+    runners.remove(first_runner)
+    await asyncio.sleep(3)
+    assert gw.health["primary"].state.value == "down"
+    await serve(second)
+    code, out, err = await run
+    for r in runners:
+        await r.cleanup()
+    assert code == 0, (out, err)
+    assert "Done." in out
+    assert any(r.get("tools") for r in second.requests)  # sent again after the restart
+    assert gw.queues["primary"].busy == 0

@@ -1,0 +1,96 @@
+"""Long waits do not time out: headers and SSE pings while a streaming request waits."""
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from fakes import FakeUpstream
+
+from orchestrator.handlers import GATEWAY
+from orchestrator.sse import SSEParser
+
+BODY = {"model": "big", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+INTERVAL = 0.1
+
+
+@pytest.fixture
+async def setup(gateway, serve_app):
+    async def make(**fake_knobs):
+        f = FakeUpstream(**fake_knobs)
+        url = await serve_app(f.app())
+        base, app = await gateway({"gateway": {"ping_interval_seconds": INTERVAL},
+                                   "queue": {"max_wait_seconds": 1.5},
+                                   "backends": [{"name": "primary", "url": url}]})
+        return f, base, app[GATEWAY]
+    return make
+
+
+async def timed_read(base, body=BODY, headers=None):
+    """(status, [(seconds since send, chunk)], whole body)."""
+    chunks = []
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.post(base + "/v1/messages", json=body, headers=headers or {}) as r:
+            chunks.append((time.monotonic() - t0, b""))  # headers
+            async for chunk in r.content.iter_any():
+                chunks.append((time.monotonic() - t0, chunk))
+            return r.status, chunks, b"".join(c for _, c in chunks)
+
+
+def max_gap(chunks):
+    times = [0.0] + [t for t, _ in chunks]
+    return max(b - a for a, b in zip(times, times[1:]))
+
+
+async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setup):
+    f, base, gw = await setup(prefill_delay=1.2)
+    status, chunks, raw = await timed_read(base)
+    events = SSEParser().feed(raw)
+    kinds = [e.event for e in events]
+    assert status == 200
+    assert kinds.count("ping") >= 8 and kinds.index("message_start") > kinds.index("ping")
+    assert all(k == "ping" for k in kinds[:kinds.index("message_start")])
+    assert kinds[-1] == "message_stop"
+    assert max_gap(chunks) < INTERVAL + 0.15, max_gap(chunks)
+
+
+async def test_queued_stream_gets_pings_then_its_answer(setup):
+    f, base, gw = await setup()
+    q = gw.queues["primary"]
+    blocker = asyncio.create_task(timed_read(base, headers={"x-fake-mode": "stall"}))
+    while q.busy == 0:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(timed_read(base))
+    await asyncio.sleep(0.6)
+    blocker.cancel()
+    status, chunks, raw = await waiting
+    kinds = [e.event for e in SSEParser().feed(raw)]
+    assert status == 200 and "ping" in kinds and kinds[-1] == "message_stop"
+    assert max_gap(chunks) < INTERVAL + 0.15
+
+
+async def test_failure_after_pings_is_an_sse_error_event(setup):
+    f, base, gw = await setup(prefill_delay=0.5)
+    status, _, raw = await timed_read(base, headers={"x-fake-mode": "error500"})
+    assert status == 500  # an immediate error is still a plain HTTP error
+    q = gw.queues["primary"]
+    blocker = asyncio.create_task(timed_read(base, headers={"x-fake-mode": "stall"}))
+    while q.busy == 0:
+        await asyncio.sleep(0.01)
+    status, chunks, raw = await timed_read(base)  # waits past max_wait_seconds in the queue
+    events = SSEParser().feed(raw)
+    assert status == 200 and events[0].event == "ping"
+    assert events[-1].event == "error" and events[-1].json()["error"]["type"] == "overloaded_error"
+    assert "message_start" not in [e.event for e in events]
+    blocker.cancel()
+    await asyncio.sleep(0.1)
+    assert q.busy == 0
+
+
+async def test_pings_off_when_interval_is_zero(gateway, serve_app):
+    f = FakeUpstream(prefill_delay=0.4)
+    url = await serve_app(f.app())
+    base, _ = await gateway({"gateway": {"ping_interval_seconds": 0}, "backends": [{"name": "p", "url": url}]})
+    status, chunks, raw = await timed_read(base)
+    assert "ping" not in [e.event for e in SSEParser().feed(raw)]
