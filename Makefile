@@ -21,9 +21,14 @@ $(VENV)/.installed: pyproject.toml
 llama-server: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
 
+# What the real-part tests need besides Python: a compiler for llama-server,
+# tmux and Node.js for Claude Code, Prometheus.
+TEST_TOOLS := cmake c++:g++ tmux node:nodejs npm prometheus promtool:prometheus
+
 test: install
-	deploy/install-prometheus.sh
+	deploy/ensure-tools.sh $(TEST_TOOLS)
 	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
+	ORCHESTRATOR_CLAUDE="$$(deploy/install-claude-code.sh)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Unit tests only: no llama-server needed.
@@ -39,7 +44,8 @@ CONFIG ?= $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrat
 
 .PHONY: up down status logs
 up: install
-	@deploy/install-prometheus.sh || echo "(continuing without Prometheus)"
+	@deploy/ensure-tools.sh cmake c++:g++
+	@deploy/ensure-tools.sh prometheus || echo "(continuing without Prometheus)"
 	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
 		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
 	@echo "supervisorctl: $(BIN)/supervisorctl status   (or: . $(BIN)/activate; supervisorctl status)"

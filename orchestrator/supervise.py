@@ -7,6 +7,7 @@ talks to supervisord over its unix socket with supervisor's own XML-RPC client.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -178,11 +179,13 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
         "",
     ]
 
-    def program(name: str, command: str, *, startsecs: int, startretries: int = 3, priority: int = 100) -> None:
+    def program(name: str, command: str, *, startsecs: int, startretries: int = 3, priority: int = 100,
+                environment: str = "") -> None:
         lines.extend([
             f"[program:{name}]",
             # supervisord interpolates %(name)s in values; a literal % is %%.
             f"command={command.replace('%', '%%')}",
+            *([f"environment={environment}"] if environment else []),
             f"directory={paths.root}",
             "autostart=true",
             "autorestart=true",
@@ -208,7 +211,10 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
     gateway_cmd = " ".join(shlex.quote(str(x)) for x in [
         orchestrator_bin, "serve", "--config", config_path, "--supervisor-socket", paths.socket,
         "--log-dir", paths.log_dir])
-    program("gateway", gateway_cmd, startsecs=2, priority=20)
+    # The config's digest in the program's environment: `up` after an edit of
+    # the config changes this section, so supervisord restarts the gateway.
+    digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16] if Path(config_path).exists() else ""
+    program("gateway", gateway_cmd, startsecs=2, priority=20, environment=f'ORCHESTRATOR_CONFIG_SHA="{digest}"')
     if prometheus and prometheus_config and config.supervisor.prometheus_listen:
         prom_cmd = " ".join(shlex.quote(str(x)) for x in [
             prometheus, f"--config.file={prometheus_config}", f"--storage.tsdb.path={paths.var / 'prometheus'}",

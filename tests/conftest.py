@@ -112,7 +112,8 @@ class LlamaServer:
         cmd = [llama_server_binary(), "--model", smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
                "--ctx-size", "8192", "--parallel", "1", "--metrics", "--slots", "--threads", "2",
                "--no-webui", "--seed", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         import urllib.request
 

@@ -133,8 +133,11 @@ class ToolFake:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
-        app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
+        app.router.add_get("/health", self.health)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -183,7 +186,8 @@ async def test_backend_restart_while_claude_code_waits(gateway, http, claude_hom
     runners = []
 
     async def serve(fake):
-        runner = web.AppRunner(fake.app(), handler_cancellation=True)
+        # A short shutdown: the "crash" must not wait for the hanging handler.
+        runner = web.AppRunner(fake.app(), handler_cancellation=True, shutdown_timeout=0.1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
         runners.append(runner)
@@ -217,3 +221,69 @@ async def test_backend_restart_while_claude_code_waits(gateway, http, claude_hom
     assert "Done." in out
     assert any(r.get("tools") for r in second.requests)  # sent again after the restart
     assert gw.queues["primary"].busy == 0
+
+
+def tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
+
+
+async def test_interactive_two_turns_in_tmux(llama, gateway, http, claude_home):
+    """With non-essential traffic on (so the title call happens): both turns answer, the
+    title never reaches the primary, and the primary never has two requests at once."""
+    assert shutil.which("tmux"), "tmux is needed (apt-get install tmux)"
+    home, project = claude_home
+    base, gw, config, health = await start_for_claude(gateway, http, {
+        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
+    env = claude_env_for(config, health, home, nonessential=True)
+    session = f"orch-test-{os.getpid()}"
+    command = " ".join(["env", "-i", *(f"{k}={json.dumps(v)}" for k, v in env.items()), claude_binary()])
+    tmux("new-session", "-d", "-s", session, "-x", "160", "-y", "50", "-c", str(project), command)
+
+    seen: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+
+    async def watch_llama():
+        while not stop.is_set():
+            async with http.get(llama.url + "/metrics") as r:
+                text = await r.text()
+            vals = [float(re.search(rf"^llamacpp:{n} (\S+)$", text, re.M).group(1))
+                    for n in ("requests_processing", "requests_deferred")]
+            seen.append((vals[0], vals[1]))
+            await asyncio.sleep(0.05)
+
+    async def screen() -> str:
+        return await asyncio.to_thread(tmux, "capture-pane", "-p", "-t", session, "-S", "-500")
+
+    async def turn(text: str, main_before: float) -> None:
+        await asyncio.to_thread(tmux, "send-keys", "-t", session, text, "Enter")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            done = await _metric(http, base, "orchestrator_requests_total", route="main")
+            idle = gw.queues["primary"].busy == 0 and gw.queues["primary"].depth == 0
+            if done > main_before and idle and "esc to interrupt" not in await screen():
+                return
+        raise AssertionError(f"turn {text!r} did not finish:\n{await screen()}")
+
+    watcher = asyncio.create_task(watch_llama())
+    try:
+        deadline = time.monotonic() + 60
+        while "? for shortcuts" not in await screen():
+            assert time.monotonic() < deadline, await screen()
+            await asyncio.sleep(0.5)
+        await turn("Say hello", 0)
+        after_first = await _metric(http, base, "orchestrator_requests_total", route="main")
+        await turn("What is two plus two", after_first)
+        text = await screen()
+    finally:
+        stop.set()
+        await watcher
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+    # Both turns got an answer on screen (a bullet after each prompt).
+    first, second = text.index("Say hello"), text.index("What is two plus two")
+    assert "●" in text[first:second] and "●" in text[second:], text
+    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="200") >= 2
+    assert await _metric(http, base, "orchestrator_synthetic_responses_total", kind="title") >= 1
+    assert await _metric(http, base, "orchestrator_requests_total", route="background") == 0
+    assert seen and max(p + d for p, d in seen) <= 1

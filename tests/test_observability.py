@@ -30,7 +30,7 @@ DATASOURCE = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml
 
 def tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} is not installed: deploy/install-prometheus.sh (run by make test) installs it"
+    assert path, f"{name} is not installed: deploy/ensure-tools.sh (run by make test) installs it"
     return path
 
 
