@@ -58,3 +58,8 @@ status: install
 
 logs:
 	@tail -n 30 var/log/*.log
+
+.PHONY: bench
+bench: install
+	@PYTHON=$(BIN)/python deploy/install-llama-server.sh >/dev/null
+	$(BIN)/python bench/bench_gateway.py

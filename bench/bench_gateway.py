@@ -1,0 +1,179 @@
+"""Side-by-side figures, measured in one run: llama-server direct versus through the gateway.
+
+    make bench        (or: .venv/bin/python bench/bench_gateway.py)
+
+Starts its own llama-server (SmolLM2-135M, --parallel 1) and gateway on free
+127.0.0.1 ports, then prints, for the same requests:
+  1. the second turn of a Claude Code conversation: time and prompt tokens processed, direct (the
+     billing line differs per request, as Claude Code sends it) vs through the
+     gateway (line dropped, prompt cache hit);
+  2. gateway overhead on a tiny request (median of N);
+  3. what the server sees under 6 concurrent requests: most in flight at once;
+  4. the gateway's resident memory before and after a 40-request burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from orchestrator.supervise import default_model, find_llama_server  # noqa: E402
+
+SAMPLES = ROOT / "tests" / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def claude_turn(cch: str, turn: int) -> dict:
+    """Claude Code's real main request; turn 2 is turn 1 plus an answer and a new question."""
+    body = copy.deepcopy(json.loads((SAMPLES / "main-2.1.332.json").read_text())["body"])
+    body["system"][0]["text"] = f"x-anthropic-billing-header: cc_version=2.1.332.{cch}; cc_entrypoint=cli;"
+    body["tools"], body["max_tokens"], body["stream"] = body["tools"][:3], 4, False
+    if turn == 2:
+        body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "Done: the tests pass."}]},
+                             {"role": "user", "content": [{"type": "text", "text": "Now add a docstring."}]}]
+    return body
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def post(http, url, body, path="/v1/messages"):
+    t0 = time.perf_counter()
+    async with http.post(url + path, json=body) as r:
+        raw = await r.read()
+        assert r.status == 200, raw[:300]
+    return time.perf_counter() - t0, raw
+
+
+async def peak_in_flight(http, llama: str, work) -> float:
+    seen, stop = [], asyncio.Event()
+
+    async def watch():
+        while not stop.is_set():
+            async with http.get(llama + "/metrics") as r:
+                text = await r.text()
+            seen.append(sum(float(re.search(rf"^llamacpp:{n} (\S+)$", text, re.M).group(1))
+                            for n in ("requests_processing", "requests_deferred")))
+            await asyncio.sleep(0.02)
+
+    w = asyncio.create_task(watch())
+    await work
+    stop.set()
+    await w
+    return max(seen)
+
+
+async def main() -> None:
+    binary = find_llama_server()
+    if not binary:
+        sys.exit("no llama-server: run deploy/install-llama-server.sh (make bench does)")
+    lport, gport = free_port(), free_port()
+    llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "llama.log", "wb")
+        procs = [subprocess.Popen([binary, "--model", default_model(), "--host", "127.0.0.1", "--port", str(lport),
+                                   "--ctx-size", "8192", "--parallel", "1", "--metrics", "--threads", "2",
+                                   "--no-webui", "--seed", "1"], stdout=log, stderr=subprocess.STDOUT)]
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "serve", "--primary-url",
+                                       llama, "--port", str(gport), "--log-level", "warning"]))
+        try:
+            wait_http(llama + "/health")
+            wait_http(gateway + "/health")
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                             timeout=aiohttp.ClientTimeout(total=600)) as http:
+                await report(http, llama, gateway, procs[1].pid)
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+            log.close()
+
+
+async def report(http, llama: str, gateway: str, gateway_pid: int) -> None:
+    rows = []
+    # 1. The second turn of a Claude Code conversation.
+    results = {}
+    for name, url in (("direct", llama), ("gateway", gateway)):
+        await post(http, url, claude_turn(f"{name}1", 1))          # turn one fills the cache
+        t, raw = await post(http, url, claude_turn(f"{name}2", 2))  # turn two: a new billing line
+        usage = json.loads(raw)["usage"]
+        results[name] = (t, usage["input_tokens"], usage.get("cache_read_input_tokens", 0))
+    (td, pd, cd), (tg, pg, cg) = results["direct"], results["gateway"]
+    rows.append(("turn-2 wall time (s)", f"{td:.2f}", f"{tg:.2f}", f"{td / tg:.1f}x faster"))
+    rows.append(("turn-2 prompt tokens processed", str(pd), str(pg), f"{pd / max(pg, 1):.0f}x fewer"))
+    rows.append(("turn-2 prompt tokens from cache", str(cd), str(cg), ""))
+
+    # 2. Overhead on a tiny request.
+    tiny = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    n = 20
+    times = {name: [] for name in ("direct", "gateway")}
+    for _ in range(n):
+        for name, url in (("direct", llama), ("gateway", gateway)):
+            times[name].append((await post(http, url, tiny))[0])
+    md, mg = statistics.median(times["direct"]), statistics.median(times["gateway"])
+    rows.append((f"tiny request, median of {n} (ms)", f"{md * 1000:.1f}", f"{mg * 1000:.1f}",
+                 f"+{(mg - md) * 1000:.1f} ms ({mg / md:.2f}x)"))
+
+    # 3. Six concurrent requests: what the server sees at once.
+    story = {"model": "m", "max_tokens": 24, "messages": [{"role": "user", "content": "Tell a story"}]}
+    peaks = {}
+    for name, url in (("direct", llama), ("gateway", gateway)):
+        peaks[name] = await peak_in_flight(http, llama, asyncio.gather(*[post(http, url, story) for _ in range(6)]))
+    rows.append(("6 concurrent: most at once on the server", f"{peaks['direct']:.0f}", f"{peaks['gateway']:.0f}",
+                 "the slot count, never more"))
+
+    # 4. Gateway memory across a burst of 40 mixed requests.
+    before = rss_kb(gateway_pid)
+    title = json.loads((SAMPLES / "title-2.1.332.json").read_text())["body"]
+    count = json.loads((SAMPLES / "count_tokens-2.1.197.json").read_text())["body"]
+    burst = [post(http, gateway, {**story, "max_tokens": 4}) for _ in range(5)]
+    burst += [post(http, gateway, title) for _ in range(10)]
+    burst += [post(http, gateway, count, "/v1/messages/count_tokens") for _ in range(25)]
+    await asyncio.gather(*burst)
+    after = rss_kb(gateway_pid)
+    rows.append(("gateway RSS before/after 40-request burst (MiB)", f"{before / 1024:.1f}", f"{after / 1024:.1f}",
+                 f"{after / before:.2f}x"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':<{width}}  {'direct':>10}  {'gateway':>10}  ratio")
+    for label, a, b, ratio in rows:
+        print(f"{label:<{width}}  {a:>10}  {b:>10}  {ratio}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
