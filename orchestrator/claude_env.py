@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .supervise import cache_dir
 
 
 def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]:
@@ -40,7 +40,5 @@ def find_claude() -> str | None:
     on_path = shutil.which("claude")
     if on_path:
         return on_path
-    cache = Path(os.environ.get("ORCHESTRATOR_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orchestrator")
-    cached = cache / "claude-code" / "node_modules" / ".bin" / "claude"
+    cached = cache_dir() / "claude-code" / "node_modules" / ".bin" / "claude"
     return str(cached) if os.access(cached, os.X_OK) else None

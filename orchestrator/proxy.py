@@ -137,7 +137,7 @@ async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: di
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
         try:
             async with lease:
-                return await _exchange(request, gw, backend, health, request.path_qs, data, headers, client,
+                return await _exchange(gw.upstream, backend, health, request.path_qs, data, headers, client,
                                        outcome, body.get("model"))
         except _Retry as r:
             last_error = r.cause
@@ -149,11 +149,11 @@ async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: di
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)
 
 
-async def _exchange(request: web.Request, gw: Gateway, backend: BackendConfig, health: BackendHealth, path: str,
+async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: BackendHealth, path: str,
                     data: bytes, headers: dict[str, str], client: ClientStream | None, outcome: Outcome,
                     model: Any) -> web.StreamResponse:
     try:
-        async with gw.upstream.post(backend, path, data, headers) as resp:
+        async with upstream.post(backend, path, data, headers) as resp:
             if resp.status != 200:
                 raw = await _read_bounded(resp, 256 * 1024)
                 if resp.status == 503:

