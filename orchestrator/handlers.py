@@ -65,19 +65,25 @@ def _background_up(gw: Gateway) -> bool:
 def _counting_backend(gw: Gateway, model: str):
     """The backend whose tokenizer counts for this model; None when it is down (estimate at once)."""
     backend = gw.config.backend(backends_for_model(model, gw.config)[0])
-    return backend if gw.health[backend.name].state is not State.DOWN else None
+    return None if gw.health[backend.name].state in (State.DOWN, State.FAILED) else backend
+
+
+async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tokens: bool):
+    """The request's bytes and JSON body, or an Anthropic-shaped refusal, counted."""
+    try:
+        raw, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
+        check_messages(body, needs_max_tokens=needs_max_tokens)
+    except GatewayError as e:
+        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
+        gw.metrics.requests.labels(route, "none", str(e.status)).inc()
+        raise
+    return raw, body
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     arrived = time.monotonic()
-    try:
-        raw, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
-        check_messages(body, needs_max_tokens=True)
-    except GatewayError as e:
-        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
-        gw.metrics.requests.labels("main", "none", str(e.status)).inc()
-        raise
+    raw, body = await _parse(request, gw, "main", needs_max_tokens=True)
     route = choose_route(body, gw.config, background_up=_background_up(gw))
     if route.kind is RouteKind.SYNTHETIC:
         return await answer_synthetic(request, gw, body, route, arrived)
@@ -105,13 +111,7 @@ async def answer_synthetic(request: web.Request, gw: Gateway, body: dict[str, An
 
 async def count_tokens(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    try:
-        _, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
-        check_messages(body, needs_max_tokens=False)
-    except GatewayError as e:
-        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
-        gw.metrics.requests.labels("count_tokens", "none", str(e.status)).inc()
-        raise
+    _, body = await _parse(request, gw, "count_tokens", needs_max_tokens=False)
     backend = _counting_backend(gw, body["model"])
     n = await gw.counter.count(backend, body)
     gw.metrics.requests.labels("count_tokens", backend.name if backend else "estimate", "200").inc()

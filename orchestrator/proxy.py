@@ -25,8 +25,8 @@ from .counting import TokenCounter
 from .errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
 from .health import BackendHealth, State
 from .metrics import Metrics
-from .routing import Route, forwarded_body
 from .client_stream import ClientGone, ClientStream
+from .routing import Route, forwarded_body
 from .slots import SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers
 
@@ -312,9 +312,12 @@ def _observe_event(outcome: Outcome, event: sse.Event) -> bool:
 
 
 def record(gw: Gateway, route: str, outcome: Outcome, arrived: float) -> None:
-    """Account one finished request that went to a backend."""
+    """Account one finished request that went to a backend, and log it."""
     m, b = gw.metrics, outcome.backend
     end = time.monotonic()
+    ttft = f"{outcome.first_content - arrived:.2f}s" if outcome.first_content is not None else "-"
+    log.info("%s %s %s in %.2fs (ttft %s; prompt %d + %d cached, output %d)", route, b, outcome.status,
+             end - arrived, ttft, outcome.input_tokens, outcome.cache_read_tokens, outcome.output_tokens)
     m.requests.labels(route, b, outcome.status).inc()
     m.duration.labels(b, route).observe(end - arrived)
     if outcome.first_content is not None:
