@@ -48,6 +48,7 @@ up: install
 	@deploy/ensure-tools.sh prometheus || echo "(continuing without Prometheus)"
 	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
 		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
+	@deploy/install-claude-code.sh >/dev/null || echo "(Claude Code not installed: needs Node.js and npm)"
 	@echo "supervisorctl: $(BIN)/supervisorctl status   (or: . $(BIN)/activate; supervisorctl status)"
 
 down: install

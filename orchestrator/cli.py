@@ -107,8 +107,8 @@ def up(config_path, llama_server, timeout) -> None:
     if prometheus:
         click.echo(f"Prometheus: http://{config.supervisor.prometheus_listen}")
     g = config.gateway
-    click.echo(f"Point Claude Code at it:  export ANTHROPIC_BASE_URL=http://{g.host}:{g.port} "
-               f"ANTHROPIC_API_KEY=none")
+    click.echo(f"Gateway: http://{g.host}:{g.port}. Point Claude Code at it: orchestrator claude "
+               f"(or: eval \"$(orchestrator env)\"; claude)")
 
 
 @main.command()

@@ -102,7 +102,8 @@ def smollm2_path() -> str:
 
 
 class LlamaServer:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()):
+        self.extra_args = extra_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "llama-server.log"
@@ -111,7 +112,7 @@ class LlamaServer:
     def start(self) -> None:
         cmd = [llama_server_binary(), "--model", smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
                "--ctx-size", "8192", "--parallel", "1", "--metrics", "--slots", "--threads", "2",
-               "--no-webui", "--seed", "1"]
+               "--no-webui", "--seed", "1", *self.extra_args]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
@@ -141,6 +142,17 @@ class LlamaServer:
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
     server = LlamaServer(tmp_path_factory.mktemp("llama"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llama_short(tmp_path_factory):
+    """The real server with the default stack's grammar (deploy/short-answers.gbnf):
+    SmolLM2's answers end, so Claude Code's turns do."""
+    server = LlamaServer(tmp_path_factory.mktemp("llama-short"),
+                         ("--grammar-file", str(ROOT / "deploy" / "short-answers.gbnf")))
     server.start()
     yield server
     server.stop()

@@ -83,8 +83,9 @@ async def _metric(http, base, name, **labels) -> float:
     return total
 
 
-async def test_print_mode_through_gateway_to_real_llama_server(llama, gateway, http, claude_home):
+async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gateway, http, claude_home):
     home, project = claude_home
+    llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
         "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
     assert health["backends"][0]["n_ctx"] == 8192
@@ -226,11 +227,12 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True).stdout
 
 
-async def test_interactive_two_turns_in_tmux(llama, gateway, http, claude_home):
+async def test_interactive_two_turns_in_tmux(llama_short, gateway, http, claude_home):
     """With non-essential traffic on (so the title call happens): both turns answer, the
     title never reaches the primary, and the primary never has two requests at once."""
     assert shutil.which("tmux"), "tmux is needed (apt-get install tmux)"
     home, project = claude_home
+    llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
         "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
     env = claude_env_for(config, health, home, nonessential=True)
@@ -279,9 +281,10 @@ async def test_interactive_two_turns_in_tmux(llama, gateway, http, claude_home):
         await watcher
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
-    # Both turns got an answer on screen (a bullet after each prompt).
+    # Both turns got an answer on screen (a bullet after each prompt), and no error.
     first, second = text.index("Say hello"), text.index("What is two plus two")
     assert "●" in text[first:second] and "●" in text[second:], text
+    assert "API Error" not in text, text
     assert await _metric(http, base, "orchestrator_requests_total", route="main", status="200") >= 2
     assert await _metric(http, base, "orchestrator_synthetic_responses_total", kind="title") >= 1
     assert await _metric(http, base, "orchestrator_requests_total", route="background") == 0
