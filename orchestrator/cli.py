@@ -12,8 +12,14 @@ import click
 
 from . import __version__, claude_env, status_view, supervise
 from . import dashboard as grafana
-from .config import SYNTHETIC, Config, ConfigError, config_from_dict, load_config, \
-    with_overrides
+from .config import (
+    SYNTHETIC,
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    with_overrides,
+)
 
 
 def _one_liner_config(primary_url: str, slots: int, background: str) -> Config:

@@ -10,9 +10,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, synthetic
+from .counting import estimate_tokens
 from .errors import GatewayError, InvalidRequest, RequestTooLarge, UnsupportedMediaType
 from .health import State
-from .counting import estimate_tokens
 from .proxy import Gateway, forward
 from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
 

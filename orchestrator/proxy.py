@@ -20,12 +20,18 @@ from typing import Any
 from aiohttp import web
 
 from . import sse
+from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
 from .counting import TokenCounter
-from .errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
+from .errors import (
+    GatewayError,
+    Overloaded,
+    UpstreamError,
+    UpstreamUnavailable,
+    from_upstream,
+)
 from .health import BackendHealth, State
 from .metrics import Metrics
-from .client_stream import ClientGone, ClientStream
 from .routing import Route, forwarded_body
 from .slots import SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import importlib.util
 from pathlib import Path
 
 import aiohttp

@@ -1,7 +1,8 @@
+from pathlib import Path
+
 import pytest
 
 from orchestrator.config import ConfigError, config_from_dict, load_config
-from pathlib import Path
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "orchestrator.example.toml"
 

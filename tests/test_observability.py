@@ -64,7 +64,7 @@ def test_promtool_checks_every_prometheus_config(tmp_path):
     assert "api.example.test" not in rendered.read_text()
     run(tool("promtool"), "check", "config", str(rendered))
     compose_cfg = tmp_path / "compose.yml"
-    compose_cfg.write_text((ROOT / "deploy" / "prometheus-compose.yml").read_text()
+    compose_cfg.write_text((ROOT / "deploy" / "prometheus.yml").read_text()
                            .replace("/etc/prometheus/rules.yml", str(PROM_DIR / "rules.yml")))
     run(tool("promtool"), "check", "config", str(compose_cfg))
 

@@ -2,7 +2,13 @@ import pytest
 from conftest import sample
 
 from orchestrator.config import config_from_dict
-from orchestrator.routing import RouteKind, Shape, choose_route, classify_shape, strip_billing_header
+from orchestrator.routing import (
+    RouteKind,
+    Shape,
+    choose_route,
+    classify_shape,
+    strip_billing_header,
+)
 from orchestrator.slots import Priority
 
 SYNTH = config_from_dict({})

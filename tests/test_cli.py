@@ -1,0 +1,63 @@
+import asyncio
+
+from click.testing import CliRunner
+from fakes import FakeUpstream
+
+from orchestrator.claude_env import claude_environment
+from orchestrator.cli import _one_liner_config, main
+from orchestrator.config import config_from_dict
+
+
+def test_check_config_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[gateway]\nport = "x"\n[[backends]]\nname = "p"\nurl = "ftp://h"\n')
+    result = CliRunner().invoke(main, ["check-config", str(bad)])
+    assert result.exit_code == 1
+    assert "gateway.port" in result.output and "backends[0].url" in result.output
+
+
+def test_one_liner_with_background_url():
+    c = _one_liner_config("http://127.0.0.1:8080", 2, "http://127.0.0.1:8081")
+    assert c.backends[0].slots == 2 and c.background_backend.url == "http://127.0.0.1:8081"
+    assert _one_liner_config("http://127.0.0.1:8080", 1, "synthetic").background_backend is None
+
+
+def test_small_model_name_must_be_routed_as_background():
+    import pytest
+
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="claude.small_model"):
+        config_from_dict({"claude": {"small_model": "tiny"}})
+
+
+def test_claude_environment_from_health():
+    config = config_from_dict({"backends": [{"name": "p", "url": "http://h:1", "max_output_tokens": 512}]})
+    env = claude_environment(config, {"backends": [{"name": "p", "role": "main", "n_ctx": 65536}]})
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:9090"
+    assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "65536" and env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "512"
+    assert env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "local-haiku" and env["ANTHROPIC_MODEL"] == "local-model"
+    assert int(env["API_TIMEOUT_MS"]) >= 600_000
+    assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS" not in claude_environment(config, {"backends": []})
+
+
+def test_env_and_claude_say_when_gateway_is_not_running(tmp_path):
+    from conftest import free_port
+
+    cfg = tmp_path / "o.toml"
+    cfg.write_text(f"[gateway]\nport = {free_port()}\n")
+    for cmd in (["env"], ["claude", "-p", "hi"]):
+        result = CliRunner().invoke(main, [*cmd, "--config", str(cfg)])
+        assert result.exit_code == 1 and "not running" in result.output
+
+
+async def test_env_prints_exports_for_a_running_gateway(gateway, serve_app, tmp_path):
+    url = await serve_app(FakeUpstream().app())
+    base, _ = await gateway({"backends": [{"name": "primary", "url": url}]})
+    port = base.rsplit(":", 1)[1]
+    cfg = tmp_path / "o.toml"
+    cfg.write_text(f'[gateway]\nport = {port}\n[[backends]]\nname = "primary"\nurl = "{url}"\n')
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["env", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert f"export ANTHROPIC_BASE_URL=http://127.0.0.1:{port}" in result.output
+    assert "export ANTHROPIC_DEFAULT_HAIKU_MODEL=local-haiku" in result.output
