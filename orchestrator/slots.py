@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import time
 from enum import IntEnum
 from typing import Callable, Iterable, Sequence
 
@@ -33,16 +32,11 @@ class QueueTimeout(Overloaded):
 class Lease:
     """One granted slot. `release()` is safe to call on every path, any number of times."""
 
-    __slots__ = ("_queue", "_released", "granted_at")
+    __slots__ = ("_queue", "_released")
 
     def __init__(self, queue: "SlotQueue") -> None:
         self._queue = queue
         self._released = False
-        self.granted_at = time.monotonic()
-
-    @property
-    def released(self) -> bool:
-        return self._released
 
     def release(self) -> None:
         if not self._released:
@@ -89,12 +83,6 @@ class SlotQueue:
 
     def has_free_slot(self) -> bool:
         return self._open and self._busy < self.slots and not self._waiters
-
-    def depth_by_priority(self) -> dict[Priority, int]:
-        counts = {p: 0 for p in Priority}
-        for prio, _, _ in self._waiters:
-            counts[Priority(prio)] += 1
-        return counts
 
     async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False) -> Lease:
         """Wait for a slot. `front` puts a request that already waited once (a
