@@ -87,7 +87,7 @@ async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gate
     home, project = claude_home
     llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
-        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
+        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 256}]})
     assert health["backends"][0]["n_ctx"] == 8192
     env = claude_env_for(config, health, home)
     assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "8192"
@@ -234,7 +234,7 @@ async def test_interactive_two_turns_in_tmux(llama_short, gateway, http, claude_
     home, project = claude_home
     llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
-        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 48}]})
+        "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 256}]})
     env = claude_env_for(config, health, home, nonessential=True)
     session = f"orch-test-{os.getpid()}"
     command = " ".join(["env", "-i", *(f"{k}={json.dumps(v)}" for k, v in env.items()), claude_binary()])
