@@ -184,3 +184,12 @@ def claude(config_path, args) -> None:
         raise click.ClickException("Claude Code is not installed: npm install -g @anthropic-ai/claude-code "
                                    "(or deploy/install-claude-code.sh)")
     os.execvpe(binary, [binary, *args], {**os.environ, **env})
+
+
+@main.command(hidden=True)
+@click.option("--gateway-url", required=True)
+def events(gateway_url) -> None:
+    """supervisord event listener (run by supervisord, not by hand)."""
+    from . import events as listener
+
+    listener.run(listener.post_to(gateway_url))

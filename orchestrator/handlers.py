@@ -11,7 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, synthetic
 from .counting import estimate_tokens
-from .errors import GatewayError, InvalidRequest, RequestTooLarge, UnsupportedMediaType
+from .errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from .health import State
 from .proxy import Gateway, forward
 from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
@@ -118,6 +124,21 @@ async def count_tokens(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": n})
 
 
+async def process_event(request: web.Request) -> web.Response:
+    """From `orchestrator events` (supervisord's listener): a backend process changed state."""
+    if request.remote not in ("127.0.0.1", "::1"):
+        raise NotFound(f"{request.method} {request.path}: no such endpoint")
+    gw = request.app[GATEWAY]
+    _, event = await read_json_body(request, 4096)
+    for h in gw.health.values():
+        if h.watch is not None and h.watch.program == event.get("program"):
+            pid = event.get("pid")
+            h.observe_process(str(event.get("state", "")), pid if isinstance(pid, int) else None)
+            h.poke()
+            return web.json_response({"backend": h.backend.name, "state": h.state.value})
+    raise NotFound(f"no supervised backend runs as program {event.get('program')!r}")
+
+
 async def probe(request: web.Request) -> web.Response:
     # Claude Code's start-up reachability checks: HEAD / and HEAD /api/hello.
     return web.json_response({"name": "orchestrator", "version": __version__})
@@ -163,3 +184,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/metrics", metrics)
     r.add_get("/", probe)
     r.add_get("/api/hello", probe)
+    r.add_post("/internal/process-event", process_event)

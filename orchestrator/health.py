@@ -98,6 +98,10 @@ class BackendHealth:
         else:
             self.queue.hold()
         self._on_change(self.backend.name, state)
+        self.poke()
+
+    def poke(self) -> None:
+        """Check again now (a process event arrived)."""
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -137,8 +141,12 @@ class BackendHealth:
         info = await self.watch.info()
         if info is None:
             return False
-        self.process_state = info.get("statename", "")
-        pid = info.get("pid") or None
+        return self.observe_process(info.get("statename", ""), info.get("pid") or None)
+
+    def observe_process(self, state: str, pid: int | None) -> bool:
+        """What supervisord says of the backend's process, polled or from its events.
+        A new pid is a restart; FATAL is final until the process runs again."""
+        self.process_state = state
         if pid and self.pid and pid != self.pid:
             self.restarts += 1
             self.last_restart = time.time()
@@ -146,11 +154,13 @@ class BackendHealth:
             self._on_restart(self.backend.name)
         if pid:
             self.pid = pid
-        if self.process_state == "FATAL":
+        if state == "FATAL":
             self.set(State.FAILED, f"its process is FATAL in supervisord (could not start after "
                                    f"{self.backend.start_retries} retries)")
             return True
-        if self.state is State.FAILED:
+        if state in ("EXITED", "BACKOFF", "STOPPED", "STOPPING"):
+            self.mark_down(f"its process is {state} in supervisord")
+        elif self.state is State.FAILED:
             # Started again by hand (supervisorctl start): back to ordinary checks.
             self.set(State.DOWN, "restarted after FATAL")
         return False

@@ -219,6 +219,17 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
     # the config changes this section, so supervisord restarts the gateway.
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16] if Path(config_path).exists() else ""
     program("gateway", gateway_cmd, startsecs=2, priority=20, environment=f'ORCHESTRATOR_CONFIG_SHA="{digest}"')
+    events_cmd = " ".join(shlex.quote(str(x)) for x in [
+        orchestrator_bin, "events", "--gateway-url", f"http://{config.gateway.host}:{config.gateway.port}"])
+    lines.extend([
+        "[eventlistener:events]",
+        f"command={events_cmd.replace('%', '%%')}",
+        "events=PROCESS_STATE",
+        "autorestart=true",
+        "buffer_size=100",
+        f"stderr_logfile={paths.log('events')}",
+        "",
+    ])
     if prometheus and prometheus_config and config.supervisor.prometheus_listen:
         prom_cmd = " ".join(shlex.quote(str(x)) for x in [
             prometheus, f"--config.file={prometheus_config}", f"--storage.tsdb.path={paths.var / 'prometheus'}",

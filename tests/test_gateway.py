@@ -386,3 +386,9 @@ async def test_randomised_chaos_leaves_no_stuck_slot(gateway, serve_app, seed):
                     break
             await asyncio.sleep(0.05)
         assert r.status == 200
+
+
+async def test_process_event_endpoint_names_unknown_programs(gateway, fake, http):
+    base, _ = await _start(gateway, fake[1])
+    async with http.post(base + "/internal/process-event", json={"program": "llama-x", "state": "EXITED"}) as r:
+        assert r.status == 404 and "llama-x" in (await r.json())["error"]["message"]

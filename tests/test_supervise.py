@@ -56,7 +56,7 @@ def test_default_stack_config_is_valid_and_renders():
 # ---- real supervisord, real llama-server -------------------------------------------------------
 
 class Stack:
-    def __init__(self, root: Path, model: str | None = None, retries: int = 3):
+    def __init__(self, root: Path, model: str | None = None, retries: int = 3, health_interval: float = 0.5):
         self.root = root
         self.gw_port, self.llama_port = free_port(), free_port()
         model_arg = model or "{default_model}"
@@ -64,7 +64,7 @@ class Stack:
         self.config_path.write_text(f"""
 [gateway]
 port = {self.gw_port}
-health_interval_seconds = 0.5
+health_interval_seconds = {health_interval}
 [queue]
 max_wait_seconds = 120
 [[backends]]
@@ -223,3 +223,31 @@ async def test_backend_with_missing_model_is_fatal_and_named(stack, http):
     assert "'primary'" in body["error"]["message"] and "llama-primary.log" in body["error"]["message"]
     view = status_view.render(s.config, s.paths)
     assert "FATAL" in view and "llama-primary.log" in view
+
+
+@pytest.mark.real
+async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
+    """With health polling every 60 s, only supervisord's events can tell the gateway
+    within a second that its idle backend died, and that it runs again."""
+    s = stack(health_interval=60)
+    s.up()
+    health = await _wait_health(http, s.url)
+    async with asyncio.timeout(30):
+        while health["backends"][0]["state"] != "ready":
+            await asyncio.sleep(0.1)
+            health = await _wait_health(http, s.url)
+    old_pid = s.pid("llama-primary")
+    assert {p["name"] for p in supervise.processes(s.paths)} >= {"events", "gateway", "llama-primary"}
+    os.kill(old_pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    states = []
+    async with asyncio.timeout(20):
+        while True:
+            b = (await _wait_health(http, s.url))["backends"][0]
+            states.append(b["state"])
+            if b["restarts"] == 1 and b["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
+    assert "down" in states or "loading" in states  # it was seen gone
+    assert time.monotonic() - t0 < 10
+    assert await s.metric(http, "orchestrator_backend_restarts_total") == 1
