@@ -89,7 +89,19 @@ def _paths(config: Config, config_path: Path) -> "supervise.StackPaths":
     return supervise.StackPaths((config_path.parent / config.supervisor.dir).resolve())
 
 
-config_option = click.option("--config", "config_path", default="deploy/orchestrator.toml", show_default=True,
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _default_config() -> str:
+    """Your ./orchestrator.toml, else the repository's, else the embedded default stack's."""
+    for candidate in (Path("orchestrator.toml"), REPO / "orchestrator.toml", REPO / "deploy" / "orchestrator.toml"):
+        if candidate.exists():
+            return str(candidate)
+    return "orchestrator.toml"
+
+
+config_option = click.option("--config", "config_path", default=_default_config,
+                             show_default="./orchestrator.toml, else deploy/orchestrator.toml",
                              type=click.Path(dir_okay=False, exists=True), help="TOML config file.")
 
 
