@@ -142,7 +142,7 @@ async def report(http, llama: str, gateway: str, gateway_pid: int) -> None:
     # 1b. A main turn sent while Claude Code's background calls (3 titles, 3 topic
     # checks; max_tokens cut to 64 here so the direct case ends in seconds) arrive.
     background = []
-    for i in range(3):
+    for _ in range(3):
         title = json.loads((SAMPLES / "title-2.1.332.json").read_text())["body"]
         topic = json.loads((SAMPLES / "topic-2.0.77.json").read_text())["body"]
         background += [{**title, "max_tokens": 64, "stream": False}, {**topic, "max_tokens": 64, "stream": False}]

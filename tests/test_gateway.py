@@ -143,7 +143,7 @@ async def test_concurrent_main_requests_never_overlap(gateway, fake, http):
     results = await asyncio.gather(*[_post(http, base, {**MAIN, "stream": i % 2 == 0}) for i in range(12)])
     assert [s for s, _, _ in results] == [200] * 12
     assert not f.crashed and f.max_in_flight == 1 and f.generations_finished == 12
-    for s, raw, h in results:
+    for _, raw, h in results:
         if h["Content-Type"].startswith("text/event-stream"):
             assert _events(raw)[-1].event == "message_stop"
         else:

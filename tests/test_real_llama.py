@@ -95,7 +95,7 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
         title = copy.deepcopy(sample("title-2.1.332.json")["body"])
         title["messages"][0]["content"][0]["text"] = f"<session>\nfix the parser bug number {i}\n</session>"
         requests.append(("title", "/v1/messages?beta=true", title))
-    for i in range(5):
+    for _ in range(5):
         requests.append(("topic", "/v1/messages?beta=true", sample("topic-2.0.77.json")["body"]))
     ct = sample("count_tokens-2.1.197.json")["body"]
     tools = sample("main-2.1.332.json")["body"]["tools"]
@@ -109,7 +109,7 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
     stop.set()
     await watcher
 
-    for (kind, _, body), (status, raw) in zip(requests, results):
+    for (kind, _, _), (status, raw) in zip(requests, results):
         assert status == 200, (kind, raw[:300])
         if kind == "count":
             assert json.loads(raw)["input_tokens"] > 100
