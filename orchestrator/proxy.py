@@ -85,16 +85,12 @@ class _Retry(Exception):
 async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, route: Route,
                   arrived: float) -> web.StreamResponse:
     """Send through the least busy backend of the route's group; account the outcome on every path."""
-    queue = pick_queue([gw.queues[name] for name in route.backends])
-    outcome = Outcome(queue.name, status="client_gone")
+    outcome = Outcome(route.backends[0], status="client_gone")
     client = ClientStream(request, gw.config.gateway.ping_interval_seconds) if body.get("stream") is True else None
     try:
-        backend = gw.config.backend(queue.name)
-        data = forwarded_body(body, raw, strip_billing=gw.config.routing.strip_billing_header,
-                              max_output_tokens=backend.max_output_tokens)
         if client is not None:
             client.keep_alive()
-        response = await _forward(request, gw, queue, body, data, route, outcome, client)
+        response = await _forward(request, gw, body, raw, route, outcome, client)
         if outcome.status == "client_gone":
             outcome.status = "200"
         return response
@@ -120,14 +116,18 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
         record(gw, route.kind.value, outcome, arrived)
 
 
-async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: dict[str, Any], data: bytes,
-                   route: Route, outcome: Outcome, client: ClientStream | None) -> web.StreamResponse:
-    backend = gw.config.backend(queue.name)
-    health = gw.health[backend.name]
-    headers = request_headers(request.headers, backend)
+async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, route: Route,
+                   outcome: Outcome, client: ClientStream | None) -> web.StreamResponse:
+    group = [gw.queues[name] for name in route.backends]
     priority = route.priority.name.lower()
     last_error: UpstreamUnavailable | None = None
     for attempt in range(MAX_SENDS):
+        # Picked again for a retry: the failed backend's queue is held now, so
+        # another backend of the group with a free slot takes the request.
+        queue = pick_queue(group)
+        backend = gw.config.backend(queue.name)
+        health = gw.health[backend.name]
+        outcome.backend = backend.name
         enqueued = time.monotonic()
         try:
             lease = await queue.acquire(route.priority, front=attempt > 0)
@@ -141,10 +141,13 @@ async def _forward(request: web.Request, gw: Gateway, queue: SlotQueue, body: di
             raise
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
+        data = forwarded_body(body, raw, strip_billing=gw.config.routing.strip_billing_header,
+                              max_output_tokens=backend.max_output_tokens)
         try:
             async with lease:
-                return await _exchange(gw.upstream, backend, health, request.path_qs, data, headers, client,
-                                       outcome, body.get("model"))
+                return await _exchange(gw.upstream, backend, health, request.path_qs, data,
+                                       request_headers(request.headers, backend), client, outcome,
+                                       body.get("model"))
         except _Retry as r:
             last_error = r.cause
             health.mark_down(r.cause.message)

@@ -392,3 +392,21 @@ async def test_process_event_endpoint_names_unknown_programs(gateway, fake, http
     base, _ = await _start(gateway, fake[1])
     async with http.post(base + "/internal/process-event", json={"program": "llama-x", "state": "EXITED"}) as r:
         assert r.status == 404 and "llama-x" in (await r.json())["error"]["message"]
+
+
+async def test_pool_spreads_requests_and_a_retry_moves_to_a_healthy_backend(gateway, serve_app, http):
+    a, b = FakeUpstream(chunk_delay=0.01), FakeUpstream(chunk_delay=0.01)
+    url_a, url_b = await serve_app(a.app()), await serve_app(b.app())
+    base, app = await gateway({"backends": [{"name": "a", "url": url_a, "models": ["glm-*"]},
+                                            {"name": "b", "url": url_b, "models": ["glm-*"]}]})
+    body = {**MAIN, "model": "glm-5", "stream": True}
+    results = await asyncio.gather(*[_post(http, base, body) for _ in range(8)])
+    assert all(s == 200 and _events(r)[-1].event == "message_stop" for s, r, _ in results)
+    assert len(a.requests) >= 2 and len(b.requests) >= 2  # both served
+    assert a.max_in_flight == 1 and b.max_in_flight == 1 and not (a.crashed or b.crashed)
+    # "a" fails before answering: the retry goes to "b" instead of waiting for "a".
+    a.fail_next = 1
+    before_b = len(b.requests)
+    status, raw, _ = await _post(http, base, body)
+    assert status == 200 and _events(raw)[-1].event == "message_stop"
+    assert len(b.requests) == before_b + 1
