@@ -44,7 +44,6 @@ class ClientStream:
         self.request = request
         self.interval = ping_interval
         self.response: web.StreamResponse | None = None
-        self.pings = 0
         self._pinger: asyncio.Task | None = None
 
     @property
@@ -70,7 +69,6 @@ class ClientStream:
         while True:
             await asyncio.sleep(self.interval)
             await self._write(PING)
-            self.pings += 1
 
     async def write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
         """The backend's bytes: pings stop for good before the first of them."""

@@ -47,9 +47,6 @@ class TokenCounter:
         self._limit = asyncio.Semaphore(concurrency)
         self._on_source = on_source or (lambda source: None)
 
-    def __len__(self) -> int:
-        return len(self._cache)
-
     async def count(self, backend: BackendConfig | None, body: dict[str, Any]) -> int:
         key = content_key(body)
         if key in self._cache:

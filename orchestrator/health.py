@@ -101,7 +101,7 @@ class BackendHealth:
         self.poke()
 
     def poke(self) -> None:
-        """Check again now (a process event arrived)."""
+        """Wake the poller: check again now."""
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -122,7 +122,7 @@ class BackendHealth:
         if status == 503:
             self.set(State.LOADING, "loading model (HTTP 503)")
             return self.state
-        if self.state is not State.READY or self.n_ctx is None:
+        if self.state is not State.READY:  # read once per (re)start, not on every poll
             self.n_ctx = await self._context_size(upstream, timeout)
         self.set(State.READY)
         return self.state

@@ -192,9 +192,10 @@ async def _read_bounded(resp, limit: int) -> bytes:
 
 
 def _answer_headers(upstream_headers) -> dict[str, str]:
-    keep = response_headers(upstream_headers)
-    return {k: v for k, v in keep.items() if k.lower() not in ("content-type",)} | {
-        "Content-Type": upstream_headers.get("Content-Type", "application/json")}
+    out = response_headers(upstream_headers)
+    if not any(k.lower() == "content-type" for k in out):
+        out["Content-Type"] = "application/json"
+    return out
 
 
 def _observe_message(outcome: Outcome, raw: bytes) -> Any:
