@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 from typing import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .access import AccessPolicy, access_middleware
 from .config import Config
 from .counting import TokenCounter
-from .errors import GatewayError, InvalidRequest, NotFound
+from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
 from .handlers import GATEWAY, add_routes
 from .health import BackendHealth, watch_for
+from .listener import ConnectionGuard, GuardedSite, Limits
 from .metrics import Metrics
 from .proxy import Gateway
 from .slots import SlotQueue
@@ -42,8 +45,10 @@ async def anthropic_errors(request: web.Request, handler) -> web.StreamResponse:
                                               f"(allowed: {', '.join(sorted(exc.allowed_methods))})",
                                               status=405))
     except web.HTTPException as exc:
-        return _error_response(GatewayError(exc.reason or str(exc), status=exc.status,
-                                            error_type="invalid_request_error" if exc.status < 500 else "api_error"))
+        return _error_response(error_for_status(exc.status, exc.reason or str(exc)))
+    except RecursionError:
+        # A body nested just under the parser's limit, walked deeper by the gateway.
+        return _error_response(InvalidRequest("request body is nested too deeply"))
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:  # noqa: BLE001 - the client gets an envelope, the log gets the trace
@@ -79,6 +84,15 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await gw.upstream.close()
 
 
+async def _release_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Slots held for abandoned requests: their waits end with the app (each releases its slot)."""
+    yield
+    gw = app[GATEWAY]
+    for t in list(gw.releasing):
+        t.cancel()
+    await asyncio.gather(*gw.releasing, return_exceptions=True)
+
+
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     tasks = [asyncio.create_task(h.poll(gw.upstream, gw.config.gateway.health_interval_seconds),
@@ -91,23 +105,52 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
             await t
 
 
+def _events_secret(config: Config) -> str | None:
+    path = config.supervisor.events_secret_file
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        log.warning("events secret file %s unreadable (%s): /internal/process-event refuses everyone", path, e)
+        return None
+    return secret or None
+
+
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
-    app = web.Application(middlewares=[anthropic_errors])
-    app[GATEWAY] = build_gateway(config, registry if registry is not None else CollectorRegistry())
+    gw = build_gateway(config, registry if registry is not None else CollectorRegistry())
+    policy = AccessPolicy.from_config(config.gateway, _events_secret(config))
+    refused = gw.metrics.rejections
+    app = web.Application(middlewares=[anthropic_errors,
+                                       access_middleware(policy, lambda reason: refused.labels(reason).inc())])
+    app[GATEWAY] = gw
     app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_release_ctx)
     app.cleanup_ctx.append(_health_ctx)
     add_routes(app)
     return app
+
+
+# aiohttp's own keep-alive default is an hour; Claude Code (undici) drops idle
+# connections after a few seconds anyway.
+HANDLER_KWARGS: dict = {"access_log": None, "keepalive_timeout": 75.0}
 
 
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start serving; returns the runner (its bound port is `runner.addresses`)."""
     # handler_cancellation: a client that disconnects while queued must leave
     # the queue, which needs its handler cancelled, not left to wait.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, **HANDLER_KWARGS)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    gw = app[GATEWAY]
+    g = gw.config.gateway
+    limits = Limits(max_connections=g.max_connections, header_timeout=g.header_timeout_seconds,
+                    on_refusal=lambda reason: gw.metrics.rejections.labels(reason).inc())
+    site = GuardedSite(runner, host, port, guard=ConnectionGuard(runner.server, limits, HANDLER_KWARGS))
     await site.start()
+    if g.open and not g.api_key:
+        log.warning("gateway.open: serving WITHOUT a key on %s:%s; anyone who can reach it uses your model",
+                    host, port)
     return runner
 
 

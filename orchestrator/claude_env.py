@@ -13,10 +13,11 @@ from .supervise import cache_dir
 def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]:
     g, c = config.gateway, config.claude
     env = {
-        "ANTHROPIC_BASE_URL": f"http://{g.host}:{g.port}",
-        # A dummy credential: the gateway does not check it, and an auth token,
-        # unlike an API key, never makes Claude Code ask whether to use it.
-        "ANTHROPIC_AUTH_TOKEN": "orchestrator-local",
+        "ANTHROPIC_BASE_URL": g.url,
+        # The gateway's key when it has one (sent as Authorization: Bearer), else
+        # a dummy; an auth token, unlike an API key, never makes Claude Code ask
+        # whether to use it.
+        "ANTHROPIC_AUTH_TOKEN": g.api_key or "orchestrator-local",
         "ANTHROPIC_MODEL": c.model,
         "ANTHROPIC_DEFAULT_OPUS_MODEL": c.model,
         "ANTHROPIC_DEFAULT_SONNET_MODEL": c.model,

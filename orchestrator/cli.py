@@ -22,6 +22,10 @@ from .config import (
 )
 
 
+# The gateway's key from the environment, for every command (serve, env, claude, status).
+API_KEY_ENV = "ORCHESTRATOR_API_KEY"
+
+
 def _one_liner_config(primary_url: str, slots: int, background: str) -> Config:
     raw: dict = {"backends": [{"name": "primary", "url": primary_url, "slots": slots}]}
     if background != SYNTHETIC:
@@ -48,16 +52,23 @@ def main() -> None:
               help='"synthetic", or the URL of a small-model server for background requests.')
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, show_envvar=True,
+              help="Clients must send this key (x-api-key or Authorization: Bearer); needed off loopback.")
+@click.option("--open", "run_open", is_flag=True, default=None,
+              help="Serve without a key on a non-loopback address (anyone who reaches it uses your model).")
 @click.option("--supervisor-socket", default=None, hidden=True, help="Set by `orchestrator up`.")
 @click.option("--log-dir", default=None, hidden=True, help="Set by `orchestrator up`.")
-def serve(config_path, host, port, primary_url, slots, background, log_level, supervisor_socket, log_dir) -> None:
+@click.option("--events-secret-file", default=None, hidden=True, help="Set by `orchestrator up`.")
+def serve(config_path, host, port, primary_url, slots, background, log_level, api_key, run_open,
+          supervisor_socket, log_dir, events_secret_file) -> None:
     """Run the gateway."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path) if config_path else _one_liner_config(primary_url, slots, background)
+        config = with_overrides(config, host=host, port=port, supervisor_socket=supervisor_socket, log_dir=log_dir,
+                                api_key=api_key, open=run_open, events_secret_file=events_secret_file)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    config = with_overrides(config, host=host, port=port, supervisor_socket=supervisor_socket, log_dir=log_dir)
     from .app import serve as run
 
     run(config)
@@ -68,7 +79,7 @@ def serve(config_path, host, port, primary_url, slots, background, log_level, su
 def check_config(path) -> None:
     """Validate a config file and print what it resolves to."""
     try:
-        config = load_config(path)
+        config = with_overrides(load_config(path), api_key=os.environ.get(API_KEY_ENV))
     except ConfigError as e:
         raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
     click.echo(f"{path}: ok")
@@ -80,7 +91,7 @@ def check_config(path) -> None:
 def _load(config_path: str) -> tuple[Config, Path]:
     path = Path(config_path).resolve()
     try:
-        return load_config(path), path
+        return with_overrides(load_config(path), api_key=os.environ.get(API_KEY_ENV)), path
     except ConfigError as e:
         raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
 
@@ -125,7 +136,7 @@ def up(config_path, llama_server, timeout) -> None:
     if prometheus:
         click.echo(f"Prometheus: http://{config.supervisor.prometheus_listen}")
     g = config.gateway
-    click.echo(f"Gateway: http://{g.host}:{g.port}. Point Claude Code at it: orchestrator claude "
+    click.echo(f"Gateway: {g.url}. Point Claude Code at it: orchestrator claude "
                f"(or: eval \"$(orchestrator env)\"; claude)")
 
 
@@ -170,7 +181,7 @@ def _gateway_health(config: Config) -> dict:
     health = status_view.fetch_health(config)
     if health is None:
         g = config.gateway
-        raise click.ClickException(f"the gateway is not running at http://{g.host}:{g.port} "
+        raise click.ClickException(f"the gateway is not running at {g.url} "
                                    f"(start it with `make up` or `orchestrator serve`)")
     return health
 
@@ -200,8 +211,11 @@ def claude(config_path, args) -> None:
 
 @main.command(hidden=True)
 @click.option("--gateway-url", required=True)
-def events(gateway_url) -> None:
+@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
+              help="The secret that proves this listener to the gateway.")
+def events(gateway_url, secret_file) -> None:
     """supervisord event listener (run by supervisord, not by hand)."""
     from . import events as listener
 
-    listener.run(listener.post_to(gateway_url))
+    secret = Path(secret_file).read_text().strip() if secret_file else ""
+    listener.run(listener.post_to(gateway_url, secret))

@@ -39,6 +39,30 @@ class GatewayConfig:
     # A streaming request silent this long (queued, backend restarting, long
     # prefill) gets its headers and an SSE ping, then a ping every interval; 0: never.
     ping_interval_seconds: float = 10.0
+    # Access. On any address but loopback the gateway needs a key (or `open`);
+    # ORCHESTRATOR_API_KEY in the environment sets it too. Never logged.
+    api_key: str | None = field(default=None, repr=False)
+    # Serve without a key on a non-loopback address; said in the log and /health.
+    open: bool = False
+    # Browser protection: web origins allowed besides the gateway's own, and
+    # Host names besides loopback names, the bind address and this machine's names.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    # Slow and greedy clients: a request's headers must arrive within
+    # header_timeout of the connection (or of the previous answer on it), its body within
+    # body_timeout; at most max_connections at once (past it: 503 and close).
+    header_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = 120.0
+    max_connections: int = 512
+    # A backend's client vanished: its slot is free again only when the
+    # backend's /slots shows it idle; this long at most, then the backend counts as down.
+    release_timeout_seconds: float = 30.0
+
+    @property
+    def url(self) -> str:
+        """Where a program on this machine reaches the gateway."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "*", "") else "::1" if self.host == "::" else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -102,6 +126,9 @@ class SupervisorConfig:
     # restarts and FATAL backends, and the folder of the programs' logs.
     socket: str = ""
     log_dir: str = ""
+    # Set by `orchestrator up`: a file holding the secret the event listener
+    # proves itself with on /internal/process-event (kept out of supervisord.conf).
+    events_secret_file: str = ""
     # Where the bundled Prometheus listens; empty: do not run one.
     prometheus_listen: str = "127.0.0.1:9091"
     prometheus_scrape_interval: str = "5s"
@@ -198,6 +225,29 @@ def _url_ok(v: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
+def same_server_key(url: str) -> str:
+    """The server a URL reaches: scheme, host and port, whatever the spelling."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if host in ("localhost", "::1") or host.startswith("127."):
+        host = "loopback"
+    return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def exposure_problem(gateway: GatewayConfig) -> str | None:
+    """A gateway others can reach must check a key, unless told plainly that it runs open."""
+    if is_loopback_host(gateway.host) or gateway.api_key or gateway.open:
+        return None
+    return (f"gateway.host: {gateway.host!r} is reachable from other machines; set gateway.api_key (or "
+            f"ORCHESTRATOR_API_KEY, or --api-key) so only you get in, or gateway.open = true (--open) to serve "
+            f"anyone who can reach it")
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     c = _Checker()
     top = c.table(raw, source, {"gateway", "queue", "routing", "backends", "supervisor", "claude"})
@@ -218,6 +268,19 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
                                       gw.health_interval_seconds, check=_positive, why="a positive number"),
         ping_interval_seconds=c.get(g, "ping_interval_seconds", "gateway", (int, float), gw.ping_interval_seconds,
                                     check=lambda v: v >= 0, why="a non-negative number"),
+        api_key=c.get(g, "api_key", "gateway", str, gw.api_key, check=lambda v: len(v) >= 8,
+                      why="a key of at least 8 characters"),
+        open=c.get(g, "open", "gateway", bool, gw.open),
+        allowed_origins=c.patterns(g, "allowed_origins", "gateway", gw.allowed_origins),
+        allowed_hosts=c.patterns(g, "allowed_hosts", "gateway", gw.allowed_hosts),
+        header_timeout_seconds=c.get(g, "header_timeout_seconds", "gateway", (int, float),
+                                     gw.header_timeout_seconds, check=_positive, why="a positive number"),
+        body_timeout_seconds=c.get(g, "body_timeout_seconds", "gateway", (int, float), gw.body_timeout_seconds,
+                                   check=_positive, why="a positive number"),
+        max_connections=c.get(g, "max_connections", "gateway", int, gw.max_connections, check=_positive,
+                              why="a positive integer"),
+        release_timeout_seconds=c.get(g, "release_timeout_seconds", "gateway", (int, float),
+                                      gw.release_timeout_seconds, check=_positive, why="a positive number"),
     )
 
     q = c.table(top.get("queue"), "queue", set(QueueConfig.__dataclass_fields__))
@@ -277,6 +340,15 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         names = [b.name for b in backends]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             c.problems.append(f"backends: name {dup!r} is used more than once")
+        # Two backends on one server would each count its slots: two generations at once.
+        by_url: dict[str, list[str]] = {}
+        for b in backends:
+            if b.url:
+                by_url.setdefault(same_server_key(b.url), []).append(b.name)
+        for key, on_it in sorted(by_url.items()):
+            if len(on_it) > 1:
+                c.problems.append(f"backends: {', '.join(repr(n) for n in on_it)} have the same URL ({key}); "
+                                  f"one server is one backend (give it more slots instead)")
         if not any(b.role == "main" for b in backends):
             c.problems.append('backends: at least one backend needs role = "main"')
 
@@ -328,15 +400,29 @@ def load_config(path: str | Path) -> Config:
 
 
 def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,
-                   supervisor_socket: str | None = None, log_dir: str | None = None) -> Config:
+                   supervisor_socket: str | None = None, log_dir: str | None = None,
+                   api_key: str | None = None, open: bool | None = None,
+                   events_secret_file: str | None = None) -> Config:
+    """The config with command-line and environment values on top; checked again as a whole."""
     gateway = config.gateway
     if host is not None:
         gateway = replace(gateway, host=host)
     if port is not None:
         gateway = replace(gateway, port=port)
+    if api_key:
+        if len(api_key) < 8:
+            raise ConfigError(["api key: must be at least 8 characters"], "command line")
+        gateway = replace(gateway, api_key=api_key)
+    if open is not None:
+        gateway = replace(gateway, open=open)
+    exposed = exposure_problem(gateway)
+    if exposed:
+        raise ConfigError([exposed], "command line")
     supervisor = config.supervisor
     if supervisor_socket is not None:
         supervisor = replace(supervisor, socket=supervisor_socket)
     if log_dir is not None:
         supervisor = replace(supervisor, log_dir=log_dir)
+    if events_secret_file is not None:
+        supervisor = replace(supervisor, events_secret_file=events_secret_file)
     return replace(config, gateway=gateway, supervisor=supervisor)

@@ -22,17 +22,32 @@ from .upstream import UpstreamClient
 COUNTED_FIELDS = ("system", "messages", "tools", "tool_choice", "thinking")
 
 
+# Bodies larger than this are serialised in a thread: a 30 MB conversation
+# takes a quarter of a second to dump, which no other client should wait on.
+INLINE_BYTES = 64 * 1024
+
+
+def _canonical(body: dict[str, Any]) -> str:
+    relevant = {k: body[k] for k in COUNTED_FIELDS if k in body}
+    return json.dumps(relevant, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def content_key(body: dict[str, Any]) -> str:
     """Same content, same key, whatever the model name or field order."""
-    relevant = {k: body[k] for k in COUNTED_FIELDS if k in body}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
 def estimate_tokens(body: dict[str, Any]) -> int:
     """About 4 characters a token for English and JSON; only used when the backend cannot count."""
-    relevant = {k: body[k] for k in COUNTED_FIELDS if k in body}
-    chars = len(json.dumps(relevant, ensure_ascii=False, separators=(",", ":")))
-    return max(1, (chars + 3) // 4)
+    return max(1, (len(_canonical(body)) + 3) // 4)
+
+
+def _prepare(body: dict[str, Any]) -> tuple[str, int, bytes]:
+    """(cache key, estimate, what to send the backend) from one serialisation."""
+    canon = _canonical(body)
+    payload = {k: body[k] for k in ("model", *COUNTED_FIELDS) if k in body}
+    return (hashlib.sha256(canon.encode()).hexdigest(), max(1, (len(canon) + 3) // 4),
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 class TokenCounter:
@@ -47,8 +62,9 @@ class TokenCounter:
         self._limit = asyncio.Semaphore(concurrency)
         self._on_source = on_source or (lambda source: None)
 
-    async def count(self, backend: BackendConfig | None, body: dict[str, Any]) -> int:
-        key = content_key(body)
+    async def count(self, backend: BackendConfig | None, body: dict[str, Any], *, size: int = 0) -> int:
+        """`size`: the body's size in bytes, when known; a large one is serialised off the event loop."""
+        key, estimate, payload = _prepare(body) if size <= INLINE_BYTES else await asyncio.to_thread(_prepare, body)
         if key in self._cache:
             self._cache.move_to_end(key)
             self._on_source("cache")
@@ -62,26 +78,24 @@ class TokenCounter:
                 fut: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
                 self._inflight[key] = fut
                 try:
-                    exact = await self._ask_backend(backend, body)
+                    exact = await self._ask_backend(backend, payload)
                 finally:
                     del self._inflight[key]
                     fut.set_result(exact)
         if exact is None:
             self._on_source("estimate")
-            return estimate_tokens(body)
+            return estimate
         self._on_source("backend")
         self._cache[key] = exact
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
         return exact
 
-    async def _ask_backend(self, backend: BackendConfig, body: dict[str, Any]) -> int | None:
-        payload = {k: body[k] for k in ("model", *COUNTED_FIELDS) if k in body}
+    async def _ask_backend(self, backend: BackendConfig, payload: bytes) -> int | None:
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._limit:
-                    async with self._upstream.post(backend, "/v1/messages/count_tokens",
-                                                   json.dumps(payload).encode(),
+                    async with self._upstream.post(backend, "/v1/messages/count_tokens", payload,
                                                    {"Content-Type": "application/json"}) as resp:
                         if resp.status != 200:
                             return None

@@ -41,6 +41,23 @@ class UnsupportedMediaType(InvalidRequest):
     status = 415
 
 
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class RequestTimeout(GatewayError):
+    """The client was too slow to send its request."""
+
+    status = 408
+    error_type = "timeout_error"
+
+
 class NotFound(GatewayError):
     status = 404
     error_type = "not_found_error"
@@ -78,23 +95,32 @@ class UpstreamTimeout(UpstreamError):
     error_type = "timeout_error"
 
 
-# Anthropic's error types by HTTP status, for backends that answer in other shapes.
+# Anthropic's error types by HTTP status, for errors that come without one.
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 
 
-def from_upstream(status: int, raw: bytes) -> GatewayError:
+def error_for_status(status: int, message: str) -> GatewayError:
+    """An error in the envelope for a bare HTTP status (aiohttp's own refusals, a backend's odd answer)."""
+    error_type = _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return GatewayError(message, status=status, error_type=error_type)
+
+
+def from_upstream(status: int, raw: bytes, retry_after: str | None = None) -> GatewayError:
     """Translate a backend's error answer (llama-server's is OpenAI-shaped) to ours.
 
-    A 5xx stays a 5xx so clients retry; a 4xx keeps its status so they do not.
+    A 5xx stays a 5xx so clients retry; a 4xx keeps its status so they do not;
+    the backend's Retry-After goes with it.
     """
     message = raw.decode("utf-8", "replace").strip()[:2000] or f"upstream answered HTTP {status}"
     error_type = None
@@ -114,4 +140,7 @@ def from_upstream(status: int, raw: bytes) -> GatewayError:
         error_type = _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
     if status < 400:
         status = 502
-    return GatewayError(f"backend: {message}", status=status, error_type=error_type)
+    # Seconds or an HTTP date; anything else is not a Retry-After worth passing on.
+    ok = retry_after and len(retry_after) < 64 and retry_after.isascii() and retry_after.isprintable()
+    headers = {"retry-after": retry_after.strip()} if ok else None
+    return GatewayError(f"backend: {message}", status=status, error_type=error_type, headers=headers)

@@ -16,6 +16,8 @@ from typing import Callable, TextIO
 
 from supervisor.childutils import get_headers, listener
 
+from .access import SECRET_HEADER
+
 PREFIX = "PROCESS_STATE_"
 
 
@@ -32,11 +34,11 @@ def parse(headers: dict[str, str], payload: str) -> dict | None:
     return {"program": program, "state": event[len(PREFIX):], "pid": int(pid) if pid and pid.isdigit() else None}
 
 
-def post_to(gateway_url: str) -> Callable[[dict], None]:
+def post_to(gateway_url: str, secret: str = "") -> Callable[[dict], None]:
     def post(event: dict) -> None:
         req = urllib.request.Request(gateway_url.rstrip("/") + "/internal/process-event",
                                      data=json.dumps(event).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", SECRET_HEADER: secret})
         try:
             urllib.request.urlopen(req, timeout=2).close()
         except (OSError, urllib.error.URLError) as e:

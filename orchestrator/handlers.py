@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 from typing import Any
 
@@ -10,57 +10,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, synthetic
-from .counting import estimate_tokens
-from .errors import (
-    GatewayError,
-    InvalidRequest,
-    NotFound,
-    RequestTooLarge,
-    UnsupportedMediaType,
-)
+from .bodies import check_request, parse_object, read_body
+from .counting import INLINE_BYTES, estimate_tokens
+from .errors import GatewayError, NotFound
 from .health import State
 from .proxy import Gateway, forward
 from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
 
 GATEWAY = web.AppKey("gateway", Gateway)
-
-
-async def read_json_body(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
-    ctype = request.headers.get("Content-Type", "")
-    mime = ctype.split(";", 1)[0].strip().lower()
-    if mime and mime != "application/json" and not mime.endswith("+json"):
-        raise UnsupportedMediaType(f"Content-Type must be application/json, got {mime!r}")
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
-                              f"(gateway.max_body_bytes)")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise RequestTooLarge(f"request body is over the limit of {limit} bytes (gateway.max_body_bytes)")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    return raw, body
-
-
-def check_messages(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: Field required (a non-empty string)")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest("messages: Field required (a list of messages)")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise InvalidRequest(f"messages.{i}: each message must be an object with a role")
-    if needs_max_tokens:
-        mt = body.get("max_tokens")
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise InvalidRequest(f"max_tokens: must be a positive integer, got {mt!r}")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise InvalidRequest("stream: must be true or false")
 
 
 def _background_up(gw: Gateway) -> bool:
@@ -76,11 +33,13 @@ def _counting_backend(gw: Gateway, model: str):
 
 async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tokens: bool):
     """The request's bytes and JSON body, or an Anthropic-shaped refusal, counted."""
+    g = gw.config.gateway
     try:
-        raw, body = await read_json_body(request, gw.config.gateway.max_body_bytes)
-        check_messages(body, needs_max_tokens=needs_max_tokens)
+        raw = await read_body(request, limit=g.max_body_bytes, timeout=g.body_timeout_seconds)
+        body = await parse_object(raw)
+        check_request(body, needs_max_tokens=needs_max_tokens)
     except GatewayError as e:
-        gw.metrics.rejections.labels("too_large" if e.status == 413 else "bad_request").inc()
+        gw.metrics.rejections.labels({413: "too_large", 408: "timeout"}.get(e.status, "bad_request")).inc()
         gw.metrics.requests.labels(route, "none", str(e.status)).inc()
         raise
     return raw, body
@@ -92,44 +51,51 @@ async def messages(request: web.Request) -> web.StreamResponse:
     raw, body = await _parse(request, gw, "main", needs_max_tokens=True)
     route = choose_route(body, gw.config, background_up=_background_up(gw))
     if route.kind is RouteKind.SYNTHETIC:
-        return await answer_synthetic(request, gw, body, route, arrived)
+        return await answer_synthetic(gw, body, len(raw), route, arrived)
     return await forward(request, gw, body, raw, route, arrived)
 
 
-async def answer_synthetic(request: web.Request, gw: Gateway, body: dict[str, Any], route: Route,
+async def answer_synthetic(gw: Gateway, body: dict[str, Any], size: int, route: Route,
                            arrived: float) -> web.StreamResponse:
     if route.shape is Shape.COUNT_PROBE:
-        input_tokens = await gw.counter.count(_counting_backend(gw, body["model"]), body)
-    else:
+        input_tokens = await gw.counter.count(_counting_backend(gw, body["model"]), body, size=size)
+    elif size <= INLINE_BYTES:
         input_tokens = estimate_tokens(body)
+    else:
+        input_tokens = await asyncio.to_thread(estimate_tokens, body)
+    try:
+        if body.get("stream"):
+            response = web.Response(body=synthetic.stream(body, route.shape, input_tokens),
+                                    content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        else:
+            response = web.json_response(synthetic.message(body, route.shape, input_tokens))
+    except GatewayError as e:
+        # A schema asking for more than the gateway answers.
+        gw.metrics.rejections.labels("bad_request").inc()
+        gw.metrics.requests.labels("synthetic", "gateway", str(e.status)).inc()
+        raise
     gw.metrics.synthetic.labels(route.shape.value).inc()
     gw.metrics.requests.labels("synthetic", "gateway", "200").inc()
     if body.get("stream"):
-        payload = synthetic.stream(body, route.shape, input_tokens)
         gw.metrics.ttft.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
-        response = web.Response(body=payload, content_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache"})
-    else:
-        response = web.json_response(synthetic.message(body, route.shape, input_tokens))
     gw.metrics.duration.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
     return response
 
 
 async def count_tokens(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    _, body = await _parse(request, gw, "count_tokens", needs_max_tokens=False)
+    raw, body = await _parse(request, gw, "count_tokens", needs_max_tokens=False)
     backend = _counting_backend(gw, body["model"])
-    n = await gw.counter.count(backend, body)
+    n = await gw.counter.count(backend, body, size=len(raw))
     gw.metrics.requests.labels("count_tokens", backend.name if backend else "estimate", "200").inc()
     return web.json_response({"input_tokens": n})
 
 
 async def process_event(request: web.Request) -> web.Response:
-    """From `orchestrator events` (supervisord's listener): a backend process changed state."""
-    if request.remote not in ("127.0.0.1", "::1"):
-        raise NotFound(f"{request.method} {request.path}: no such endpoint")
+    """From `orchestrator events` (supervisord's listener, proven by its secret in access.py):
+    a backend process changed state."""
     gw = request.app[GATEWAY]
-    _, event = await read_json_body(request, 4096)
+    event = await parse_object(await read_body(request, limit=4096, timeout=5.0))
     for h in gw.health.values():
         if h.watch is not None and h.watch.program == event.get("program"):
             pid = event.get("pid")
@@ -148,9 +114,11 @@ async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     backends = [h.snapshot() for h in gw.health.values()]
     ok = all(h.up for h in gw.health.values() if h.backend.role == "main")
+    g = gw.config.gateway
     return web.json_response({
         "status": "ok" if ok else "degraded",
-        "gateway": {"version": __version__, "uptime_seconds": round(time.time() - gw.started, 1)},
+        "gateway": {"version": __version__, "uptime_seconds": round(time.time() - gw.started, 1),
+                    "access": {"key_required": bool(g.api_key), "open": g.open and not g.api_key}},
         "backends": backends,
     })
 

@@ -15,7 +15,9 @@ ROUTES = ("main", "background", "synthetic", "count_tokens")
 PRIORITIES = ("main", "background")
 SYNTHETIC_KINDS = ("title", "topic", "warmup", "count_probe", "other")
 DISCONNECT_STAGES = ("queued", "streaming")
-REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found")
+REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
+                     "unauthorized", "forbidden", "timeout", "too_many_connections")
+RELEASE_RESULTS = ("idle", "gone", "unknown")
 
 # A synthetic answer takes a millisecond; a first-turn prefill of 25k tokens on
 # a 225 GB model, or a wait behind one, takes minutes.
@@ -59,6 +61,10 @@ class Metrics:
                                    ["stage"], registry=r)
         self.rejections = Counter("orchestrator_rejections", "Requests refused by the gateway", ["reason"],
                                   registry=r)
+        self.release_wait = Histogram("orchestrator_slot_release_wait_seconds",
+                                      "A request's client left: seconds until the backend let go of it and "
+                                      "its slot was free again, by how that was known",
+                                      ["backend", "result"], buckets=LATENCY_BUCKETS, registry=r)
         self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
                                            ["source"], registry=r)
 
@@ -86,6 +92,8 @@ class Metrics:
         for prio in PRIORITIES:
             self.queue_wait.labels(name, prio)
         self.upstream_ttft.labels(name)
+        for result in RELEASE_RESULTS:
+            self.release_wait.labels(name, result)
         self.tokens_per_second.labels(name)
         for route in ("main", "background"):
             self.ttft.labels(name, route)

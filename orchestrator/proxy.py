@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from . import sse
 from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
-from .counting import TokenCounter
+from .counting import INLINE_BYTES, TokenCounter
 from .errors import (
     GatewayError,
     Overloaded,
@@ -33,7 +35,8 @@ from .errors import (
 from .health import BackendHealth, State
 from .metrics import Metrics
 from .routing import Route, forwarded_body
-from .slots import SlotQueue, pick_queue
+from .release import wait_released
+from .slots import Lease, SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class Gateway:
     queues: dict[str, SlotQueue] = field(default_factory=dict)
     health: dict[str, BackendHealth] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    # Slots held after their client left, until the backend lets go (release.py).
+    releasing: set[asyncio.Task] = field(default_factory=set)
 
 
 @dataclass
@@ -75,6 +80,19 @@ class Outcome:
         """A new send: forget what a failed one saw."""
         self.granted, self.first_content = granted, None
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
+
+
+@dataclass
+class Call:
+    """One send to a backend, as far as the backend's slot is concerned."""
+
+    sent: bool = False       # the request went out: the backend may be working on it
+    answered: bool = False   # the backend's answer began (it had the request in a slot)
+    complete: bool = False   # its answer was read to the end: the backend is done with it
+
+    @property
+    def abandoned(self) -> bool:
+        return self.sent and not self.complete
 
 
 class _Retry(Exception):
@@ -141,54 +159,102 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
             raise
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
-        data = forwarded_body(body, raw, strip_billing=gw.config.routing.strip_billing_header,
-                              max_output_tokens=backend.max_output_tokens)
+        call = Call()
         try:
-            async with lease:
-                return await _exchange(gw.upstream, backend, health, request.path_qs, data,
-                                       request_headers(request.headers, backend), client, outcome,
-                                       body.get("model"))
+            rewrite = functools.partial(forwarded_body, body, raw, strip_billing=gw.config.routing.strip_billing_header,
+                                        max_output_tokens=backend.max_output_tokens)
+            # A rewrite re-serialises the body: a large one off the event loop.
+            data = rewrite() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(rewrite)
+            return await _exchange(gw.upstream, backend, health, request.path_qs, data,
+                                   request_headers(request.headers, backend), client, outcome,
+                                   body.get("model"), call)
         except _Retry as r:
             last_error = r.cause
             health.mark_down(r.cause.message)
             log.warning("backend %s failed before answering (send %d of %d): %s",
                         backend.name, attempt + 1, MAX_SENDS, r.cause.message)
+        finally:
+            if call.abandoned:
+                _release_when_idle(gw, backend, queue, lease, call)
+            else:
+                lease.release()
     gw.metrics.rejections.labels("backend_down").inc()
     raise Overloaded(f"{last_error.message if last_error else 'backend failed'}; "
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)
 
 
+def _release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease, call: Call) -> None:
+    """Hold the slot until the backend has let go of the abandoned request (release.py)."""
+    left = time.monotonic()
+    health = gw.health[backend.name]
+
+    def late(waited: float) -> None:
+        message = (f"still processing a request abandoned {waited:.0f}s ago "
+                   f"(gateway.release_timeout_seconds = {gw.config.gateway.release_timeout_seconds:g}); "
+                   f"its slot stays busy until it lets go")
+        health.last_error = message
+        log.warning("backend %s: %s", backend.name, message)
+
+    async def hold() -> None:
+        try:
+            released = await wait_released(gw.upstream, backend, others=lambda: queue.busy - 1,
+                                           answered=call.answered,
+                                           late_after=gw.config.gateway.release_timeout_seconds, on_late=late)
+            gw.metrics.release_wait.labels(backend.name, released.value).observe(time.monotonic() - left)
+        finally:
+            lease.release()
+
+    task = asyncio.create_task(hold(), name=f"release:{backend.name}")
+    gw.releasing.add(task)
+    task.add_done_callback(gw.releasing.discard)
+
+
 async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: BackendHealth, path: str,
                     data: bytes, headers: dict[str, str], client: ClientStream | None, outcome: Outcome,
-                    model: Any) -> web.StreamResponse:
+                    model: Any, call: Call) -> web.StreamResponse:
+    call.sent = True
     try:
         async with upstream.post(backend, path, data, headers) as resp:
             if resp.status != 200:
-                raw = await _read_bounded(resp, 256 * 1024)
+                raw = await _read_whole(resp, 256 * 1024, backend)
+                call.complete = True
                 if resp.status == 503:
                     # llama-server answers 503 while it loads its model: nothing ran.
                     health.set(State.LOADING, "loading model (HTTP 503)")
                     raise UpstreamUnavailable(f"backend {backend.name!r} is loading its model")
-                raise from_upstream(resp.status, raw)
+                raise from_upstream(resp.status, raw, resp.headers.get("Retry-After"))
+            ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
             if client is not None:
-                return await _relay_stream(client, backend, health, resp, outcome, model)
-            raw = await _read_bounded(resp, MAX_ANSWER_BYTES)
+                if ctype != "text/event-stream":
+                    raise UpstreamError(f"backend {backend.name!r} answered a streaming request with "
+                                        f"{ctype or 'no Content-Type'}, not text/event-stream")
+                return await _relay_stream(client, backend, health, resp, outcome, model, call)
+            raw = await _read_whole(resp, MAX_ANSWER_BYTES, backend)
+            call.complete = True
     except UpstreamUnavailable as e:
         raise _Retry(e) from e
     message = _observe_message(outcome, raw)
-    if isinstance(message, dict) and isinstance(model, str) and message.get("model") != model:
+    if not isinstance(message, dict):
+        raise UpstreamError(f"backend {backend.name!r} answered 200 with {len(raw)} bytes that are not a JSON "
+                            f"message ({ctype or 'no Content-Type'})")
+    if isinstance(model, str) and message.get("model") != model:
         raw = json.dumps({**message, "model": model}, ensure_ascii=False, separators=(",", ":")).encode()
     return web.Response(body=raw, status=200, headers=_answer_headers(resp.headers))
 
 
-async def _read_bounded(resp, limit: int) -> bytes:
+async def _read_whole(resp, limit: int, backend: BackendConfig) -> bytes:
+    """The whole answer body, however many reads it takes; a cut one is a failure, never an answer."""
+    buf = bytearray()
     try:
-        raw = await resp.content.read(limit + 1)
-    except Exception as exc:  # noqa: BLE001 - any read failure means nothing reached the client
-        raise UpstreamUnavailable(f"backend closed the connection mid-answer: {exc.__class__.__name__}") from exc
-    if len(raw) > limit:
-        raise UpstreamError(f"backend answer over {limit} bytes")
-    return raw
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise UpstreamError(f"backend {backend.name!r} answer is over {limit} bytes (the gateway's limit)")
+    except (aiohttp.ClientError, OSError) as exc:
+        # The backend died mid-answer; nothing of it reached the client.
+        raise UpstreamUnavailable(f"backend {backend.name!r} closed the connection mid-answer after {len(buf)} "
+                                  f"bytes: {exc.__class__.__name__}") from exc
+    return bytes(buf)
 
 
 def _answer_headers(upstream_headers) -> dict[str, str]:
@@ -201,7 +267,7 @@ def _answer_headers(upstream_headers) -> dict[str, str]:
 def _observe_message(outcome: Outcome, raw: bytes) -> Any:
     try:
         message = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(message, dict) and isinstance(message.get("usage"), dict):
         _take_usage(outcome, message["usage"])
@@ -221,104 +287,132 @@ def _take_usage(outcome: Outcome, usage: dict[str, Any]) -> None:
         outcome.output_tokens = n("output_tokens")
 
 
+class BackendStreamError(Exception):
+    """The backend's stream broke a rule; told to the client as one SSE error event."""
+
+
+TERMINAL = ("message_stop", "error")
+
+
 async def _relay_stream(client: ClientStream, backend: BackendConfig, health: BackendHealth, resp,
-                        outcome: Outcome, model: Any) -> web.StreamResponse:
+                        outcome: Outcome, model: Any, call: Call) -> web.StreamResponse:
+    """Forward the backend's stream whole event by whole event, each in its own bytes.
+
+    Exactly one terminal event reaches the client: the backend's `message_stop`
+    or `error`, or, when the stream breaks a rule or ends without one, an
+    `error` of ours. Nothing after the terminal event is forwarded.
+    """
     parser = sse.SSEParser()
-    forwarded = False
-    finished = False  # message_stop or an error event seen
-    echo = ModelEcho(model)
+    rename = model if isinstance(model, str) else None
     chunks = resp.content.iter_any()
-    while True:
+    terminal: str | None = None
+    problem: str | None = None
+    eof = False
+    while terminal is None and problem is None and not eof:
         try:
             chunk = await chunks.__anext__()
         except StopAsyncIteration:
-            break
+            chunk, eof = b"", True
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reset, payload error: the backend is gone
-            if not forwarded:
-                raise UpstreamUnavailable(f"backend {backend.name!r} failed before its first byte: "
+            if not call.answered:
+                raise UpstreamUnavailable(f"backend {backend.name!r} failed before its first event: "
                                           f"{exc.__class__.__name__}") from exc
             health.mark_down(f"stream broken: {exc.__class__.__name__}")
-            break
-        for event in parser.feed(chunk):
-            finished |= _observe_event(outcome, event)
-        chunk = echo.feed(chunk)
-        if chunk:
-            await client.write(chunk, resp.headers)
-            forwarded = True
-    if not forwarded:
+            outcome.status = "stream_error"
+            raise Overloaded(f"backend {backend.name!r} broke off its stream ({exc.__class__.__name__}): "
+                             f"did it crash?") from exc
+        try:
+            blocks = parser.feed(chunk, eof=eof)
+        except sse.EventTooLarge as e:
+            blocks, problem = [], f"backend {backend.name!r} sent {e}"
+        out: list[bytes] = []
+        for block in blocks:
+            ev = block.event
+            if ev is not None:
+                data = ev.json()
+                if not isinstance(data, dict):
+                    problem = (f"backend {backend.name!r} sent a {ev.event!r} event whose data is not a JSON "
+                               f"object: {ev.data[:200]!r}")
+                    break
+                _observe_event(outcome, ev.event, data)
+                if ev.event == "message_start" and rename and _rename(data, rename):
+                    block = sse.Block(sse.encode(ev.event, data), ev)
+                elif ev.event == "error" and not _anthropic_error(data):
+                    block = sse.Block(sse.encode("error", _as_anthropic_error(data)), ev)
+                call.answered = True
+            out.append(block.raw)
+            if ev is not None and ev.event in TERMINAL:
+                terminal = ev.event
+                break
+        if out:
+            await client.write(b"".join(out), resp.headers)
+    if terminal is None and problem is None and not call.answered:
         # Nothing of the answer reached the client: safe to send again.
         raise UpstreamUnavailable(f"backend {backend.name!r} closed the stream before its first event")
-    if not finished:
-        # The backend died mid-answer (or sent a stream that never ended):
-        # tell the client, don't let it take a truncated answer for a whole one.
+    if terminal == "message_stop":
+        await _drain(resp, call)
+    elif terminal == "error":
         outcome.status = "stream_error"
-        health.mark_down("stream ended without message_stop")
-        err = Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
-        await client.write(b"\n\n" + sse.encode("error", err.body()))
+        await _drain(resp, call)
+    else:
+        # The backend died mid-answer, ended without message_stop, or broke a
+        # rule: the client is told (an SSE error once its stream has begun);
+        # a truncated answer must not pass for a whole one.
+        outcome.status = "stream_error"
+        if problem is None:
+            health.mark_down("stream ended without message_stop")
+            raise Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
+        log.warning("%s", problem)
+        raise UpstreamError(problem)
     return await client.finish()
 
 
-class ModelEcho:
-    """Rewrites the model name in the stream's first event to the one the client asked for.
-
-    llama-server names its GGUF path there; Claude Code expects its own model
-    name back. Only the first event (message_start) is held back and rewritten;
-    every byte after it passes through untouched and unbuffered.
-    """
-
-    MAX_HOLD = 1024 * 1024
-
-    def __init__(self, model: Any) -> None:
-        self.model = model if isinstance(model, str) else None
-        self.pending: bytes | None = b"" if self.model else None
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.pending is None:
-            return chunk
-        buf = self.pending + chunk
-        cut = buf.find(b"\n\n")
-        if cut < 0 and len(buf) < self.MAX_HOLD:
-            self.pending = buf
-            return b""
-        self.pending = None
-        if cut < 0:
-            return buf
-        return self._rewrite(buf[:cut + 2]) + buf[cut + 2:]
-
-    def _rewrite(self, block: bytes) -> bytes:
-        lines = block.split(b"\n")
-        for i, line in enumerate(lines):
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                data = json.loads(line[5:])
-            except ValueError:
-                return block
-            msg = data.get("message") if isinstance(data, dict) else None
-            if data.get("type") != "message_start" or not isinstance(msg, dict) or msg.get("model") == self.model:
-                return block
-            msg["model"] = self.model
-            lines[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-            return b"\n".join(lines)
-        return block
+async def _drain(resp, call: Call, timeout: float = 1.0) -> None:
+    """Read what follows the terminal event (normally nothing) so the backend's
+    answer counts as complete and its slot as free at once."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await resp.content.readany():
+                pass
+        call.complete = True
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass
 
 
-def _observe_event(outcome: Outcome, event: sse.Event) -> bool:
-    kind = event.event
+def _rename(data: dict[str, Any], model: str) -> bool:
+    """Set message_start's model to the client's name (llama-server names its GGUF path); True if changed."""
+    msg = data.get("message")
+    if data.get("type") != "message_start" or not isinstance(msg, dict) or msg.get("model") == model:
+        return False
+    msg["model"] = model
+    return True
+
+
+def _anthropic_error(data: dict[str, Any]) -> bool:
+    return data.get("type") == "error" and isinstance(data.get("error"), dict)
+
+
+def _as_anthropic_error(data: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's error event carries an OpenAI-shaped error; Claude Code reads Anthropic's."""
+    code = data.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return from_upstream(status, json.dumps(data).encode()).body()
+
+
+def _observe_event(outcome: Outcome, kind: str, data: dict[str, Any]) -> None:
     if kind in ("content_block_start", "content_block_delta") and outcome.first_content is None:
         outcome.first_content = time.monotonic()
     elif kind == "message_start":
-        data = event.json() or {}
-        _take_usage(outcome, ((data.get("message") or {}).get("usage")) or {})
+        msg = data.get("message")
+        usage = msg.get("usage") if isinstance(msg, dict) else None
+        if isinstance(usage, dict):
+            _take_usage(outcome, usage)
     elif kind == "message_delta":
-        data = event.json() or {}
-        _take_usage(outcome, data.get("usage") or {})
-    elif kind == "error":
-        outcome.status = "stream_error"
-        return True
-    return kind == "message_stop"
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            _take_usage(outcome, usage)
 
 
 def record(gw: Gateway, route: str, outcome: Outcome, arrived: float) -> None:

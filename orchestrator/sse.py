@@ -1,14 +1,23 @@
-"""Server-Sent Events: encode our own events, and watch a passed-through stream.
+"""Server-Sent Events: encode our own events, and split a backend's stream into whole events.
 
-The parser never changes the bytes the client gets; it only reads a copy to
-learn usage, time to first token, and whether the stream ended properly.
+Reading is tolerant: any framing the SSE specification allows (LF, CRLF or CR
+line endings, events split at any byte, comments) is understood. Writing is
+faithful: the relay forwards each block's own bytes, so the client gets exactly
+what the backend sent, only cut at event boundaries.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+# The largest single event the relay accepts from a backend. An answer's text
+# comes in many small deltas; one event of this size is a broken backend.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+_EOL = re.compile(rb"\r\n|\r|\n")
 
 
 def encode(event: str, data: dict[str, Any]) -> bytes:
@@ -23,60 +32,86 @@ class Event:
     def json(self) -> Any:
         try:
             return json.loads(self.data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
+
+
+@dataclass
+class Block:
+    """The bytes of one stream block up to and including its blank line, and the event
+    it dispatches (None for a block of comments only, such as llama-server's `:` pings)."""
+
+    raw: bytes
+    event: Event | None
+
+
+class EventTooLarge(ValueError):
+    pass
 
 
 class SSEParser:
-    """Incremental: feed arbitrary byte chunks, get complete events back."""
+    """Incremental: feed arbitrary byte chunks, get complete blocks back."""
 
-    # An event larger than this is not one Anthropic or llama-server sends;
-    # stop buffering rather than grow without bound.
-    MAX_EVENT_BYTES = 8 * 1024 * 1024
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._buf = bytearray()
+        self._block_start = 0   # where the block being read starts in _buf
+        self._scan = 0          # where the next line starts
+        self._searched = 0      # no line ending before here: a long line is scanned once, not per chunk
+        self._event = ""
+        self._data: list[str] = []
 
-    def __init__(self) -> None:
-        self._buf = b""
-        self.overflowed = False
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished block held back."""
+        return len(self._buf) - self._block_start
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        if self.overflowed:
-            return []
+    def feed(self, chunk: bytes, *, eof: bool = False) -> list[Block]:
+        """Blocks completed by `chunk`; with `eof`, the stream ended after it (a trailing CR ends a line)."""
         self._buf += chunk
-        events = []
+        blocks: list[Block] = []
         while True:
-            cut, sep_len = self._boundary()
-            if cut < 0:
+            m = _EOL.search(self._buf, max(self._scan, self._searched))
+            # A CR at the very end may be the first half of a CRLF: wait for the next byte.
+            if m is None or (m.group() == b"\r" and m.end() == len(self._buf) and not eof):
+                self._searched = m.start() if m is not None else len(self._buf)
                 break
-            block, self._buf = self._buf[:cut], self._buf[cut + sep_len:]
-            ev = self._parse_block(block.decode("utf-8", "replace"))
-            if ev is not None:
-                events.append(ev)
-        if len(self._buf) > self.MAX_EVENT_BYTES:
-            self.overflowed = True
-            self._buf = b""
-        return events
-
-    def _boundary(self) -> tuple[int, int]:
-        best = (-1, 0)
-        for sep in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-            i = self._buf.find(sep)
-            if i >= 0 and (best[0] < 0 or i < best[0]):
-                best = (i, len(sep))
-        return best
-
-    @staticmethod
-    def _parse_block(block: str) -> Event | None:
-        event, data = "message", []
-        for line in block.splitlines():
-            if not line or line.startswith(":"):
+            line = bytes(self._buf[self._scan:m.start()])
+            self._scan = m.end()
+            if line:
+                self._field(line)
                 continue
-            field, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-        if not data and event == "message":
+            raw = bytes(self._buf[self._block_start:self._scan])
+            blocks.append(Block(raw, self._dispatch()))
+            self._block_start = self._scan
+        if self._block_start:
+            del self._buf[:self._block_start]
+            self._scan -= self._block_start
+            self._searched = max(0, self._searched - self._block_start)
+            self._block_start = 0
+        if len(self._buf) > self.max_event_bytes:
+            raise EventTooLarge(f"an SSE event over {self.max_event_bytes} bytes")
+        return blocks
+
+    def _field(self, line: bytes) -> None:
+        if line.startswith(b":"):
+            return
+        name, _, value = line.decode("utf-8", "replace").partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+
+    def _dispatch(self) -> Event | None:
+        event, data = self._event, self._data
+        self._event, self._data = "", []
+        if not data:
             return None
-        return Event(event, "\n".join(data))
+        return Event(event or "message", "\n".join(data))
+
+
+def events(raw: bytes) -> list[Event]:
+    """The events of a whole stream."""
+    return [b.event for b in SSEParser(max_event_bytes=len(raw) + 1).feed(raw, eof=True) if b.event is not None]

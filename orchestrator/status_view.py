@@ -19,8 +19,9 @@ from .config import Config
 
 def _get(config: Config, path: str, timeout: float) -> bytes | None:
     g = config.gateway
+    headers = {"x-api-key": g.api_key} if g.api_key else {}
     try:
-        with urllib.request.urlopen(f"http://{g.host}:{g.port}{path}", timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(g.url + path, headers=headers), timeout=timeout) as r:
             return r.read()
     except (OSError, urllib.error.URLError):
         return None
@@ -120,11 +121,11 @@ def render(config: Config, paths: supervise.StackPaths) -> str:
     health = fetch_health(config)
     g = config.gateway
     if health is None:
-        out.append(f"gateway: not answering on http://{g.host}:{g.port}")
+        out.append(f"gateway: not answering on {g.url}")
         return "\n".join(out)
     raw = _get(config, "/metrics", 3.0)
     figures = key_figures(raw.decode()) if raw else {}
-    out.append(f"gateway: http://{g.host}:{g.port} {health['status']}, up {health['gateway']['uptime_seconds']:.0f}s")
+    out.append(f"gateway: {g.url} {health['status']}, up {health['gateway']['uptime_seconds']:.0f}s")
     out.append(f"  {'backend':<12} {'state':<8} {'busy':>4}/{'slots':<5} {'queued':>6} {'restarts':>8}  last restart")
     for b in health["backends"]:
         out.append(f"  {b['name']:<12} {b['state']:<8} {b['busy']:>4}/{b['slots']:<5} {b['queued']:>6} "

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -56,6 +57,16 @@ class StackPaths:
     @property
     def socket(self) -> Path:
         return self.run_dir / "supervisor.sock"
+
+    @property
+    def events_secret(self) -> Path:
+        """What the event listener proves itself with to the gateway; never in supervisord.conf."""
+        return self.run_dir / "events.secret"
+
+    @property
+    def gateway_key(self) -> Path:
+        """The gateway's API key, for the bundled Prometheus's scrapes (written only when one is set)."""
+        return self.run_dir / "gateway.key"
 
     @property
     def pidfile(self) -> Path:
@@ -129,8 +140,9 @@ def _is_loopback(url: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def render_prometheus(config: Config, rules_file: Path = RULES_FILE) -> str:
-    """prometheus.yml for the bundled Prometheus: the gateway and every supervised llama-server."""
+def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: Path | None = None) -> str:
+    """prometheus.yml for the bundled Prometheus: the gateway and every supervised llama-server.
+    With a gateway key, scrapes send it from `key_file` (the key itself stays out of this file)."""
     g = config.gateway
     interval = config.supervisor.prometheus_scrape_interval
     lines = [
@@ -142,8 +154,10 @@ def render_prometheus(config: Config, rules_file: Path = RULES_FILE) -> str:
         f"  - {json.dumps(str(rules_file))}",
         "scrape_configs:",
         "  - job_name: orchestrator",
+        *([ "    authorization:", f"      credentials_file: {json.dumps(str(key_file))}"]
+          if g.api_key and key_file else []),
         "    static_configs:",
-        f"      - targets: [{json.dumps(f'{g.host}:{g.port}')}]",
+        f"      - targets: [{json.dumps(_hostport(g.url))}]",
     ]
     # A backend on this machine is a llama-server with --metrics; a remote API has no /metrics.
     local = [b for b in config.backends if b.command or _is_loopback(b.url)]
@@ -214,13 +228,13 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
                     startretries=b.start_retries, priority=10)
     gateway_cmd = " ".join(shlex.quote(str(x)) for x in [
         orchestrator_bin, "serve", "--config", config_path, "--supervisor-socket", paths.socket,
-        "--log-dir", paths.log_dir])
+        "--log-dir", paths.log_dir, "--events-secret-file", paths.events_secret])
     # The config's digest in the program's environment: `up` after an edit of
     # the config changes this section, so supervisord restarts the gateway.
     digest = hashlib.sha256(Path(config_path).read_bytes()).hexdigest()[:16] if Path(config_path).exists() else ""
     program("gateway", gateway_cmd, startsecs=2, priority=20, environment=f'ORCHESTRATOR_CONFIG_SHA="{digest}"')
     events_cmd = " ".join(shlex.quote(str(x)) for x in [
-        orchestrator_bin, "events", "--gateway-url", f"http://{config.gateway.host}:{config.gateway.port}"])
+        orchestrator_bin, "events", "--gateway-url", config.gateway.url, "--secret-file", paths.events_secret])
     lines.extend([
         "[eventlistener:events]",
         f"command={events_cmd.replace('%', '%%')}",
@@ -268,9 +282,12 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
     with nothing changed, nothing running is touched. Returns what it did."""
     for d in (paths.log_dir, paths.run_dir):
         d.mkdir(parents=True, exist_ok=True)
+    _ensure_secret(paths.events_secret)
+    if config.gateway.api_key:
+        _write_if_changed(paths.gateway_key, config.gateway.api_key)
     if prometheus and prometheus_config is None:
         prometheus_config = paths.var / "prometheus.yml"
-        _write_if_changed(prometheus_config, render_prometheus(config))
+        _write_if_changed(prometheus_config, render_prometheus(config, key_file=paths.gateway_key))
     text = render(config, config_path, paths, llama_server=llama_server, prometheus=prometheus,
                   prometheus_config=prometheus_config, orchestrator_bin=orchestrator_bin)
     changed = _write_if_changed(paths.conf, text)
@@ -299,12 +316,21 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
+    """Write atomically, readable by the owner only (some of these files hold secrets)."""
     if path.exists() and path.read_text() == text:
         return False
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     tmp.replace(path)
     return True
+
+
+def _ensure_secret(path: Path) -> None:
+    """Made once and kept: a new one at every `up` would restart the gateway for nothing."""
+    if not path.exists() or not path.read_text().strip():
+        _write_if_changed(path, secrets.token_urlsafe(32))
 
 
 def wait_running(paths: StackPaths, timeout: float) -> None:

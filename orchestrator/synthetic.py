@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from . import sse
+from .errors import InvalidRequest
 from .routing import Shape, text_of
 
 # Request verbs and filler that say what is to be done, not what it is about.
@@ -50,8 +51,31 @@ def make_title(body: dict[str, Any], max_words: int = 5) -> str:
     return title[0].upper() + title[1:]
 
 
-def instance_of(schema: Any, title: str) -> Any:
-    """A small value valid against a JSON schema, with `title` wherever a title string fits."""
+# What a synthetic answer may take: a schema that asks for more is refused with a
+# 400 naming the key, rather than answered with megabytes or a blocked event loop.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class _Budget:
+    """Characters left for the answer; every value costs at least one."""
+
+    def __init__(self, chars: int) -> None:
+        self.left = chars
+
+    def spend(self, n: int, path: str) -> None:
+        self.left -= max(1, n)
+        if self.left < 0:
+            raise InvalidRequest(f"{path}: the smallest answer valid against output_config.format.schema is "
+                                 f"larger than the gateway answers ({MAX_ANSWER_BYTES} bytes); route this "
+                                 f"request to a model")
+
+
+def instance_of(schema: Any, title: str, path: str = "output_config.format.schema",
+                budget: _Budget | None = None) -> Any:
+    """A small value valid against a JSON schema, with `title` wherever a title string fits.
+    The schema has passed `bodies.check_schema` (objects, bounded depth); the answer's size is bounded here."""
+    budget = budget or _Budget(MAX_ANSWER_BYTES)
+    budget.spend(1, path)
     if not isinstance(schema, dict):
         return None
     if "const" in schema:
@@ -60,7 +84,7 @@ def instance_of(schema: Any, title: str) -> Any:
         return schema["enum"][0]
     for key in ("anyOf", "oneOf", "allOf"):
         if schema.get(key):
-            return instance_of(schema[key][0], title)
+            return instance_of(schema[key][0], title, f"{path}.{key}.0", budget)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -70,16 +94,24 @@ def instance_of(schema: Any, title: str) -> Any:
         out = {}
         for k in keys:
             sub = props.get(k, {})
-            out[k] = title if k == "title" and sub.get("type", "string") == "string" else instance_of(sub, title)
+            budget.spend(len(k), f"{path}.properties.{k}")
+            if k == "title" and isinstance(sub, dict) and sub.get("type", "string") == "string":
+                out[k] = title
+            else:
+                out[k] = instance_of(sub, title, f"{path}.properties.{k}", budget)
         return out
     if kind == "string":
-        return title if title and schema.get("minLength", 1) <= len(title) else "x" * schema.get("minLength", 0)
+        need = schema.get("minLength", 1)
+        budget.spend(need, f"{path}.minLength")
+        return title if title and need <= len(title) else "x" * need
     if kind == "boolean":
         return False
     if kind in ("integer", "number"):
         return schema.get("minimum", 0)
     if kind == "array":
-        return [instance_of(schema.get("items", {}), title) for _ in range(schema.get("minItems", 0))]
+        n = schema.get("minItems", 0)
+        budget.spend(n, f"{path}.minItems")
+        return [instance_of(schema.get("items", {}), title, f"{path}.items", budget) for _ in range(n)]
     return None
 
 

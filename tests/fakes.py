@@ -53,13 +53,24 @@ class FakeUpstream:
     cancelled: int = 0
     count_calls: int = 0
     answer_model: str | None = None  # None: echo the request's model
+    slots_endpoint: bool = True   # answer GET /slots like llama-server
+    # Like llama-server, notice a vanished client only this long after it left:
+    # the generation goes on (and counts as in flight) meanwhile.
+    linger: float = 0.0
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/slots", self.slots)
         return app
+
+    async def slots(self, request: web.Request) -> web.Response:
+        if not self.slots_endpoint:
+            return web.json_response({"error": {"code": 501, "message": "This server does not support slots"}},
+                                     status=501)
+        return web.json_response([{"id": 0, "is_processing": self.in_flight > 0}])
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -122,6 +133,11 @@ class FakeUpstream:
             return resp
         except asyncio.CancelledError:
             self.cancelled += 1
+            await asyncio.shield(asyncio.sleep(self.linger))
+            raise
+        except ConnectionError:
+            self.cancelled += 1
+            await asyncio.sleep(self.linger)
             raise
         finally:
             self.in_flight -= 1

@@ -10,7 +10,7 @@ from conftest import sample
 from fakes import FakeUpstream
 
 from orchestrator.handlers import GATEWAY
-from orchestrator.sse import SSEParser
+from orchestrator.sse import events as sse_events
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 
@@ -29,7 +29,16 @@ async def _start(start_gateway, url, **extra):
 
 
 def _events(raw: bytes):
-    return SSEParser().feed(raw)
+    return sse_events(raw)
+
+
+async def until_free(queue, timeout: float = 5.0) -> None:
+    """A slot whose client or backend went away is free once the backend let go (release.py)."""
+    for _ in range(int(timeout / 0.02)):
+        if queue.busy == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"queue {queue.name!r} still has {queue.busy} busy slots after {timeout}s")
 
 
 async def _post(http, base, body, path="/v1/messages?beta=true", **kw):
@@ -163,7 +172,7 @@ async def test_server_dying_mid_stream_ends_with_error_event_and_frees_slot(gate
     assert events[-1].json()["error"]["type"] == "overloaded_error"
     assert not any(e.event == "message_stop" for e in events)
     assert f.generations_started == 1  # never re-sent once bytes reached the client
-    assert gw.queues["primary"].busy == 0
+    await until_free(gw.queues["primary"])
     f.mode = "ok"
     for _ in range(50):  # health polling reopens the queue
         status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
@@ -190,7 +199,8 @@ async def test_persistent_failure_gives_up_with_529_naming_backend(gateway, fake
     assert status == 529 and "retry-after" in headers
     err = json.loads(raw)["error"]
     assert err["type"] == "overloaded_error" and "primary" in err["message"]
-    assert len(f.requests) == 3 and gw.queues["primary"].busy == 0
+    assert len(f.requests) == 3
+    await until_free(gw.queues["primary"])
 
 
 @pytest.mark.parametrize("mode,status,etype", [("error500", 500, "api_error"),
@@ -265,8 +275,7 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     status, raw, headers = await waiting
     assert status == 529 and "waited" in json.loads(raw)["error"]["message"]
     running.cancel()
-    await asyncio.sleep(0.1)
-    assert q.busy == 0
+    await until_free(q)
 
 
 async def test_background_goes_to_small_model_never_to_primary(gateway, serve_app, http):
@@ -388,9 +397,16 @@ async def test_randomised_chaos_leaves_no_stuck_slot(gateway, serve_app, seed):
         assert r.status == 200
 
 
-async def test_process_event_endpoint_names_unknown_programs(gateway, fake, http):
-    base, _ = await _start(gateway, fake[1])
-    async with http.post(base + "/internal/process-event", json={"program": "llama-x", "state": "EXITED"}) as r:
+async def test_process_event_endpoint_needs_the_listeners_secret(gateway, fake, http, tmp_path):
+    secret = tmp_path / "events.secret"
+    secret.write_text("s3cret-of-the-listener\n")
+    base, _ = await _start(gateway, fake[1], supervisor={"events_secret_file": str(secret)})
+    event = {"program": "llama-x", "state": "FATAL"}
+    for headers in ({}, {"X-Orchestrator-Secret": "guess"}, {"X-Orchestrator-Secret": ""}):
+        async with http.post(base + "/internal/process-event", json=event, headers=headers) as r:
+            assert r.status == 403 and (await r.json())["error"]["type"] == "permission_error"
+    async with http.post(base + "/internal/process-event", json=event,
+                         headers={"X-Orchestrator-Secret": "s3cret-of-the-listener"}) as r:
         assert r.status == 404 and "llama-x" in (await r.json())["error"]["message"]
 
 

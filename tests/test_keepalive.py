@@ -8,7 +8,8 @@ import pytest
 from fakes import FakeUpstream
 
 from orchestrator.handlers import GATEWAY
-from orchestrator.sse import SSEParser
+from orchestrator.sse import events as sse_events
+from test_gateway import until_free
 
 BODY = {"model": "big", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 INTERVAL = 0.1
@@ -46,7 +47,7 @@ def max_gap(chunks):
 async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setup):
     f, base, gw = await setup(prefill_delay=1.2)
     status, chunks, raw = await timed_read(base)
-    events = SSEParser().feed(raw)
+    events = sse_events(raw)
     kinds = [e.event for e in events]
     assert status == 200
     assert kinds.count("ping") >= 8 and kinds.index("message_start") > kinds.index("ping")
@@ -65,7 +66,7 @@ async def test_queued_stream_gets_pings_then_its_answer(setup):
     await asyncio.sleep(0.6)
     blocker.cancel()
     status, chunks, raw = await waiting
-    kinds = [e.event for e in SSEParser().feed(raw)]
+    kinds = [e.event for e in sse_events(raw)]
     assert status == 200 and "ping" in kinds and kinds[-1] == "message_stop"
     assert max_gap(chunks) < INTERVAL + 0.15
 
@@ -79,13 +80,12 @@ async def test_failure_after_pings_is_an_sse_error_event(setup):
     while q.busy == 0:
         await asyncio.sleep(0.01)
     status, chunks, raw = await timed_read(base)  # waits past max_wait_seconds in the queue
-    events = SSEParser().feed(raw)
+    events = sse_events(raw)
     assert status == 200 and events[0].event == "ping"
     assert events[-1].event == "error" and events[-1].json()["error"]["type"] == "overloaded_error"
     assert "message_start" not in [e.event for e in events]
     blocker.cancel()
-    await asyncio.sleep(0.1)
-    assert q.busy == 0
+    await until_free(q)
 
 
 async def test_pings_off_when_interval_is_zero(gateway, serve_app):
@@ -93,4 +93,4 @@ async def test_pings_off_when_interval_is_zero(gateway, serve_app):
     url = await serve_app(f.app())
     base, _ = await gateway({"gateway": {"ping_interval_seconds": 0}, "backends": [{"name": "p", "url": url}]})
     status, chunks, raw = await timed_read(base)
-    assert "ping" not in [e.event for e in SSEParser().feed(raw)]
+    assert "ping" not in [e.event for e in sse_events(raw)]

@@ -9,13 +9,13 @@ import pytest
 from conftest import sample
 
 from orchestrator.handlers import GATEWAY
-from orchestrator.sse import SSEParser
+from orchestrator.sse import events as sse_events
 
 pytestmark = pytest.mark.real
 
 
 def _events(raw: bytes):
-    return SSEParser().feed(raw)
+    return sse_events(raw)
 
 
 def claude_main(turn_text: str, *, cch: str = "7a0", tools: int = 3, max_tokens: int = 8,

@@ -13,7 +13,7 @@ from conftest import free_port, llama_server_binary
 
 from orchestrator import status_view, supervise
 from orchestrator.config import config_from_dict, load_config
-from orchestrator.sse import SSEParser
+from orchestrator.sse import events as sse_events
 
 ROOT = Path(__file__).parent.parent
 
@@ -171,7 +171,7 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
     os.kill(llama_pid, signal.SIGSEGV)
 
     status, raw = await long
-    events = SSEParser().feed(raw)
+    events = sse_events(raw)
     terminal = [e.event for e in events if e.event in ("message_stop", "error")]
     assert status == 200 and len(terminal) == 1, terminal  # a clean error or a clean end, never both
     assert sum(e.event == "message_start" for e in events) == 1  # never a second generation in one answer
@@ -179,7 +179,7 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
         status, raw = await task
         assert status == 200, raw
         if i == 0:
-            evs = SSEParser().feed(raw)
+            evs = sse_events(raw)
             assert evs[-1].event == "message_stop" and sum(e.event == "message_start" for e in evs) == 1
         else:
             assert json.loads(raw)["stop_reason"] in ("max_tokens", "end_turn")

@@ -4,11 +4,11 @@ from conftest import sample
 
 from orchestrator import synthetic
 from orchestrator.routing import Shape
-from orchestrator.sse import SSEParser
+from orchestrator.sse import events as sse_events
 
 
 def _events(raw: bytes):
-    return SSEParser().feed(raw)
+    return sse_events(raw)
 
 
 def test_title_is_json_valid_against_schema_and_made_of_users_words():

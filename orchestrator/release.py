@@ -1,0 +1,73 @@
+"""When a backend has let go of a request the gateway abandoned.
+
+A client that disconnects ends its handler at once, but the backend goes on
+with the request until it notices the closed connection: between two tokens,
+after a prefill batch, or only after it has read a body the gateway sent just
+before the client left. Freeing the slot at the disconnect would let the next
+request overlap the old one on a single-slot server. So the slot is held until
+the backend's `/slots` (llama-server) shows no more requests processing than
+the gateway has let through besides this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from enum import Enum
+from typing import Callable
+
+from .config import BackendConfig
+from .errors import GatewayError, UpstreamUnavailable
+from .upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+# A request abandoned before the backend answered anything may not have been
+# read by it yet: idle must hold this long before it counts.
+QUIET_SECONDS = 0.5
+
+
+class Released(str, Enum):
+    IDLE = "idle"          # /slots shows the slot idle
+    GONE = "gone"          # the backend does not answer: nothing runs there
+    UNKNOWN = "unknown"    # no /slots (not llama-server, or --no-slots): free once the connection closed
+
+
+async def wait_released(upstream: UpstreamClient, backend: BackendConfig, *, others: Callable[[], int],
+                        answered: bool, late_after: float, on_late: Callable[[float], None]) -> Released:
+    """Poll the backend until at most `others()` requests are processing there.
+
+    `answered`: the backend had sent its answer's first bytes, so it had the
+    request in a slot. Past `late_after` seconds `on_late` is told once and
+    the wait goes on: a backend still busy is busy, not free.
+    """
+    start = time.monotonic()
+    quiet_since: float | None = None
+    warned = False
+    while True:
+        try:
+            status, slots = await upstream.get_json(backend, "/slots", timeout=5.0)
+        except UpstreamUnavailable:
+            return Released.GONE
+        except GatewayError:
+            status, slots = None, None  # slow (busy in a long batch) or garbled: ask again
+        if status is not None:
+            if status != 200 or not isinstance(slots, list):
+                return Released.UNKNOWN
+            processing = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+            now = time.monotonic()
+            if processing <= others():
+                if answered:
+                    return Released.IDLE
+                quiet_since = quiet_since or now
+                if now - quiet_since >= QUIET_SECONDS:
+                    return Released.IDLE
+            else:
+                quiet_since = None
+        waited = time.monotonic() - start
+        if not warned and waited > late_after:
+            warned = True
+            on_late(waited)
+        await asyncio.sleep(POLL_SECONDS if waited < 5 else 1.0)
