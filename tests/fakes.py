@@ -59,7 +59,8 @@ class FakeUpstream:
     linger: float = 0.0
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # Claude Code's bodies reach tens of MB in a long session; llama-server takes up to 100 MB.
+        app = web.Application(client_max_size=100 * 1024 * 1024)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/health", self.health)

@@ -1,0 +1,120 @@
+"""Only the user gets in: keys off loopback, no web page through the browser, the listener's secret."""
+
+import logging
+
+import pytest
+from fakes import FakeUpstream
+
+from orchestrator.config import ConfigError, config_from_dict, with_overrides
+
+MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
+KEY = "correct-horse-battery-staple"
+
+
+@pytest.fixture
+async def fake(serve_app):
+    f = FakeUpstream()
+    return f, await serve_app(f.app())
+
+
+async def _gateway(gateway, url, **gateway_keys):
+    base, _ = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
+    return base
+
+
+async def test_with_a_key_every_endpoint_but_the_probes_needs_it(gateway, fake, http, caplog):
+    f, url = fake
+    base = await _gateway(gateway, url, api_key=KEY)
+    caplog.set_level(logging.DEBUG)
+    for headers, message in (({}, "missing API key"), ({"x-api-key": "wrong-key-123"}, "invalid API key"),
+                             ({"Authorization": f"Basic {KEY}"}, "missing API key"),
+                             ({"Authorization": "Bearer " + KEY[:-1]}, "invalid API key")):
+        for method, path in (("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+                             ("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models")):
+            async with http.request(method, base + path, json=MAIN, headers=headers) as r:
+                err = (await r.json())["error"]
+                assert r.status == 401 and err["type"] == "authentication_error", (path, headers)
+                assert message in err["message"]
+    assert f.requests == []
+    for headers in ({"x-api-key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        async with http.post(base + "/v1/messages", json=MAIN, headers=headers) as r:
+            assert r.status == 200
+    for path in ("/", "/api/hello"):
+        async with http.head(base + path) as r:
+            assert r.status == 200
+    assert KEY not in caplog.text and "wrong-key-123" not in caplog.text
+
+
+async def test_key_is_not_forwarded_to_the_backend(gateway, fake, http):
+    f, url = fake
+    base = await _gateway(gateway, url, api_key=KEY)
+    async with http.post(base + "/v1/messages", json=MAIN, headers={"x-api-key": KEY}) as r:
+        assert r.status == 200
+    assert not any(KEY in v for v in f.headers[-1].values())
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost:3000", "http://127.0.0.1:1"])
+async def test_a_web_page_is_refused_even_on_loopback(gateway, fake, http, origin):
+    f, url = fake
+    base = await _gateway(gateway, url)
+    for method, path in (("POST", "/v1/messages"), ("OPTIONS", "/v1/messages"), ("GET", "/health"),
+                         ("POST", "/internal/process-event")):
+        async with http.request(method, base + path, json=MAIN, headers={"Origin": origin}) as r:
+            assert r.status == 403, (method, path)
+            assert (await r.json())["error"]["type"] == "permission_error"
+    assert f.requests == []
+
+
+async def test_own_and_allowed_origins_pass(gateway, fake, http):
+    base = await _gateway(gateway, fake[1], allowed_origins=["https://my-tool.example"])
+    for origin in (base, "https://my-tool.example"):
+        async with http.post(base + "/v1/messages", json=MAIN, headers={"Origin": origin}) as r:
+            assert r.status == 200, origin
+
+
+@pytest.mark.parametrize("host,status", [
+    ("attacker.example", 403), ("attacker.example:9090", 403), ("127.0.0.1.nip.io", 403),
+    ("localhost", 200), ("127.0.0.1:9", 200), ("[::1]:9090", 200), ("mine.example:1", 200),
+])
+async def test_dns_rebinding_is_refused_by_host(gateway, fake, http, host, status):
+    base = await _gateway(gateway, fake[1], allowed_hosts=["mine.example"])
+    async with http.post(base + "/v1/messages", json=MAIN, headers={"Host": host}) as r:
+        assert r.status == status
+        if status == 403:
+            assert "Host" in (await r.json())["error"]["message"]
+
+
+async def test_health_says_whether_a_key_is_required(gateway, fake, http):
+    base = await _gateway(gateway, fake[1], api_key=KEY)
+    async with http.get(base + "/health", headers={"x-api-key": KEY}) as r:
+        assert (await r.json())["gateway"]["access"] == {"key_required": True, "open": False}
+
+
+def test_off_loopback_needs_a_key_or_open():
+    config = config_from_dict({})
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(ConfigError, match="gateway.api_key"):
+            with_overrides(config, host=host)
+        assert with_overrides(config, host=host, api_key=KEY).gateway.api_key == KEY
+        assert with_overrides(config, host=host, open=True).gateway.open
+    for host in ("127.0.0.1", "localhost", "::1"):
+        with_overrides(config, host=host)
+    with pytest.raises(ConfigError, match="at least 8"):
+        config_from_dict({"gateway": {"api_key": "short"}})
+
+
+def test_the_key_never_shows_in_the_configs_repr():
+    config = config_from_dict({"gateway": {"api_key": KEY}})
+    assert KEY not in repr(config) and KEY not in str(config)
+
+
+def test_two_backends_on_one_server_is_a_config_error():
+    with pytest.raises(ConfigError, match="same URL"):
+        config_from_dict({"backends": [{"name": "a", "url": "http://127.0.0.1:8080"},
+                                       {"name": "b", "url": "http://localhost:8080/"}]})
+    with pytest.raises(ConfigError, match="same URL"):
+        config_from_dict({"backends": [{"name": "a", "url": "http://127.0.0.1:8080"},
+                                       {"name": "bg", "url": "http://127.0.0.1:8080", "role": "background"}],
+                          "routing": {"background": "bg"}})
+    config_from_dict({"backends": [{"name": "a", "url": "http://127.0.0.1:8080"},
+                                   {"name": "b", "url": "http://127.0.0.1:8081"}]})
