@@ -158,7 +158,10 @@ def status(config_path) -> None:
     """Programs, backends, queues and restarts, in the terminal."""
     config, path = _load(config_path)
     paths = _paths(config, path)
-    click.echo(status_view.render(config, paths))
+    try:
+        click.echo(status_view.render(config, paths))
+    except status_view.GatewayRefused as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
@@ -178,7 +181,10 @@ def dashboard(config_path, port) -> None:
 
 
 def _gateway_health(config: Config) -> dict:
-    health = status_view.fetch_health(config)
+    try:
+        health = status_view.fetch_health(config)
+    except status_view.GatewayRefused as e:
+        raise click.ClickException(str(e)) from None
     if health is None:
         g = config.gateway
         raise click.ClickException(f"the gateway is not running at {g.url} "

@@ -398,7 +398,7 @@ def _as_anthropic_error(data: dict[str, Any]) -> dict[str, Any]:
     """llama-server's error event carries an OpenAI-shaped error; Claude Code reads Anthropic's."""
     code = data.get("code")
     status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return from_upstream(status, json.dumps(data).encode()).body()
+    return from_upstream(status, json.dumps({"error": data}).encode()).body()
 
 
 def _observe_event(outcome: Outcome, kind: str, data: dict[str, Any]) -> None:

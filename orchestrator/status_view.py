@@ -17,12 +17,21 @@ from . import supervise
 from .config import Config
 
 
+class GatewayRefused(Exception):
+    """The gateway answers but refuses us: it needs a key we do not have."""
+
+
 def _get(config: Config, path: str, timeout: float) -> bytes | None:
     g = config.gateway
     headers = {"x-api-key": g.api_key} if g.api_key else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(g.url + path, headers=headers), timeout=timeout) as r:
             return r.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise GatewayRefused(f"the gateway at {g.url} refused {path} (HTTP {e.code}): set its key in "
+                                 f"ORCHESTRATOR_API_KEY or gateway.api_key") from None
+        return None
     except (OSError, urllib.error.URLError):
         return None
 

@@ -61,3 +61,28 @@ async def test_env_prints_exports_for_a_running_gateway(gateway, serve_app, tmp_
     assert result.exit_code == 0, result.output
     assert f"export ANTHROPIC_BASE_URL=http://127.0.0.1:{port}" in result.output
     assert "export ANTHROPIC_DEFAULT_HAIKU_MODEL=local-haiku" in result.output
+
+
+def test_serve_refuses_a_non_loopback_bind_without_a_key(monkeypatch):
+    monkeypatch.delenv("ORCHESTRATOR_API_KEY", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "gateway.api_key" in result.output and "--open" in result.output
+
+
+async def test_env_and_status_work_with_a_key_from_the_environment(gateway, serve_app, tmp_path, monkeypatch):
+    """`orchestrator env` reaches a keyed gateway and hands Claude Code the key; without it: refused."""
+    key = "env-key-0123456789"
+    url = await serve_app(FakeUpstream().app())
+    base, _ = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": {"api_key": key}})
+    port = base.rsplit(":", 1)[1]
+    cfg = tmp_path / "o.toml"
+    cfg.write_text(f'[gateway]\nport = {port}\n[[backends]]\nname = "primary"\nurl = "{url}"\n')
+    monkeypatch.setenv("ORCHESTRATOR_API_KEY", key)
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["env", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert f"export ANTHROPIC_AUTH_TOKEN={key}" in result.output
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["status", "--config", str(cfg)])
+    assert "primary" in result.output and "not answering" not in result.output
+    monkeypatch.delenv("ORCHESTRATOR_API_KEY")
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["env", "--config", str(cfg)])
+    assert result.exit_code == 1 and "ORCHESTRATOR_API_KEY" in result.output

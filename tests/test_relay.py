@@ -1,0 +1,233 @@
+"""The relay: tolerant of how a backend frames its stream, faithful to its bytes, one terminal event,
+whole answers or errors; and a vanished client's slot held until the backend lets go."""
+
+import asyncio
+import json
+
+import pytest
+from fakes import FakeUpstream, sse_message
+from test_gateway import until_free
+
+from orchestrator.handlers import GATEWAY
+from orchestrator.sse import events as sse_events
+
+MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
+
+
+class Scripted:
+    """A backend that answers /v1/messages with exactly the bytes it is given, in the writes given."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.status = 200
+        self.headers = {"Content-Type": "text/event-stream"}
+        self.content_length: int | None = None
+        self.delay = 0.0
+        self.calls = 0
+
+    def app(self):
+        from aiohttp import web
+
+        async def messages(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            self.calls += 1
+            headers = dict(self.headers)
+            if self.content_length is not None:
+                headers["Content-Length"] = str(self.content_length)
+            resp = web.StreamResponse(status=self.status, headers=headers)
+            await resp.prepare(request)
+            for w in self.writes:
+                await resp.write(w)
+                await asyncio.sleep(self.delay)
+            if self.content_length is not None and self.content_length > sum(map(len, self.writes)):
+                request.transport.close()  # promised more than it sent: a crash mid-answer
+                return resp
+            await resp.write_eof()
+            return resp
+
+        async def health(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        app = web.Application()
+        app.router.add_post("/v1/messages", messages)
+        app.router.add_get("/health", health)
+        return app
+
+
+@pytest.fixture
+async def scripted(serve_app, gateway):
+    s = Scripted()
+    url = await serve_app(s.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
+    return s, base, app[GATEWAY]
+
+
+async def _post(http, base, body):
+    async with http.post(base + "/v1/messages", json=body) as r:
+        return r.status, r.headers, await r.read()
+
+
+def _stream(model="gguf/path/model.gguf") -> bytes:
+    return b"".join(sse_message(["Hello", " world"], model=model))
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("split", [1, 7, 10_000])
+async def test_any_framing_is_relayed_in_the_backends_own_bytes(scripted, http, eol, split):
+    s, base, gw = scripted
+    raw = _stream().replace(b"\n", eol)
+    s.writes = [raw[i:i + split] for i in range(0, len(raw), split)]
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    assert status == 200
+    events = sse_events(got)
+    assert [e.event for e in events][-1] == "message_stop"
+    assert events[0].json()["message"]["model"] == "big-model"  # the one documented rewrite
+    first_end = raw.index(eol + eol) + 2 * len(eol)
+    assert got.endswith(raw[first_end:])  # everything after message_start, byte for byte
+    assert s.calls == 1
+    await until_free(gw.queues["primary"])
+
+
+async def test_comments_and_fields_pass_and_events_after_the_terminal_one_do_not(scripted, http):
+    s, base, _ = scripted
+    events = sse_message(["a"], model="big-model")
+    s.writes = [b":\n\n", events[0], b"id: 7\nretry: 100\n" + events[1], *events[2:],
+                b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"late\"}}\n\n"]
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    assert status == 200 and got == b"".join(s.writes[:-1])
+    assert [e.event for e in sse_events(got)].count("message_stop") == 1 and b"late" not in got
+
+
+@pytest.mark.parametrize("bad", [b"[1,2]", b'"text"', b"3", b"null", b"not json", b"{\"cut\":"])
+async def test_an_event_that_is_not_a_json_object_ends_the_stream_with_one_error(scripted, http, bad):
+    s, base, gw = scripted
+    events = sse_message(["a", "b", "c"], model="big-model")
+    s.writes = [*events[:3], b"event: content_block_delta\ndata: " + bad + b"\n\n", *events[3:]]
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    assert status == 200
+    kinds = [e.event for e in sse_events(got)]
+    assert kinds[-1] == "error" and "message_stop" not in kinds and kinds.count("error") == 1
+    assert "not a JSON object" in sse_events(got)[-1].json()["error"]["message"]
+    assert got.startswith(b"".join(events[:3]))
+    await until_free(gw.queues["primary"])
+
+
+async def test_a_9_mb_event_passes_and_a_17_mb_one_is_an_error_not_both(scripted, http):
+    s, base, _ = scripted
+    events = sse_message(["x"], model="big-model")
+    big = json.dumps({"type": "content_block_delta", "index": 0,
+                      "delta": {"type": "text_delta", "text": "y" * (9 << 20)}}).encode()
+    s.writes = [*events[:2], b"event: content_block_delta\ndata: " + big + b"\n\n", *events[2:]]
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    kinds = [e.event for e in sse_events(got)]
+    assert status == 200 and kinds[-1] == "message_stop" and "error" not in kinds and len(got) > 9 << 20
+    huge = b"event: content_block_delta\ndata: " + b"z" * (17 << 20) + b"\n\n"
+    s.writes = [*events[:2], *[huge[i:i + (1 << 20)] for i in range(0, len(huge), 1 << 20)], *events[2:]]
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    kinds = [e.event for e in sse_events(got)]
+    assert status == 200 and kinds[-1] == "error" and "message_stop" not in kinds and kinds.count("error") == 1
+    assert "16777216 bytes" in sse_events(got)[-1].json()["error"]["message"]
+
+
+async def test_llama_servers_error_event_is_put_in_anthropic_shape(scripted, http):
+    s, base, _ = scripted
+    events = sse_message(["a"], model="big-model")
+    s.writes = [*events[:3], b'event: error\ndata: {"code":500,"message":"slot crashed","type":"server_error"}\n\n']
+    _, _, got = await _post(http, base, {**MAIN, "stream": True})
+    last = sse_events(got)[-1]
+    assert last.event == "error"
+    assert last.json() == {"type": "error", "error": {"type": "api_error", "message": "backend: slot crashed"}}
+
+
+async def test_a_stream_without_message_stop_ends_with_exactly_one_error(scripted, http):
+    s, base, gw = scripted
+    events = sse_message(["a", "b"], model="big-model")
+    s.writes = [*events[:4], events[4][:10]]  # a cut, unfinished last event
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    kinds = [e.event for e in sse_events(got)]
+    assert status == 200 and kinds[-1] == "error" and kinds.count("error") == 1
+    assert got.startswith(b"".join(events[:4])) and events[4][:10] not in got[len(b"".join(events[:4])):]
+    assert s.calls == 1  # answer bytes reached the client: never sent twice
+
+
+async def test_upstream_retry_after_reaches_the_client(scripted, http):
+    s, base, _ = scripted
+    s.status, s.headers = 429, {"Content-Type": "application/json", "Retry-After": "17"}
+    s.writes = [b'{"error":{"code":429,"message":"busy","type":"rate_limit_error"}}']
+    status, headers, got = await _post(http, base, MAIN)
+    assert status == 429 and headers["retry-after"] == "17"
+    assert json.loads(got)["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("stream,ctype,body", [
+    (True, "application/json", b'{"type":"message"}'),
+    (True, "text/html", b"<html>proxy login</html>"),
+    (False, "text/html", b"<html>proxy login</html>"),
+    (False, "application/json", b"[1,2,3]"),
+])
+async def test_a_200_that_is_not_what_was_asked_for_is_a_502(scripted, http, stream, ctype, body):
+    s, base, gw = scripted
+    s.headers, s.writes = {"Content-Type": ctype}, [body]
+    status, _, got = await _post(http, base, {**MAIN, "stream": stream})
+    assert status == 502 and json.loads(got)["error"]["type"] == "api_error"
+    await until_free(gw.queues["primary"])
+
+
+async def test_a_large_non_streaming_answer_is_relayed_whole(scripted, http):
+    s, base, _ = scripted
+    text = "lorem ipsum " * 50_000  # 600 KB
+    answer = json.dumps({"id": "m", "type": "message", "role": "assistant", "model": "big-model",
+                         "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                         "usage": {"input_tokens": 1, "output_tokens": 2}}).encode()
+    s.headers = {"Content-Type": "application/json"}
+    s.writes, s.delay = [answer[i:i + 4096] for i in range(0, len(answer), 4096)], 0.001
+    status, _, got = await _post(http, base, MAIN)
+    assert status == 200 and json.loads(got)["content"][0]["text"] == text
+
+
+async def test_a_non_streaming_answer_cut_short_is_never_a_200(scripted, http):
+    s, base, gw = scripted
+    answer = json.dumps({"type": "message", "content": [{"type": "text", "text": "x" * 100_000}]}).encode()
+    s.headers, s.content_length = {"Content-Type": "application/json"}, len(answer)
+    s.writes = [answer[:50_000]]
+    status, _, got = await _post(http, base, MAIN)
+    assert status == 529 and "mid-answer" in json.loads(got)["error"]["message"]
+    assert s.calls == 3  # retried like any failure before a byte reached the client, then given up
+    await until_free(gw.queues["primary"])
+
+
+# ---- a vanished client's slot ------------------------------------------------------------------
+
+async def test_a_vanished_clients_slot_waits_for_the_backend_to_let_go(serve_app, gateway, http):
+    """The fake keeps generating for 0.6 s after its client left and crashes on overlap: the next
+    request must not reach it before then."""
+    f = FakeUpstream(chunk_delay=0.05, parts=40, linger=0.6)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
+    q = app[GATEWAY].queues["primary"]
+
+    async def vanish():
+        async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
+            await r.content.readany()  # mid-stream
+            r.close()
+
+    await vanish()
+    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    assert status == 200 and sse_events(got)[-1].event == "message_stop"
+    assert not f.crashed and f.max_in_flight == 1 and f.cancelled == 1
+    await until_free(q)
+    async with http.get(base + "/metrics") as r:
+        text = await r.text()
+    count = [line for line in text.splitlines()
+             if line.startswith('orchestrator_slot_release_wait_seconds_count{backend="primary",result="idle"}')]
+    assert count and float(count[0].rsplit(" ", 1)[1]) == 1
+
+
+async def test_without_slots_the_slot_is_freed_when_the_connection_closes(serve_app, gateway, http):
+    f = FakeUpstream(chunk_delay=0.05, parts=40, slots_endpoint=False)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
+    async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
+        await r.content.readany()
+        r.close()
+    await until_free(app[GATEWAY].queues["primary"], timeout=2)
