@@ -231,3 +231,41 @@ async def test_without_slots_the_slot_is_freed_when_the_connection_closes(serve_
         await r.content.readany()
         r.close()
     await until_free(app[GATEWAY].queues["primary"], timeout=2)
+
+
+async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve_app, gateway, http):
+    """Hundreds of clients, each gone at a random moment (queued, in prefill, mid-stream, waiting for a
+    non-streaming answer, or never); the fake lingers 0.1 s after a client leaves and dies on overlap."""
+    import random
+
+    rng = random.Random(8)
+    f = FakeUpstream(chunk_delay=0.003, parts=10, prefill_delay=0.02, linger=0.1)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url}], "queue": {"max_depth": 400}})
+    q = app[GATEWAY].queues["primary"]
+    outcomes = {"complete": 0, "gone": 0}
+
+    async def client(i: int) -> None:
+        body = {**MAIN, "stream": rng.random() < 0.7, "messages": [{"role": "user", "content": f"q{i}"}]}
+        # About the backend's pace (20 a second): some leave while queued, many while being served.
+        leave_after = rng.choice([None, None, rng.uniform(0, 0.1), rng.uniform(0, 0.1), rng.uniform(0, 2)])
+        await asyncio.sleep(rng.uniform(0, 10))
+        task = asyncio.ensure_future(_post(http, base, body))
+        done, _ = await asyncio.wait([task], timeout=leave_after)
+        if not done:
+            task.cancel()
+            outcomes["gone"] += 1
+            return
+        status, _, got = task.result()
+        assert status == 200
+        last = sse_events(got)[-1].event if body["stream"] else json.loads(got)["stop_reason"]
+        assert last in ("message_stop", "end_turn")
+        outcomes["complete"] += 1
+
+    await asyncio.gather(*[client(i) for i in range(200)])
+    await until_free(q, timeout=20)
+    assert not f.crashed and f.max_in_flight == 1, "two generations overlapped on the backend"
+    assert q.depth == 0 and q.acquired_total == q.released_total
+    assert outcomes["gone"] > 40 and outcomes["complete"] > 40 and f.cancelled > 3, (outcomes, f.cancelled)
+    status, _, _ = await _post(http, base, MAIN)
+    assert status == 200
