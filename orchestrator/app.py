@@ -140,7 +140,9 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
 # connections after a few seconds anyway. After refusing a request whose body
 # is still arriving (413, 408), aiohttp reads and drops the rest for
 # lingering_time before it closes, so the client sees the answer, not a reset.
-HANDLER_KWARGS: dict = {"access_log": None, "keepalive_timeout": 75.0, "lingering_time": 2.0,
+# auto_decompress off: a request body is taken as sent (bodies.read_body refuses
+# a compressed one), so no gzip bomb is inflated on the event loop.
+HANDLER_KWARGS: dict = {"access_log": None, "keepalive_timeout": 75.0, "lingering_time": 2.0, "auto_decompress": False,
                          "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType
 
@@ -29,6 +30,11 @@ async def read_body(request: web.Request, *, limit: int, timeout: float) -> byte
     mime = ctype.split(";", 1)[0].strip().lower()
     if mime and mime != "application/json" and not mime.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {mime!r}")
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Claude Code never compresses a request; a compressed one could inflate
+        # to gigabytes (the server does not decompress: app.HANDLER_KWARGS).
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted; send the body uncompressed")
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"request body is {request.content_length} bytes; the limit is {limit} "
                               f"(gateway.max_body_bytes)")
@@ -42,8 +48,8 @@ async def read_body(request: web.Request, *, limit: int, timeout: float) -> byte
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {timeout:g}s (gateway.body_timeout_seconds); "
                              f"{len(buf)} bytes arrived") from None
-    except HttpProcessingError as e:
-        raise InvalidRequest(f"request body is incomplete or malformed: {e.message}") from None
+    except (HttpProcessingError, RequestPayloadError) as e:
+        raise InvalidRequest(f"request body is incomplete or malformed: {getattr(e, 'message', e)}") from None
     return bytes(buf)
 
 
@@ -53,10 +59,13 @@ def _no_constant(name: str) -> Any:
 
 def _parse(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        # UTF-8 only (json.loads would take UTF-16 and UTF-32 too, which no backend reads).
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"request body is not UTF-8: {e.reason} at byte {e.start}") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
@@ -129,6 +138,8 @@ def check_request(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model: Field required (a non-empty string)")
+    if not model.isprintable() or len(model) > 256:  # lone surrogates are not printable
+        raise InvalidRequest("model: must be a printable Unicode name of at most 256 characters")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages: Field required (a list of messages)")

@@ -17,6 +17,7 @@ import aiohttp
 
 from .config import BackendConfig
 from .errors import GatewayError
+from .routing import utf8_json
 from .upstream import UpstreamClient
 
 COUNTED_FIELDS = ("system", "messages", "tools", "tool_choice", "thinking")
@@ -29,7 +30,8 @@ INLINE_BYTES = 64 * 1024
 
 def _canonical(body: dict[str, Any]) -> str:
     relevant = {k: body[k] for k in COUNTED_FIELDS if k in body}
-    return json.dumps(relevant, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    # ASCII: every string has a form, lone surrogates included; only the key and the estimate use it.
+    return json.dumps(relevant, sort_keys=True, separators=(",", ":"))
 
 
 def content_key(body: dict[str, Any]) -> str:
@@ -45,9 +47,8 @@ def estimate_tokens(body: dict[str, Any]) -> int:
 def _prepare(body: dict[str, Any]) -> tuple[str, int, bytes]:
     """(cache key, estimate, what to send the backend) from one serialisation."""
     canon = _canonical(body)
-    payload = {k: body[k] for k in ("model", *COUNTED_FIELDS) if k in body}
-    return (hashlib.sha256(canon.encode()).hexdigest(), max(1, (len(canon) + 3) // 4),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    payload = utf8_json({k: body[k] for k in ("model", *COUNTED_FIELDS) if k in body})
+    return hashlib.sha256(canon.encode()).hexdigest(), max(1, (len(canon) + 3) // 4), payload
 
 
 class TokenCounter:

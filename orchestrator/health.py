@@ -10,6 +10,7 @@ with an error that names it and its log.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import xmlrpc.client
@@ -67,6 +68,7 @@ class BackendHealth:
         self.restarts = 0
         self.last_restart: float | None = None
         self.pid: int | None = None
+        self._pids: collections.deque[int] = collections.deque(maxlen=16)  # recent pids of its process
         # The context a request may fill (llama-server's per-slot n_ctx), for
         # `orchestrator env` to hand Claude Code; None when unknown.
         self.n_ctx: int | None = None
@@ -147,13 +149,17 @@ class BackendHealth:
         """What supervisord says of the backend's process, polled or from its events.
         A new pid is a restart; FATAL is final until the process runs again."""
         self.process_state = state
-        if pid and self.pid and pid != self.pid:
-            self.restarts += 1
-            self.last_restart = time.time()
-            log.warning("backend %s: process restarted (pid %s -> %s)", self.backend.name, self.pid, pid)
-            self._on_restart(self.backend.name)
-        if pid:
+        # Only a process that runs says which pid is current: an EXITED event
+        # may arrive after a poll has already seen the new process, still
+        # naming the old pid, and one crash must count as one restart.
+        if pid and state in ("STARTING", "RUNNING") and pid not in self._pids:
+            if self.pid:
+                self.restarts += 1
+                self.last_restart = time.time()
+                log.warning("backend %s: process restarted (pid %s -> %s)", self.backend.name, self.pid, pid)
+                self._on_restart(self.backend.name)
             self.pid = pid
+            self._pids.append(pid)
         if state == "FATAL":
             self.set(State.FAILED, f"its process is FATAL in supervisord (could not start after "
                                    f"{self.backend.start_retries} retries)")

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ROUTES = ("main", "background", "synthetic", "count_tokens")
 PRIORITIES = ("main", "background")
 SYNTHETIC_KINDS = ("title", "topic", "warmup", "count_probe", "other")
-DISCONNECT_STAGES = ("queued", "streaming")
+# queued: waiting for a slot; in_slot: after its grant (prefill, generation, streaming).
+DISCONNECT_STAGES = ("queued", "in_slot")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
                      "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")

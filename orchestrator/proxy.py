@@ -34,7 +34,7 @@ from .errors import (
 )
 from .health import BackendHealth, State
 from .metrics import Metrics
-from .routing import Route, forwarded_body
+from .routing import Route, forwarded_body, utf8_json
 from .release import wait_released
 from .slots import Lease, SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers
@@ -75,10 +75,11 @@ class Outcome:
     input_tokens: int = 0
     cache_read_tokens: int = 0
     output_tokens: int = 0
+    in_slot: bool = False  # between a slot's grant and its release
 
     def reset(self, granted: float) -> None:
         """A new send: forget what a failed one saw."""
-        self.granted, self.first_content = granted, None
+        self.granted, self.first_content, self.in_slot = granted, None, True
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
 
 
@@ -113,9 +114,14 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
             outcome.status = "200"
         return response
     except ClientGone as gone:
-        gw.metrics.disconnects.labels("streaming").inc()
+        gw.metrics.disconnects.labels("in_slot").inc()
         outcome.status = "client_gone"
         return gone.response or web.Response(status=499)
+    except asyncio.CancelledError:
+        # The client left (its handler is cancelled) while its request held the slot.
+        if outcome.in_slot:
+            gw.metrics.disconnects.labels("in_slot").inc()
+        raise
     except GatewayError as e:
         if client is None or not client.started:
             outcome.status = str(e.status)
@@ -174,6 +180,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
             log.warning("backend %s failed before answering (send %d of %d): %s",
                         backend.name, attempt + 1, MAX_SENDS, r.cause.message)
         finally:
+            outcome.in_slot = False
             if call.abandoned:
                 _release_when_idle(gw, backend, queue, lease, call)
             else:
@@ -238,7 +245,7 @@ async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: Ba
         raise UpstreamError(f"backend {backend.name!r} answered 200 with {len(raw)} bytes that are not a JSON "
                             f"message ({ctype or 'no Content-Type'})")
     if isinstance(model, str) and message.get("model") != model:
-        raw = json.dumps({**message, "model": model}, ensure_ascii=False, separators=(",", ":")).encode()
+        raw = utf8_json({**message, "model": model})
     return web.Response(body=raw, status=200, headers=_answer_headers(resp.headers))
 
 

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from .config import Config
+from .errors import InvalidRequest
 from .slots import Priority
 
 BILLING_PREFIX = "x-anthropic-billing-header:"
@@ -120,4 +121,13 @@ def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max
         out = {**out, "max_tokens": max_output_tokens}
     if out is body:
         return raw
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
+    return utf8_json(out)
+
+
+def utf8_json(obj: Any) -> bytes:
+    """Compact JSON in UTF-8. A lone surrogate ("\\ud800": valid JSON, not Unicode) has no UTF-8 form."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("request body holds a lone UTF-16 surrogate (\\ud800-\\udfff escape), which is "
+                             "not valid Unicode") from None

@@ -24,22 +24,36 @@ _FILLER = {
     "some", "want", "need", "let's", "lets", "how", "do", "is", "are", "what", "why",
 }
 _TRAILING = {"a", "an", "the", "that", "to", "for", "of", "and", "in", "on", "with", "which"}
-_SESSION = re.compile(r"<session>(.*?)</session>", re.S)
 _WORD = re.compile(r"[\w][\w.'/-]*", re.U)
+
+
+# The user's words are read from the start of the message only: a title needs
+# five words, and a search over megabytes would hold the event loop.
+MAX_WORDS_SCAN = 16 * 1024
+MAX_WORD_CHARS = 40
+
+
+def _session_text(text: str) -> str | None:
+    """What stands inside Claude Code's <session> tags, found in linear time."""
+    start = text.find("<session>")
+    if start < 0:
+        return None
+    end = text.find("</session>", start + 9)
+    return text[start + 9:end] if end >= 0 else None
 
 
 def user_words(body: dict[str, Any]) -> str:
     """The user's own text: inside Claude Code's <session> tags when present, else the last user message."""
     for msg in reversed(body.get("messages") or []):
         if isinstance(msg, dict) and msg.get("role") == "user":
-            text = text_of(msg.get("content"))
-            m = _SESSION.search(text)
-            return (m.group(1) if m else text).strip()
+            text = text_of(msg.get("content"))[:MAX_WORDS_SCAN]
+            inside = _session_text(text)
+            return (inside if inside is not None else text).strip()
     return ""
 
 
 def make_title(body: dict[str, Any], max_words: int = 5) -> str:
-    words = _WORD.findall(user_words(body))
+    words = [w[:MAX_WORD_CHARS] for w in _WORD.findall(user_words(body))]
     while words and words[0].lower() in _FILLER:
         words.pop(0)
     words = words[:max_words]
@@ -79,8 +93,10 @@ def instance_of(schema: Any, title: str, path: str = "output_config.format.schem
     if not isinstance(schema, dict):
         return None
     if "const" in schema:
+        budget.spend(len(json.dumps(schema["const"])), f"{path}.const")
         return schema["const"]
     if schema.get("enum"):
+        budget.spend(len(json.dumps(schema["enum"][0])), f"{path}.enum")
         return schema["enum"][0]
     for key in ("anyOf", "oneOf", "allOf"):
         if schema.get(key):
@@ -96,14 +112,16 @@ def instance_of(schema: Any, title: str, path: str = "output_config.format.schem
             sub = props.get(k, {})
             budget.spend(len(k), f"{path}.properties.{k}")
             if k == "title" and isinstance(sub, dict) and sub.get("type", "string") == "string":
+                budget.spend(len(title), f"{path}.properties.{k}")
                 out[k] = title
             else:
                 out[k] = instance_of(sub, title, f"{path}.properties.{k}", budget)
         return out
     if kind == "string":
         need = schema.get("minLength", 1)
-        budget.spend(need, f"{path}.minLength")
-        return title if title and need <= len(title) else "x" * need
+        use_title = title and need <= len(title)
+        budget.spend(len(title) if use_title else need, f"{path}.minLength")
+        return title if use_title else "x" * need
     if kind == "boolean":
         return False
     if kind in ("integer", "number"):

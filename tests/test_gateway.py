@@ -58,7 +58,7 @@ async def _post(http, base, body, path="/v1/messages?beta=true", **kw):
     (b'{"model":"m","max_tokens":5,"messages":[]}', "text/plain", 415, "Content-Type"),
     (b'{"model":"m","max_tokens":5,"messages":[], "pad":"' + b"x" * 2000 + b'"}', "application/json", 413,
      "limit"),
-    (b"\xff\xfe", "application/json", 400, "not valid JSON"),
+    (b"\xff\xfe", "application/json", 400, "not UTF-8"),
 ])
 async def test_bad_input_refused_before_a_slot(gateway, fake, http, data, ctype, status, needle):
     f, url = fake

@@ -60,3 +60,14 @@ async def test_pid_change_counts_a_restart_and_fatal_fails(upstream):
         await q.acquire()
     h.mark_down("connection refused")  # a later connection failure does not hide FATAL
     assert h.state is State.FAILED
+
+
+def test_one_crash_is_one_restart_whatever_order_events_and_polls_arrive_in():
+    """A poll may see the new process before supervisord's EXITED event for the old one arrives
+    (found by the soak): the old pid coming back in that event is not another restart."""
+    restarts = []
+    h = BackendHealth(DEAD, SlotQueue("p", 1), on_restart=restarts.append)
+    for state, pid in [("RUNNING", 100), ("STARTING", 200), ("EXITED", 100), ("STARTING", 200), ("RUNNING", 200),
+                       ("EXITED", 200), ("BACKOFF", None), ("STARTING", 300), ("RUNNING", 300)]:
+        h.observe_process(state, pid)
+    assert h.restarts == 2 and restarts == ["p", "p"] and h.pid == 300
