@@ -84,6 +84,23 @@ async def gateway(registry):
         await r.cleanup()
 
 
+@pytest.fixture
+async def fake(serve_app):
+    """A FakeUpstream on a free port: (fake, its URL)."""
+    from fakes import FakeUpstream
+
+    f = FakeUpstream()
+    return f, await serve_app(f.app())
+
+
+async def gateway_with(start_gateway, url: str, **gateway_keys):
+    """A gateway with one backend at `url` and these [gateway] keys: (base URL, its Gateway)."""
+    from orchestrator.handlers import GATEWAY
+
+    base, app = await start_gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
+    return base, app[GATEWAY]
+
+
 # ---- the real llama-server with SmolLM2 ------------------------------------------------------
 
 def llama_server_binary() -> str:

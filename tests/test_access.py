@@ -3,7 +3,7 @@
 import logging
 
 import pytest
-from fakes import FakeUpstream
+from conftest import gateway_with
 
 from orchestrator.config import ConfigError, config_from_dict, with_overrides
 
@@ -11,20 +11,9 @@ MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "c
 KEY = "correct-horse-battery-staple"
 
 
-@pytest.fixture
-async def fake(serve_app):
-    f = FakeUpstream()
-    return f, await serve_app(f.app())
-
-
-async def _gateway(gateway, url, **gateway_keys):
-    base, _ = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
-    return base
-
-
 async def test_with_a_key_every_endpoint_but_the_probes_needs_it(gateway, fake, http, caplog):
     f, url = fake
-    base = await _gateway(gateway, url, api_key=KEY)
+    base, _ = await gateway_with(gateway, url, api_key=KEY)
     caplog.set_level(logging.DEBUG)
     for headers, message in (({}, "missing API key"), ({"x-api-key": "wrong-key-123"}, "invalid API key"),
                              ({"Authorization": f"Basic {KEY}"}, "missing API key"),
@@ -47,7 +36,7 @@ async def test_with_a_key_every_endpoint_but_the_probes_needs_it(gateway, fake, 
 
 async def test_key_is_not_forwarded_to_the_backend(gateway, fake, http):
     f, url = fake
-    base = await _gateway(gateway, url, api_key=KEY)
+    base, _ = await gateway_with(gateway, url, api_key=KEY)
     async with http.post(base + "/v1/messages", json=MAIN, headers={"x-api-key": KEY}) as r:
         assert r.status == 200
     assert not any(KEY in v for v in f.headers[-1].values())
@@ -56,7 +45,7 @@ async def test_key_is_not_forwarded_to_the_backend(gateway, fake, http):
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://localhost:3000", "http://127.0.0.1:1"])
 async def test_a_web_page_is_refused_even_on_loopback(gateway, fake, http, origin):
     f, url = fake
-    base = await _gateway(gateway, url)
+    base, _ = await gateway_with(gateway, url)
     for method, path in (("POST", "/v1/messages"), ("OPTIONS", "/v1/messages"), ("GET", "/health"),
                          ("POST", "/internal/process-event")):
         async with http.request(method, base + path, json=MAIN, headers={"Origin": origin}) as r:
@@ -66,7 +55,7 @@ async def test_a_web_page_is_refused_even_on_loopback(gateway, fake, http, origi
 
 
 async def test_own_and_allowed_origins_pass(gateway, fake, http):
-    base = await _gateway(gateway, fake[1], allowed_origins=["https://my-tool.example"])
+    base, _ = await gateway_with(gateway, fake[1], allowed_origins=["https://my-tool.example"])
     for origin in (base, "https://my-tool.example"):
         async with http.post(base + "/v1/messages", json=MAIN, headers={"Origin": origin}) as r:
             assert r.status == 200, origin
@@ -77,7 +66,7 @@ async def test_own_and_allowed_origins_pass(gateway, fake, http):
     ("localhost", 200), ("127.0.0.1:9", 200), ("[::1]:9090", 200), ("mine.example:1", 200),
 ])
 async def test_dns_rebinding_is_refused_by_host(gateway, fake, http, host, status):
-    base = await _gateway(gateway, fake[1], allowed_hosts=["mine.example"])
+    base, _ = await gateway_with(gateway, fake[1], allowed_hosts=["mine.example"])
     async with http.post(base + "/v1/messages", json=MAIN, headers={"Host": host}) as r:
         assert r.status == status
         if status == 403:
@@ -85,7 +74,7 @@ async def test_dns_rebinding_is_refused_by_host(gateway, fake, http, host, statu
 
 
 async def test_health_says_whether_a_key_is_required(gateway, fake, http):
-    base = await _gateway(gateway, fake[1], api_key=KEY)
+    base, _ = await gateway_with(gateway, fake[1], api_key=KEY)
     async with http.get(base + "/health", headers={"x-api-key": KEY}) as r:
         assert (await r.json())["gateway"]["access"] == {"key_required": True, "open": False}
 

@@ -5,25 +5,12 @@ import json
 import time
 
 import pytest
-from conftest import sample
-from fakes import FakeUpstream
+from conftest import gateway_with, sample
 
 from orchestrator.bodies import check_request, check_schema
 from orchestrator.errors import InvalidRequest
-from orchestrator.handlers import GATEWAY
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
-
-
-@pytest.fixture
-async def fake(serve_app):
-    f = FakeUpstream()
-    return f, await serve_app(f.app())
-
-
-async def _gateway(gateway, url, **gateway_keys):
-    base, app = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
-    return base, app[GATEWAY]
 
 
 async def raw_request(base: str, head: str, parts: list[bytes], delay: float = 0.0,
@@ -86,7 +73,7 @@ def padded_main_body(target_bytes: int) -> dict:
 
 async def test_a_body_in_two_writes_20ms_apart_is_read_whole(gateway, fake, http):
     f, url = fake
-    base, _ = await _gateway(gateway, url)
+    base, _ = await gateway_with(gateway, url)
     data = json.dumps(MAIN).encode()
     head = (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
@@ -100,7 +87,7 @@ async def test_real_claude_code_bodies_of_megabytes_arrive_whole_in_many_writes(
     """Padded to 1 MB and 8 MB, sent chunked in 64 KB writes: the backend gets the client's
     body byte for byte but for the documented billing-line rewrite."""
     f, url = fake
-    base, gw = await _gateway(gateway, url)
+    base, gw = await gateway_with(gateway, url)
     body = {**padded_main_body(size), "stream": False}
     data = json.dumps(body).encode()
     chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in _split(data, len(data) // 65536)] + [b"0\r\n\r\n"]
@@ -116,7 +103,7 @@ async def test_real_claude_code_bodies_of_megabytes_arrive_whole_in_many_writes(
 
 async def test_a_30_mb_conversation_goes_through_intact_and_the_loop_keeps_serving(gateway, fake, http):
     f, url = fake
-    base, _ = await _gateway(gateway, url)
+    base, _ = await gateway_with(gateway, url)
     body = {**padded_main_body(30 << 20), "stream": True}
     data = json.dumps(body).encode()
     assert len(data) < 32 << 20
@@ -143,7 +130,7 @@ async def test_a_30_mb_conversation_goes_through_intact_and_the_loop_keeps_servi
 
 async def test_over_the_limit_is_413_even_chunked_without_content_length(gateway, fake):
     f, url = fake
-    base, gw = await _gateway(gateway, url, max_body_bytes=100_000)
+    base, gw = await gateway_with(gateway, url, max_body_bytes=100_000)
     data = json.dumps({**MAIN, "pad": "x" * 200_000}).encode()
     chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in _split(data, 20)] + [b"0\r\n\r\n"]
     head = ("POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -156,7 +143,7 @@ async def test_over_the_limit_is_413_even_chunked_without_content_length(gateway
 
 async def test_a_body_that_stops_arriving_gets_408_in_time(gateway, fake):
     f, url = fake
-    base, _ = await _gateway(gateway, url, body_timeout_seconds=0.3)
+    base, _ = await gateway_with(gateway, url, body_timeout_seconds=0.3)
     data = json.dumps(MAIN).encode()
     head = (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n\r\n")
@@ -187,7 +174,7 @@ async def test_a_body_that_stops_arriving_gets_408_in_time(gateway, fake):
     ({"max_tokens": 2.5}, "max_tokens"),
 ])
 async def test_wrong_types_are_400s_naming_the_field(gateway, fake, http, patch, field):
-    base, _ = await _gateway(gateway, fake[1])
+    base, _ = await gateway_with(gateway, fake[1])
     async with http.post(base + "/v1/messages", json={**MAIN, **patch}) as r:
         err = (await r.json())["error"]
         assert r.status == 400 and err["type"] == "invalid_request_error"
@@ -195,7 +182,7 @@ async def test_wrong_types_are_400s_naming_the_field(gateway, fake, http, patch,
 
 
 async def test_deep_nesting_and_nan_are_400_not_500(gateway, fake, http):
-    base, _ = await _gateway(gateway, fake[1])
+    base, _ = await gateway_with(gateway, fake[1])
     deep = b'{"model":"m","max_tokens":5,"messages":[],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     for data in (deep, b'{"model":"m","max_tokens":5,"messages":[],"t":NaN}'):
         async with http.post(base + "/v1/messages", data=data, headers={"Content-Type": "application/json"}) as r:
@@ -203,7 +190,7 @@ async def test_deep_nesting_and_nan_are_400_not_500(gateway, fake, http):
 
 
 async def test_a_schema_asking_for_a_huge_synthetic_answer_is_refused_fast(gateway, fake, http):
-    base, _ = await _gateway(gateway, fake[1])
+    base, _ = await gateway_with(gateway, fake[1])
     title = sample("title-2.1.332.json")["body"]
     fmt = title["output_config"]["format"]
     for schema in ({"type": "object", "required": ["x"], "properties": {"x": {"type": "string",

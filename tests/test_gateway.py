@@ -15,13 +15,6 @@ from orchestrator.sse import events as sse_events
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 
 
-@pytest.fixture
-async def fake(serve_app):
-    f = FakeUpstream()
-    url = await serve_app(f.app())
-    return f, url
-
-
 async def _start(start_gateway, url, **extra):
     raw = {"backends": [{"name": "primary", "url": url, "slots": 1}], **extra}
     base, app = await start_gateway(raw)

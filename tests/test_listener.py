@@ -5,21 +5,10 @@ import json
 import time
 
 import pytest
-from fakes import FakeUpstream
+from conftest import gateway_with
 from test_bodies import raw_request
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
-
-
-@pytest.fixture
-async def fake(serve_app):
-    f = FakeUpstream()
-    return f, await serve_app(f.app())
-
-
-async def _gateway(gateway, url, **gateway_keys):
-    base, _ = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
-    return base
 
 
 def _envelope(status: int, headers: dict, body: bytes) -> dict:
@@ -41,7 +30,7 @@ def _envelope(status: int, headers: dict, body: bytes) -> dict:
     ("POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
 ])
 async def test_protocol_refusals_are_anthropic_shaped(gateway, fake, head, status):
-    base = await _gateway(gateway, fake[1])
+    base, _ = await gateway_with(gateway, fake[1])
     got, headers, body = await raw_request(base, head, [])
     assert got == status
     err = _envelope(got, headers, body)
@@ -49,7 +38,7 @@ async def test_protocol_refusals_are_anthropic_shaped(gateway, fake, head, statu
 
 
 async def test_a_slowloris_is_dropped_and_others_are_served_meanwhile(gateway, fake, http):
-    base = await _gateway(gateway, fake[1], header_timeout_seconds=0.5)
+    base, _ = await gateway_with(gateway, fake[1], header_timeout_seconds=0.5)
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     started = time.monotonic()
@@ -78,7 +67,7 @@ async def test_a_slowloris_is_dropped_and_others_are_served_meanwhile(gateway, f
 
 
 async def test_a_connection_that_sends_nothing_is_closed_too(gateway, fake):
-    base = await _gateway(gateway, fake[1], header_timeout_seconds=0.3)
+    base, _ = await gateway_with(gateway, fake[1], header_timeout_seconds=0.3)
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     async with asyncio.timeout(5):
@@ -90,7 +79,7 @@ async def test_a_connection_that_sends_nothing_is_closed_too(gateway, fake):
 async def test_a_body_upload_is_not_cut_by_the_header_timeout(gateway, fake):
     """The header deadline ends with the headers: a slow body is the body timeout's business."""
     f, url = fake
-    base = await _gateway(gateway, url, header_timeout_seconds=0.2, body_timeout_seconds=10)
+    base, _ = await gateway_with(gateway, url, header_timeout_seconds=0.2, body_timeout_seconds=10)
     data = json.dumps(MAIN).encode()
     head = (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
@@ -100,7 +89,7 @@ async def test_a_body_upload_is_not_cut_by_the_header_timeout(gateway, fake):
 
 
 async def test_connections_past_the_limit_get_503_and_the_others_keep_working(gateway, fake, http):
-    base = await _gateway(gateway, fake[1], max_connections=3)
+    base, _ = await gateway_with(gateway, fake[1], max_connections=3)
     host, port = base.removeprefix("http://").split(":")
     idle = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
     await asyncio.sleep(0.05)
