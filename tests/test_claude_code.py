@@ -52,12 +52,16 @@ def claude_env_for(config, health, home: Path, *, nonessential: bool = False) ->
     return env
 
 
+def key_headers(config) -> dict:
+    return {"x-api-key": config.gateway.api_key} if config.gateway.api_key else {}
+
+
 async def start_for_claude(gateway, http, raw: dict):
     base, app = await gateway(raw)
     host, port = base.removeprefix("http://").split(":")
     config = config_from_dict({**raw, "gateway": {**raw.get("gateway", {}), "host": host, "port": int(port)}})
     for _ in range(100):  # until the first health check (and its /props read) is done
-        async with http.get(base + "/health") as r:
+        async with http.get(base + "/health", headers=key_headers(config)) as r:
             health = await r.json()
         if health["backends"][0]["state"] == "ready":
             break
@@ -73,8 +77,8 @@ async def run_claude(args: list[str], env: dict, cwd: Path, timeout: float = 600
     return proc.returncode, out.decode(), err.decode()
 
 
-async def _metric(http, base, name, **labels) -> float:
-    async with http.get(base + "/metrics") as r:
+async def _metric(http, base, name, headers=None, **labels) -> float:
+    async with http.get(base + "/metrics", headers=headers or {}) as r:
         text = await r.text()
     total = 0.0
     for line in text.splitlines():
@@ -83,10 +87,13 @@ async def _metric(http, base, name, **labels) -> float:
     return total
 
 
-async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gateway, http, claude_home):
+@pytest.mark.parametrize("key", [None, "a-key-for-claude-code"], ids=["no-key", "with-key"])
+async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gateway, http, claude_home, key):
+    """With a key configured too: `orchestrator claude` hands it over and Claude Code gets in."""
     home, project = claude_home
     llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
+        "gateway": {"api_key": key} if key else {},
         "backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 256}]})
     assert health["backends"][0]["n_ctx"] == 8192
     env = claude_env_for(config, health, home)
@@ -94,7 +101,10 @@ async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gate
     code, out, err = await run_claude(["-p", "Say hello"], env, project)
     assert code == 0, (out, err)
     assert out.strip(), "Claude Code printed no answer"
-    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="200") >= 1
+    assert await _metric(http, base, "orchestrator_requests_total", key_headers(config),
+                         route="main", status="200") >= 1
+    assert await _metric(http, base, "orchestrator_rejections_total", key_headers(config),
+                         reason="unauthorized") == 0
     assert gw.queues["primary"].busy == 0
 
 
