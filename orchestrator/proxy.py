@@ -75,11 +75,10 @@ class Outcome:
     input_tokens: int = 0
     cache_read_tokens: int = 0
     output_tokens: int = 0
-    in_slot: bool = False  # between a slot's grant and its release
 
     def reset(self, granted: float) -> None:
         """A new send: forget what a failed one saw."""
-        self.granted, self.first_content, self.in_slot = granted, None, True
+        self.granted, self.first_content = granted, None
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
 
 
@@ -117,11 +116,6 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
         gw.metrics.disconnects.labels("in_slot").inc()
         outcome.status = "client_gone"
         return gone.response or web.Response(status=499)
-    except asyncio.CancelledError:
-        # The client left (its handler is cancelled) while its request held the slot.
-        if outcome.in_slot:
-            gw.metrics.disconnects.labels("in_slot").inc()
-        raise
     except GatewayError as e:
         if client is None or not client.started:
             outcome.status = str(e.status)
@@ -179,8 +173,11 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
             health.mark_down(r.cause.message)
             log.warning("backend %s failed before answering (send %d of %d): %s",
                         backend.name, attempt + 1, MAX_SENDS, r.cause.message)
+        except asyncio.CancelledError:
+            # The client left (its handler is cancelled) while its request held the slot.
+            gw.metrics.disconnects.labels("in_slot").inc()
+            raise
         finally:
-            outcome.in_slot = False
             if call.abandoned:
                 _release_when_idle(gw, backend, queue, lease, call)
             else:

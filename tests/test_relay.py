@@ -269,3 +269,20 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     assert outcomes["gone"] > 40 and outcomes["complete"] > 40 and f.cancelled > 3, (outcomes, f.cancelled)
     status, _, _ = await _post(http, base, MAIN)
     assert status == 200
+
+
+async def test_a_client_gone_after_its_grant_is_counted_in_slot(serve_app, gateway, http):
+    f = FakeUpstream(chunk_delay=0.05, parts=40)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
+    for stream in (True, False):
+        task = asyncio.ensure_future(_post(http, base, {**MAIN, "stream": stream}))
+        while f.in_flight == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await until_free(app[GATEWAY].queues["primary"])
+    async with http.get(base + "/metrics") as r:
+        text = await r.text()
+    assert 'orchestrator_client_disconnects_total{stage="in_slot"} 2.0' in text
+    assert 'orchestrator_client_disconnects_total{stage="queued"} 0.0' in text
