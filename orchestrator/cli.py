@@ -17,7 +17,9 @@ from .config import (
     Config,
     ConfigError,
     config_from_dict,
+    describe,
     load_config,
+    render_example,
     with_overrides,
 )
 
@@ -64,7 +66,8 @@ def serve(config_path, host, port, primary_url, slots, background, log_level, ap
     """Run the gateway."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(config_path) if config_path else _one_liner_config(primary_url, slots, background)
+        config = (load_config(config_path, os.environ) if config_path
+                  else _one_liner_config(primary_url, slots, background))
         config = with_overrides(config, host=host, port=port, supervisor_socket=supervisor_socket, log_dir=log_dir,
                                 api_key=api_key, open=run_open, events_secret_file=events_secret_file)
     except ConfigError as e:
@@ -77,21 +80,26 @@ def serve(config_path, host, port, primary_url, slots, background, log_level, ap
 @main.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path) -> None:
-    """Validate a config file and print what it resolves to."""
+    """Validate a config file (with ORCHESTRATOR_* from the environment) and print what differs from the defaults."""
     try:
-        config = with_overrides(load_config(path), api_key=os.environ.get(API_KEY_ENV))
+        config = with_overrides(load_config(path, os.environ))
     except ConfigError as e:
         raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
     click.echo(f"{path}: ok")
-    for b in config.backends:
-        click.echo(f"  backend {b.name}: {b.url} role={b.role} slots={b.slots} models={list(b.models)}")
-    click.echo(f"  background: {config.routing.background}")
+    for line in describe(config):
+        click.echo(f"  {line}")
+
+
+@main.command("example-config")
+def example_config() -> None:
+    """Print the documented example configuration (every key, its default, what it does)."""
+    click.echo(render_example(), nl=False)
 
 
 def _load(config_path: str) -> tuple[Config, Path]:
     path = Path(config_path).resolve()
     try:
-        return with_overrides(load_config(path), api_key=os.environ.get(API_KEY_ENV)), path
+        return with_overrides(load_config(path, os.environ)), path
     except ConfigError as e:
         raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
 

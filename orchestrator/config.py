@@ -1,21 +1,29 @@
 """The one configuration: frozen dataclasses loaded from one TOML file.
 
-Validation happens in one pass and reports every problem at once, each naming
-its key (`backends[1].slots: ...`), so a person fixes the file in one edit.
-Unknown keys are errors: a typo must not silently fall back to a default.
+Every key is declared once, below, with its type, default, limits and a
+one-line description (`setting`). From that declaration come: the reading and
+validation of a file (every problem at once, each naming its key path, such
+as `backends[1].slots: ...`; unknown keys are errors, so a typo never falls
+back silently to a default), the environment overrides
+(`ORCHESTRATOR_<TABLE>_<KEY>`), what `check-config` reports, and the
+documented example file (`orchestrator example-config`, committed as
+deploy/orchestrator.example.toml and checked against it by a test).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import json
 import tomllib
-from dataclasses import dataclass, field, replace
+import typing
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 SYNTHETIC = "synthetic"
+ENV_PREFIX = "ORCHESTRATOR_"
 
 
 class ConfigError(ValueError):
@@ -24,40 +32,66 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+def setting(default: Any, doc: str, *, check: Callable[[Any], bool] | None = None, why: str = "",
+            example: Any = None, secret: bool = False, env: str | None = None,
+            normalize: Callable[[Any], Any] | None = None) -> Any:
+    """One configuration key: its default (MISSING: required), a one-line description, and its limits.
+
+    `check`/`why`: a value must pass `check`, else the problem says it must be `why`.
+    `example`: shown in the example file for a key without a useful default.
+    `secret`: never in repr nor in check-config's report. `env`: an extra environment name.
+    """
+    meta = {"doc": doc, "check": check, "why": why, "example": example, "secret": secret, "env": env,
+            "normalize": normalize}
+    return field(default=default, repr=not secret, metadata=meta)
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _url_ok(v: str) -> bool:
+    parts = urlsplit(v)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 9090
-    # Claude Code's main requests are 30-90 KB; a long session with pasted
-    # files can reach a few MB. Far beyond that is a mistake, not a prompt.
-    max_body_bytes: int = 32 * 1024 * 1024
-    # count_tokens is answered by the backend only if it answers quickly;
-    # /context fires up to 25 of them and waits for all.
-    count_tokens_timeout_seconds: float = 2.0
-    # How long to wait for a backend's TCP connect before calling it down.
-    connect_timeout_seconds: float = 5.0
-    health_interval_seconds: float = 2.0
-    # A streaming request silent this long (queued, backend restarting, long
-    # prefill) gets its headers and an SSE ping, then a ping every interval; 0: never.
-    ping_interval_seconds: float = 10.0
-    # Access. On any address but loopback the gateway needs a key (or `open`);
-    # ORCHESTRATOR_API_KEY in the environment sets it too. Never logged.
-    api_key: str | None = field(default=None, repr=False)
-    # Serve without a key on a non-loopback address; said in the log and /health.
-    open: bool = False
-    # Browser protection: web origins allowed besides the gateway's own, and
-    # Host names besides loopback names, the bind address and this machine's names.
-    allowed_origins: tuple[str, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    # Slow and greedy clients: a request's headers must arrive within
-    # header_timeout of the connection (or of the previous answer on it), its body within
-    # body_timeout; at most max_connections at once (past it: 503 and close).
-    header_timeout_seconds: float = 30.0
-    body_timeout_seconds: float = 120.0
-    max_connections: int = 512
-    # A backend's client vanished: its slot is free again only when the
-    # backend's /slots shows it idle; this long at most, then the backend counts as down.
-    release_timeout_seconds: float = 30.0
+    host: str = setting("127.0.0.1", "address to listen on; any but loopback needs api_key (or open)",
+                        check=bool, why="a host name")
+    port: int = setting(9090, "point ANTHROPIC_BASE_URL here", check=lambda v: 0 <= v < 65536, why="a port (0-65535)")
+    # Claude Code's main requests are 30-90 KB; a long session with pasted files
+    # reaches megabytes. Far beyond that is a mistake, not a prompt.
+    max_body_bytes: int = setting(32 * 1024 * 1024, "largest request body (32 MiB); past it: 413",
+                                  check=_positive, why="a positive integer")
+    # /context fires up to 25 count_tokens calls at once and waits for all.
+    count_tokens_timeout_seconds: float = setting(2.0, "then count_tokens answers with a local estimate",
+                                                  check=_positive, why="a positive number")
+    connect_timeout_seconds: float = setting(5.0, "a backend's TCP connect; past it the backend counts as down",
+                                             check=_positive, why="a positive number")
+    health_interval_seconds: float = setting(2.0, "backend health polling (every 0.25 s while one is down)",
+                                             check=_positive, why="a positive number")
+    ping_interval_seconds: float = setting(10.0, "SSE pings while a streaming request waits in silence; 0: never",
+                                           check=_non_negative, why="a non-negative number")
+    api_key: str | None = setting(None, "clients must send it (x-api-key or Bearer); required off loopback",
+                                  check=lambda v: len(v) >= 8, why="a key of at least 8 characters",
+                                  example="a-long-random-string", secret=True, env="ORCHESTRATOR_API_KEY")
+    open: bool = setting(False, "serve without a key off loopback (said in the log and /health)")
+    allowed_origins: tuple[str, ...] = setting((), "web origins allowed besides the gateway's own (browser protection)")
+    allowed_hosts: tuple[str, ...] = setting((), "Host names allowed besides loopback, the bind address, this machine")
+    header_timeout_seconds: float = setting(30.0, "request headers must arrive within this; past it: 408 and close",
+                                            check=_positive, why="a positive number")
+    body_timeout_seconds: float = setting(120.0, "the request body within this; past it: 408",
+                                          check=_positive, why="a positive number")
+    max_connections: int = setting(512, "open connections at once; past it: 503 and close",
+                                   check=_positive, why="a positive integer")
+    release_timeout_seconds: float = setting(30.0, "a vanished client's request still on the backend: warn "
+                                                   "(its slot stays busy until the backend lets go)",
+                                             check=_positive, why="a positive number")
 
     @property
     def url(self) -> str:
@@ -68,83 +102,87 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    max_depth: int = 64
+    max_depth: int = setting(64, "waiting requests per backend; past it: 529 overloaded_error",
+                             check=_non_negative, why="a non-negative integer")
     # Claude Code's own timeout is 600 s per attempt (X-Stainless-Timeout).
-    max_wait_seconds: float = 600.0
-    retry_after_seconds: int = 10
-    # How long requests wait for a backend that is down (crashed, restarting)
-    # before they get 529. Claude Code retries a main call for about 3 minutes.
-    down_grace_seconds: float = 300.0
+    max_wait_seconds: float = setting(600.0, "longest wait for a slot; past it: 529 overloaded_error",
+                                      check=_positive, why="a positive number")
+    retry_after_seconds: int = setting(10, "the retry-after header sent with a 529", check=_positive,
+                                       why="a positive integer")
+    # Claude Code retries a main call for about 3 minutes.
+    down_grace_seconds: float = setting(300.0, "requests wait this long for a backend that is down, then 529",
+                                        check=_positive, why="a positive number")
 
 
 @dataclass(frozen=True)
 class BackendConfig:
-    name: str
-    url: str
-    slots: int = 1
-    models: tuple[str, ...] = ("*",)
-    role: str = "main"  # "main" or "background"
-    # Sent to the backend as x-api-key and Bearer token (remote backends).
-    api_key: str | None = None
-    # The client's own key is not forwarded unless asked: Claude Code sends a
+    name: str = setting(MISSING, "the backend's name, in metrics, logs and routing.background",
+                        check=lambda v: bool(v) and v != SYNTHETIC, why='a non-empty name other than "synthetic"',
+                        example="primary")
+    url: str = setting(MISSING, "the server's base URL", check=_url_ok, why="an http(s) URL",
+                       example="http://127.0.0.1:8080", normalize=lambda v: v.rstrip("/"))
+    slots: int = setting(1, "requests it may run at once: llama-server's --parallel", check=lambda v: v >= 1,
+                         why="a positive integer")
+    models: tuple[str, ...] = setting(("*",), "model-name patterns (fnmatch, case-insensitive) routed here",
+                                      check=lambda v: len(v) > 0, why="a non-empty list of patterns")
+    role: str = setting("main", '"main", or "background" for routing.background',
+                        check=lambda v: v in ("main", "background"), why='"main" or "background"')
+    # The client's own key is never forwarded unless asked: Claude Code sends a
     # real Anthropic key when a person has one configured.
-    forward_client_key: bool = False
-    health_path: str = "/health"
-    # The process supervisord runs for this backend; None for a remote or
-    # self-managed one. Placeholders: {llama_server}, {default_model}, {host}, {port}.
-    command: str | None = None
-    # supervisord: seconds the process must stay up to count as started, and
-    # start attempts before it is FATAL.
-    start_seconds: int = 5
-    start_retries: int = 3
-    # Clamp the request's max_tokens to this (0: no clamp). Claude Code asks for
-    # 32000; a small local model that never stops would fill its whole context.
-    max_output_tokens: int = 0
+    api_key: str | None = setting(None, "sent to the backend as x-api-key and Bearer (remote backends)",
+                                  example="sk-...", secret=True)
+    forward_client_key: bool = setting(False, "send the client's own key to this backend")
+    health_path: str = setting("/health", "polled for health; a 404 counts as up (APIs without one)",
+                               check=lambda v: v.startswith("/"), why='a path starting with "/"')
+    command: str | None = setting(None, "the process supervisord runs; placeholders {llama_server} "
+                                        "{default_model} {host} {port}",
+                                  check=lambda v: bool(v.strip()), why="a non-empty command line",
+                                  example="{llama_server} --model /models/m.gguf --host {host} --port {port} "
+                                          "--parallel 1 --metrics")
+    start_seconds: int = setting(5, "supervisord: seconds it must stay up to count as started",
+                                 check=_non_negative, why="a non-negative integer")
+    start_retries: int = setting(3, "supervisord: start attempts before it is FATAL", check=_non_negative,
+                                 why="a non-negative integer")
+    # Claude Code asks for 32000; a small model that never stops would fill its context.
+    max_output_tokens: int = setting(0, "clamp the request's max_tokens to this; 0: no clamp",
+                                     check=_non_negative, why="a non-negative integer")
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    background_models: tuple[str, ...] = ("*haiku*",)
-    # A backend name with role "background", or "synthetic".
-    background: str = SYNTHETIC
-    # Non-streaming max_tokens=1 requests are token-count probes from Claude
-    # Code releases that lack count_tokens: "count_tokens" answers them from
-    # the count path, "forward" sends them to the model like any request.
-    count_probes: str = "count_tokens"
-    # Drop the per-request `x-anthropic-billing-header` system block, which
-    # changes every request and so defeats the backend's prompt cache.
-    strip_billing_header: bool = True
+    background_models: tuple[str, ...] = setting(("*haiku*",), "model names that are background traffic")
+    background: str = setting(SYNTHETIC, '"synthetic", or the name of a role = "background" backend')
+    count_probes: str = setting("count_tokens", 'max_tokens=1 probes: answered from "count_tokens", or "forward"',
+                                check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"')
+    strip_billing_header: bool = setting(True, "drop the per-request billing line that defeats the prompt cache")
 
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    # Where `orchestrator up` keeps supervisord.conf and var/ (logs, socket,
-    # Prometheus data); relative paths are relative to the config file.
-    dir: str = "."
-    # The llama-server binary for {llama_server}; empty: PATH, then the cached build.
-    llama_server: str = ""
-    # Set for the gateway by `orchestrator up`: supervisord's socket, to see
-    # restarts and FATAL backends, and the folder of the programs' logs.
-    socket: str = ""
-    log_dir: str = ""
-    # Set by `orchestrator up`: a file holding the secret the event listener
-    # proves itself with on /internal/process-event (kept out of supervisord.conf).
-    events_secret_file: str = ""
-    # Where the bundled Prometheus listens; empty: do not run one.
-    prometheus_listen: str = "127.0.0.1:9091"
-    prometheus_scrape_interval: str = "5s"
+    dir: str = setting(".", "supervisord.conf and var/ go here (relative to this file)")
+    llama_server: str = setting("", "the binary for {llama_server}; empty: PATH, then the cached build")
+    socket: str = setting("", "set by `orchestrator up`: supervisord's socket, for restarts and FATAL")
+    log_dir: str = setting("", "set by `orchestrator up`: where the programs' logs are")
+    events_secret_file: str = setting("", "set by `orchestrator up`: the event listener's secret")
+    prometheus_listen: str = setting("127.0.0.1:9091", "the bundled Prometheus; empty: do not run one")
+    prometheus_scrape_interval: str = setting("5s", "how often Prometheus scrapes")
 
 
 @dataclass(frozen=True)
 class ClaudeConfig:
     """What `orchestrator claude` and `orchestrator env` tell Claude Code."""
 
-    # The names Claude Code sends: `model` routes as main traffic, `small_model`
-    # must match routing.background_models so background calls are known by name.
-    model: str = "local-model"
-    small_model: str = "local-haiku"
+    model: str = setting("local-model", "the name Claude Code sends for main requests", check=bool,
+                         why="a model name")
+    small_model: str = setting("local-haiku", "its background model name; must match routing.background_models",
+                               check=bool, why="a model name")
     # A first turn on a big model (25k tokens of prefill) takes minutes.
-    api_timeout_ms: int = 3_600_000
+    api_timeout_ms: int = setting(3_600_000, "Claude Code's API_TIMEOUT_MS", check=_positive,
+                                  why="a positive integer")
+
+
+TABLES: dict[str, type] = {"gateway": GatewayConfig, "queue": QueueConfig, "routing": RoutingConfig,
+                           "supervisor": SupervisorConfig, "claude": ClaudeConfig}
 
 
 @dataclass(frozen=True)
@@ -173,57 +211,90 @@ class Config:
         return self.backend(self.routing.background)
 
 
-class _Checker:
-    """Collects problems while reading a table; never stops at the first."""
+# ---- reading, from the declarations ------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.problems: list[str] = []
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
-    def table(self, raw: Any, key: str, allowed: set[str]) -> dict[str, Any]:
-        if raw is None:
-            return {}
-        if not isinstance(raw, dict):
-            self.problems.append(f"{key}: must be a table")
-            return {}
-        for k in sorted(set(raw) - allowed):
-            self.problems.append(f"{key}.{k}: unknown key (known: {', '.join(sorted(allowed))})")
-        return raw
 
-    def get(self, raw: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...],
-            default: Any, *, check=None, why: str = "") -> Any:
-        if key not in raw:
-            return default
-        value = raw[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # bool is an int in Python; a port of `true` is still a mistake.
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
-        if ok and check is not None and not check(value):
+def _kind(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, optional) of a declared key; tuples of strings are `tuple`."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    return (tuple if typing.get_origin(hint) is tuple else hint), optional
+
+
+def _convert(value: Any, kind: type) -> tuple[bool, Any]:
+    """The value as `kind`, or (False, None). An int is a float; a bool is never a number."""
+    if kind is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        return ok, tuple(value) if ok else None
+    if isinstance(value, bool) and kind is not bool:
+        return False, None
+    if kind is float and isinstance(value, int):
+        return True, float(value)
+    return isinstance(value, kind), value
+
+
+def _read_table(cls: type, raw: Any, path: str, problems: list[str]) -> dict[str, Any]:
+    """The declared keys of one table, checked; missing required keys and unknown keys are problems."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: must be a table")
+        return {}
+    known = [f.name for f in fields(cls)]
+    for k in sorted(set(raw) - set(known)):
+        problems.append(f"{path}.{k}: unknown key (known: {', '.join(sorted(known))})")
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        meta = f.metadata
+        if f.name not in raw:
+            if f.default is MISSING:
+                problems.append(f"{path}.{f.name}: required")
+            continue
+        kind, optional = _kind(cls, f.name)
+        ok, value = _convert(raw[f.name], kind)
+        if ok and meta["check"] is not None and not meta["check"](value):
             ok = False
         if not ok:
-            names = " or ".join(k.__name__ for k in kinds)
-            self.problems.append(f"{path}.{key}: must be {why or names}, got {value!r}")
-            return default
-        if float in kinds and isinstance(value, int):
-            value = float(value)
-        return value
-
-    def patterns(self, raw: dict[str, Any], key: str, path: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(raw, key, path, list, list(default),
-                         check=lambda v: all(isinstance(p, str) and p for p in v),
-                         why="a list of non-empty strings")
-        return tuple(value)
+            what = meta["why"] or ("a list of non-empty strings" if kind is tuple else _KIND_NAMES[kind])
+            problems.append(f"{path}.{f.name}: must be {what}, got {raw[f.name]!r}")
+            continue
+        out[f.name] = meta["normalize"](value) if meta["normalize"] else value
+    return out
 
 
-def _positive(v: float) -> bool:
-    return v > 0
+def env_name(table: str, key: str) -> str:
+    return f"{ENV_PREFIX}{table}_{key}".upper()
 
 
-def _url_ok(v: str) -> bool:
-    parts = urlsplit(v)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+def _env_value(text: str, kind: type) -> Any:
+    """An environment string as the key's type; a value that does not read stays a string (and fails the check)."""
+    if kind is bool:
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower(), text)
+    if kind is tuple:
+        return [p.strip() for p in text.split(",") if p.strip()]
+    for conv in ((int,) if kind is int else (int, float) if kind is float else ()):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """`ORCHESTRATOR_<TABLE>_<KEY>` (and a key's extra name) for every key of the single tables:
+    {table: {key: (the variable's name, its value)}}."""
+    out: dict[str, dict[str, tuple[str, Any]]] = {}
+    for table, cls in TABLES.items():
+        for f in fields(cls):
+            for name in (env_name(table, f.name), f.metadata["env"]):
+                if name and env.get(name):
+                    out.setdefault(table, {})[f.name] = (name, _env_value(env[name], _kind(cls, f.name)[0]))
+    return out
 
 
 def same_server_key(url: str) -> str:
@@ -255,147 +326,139 @@ def exposure_problem(gateway: GatewayConfig) -> str | None:
             f"anyone who can reach it")
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    c = _Checker()
-    top = c.table(raw, source, {"gateway", "queue", "routing", "backends", "supervisor", "claude"})
-    base = Config()
-
-    g = c.table(top.get("gateway"), "gateway", set(GatewayConfig.__dataclass_fields__))
-    gw = base.gateway
-    gateway = GatewayConfig(
-        host=c.get(g, "host", "gateway", str, gw.host, check=bool, why="a host name"),
-        port=c.get(g, "port", "gateway", int, gw.port, check=lambda v: 0 <= v < 65536, why="a port (0-65535)"),
-        max_body_bytes=c.get(g, "max_body_bytes", "gateway", int, gw.max_body_bytes, check=_positive,
-                             why="a positive integer"),
-        count_tokens_timeout_seconds=c.get(g, "count_tokens_timeout_seconds", "gateway", (int, float),
-                                           gw.count_tokens_timeout_seconds, check=_positive, why="a positive number"),
-        connect_timeout_seconds=c.get(g, "connect_timeout_seconds", "gateway", (int, float),
-                                      gw.connect_timeout_seconds, check=_positive, why="a positive number"),
-        health_interval_seconds=c.get(g, "health_interval_seconds", "gateway", (int, float),
-                                      gw.health_interval_seconds, check=_positive, why="a positive number"),
-        ping_interval_seconds=c.get(g, "ping_interval_seconds", "gateway", (int, float), gw.ping_interval_seconds,
-                                    check=lambda v: v >= 0, why="a non-negative number"),
-        api_key=c.get(g, "api_key", "gateway", str, gw.api_key, check=lambda v: len(v) >= 8,
-                      why="a key of at least 8 characters"),
-        open=c.get(g, "open", "gateway", bool, gw.open),
-        allowed_origins=c.patterns(g, "allowed_origins", "gateway", gw.allowed_origins),
-        allowed_hosts=c.patterns(g, "allowed_hosts", "gateway", gw.allowed_hosts),
-        header_timeout_seconds=c.get(g, "header_timeout_seconds", "gateway", (int, float),
-                                     gw.header_timeout_seconds, check=_positive, why="a positive number"),
-        body_timeout_seconds=c.get(g, "body_timeout_seconds", "gateway", (int, float), gw.body_timeout_seconds,
-                                   check=_positive, why="a positive number"),
-        max_connections=c.get(g, "max_connections", "gateway", int, gw.max_connections, check=_positive,
-                              why="a positive integer"),
-        release_timeout_seconds=c.get(g, "release_timeout_seconds", "gateway", (int, float),
-                                      gw.release_timeout_seconds, check=_positive, why="a positive number"),
-    )
-
-    q = c.table(top.get("queue"), "queue", set(QueueConfig.__dataclass_fields__))
-    qd = base.queue
-    queue = QueueConfig(
-        max_depth=c.get(q, "max_depth", "queue", int, qd.max_depth, check=lambda v: v >= 0,
-                        why="a non-negative integer"),
-        max_wait_seconds=c.get(q, "max_wait_seconds", "queue", (int, float), qd.max_wait_seconds,
-                               check=_positive, why="a positive number"),
-        retry_after_seconds=c.get(q, "retry_after_seconds", "queue", int, qd.retry_after_seconds,
-                                  check=_positive, why="a positive integer"),
-        down_grace_seconds=c.get(q, "down_grace_seconds", "queue", (int, float), qd.down_grace_seconds,
-                                 check=_positive, why="a positive number"),
-    )
-
-    sv = c.table(top.get("supervisor"), "supervisor", set(SupervisorConfig.__dataclass_fields__))
-    supervisor = SupervisorConfig(**{k: c.get(sv, k, "supervisor", str, getattr(base.supervisor, k))
-                                     for k in SupervisorConfig.__dataclass_fields__})
+def config_from_dict(raw: dict[str, Any], source: str = "config", env: Mapping[str, str] | None = None) -> Config:
+    """A Config from a TOML document's data, with `env`'s overrides on top; every problem at once."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError(["must be a table"], source)
+    for k in sorted(set(raw) - {*TABLES, "backends"}):
+        problems.append(f"{k}: unknown table (known: {', '.join(sorted([*TABLES, 'backends']))})")
+    overrides = env_overrides(env or {})
+    tables = {}
+    for name, cls in TABLES.items():
+        raw_table = raw.get(name)
+        from_env = overrides.get(name, {})
+        if from_env:
+            raw_table = {**(raw_table if isinstance(raw_table, dict) else {}),
+                         **{k: v for k, (_, v) in from_env.items()}}
+        seen = len(problems)
+        tables[name] = cls(**_read_table(cls, raw_table, name, problems))
+        for i in range(seen, len(problems)):  # say where a bad value came from
+            key = problems[i].split(":", 1)[0].removeprefix(f"{name}.")
+            if key in from_env:
+                problems[i] += f" (from {from_env[key][0]})"
 
     backends: list[BackendConfig] = []
-    raw_backends = top.get("backends")
+    raw_backends = raw.get("backends")
     if raw_backends is None:
-        backends = list(base.backends)
+        backends = list(Config().backends)
     elif not isinstance(raw_backends, list) or not raw_backends:
-        c.problems.append("backends: must be a non-empty array of tables ([[backends]])")
+        problems.append("backends: must be a non-empty array of tables ([[backends]])")
     else:
         for i, rb in enumerate(raw_backends):
-            path = f"backends[{i}]"
-            b = c.table(rb, path, set(BackendConfig.__dataclass_fields__))
-            name = c.get(b, "name", path, str, "", check=lambda v: v and v != SYNTHETIC,
-                         why='a non-empty name other than "synthetic"')
-            if "name" not in b:
-                c.problems.append(f"{path}.name: required")
-            url = c.get(b, "url", path, str, "", check=_url_ok, why="an http(s) URL")
-            if "url" not in b:
-                c.problems.append(f"{path}.url: required")
-            backends.append(BackendConfig(
-                name=name or f"backend{i}",
-                url=url.rstrip("/"),
-                slots=c.get(b, "slots", path, int, 1, check=lambda v: v >= 1, why="a positive integer"),
-                models=c.patterns(b, "models", path, ("*",)),
-                role=c.get(b, "role", path, str, "main", check=lambda v: v in ("main", "background"),
-                           why='"main" or "background"'),
-                api_key=c.get(b, "api_key", path, str, None),
-                forward_client_key=c.get(b, "forward_client_key", path, bool, False),
-                health_path=c.get(b, "health_path", path, str, "/health", check=lambda v: v.startswith("/"),
-                                  why='a path starting with "/"'),
-                command=c.get(b, "command", path, str, None, check=lambda v: bool(v.strip()),
-                              why="a non-empty command line"),
-                start_seconds=c.get(b, "start_seconds", path, int, 5, check=lambda v: v >= 0,
-                                    why="a non-negative integer"),
-                start_retries=c.get(b, "start_retries", path, int, 3, check=lambda v: v >= 0,
-                                    why="a non-negative integer"),
-                max_output_tokens=c.get(b, "max_output_tokens", path, int, 0, check=lambda v: v >= 0,
-                                        why="a non-negative integer"),
-            ))
-        names = [b.name for b in backends]
-        for dup in sorted({n for n in names if names.count(n) > 1}):
-            c.problems.append(f"backends: name {dup!r} is used more than once")
-        # Two backends on one server would each count its slots: two generations at once.
-        by_url: dict[str, list[str]] = {}
-        for b in backends:
-            if b.url:
-                by_url.setdefault(same_server_key(b.url), []).append(b.name)
-        for key, on_it in sorted(by_url.items()):
-            if len(on_it) > 1:
-                c.problems.append(f"backends: {', '.join(repr(n) for n in on_it)} have the same URL ({key}); "
-                                  f"one server is one backend (give it more slots instead)")
-        if not any(b.role == "main" for b in backends):
-            c.problems.append('backends: at least one backend needs role = "main"')
+            values = _read_table(BackendConfig, rb, f"backends[{i}]", problems)
+            values.setdefault("name", f"backend{i}")
+            values.setdefault("url", "")
+            backends.append(BackendConfig(**values))
+        problems += _backend_problems(backends)
 
-    r = c.table(top.get("routing"), "routing", set(RoutingConfig.__dataclass_fields__))
-    rd = base.routing
-    routing = RoutingConfig(
-        background_models=c.patterns(r, "background_models", "routing", rd.background_models),
-        background=c.get(r, "background", "routing", str, rd.background),
-        count_probes=c.get(r, "count_probes", "routing", str, rd.count_probes,
-                           check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"'),
-        strip_billing_header=c.get(r, "strip_billing_header", "routing", bool, rd.strip_billing_header),
-    )
+    routing, claude = tables["routing"], tables["claude"]
     if routing.background != SYNTHETIC:
         match = [b for b in backends if b.name == routing.background]
         if not match:
-            c.problems.append(f"routing.background: {routing.background!r} names no backend "
-                              f'(use "synthetic" or a backend name)')
+            problems.append(f"routing.background: {routing.background!r} names no backend "
+                            f'(use "synthetic" or a backend name)')
         elif match[0].role != "background":
-            c.problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
-
-    cl = c.table(top.get("claude"), "claude", set(ClaudeConfig.__dataclass_fields__))
-    cd = base.claude
-    claude = ClaudeConfig(
-        model=c.get(cl, "model", "claude", str, cd.model, check=bool, why="a model name"),
-        small_model=c.get(cl, "small_model", "claude", str, cd.small_model, check=bool, why="a model name"),
-        api_timeout_ms=c.get(cl, "api_timeout_ms", "claude", int, cd.api_timeout_ms, check=_positive,
-                             why="a positive integer"),
-    )
+            problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
     if not any(fnmatch.fnmatchcase(claude.small_model.lower(), p.lower()) for p in routing.background_models):
-        c.problems.append(f"claude.small_model: {claude.small_model!r} matches none of routing.background_models "
-                          f"{list(routing.background_models)}, so Claude Code's background calls would take the "
-                          f"main slot")
-
-    if c.problems:
-        raise ConfigError(c.problems, source)
-    return Config(gateway=gateway, queue=queue, routing=routing, backends=tuple(backends), supervisor=supervisor,
-                  claude=claude)
+        problems.append(f"claude.small_model: {claude.small_model!r} matches none of routing.background_models "
+                        f"{list(routing.background_models)}, so Claude Code's background calls would take the "
+                        f"main slot")
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(backends=tuple(backends), **tables)
 
 
-def load_config(path: str | Path) -> Config:
+def _backend_problems(backends: list[BackendConfig]) -> list[str]:
+    problems = []
+    names = [b.name for b in backends]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"backends: name {dup!r} is used more than once")
+    # Two backends on one server would each count its slots: two generations at once.
+    by_url: dict[str, list[str]] = {}
+    for b in backends:
+        if b.url:
+            by_url.setdefault(same_server_key(b.url), []).append(b.name)
+    for key, on_it in sorted(by_url.items()):
+        if len(on_it) > 1:
+            problems.append(f"backends: {', '.join(repr(n) for n in on_it)} have the same URL ({key}); "
+                            f"one server is one backend (give it more slots instead)")
+    if not any(b.role == "main" for b in backends):
+        problems.append('backends: at least one backend needs role = "main"')
+    return problems
+
+
+# ---- the documented example, from the declarations -----------------------------------------------
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _key_lines(cls: type, *, values: Mapping[str, Any] | None = None) -> list[str]:
+    lines = []
+    for f in fields(cls):
+        meta = f.metadata
+        value = (values or {}).get(f.name, f.default)
+        comment = meta["doc"]
+        if meta["env"]:
+            comment += f"; or {meta['env']}"
+        if value is MISSING or value is None:
+            line = f"# {f.name} = {_toml(meta['example'])}"
+            comment += " (example)"
+        else:
+            line = f"{f.name} = {_toml(value)}"
+        lines.append(f"{line:<40} # {comment}")
+    return lines
+
+
+def render_example() -> str:
+    """The example configuration file: every key, its default and what it does."""
+    out = ["# orchestrator configuration: every key, with its default and what it does.",
+           "# Generated from orchestrator/config.py by `orchestrator example-config`; do not edit by hand.",
+           "# Every key is optional but a backend's name and url. Check a file: orchestrator check-config FILE",
+           "# Each key of the single tables can be set from the environment too: ORCHESTRATOR_<TABLE>_<KEY>,",
+           "# for example ORCHESTRATOR_GATEWAY_PORT=9191.", ""]
+    for table, cls in TABLES.items():
+        out += [f"[{table}]", *_key_lines(cls), ""]
+    out += ["# The main model. `slots` must equal llama-server's --parallel: the gateway never sends a",
+            "# backend more requests than it has slots. Add [[backends]] tables for a pool (same models)",
+            '# or a small model for background requests (role = "background", named in routing.background).',
+            "[[backends]]", *_key_lines(BackendConfig, values={"name": "primary", "url": "http://127.0.0.1:8080"}),
+            ""]
+    return "\n".join(out)
+
+
+def describe(config: Config) -> list[str]:
+    """What check-config reports: the backends, and every key that differs from its default (secrets as ***)."""
+    lines = [f"backend {b.name}: {b.url} role={b.role} slots={b.slots} models={list(b.models)}"
+             + (" (supervised)" if b.command else "") for b in config.backends]
+    lines.append(f"background: {config.routing.background}")
+    for table, cls in TABLES.items():
+        value = getattr(config, table)
+        for f in fields(cls):
+            v = getattr(value, f.name)
+            if v != f.default:
+                lines.append(f"{table}.{f.name} = {'***' if f.metadata['secret'] else _toml(v)}")
+    return lines
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -403,7 +466,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError([f"file not found: {path}"], str(path)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"not valid TOML: {e}"], str(path)) from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(raw, str(path), env)
 
 
 def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,
