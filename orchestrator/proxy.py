@@ -171,8 +171,10 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         except _Retry as r:
             last_error = r.cause
             health.mark_down(r.cause.message)
-            log.warning("backend %s failed before answering (send %d of %d): %s",
-                        backend.name, attempt + 1, MAX_SENDS, r.cause.message)
+            log.warning("backend %s failed before answering (send %d of %d): %s; the request waits for it "
+                        "(or another backend of its group) to come back, up to queue.down_grace_seconds = %gs%s",
+                        backend.name, attempt + 1, MAX_SENDS, r.cause.message, gw.config.queue.down_grace_seconds,
+                        ", its client kept alive with SSE pings" if client is not None and client.started else "")
         except asyncio.CancelledError:
             # The client left (its handler is cancelled) while its request held the slot.
             gw.metrics.disconnects.labels("in_slot").inc()
