@@ -85,22 +85,23 @@ class AccessPolicy:
     def key_error(self, request: web.Request) -> GatewayError | None:
         if self.api_key is None:
             return None
-        given = request.headers.get("x-api-key")
-        if given is None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            given = token.strip() if scheme.lower() == "bearer" else None
-        if given is None:
+        # Claude Code sends both when a person has ANTHROPIC_API_KEY set as well as the
+        # gateway's key as ANTHROPIC_AUTH_TOKEN: either one matching lets it in.
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = [v for v in (request.headers.get("x-api-key"), token.strip() if scheme.lower() == "bearer" else None)
+                 if v is not None]
+        if not given:
             return AuthenticationFailed("missing API key: this gateway needs one, in x-api-key or "
                                         "Authorization: Bearer (orchestrator env prints it)")
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            return AuthenticationFailed("invalid API key")
-        return None
+        want = self.api_key.encode()
+        # Every candidate compared, so the time taken says nothing about which matched.
+        matches = [hmac.compare_digest(v.encode("utf-8", "surrogateescape"), want) for v in given]
+        return None if any(matches) else AuthenticationFailed("invalid API key")
 
     def secret_ok(self, request: web.Request) -> bool:
         given = request.headers.get(SECRET_HEADER)
         return (self.events_secret is not None and given is not None
-                and hmac.compare_digest(given.encode(), self.events_secret.encode()))
+                and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.events_secret.encode()))
 
 
 def _host_name(host: str) -> str:

@@ -22,6 +22,10 @@ from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, Unsupported
 PARSE_INLINE_BYTES = 64 * 1024
 # Bounds on a JSON schema the gateway itself reads (a title request's output format).
 MAX_SCHEMA_DEPTH = 32
+# Content blocks in one request, all messages together. A long Claude Code
+# session has thousands; a million tiny ones is an attack on the event loop
+# (checking and re-serialising them holds the interpreter for a second).
+MAX_BLOCKS = 100_000
 
 
 async def read_body(request: web.Request, *, limit: int, timeout: float) -> bytes:
@@ -69,12 +73,29 @@ def _parse(raw: bytes) -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
-async def parse_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object; a large one is parsed in a thread so no other client waits on it."""
-    body = _parse(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(_parse, raw)
+def _parse_object(raw: bytes) -> dict[str, Any]:
+    body = _parse(raw)
     if not isinstance(body, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _parse_and_check(raw: bytes, needs_max_tokens: bool) -> dict[str, Any]:
+    body = _parse_object(raw)
+    check_request(body, needs_max_tokens=needs_max_tokens)
+    return body
+
+
+async def parse_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; a large one is parsed in a thread so no other client waits on it."""
+    return _parse_object(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(_parse_object, raw)
+
+
+async def parse_request(raw: bytes, *, needs_max_tokens: bool) -> dict[str, Any]:
+    """A Messages API body, parsed and checked (`check_request`); a large one in a thread."""
+    if len(raw) <= PARSE_INLINE_BYTES:
+        return _parse_and_check(raw, needs_max_tokens)
+    return await asyncio.to_thread(_parse_and_check, raw, needs_max_tokens)
 
 
 def _kind(value: Any) -> str:
@@ -143,6 +164,7 @@ def check_request(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidRequest("messages: Field required (a list of messages)")
+    blocks = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise InvalidRequest(f"messages.{i}: each message must be an object with a role")
@@ -150,6 +172,9 @@ def check_request(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
         if "content" not in m:
             raise InvalidRequest(f"messages.{i}.content: Field required")
         _check_blocks(m["content"], f"messages.{i}.content")
+        blocks += len(m["content"]) if isinstance(m["content"], list) else 1
+        if blocks > MAX_BLOCKS:
+            raise InvalidRequest(f"messages.{i}: more than {MAX_BLOCKS} content blocks in one request")
     if needs_max_tokens:
         mt = body.get("max_tokens")
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:

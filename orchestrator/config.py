@@ -301,7 +301,7 @@ def same_server_key(url: str) -> str:
     """The server a URL reaches: scheme, host and port, whatever the spelling."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
-    if is_loopback_host(host):
+    if is_loopback_host(host) or host in ("0.0.0.0", "::"):  # all reach this machine's own server
         host = "loopback"
     return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, synthetic
-from .bodies import check_request, parse_object, read_body
+from .bodies import parse_object, parse_request, read_body
 from .counting import INLINE_BYTES, estimate_tokens
 from .errors import GatewayError, NotFound
 from .health import State
@@ -36,8 +36,7 @@ async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tok
     g = gw.config.gateway
     try:
         raw = await read_body(request, limit=g.max_body_bytes, timeout=g.body_timeout_seconds)
-        body = await parse_object(raw)
-        check_request(body, needs_max_tokens=needs_max_tokens)
+        body = await parse_request(raw, needs_max_tokens=needs_max_tokens)
     except GatewayError as e:
         gw.metrics.rejections.labels({413: "too_large", 408: "timeout"}.get(e.status, "bad_request")).inc()
         gw.metrics.requests.labels(route, "none", str(e.status)).inc()
@@ -86,7 +85,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     raw, body = await _parse(request, gw, "count_tokens", needs_max_tokens=False)
     backend = _counting_backend(gw, body["model"])
-    n = await gw.counter.count(backend, body, size=len(raw))
+    n = await gw.counter.count(backend, body, raw=raw)
     gw.metrics.requests.labels("count_tokens", backend.name if backend else "estimate", "200").inc()
     return web.json_response({"input_tokens": n})
 

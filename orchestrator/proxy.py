@@ -62,6 +62,8 @@ class Gateway:
     started: float = field(default_factory=time.time)
     # Slots held after their client left, until the backend lets go (release.py).
     releasing: set[asyncio.Task] = field(default_factory=set)
+    # The sends in progress on each backend, whose clients are still there.
+    live: dict[str, set["Call"]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Outcome:
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
 
 
-@dataclass
+@dataclass(eq=False)  # each send is its own: kept in sets by identity
 class Call:
     """One send to a backend, as far as the backend's slot is concerned."""
 
@@ -160,13 +162,16 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
         call = Call()
+        live = gw.live.setdefault(backend.name, set())
+        live.add(call)
         try:
             rewrite = functools.partial(forwarded_body, body, raw, strip_billing=gw.config.routing.strip_billing_header,
                                         max_output_tokens=backend.max_output_tokens)
             # A rewrite re-serialises the body: a large one off the event loop.
             data = rewrite() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(rewrite)
             return await _exchange(gw.upstream, backend, health, request.path_qs, data,
-                                   request_headers(request.headers, backend), client, outcome,
+                                   request_headers(request.headers, backend, gw.config.gateway.api_key),
+                                   client, outcome,
                                    body.get("model"), call)
         except _Retry as r:
             last_error = r.cause
@@ -180,6 +185,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
             gw.metrics.disconnects.labels("in_slot").inc()
             raise
         finally:
+            live.discard(call)
             if call.abandoned:
                 _release_when_idle(gw, backend, queue, lease, call)
             else:
@@ -201,9 +207,15 @@ def _release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, le
         health.last_error = message
         log.warning("backend %s: %s", backend.name, message)
 
+    def others() -> int:
+        # What the backend may legitimately be processing besides abandoned requests: the live
+        # sends it has begun to answer. A live send it has not answered yet, if already
+        # processing, only makes the wait longer; another abandoned one must not count.
+        return sum(1 for c in gw.live.get(backend.name, ()) if c.answered)
+
     async def hold() -> None:
         try:
-            released = await wait_released(gw.upstream, backend, others=lambda: queue.busy - 1,
+            released = await wait_released(gw.upstream, backend, others=others,
                                            answered=call.answered,
                                            late_after=gw.config.gateway.release_timeout_seconds, on_late=late)
             gw.metrics.release_wait.labels(backend.name, released.value).observe(time.monotonic() - left)
@@ -240,9 +252,11 @@ async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: Ba
     except UpstreamUnavailable as e:
         raise _Retry(e) from e
     message = _observe_message(outcome, raw)
-    if not isinstance(message, dict):
-        raise UpstreamError(f"backend {backend.name!r} answered 200 with {len(raw)} bytes that are not a JSON "
-                            f"message ({ctype or 'no Content-Type'})")
+    if isinstance(message, dict) and _anthropic_error(message):
+        raise from_upstream(502, raw)
+    if not isinstance(message, dict) or message.get("type") != "message":
+        raise UpstreamError(f"backend {backend.name!r} answered 200 with {len(raw)} bytes that are not an "
+                            f"Anthropic message ({ctype or 'no Content-Type'})")
     if isinstance(model, str) and message.get("model") != model:
         raw = utf8_json({**message, "model": model})
     return web.Response(body=raw, status=200, headers=_answer_headers(resp.headers))
@@ -291,10 +305,6 @@ def _take_usage(outcome: Outcome, usage: dict[str, Any]) -> None:
         outcome.cache_read_tokens = n("cache_read_input_tokens")
     if n("output_tokens") is not None:
         outcome.output_tokens = n("output_tokens")
-
-
-class BackendStreamError(Exception):
-    """The backend's stream broke a rule; told to the client as one SSE error event."""
 
 
 TERMINAL = ("message_stop", "error")

@@ -58,6 +58,7 @@ class SSEParser:
         self._block_start = 0   # where the block being read starts in _buf
         self._scan = 0          # where the next line starts
         self._searched = 0      # no line ending before here: a long line is scanned once, not per chunk
+        self._started = False   # a byte-order mark may open the stream (and is not part of a field name)
         self._event = ""
         self._data: list[str] = []
 
@@ -69,6 +70,10 @@ class SSEParser:
     def feed(self, chunk: bytes, *, eof: bool = False) -> list[Block]:
         """Blocks completed by `chunk`; with `eof`, the stream ended after it (a trailing CR ends a line)."""
         self._buf += chunk
+        if not self._started and len(self._buf) >= 3:
+            self._started = True
+            if self._buf.startswith(b"\xef\xbb\xbf"):
+                self._scan = self._searched = 3  # kept in the block's bytes, skipped by the parser
         blocks: list[Block] = []
         while True:
             m = _EOL.search(self._buf, max(self._scan, self._searched))

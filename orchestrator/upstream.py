@@ -24,16 +24,26 @@ HOP_BY_HOP = frozenset({
 CLIENT_KEYS = frozenset({"x-api-key", "authorization"})
 
 
-def request_headers(client: Mapping[str, str], backend: BackendConfig) -> dict[str, str]:
+def backend_auth(backend: BackendConfig) -> dict[str, str]:
+    """The backend's own key, on every request to it (/slots and /props included)."""
+    if not backend.api_key:
+        return {}
+    return {"x-api-key": backend.api_key, "Authorization": f"Bearer {backend.api_key}"}
+
+
+def request_headers(client: Mapping[str, str], backend: BackendConfig,
+                    gateway_key: str | None = None) -> dict[str, str]:
+    """The client's headers for the backend: hop-by-hop ones dropped, the client's key only when
+    asked (and never the gateway's own key), the backend's key added."""
     out = {}
     for k, v in client.items():
         lk = k.lower()
         if lk in HOP_BY_HOP or (lk in CLIENT_KEYS and not backend.forward_client_key):
             continue
+        if lk in CLIENT_KEYS and gateway_key and gateway_key in v:
+            continue
         out[k] = v
-    if backend.api_key:
-        out["x-api-key"] = backend.api_key
-        out["Authorization"] = f"Bearer {backend.api_key}"
+    out.update(backend_auth(backend))
     # Byte-faithful SSE passthrough needs the stream uncompressed.
     out["Accept-Encoding"] = "identity"
     out.setdefault("Content-Type", "application/json")
@@ -81,7 +91,7 @@ class UpstreamClient:
         backend stops generating for a client that is gone."""
         url = backend.url + path
         try:
-            resp = await self.session.post(url, data=data, headers=dict(headers),
+            resp = await self.session.post(url, data=data, headers={**headers, **backend_auth(backend)},
                                            timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None)
         except BaseException as exc:
             raise map_error(exc, backend) from exc
@@ -95,7 +105,8 @@ class UpstreamClient:
 
     async def get_json(self, backend: BackendConfig, path: str, *, timeout: float) -> tuple[int, Any]:
         try:
-            async with self.session.get(backend.url + path, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.session.get(backend.url + path, headers=backend_auth(backend),
+                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 raw = await resp.read()
                 try:
                     return resp.status, await resp.json(content_type=None) if raw else None

@@ -38,7 +38,8 @@ class FakeUpstream:
     mode: str = "ok"              # ok | die_midstream | stall | error500 | error400 | close_before_answer
     chunk_delay: float = 0.0      # seconds between SSE events
     parts: int = 5
-    die_on_overlap: bool = True   # like a big model on Metal/CUDA: two generations at once crash it
+    die_on_overlap: bool = True   # like a big model on Metal/CUDA: more generations than slots crash it
+    capacity: int = 1             # its slots (llama-server's --parallel)
     prefill_delay: float = 0.0    # before the first byte
     count_delay: float = 0.0
     fail_next: int = 0            # close the connection before answering, this many times
@@ -54,6 +55,8 @@ class FakeUpstream:
     count_calls: int = 0
     answer_model: str | None = None  # None: echo the request's model
     slots_endpoint: bool = True   # answer GET /slots like llama-server
+    slots_headers: list[dict] = field(default_factory=list)
+    count_headers: list[dict] = field(default_factory=list)
     # Like llama-server, notice a vanished client only this long after it left:
     # the generation goes on (and counts as in flight) meanwhile.
     linger: float = 0.0
@@ -71,13 +74,15 @@ class FakeUpstream:
         if not self.slots_endpoint:
             return web.json_response({"error": {"code": 501, "message": "This server does not support slots"}},
                                      status=501)
-        return web.json_response([{"id": 0, "is_processing": self.in_flight > 0}])
+        self.slots_headers.append(dict(request.headers))
+        return web.json_response([{"id": i, "is_processing": i < self.in_flight} for i in range(self.capacity)])
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         self.count_calls += 1
+        self.count_headers.append(dict(request.headers))
         body = await request.json()
         await asyncio.sleep(self.count_delay)
         return web.json_response({"input_tokens": 1000 + len(json.dumps(body.get("messages")))})
@@ -102,7 +107,7 @@ class FakeUpstream:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.generations_started += 1
         try:
-            if self.in_flight > 1 and self.die_on_overlap:
+            if self.in_flight > self.capacity and self.die_on_overlap:
                 self.crashed = True
             if self.crashed:
                 request.transport.close()
@@ -134,11 +139,11 @@ class FakeUpstream:
             return resp
         except asyncio.CancelledError:
             self.cancelled += 1
-            await asyncio.shield(asyncio.sleep(self.linger))
+            await asyncio.shield(asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger))))
             raise
         except ConnectionError:
             self.cancelled += 1
-            await asyncio.sleep(self.linger)
+            await asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger)))
             raise
         finally:
             self.in_flight -= 1

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 from conftest import gateway_with
+from fakes import FakeUpstream
 
 from orchestrator.config import ConfigError, config_from_dict, with_overrides
 
@@ -107,3 +108,35 @@ def test_two_backends_on_one_server_is_a_config_error():
                           "routing": {"background": "bg"}})
     config_from_dict({"backends": [{"name": "a", "url": "http://127.0.0.1:8080"},
                                    {"name": "b", "url": "http://127.0.0.1:8081"}]})
+
+
+async def test_either_key_header_may_carry_the_key(gateway, fake, http):
+    """Claude Code with ANTHROPIC_API_KEY set sends that as x-api-key and the gateway's key as Bearer."""
+    base, _ = await gateway_with(gateway, fake[1], api_key=KEY)
+    async with http.post(base + "/v1/messages", json=MAIN,
+                         headers={"x-api-key": "sk-ant-a-real-anthropic-key", "Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status == 200
+    async with http.post(base + "/v1/messages", json=MAIN,
+                         headers={"x-api-key": "sk-ant-a-real-anthropic-key", "Authorization": "Bearer nope-nope"}) as r:
+        assert r.status == 401
+
+
+async def test_a_key_header_that_is_not_utf8_is_a_401_not_a_500(gateway, fake):
+    from test_bodies import raw_request
+
+    base, _ = await gateway_with(gateway, fake[1], api_key=KEY)
+    status, _, body = await raw_request(
+        base, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nx-api-key: \xff\xfe\r\n\r\n", [])
+    assert status == 401 and b"authentication_error" in body
+
+
+async def test_the_gateways_key_is_never_forwarded_even_with_forward_client_key(gateway, serve_app, http):
+    f = FakeUpstream()
+    url = await serve_app(f.app())
+    base, _ = await gateway({"backends": [{"name": "primary", "url": url, "forward_client_key": True}],
+                             "gateway": {"api_key": KEY}})
+    async with http.post(base + "/v1/messages", json=MAIN,
+                         headers={"x-api-key": "sk-ant-own", "Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status == 200
+    assert f.headers[-1].get("x-api-key") == "sk-ant-own"
+    assert not any(KEY in v for v in f.headers[-1].values())

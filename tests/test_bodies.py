@@ -220,3 +220,27 @@ def test_real_samples_pass_the_checks():
                  "count-probe-2.1.197.json"):
         check_request(sample(name)["body"], needs_max_tokens=True)
     check_request(sample("count_tokens-2.1.197.json")["body"], needs_max_tokens=False)
+
+
+async def test_a_million_tiny_blocks_are_refused_without_stalling_the_loop(gateway, fake, http):
+    """Checking and re-serialising a million blocks holds the interpreter for a second (found by review)."""
+    base, _ = await gateway_with(gateway, fake[1])
+    blocks = [{"type": "text", "text": "a"}] * 150_000
+    data = json.dumps({**MAIN, "messages": [{"role": "user", "content": blocks}]}).encode()
+    gaps = []
+
+    async def health_meanwhile():
+        for _ in range(20):
+            t = time.monotonic()
+            async with http.get(base + "/health") as r:
+                assert r.status == 200
+            gaps.append(time.monotonic() - t)
+            await asyncio.sleep(0.01)
+
+    async def send():
+        async with http.post(base + "/v1/messages", data=data, headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.json()
+
+    (status, err), _ = await asyncio.gather(send(), health_meanwhile())
+    assert status == 400 and "content blocks" in err["error"]["message"]
+    assert max(gaps) < 0.5, gaps

@@ -286,3 +286,46 @@ async def test_a_client_gone_after_its_grant_is_counted_in_slot(serve_app, gatew
         text = await r.text()
     assert 'orchestrator_client_disconnects_total{stage="in_slot"} 2.0' in text
     assert 'orchestrator_client_disconnects_total{stage="queued"} 0.0' in text
+
+
+async def test_two_slots_with_two_abandoned_requests_never_take_a_third(serve_app, gateway, http):
+    """A, B abandoned mid-stream; A lingers 2 s on the backend, B 0.1 s. When B lets go, A's slot must
+    stay held: another abandoned request is not a request the backend may run (found by review)."""
+    f = FakeUpstream(chunk_delay=0.05, parts=60, capacity=2)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url, "slots": 2}]})
+
+    async def vanish(linger: float):
+        async with http.post(base + "/v1/messages", json={**MAIN, "stream": True},
+                             headers={"x-fake-linger": str(linger)}) as r:
+            await r.content.readany()
+            r.close()
+
+    await asyncio.gather(vanish(2.0), vanish(0.1))
+    results = await asyncio.gather(*[_post(http, base, {**MAIN, "stream": True}) for _ in range(2)])
+    assert all(s == 200 for s, _, _ in results)
+    assert not f.crashed and f.max_in_flight <= 2, f.max_in_flight
+    await until_free(app[GATEWAY].queues["primary"])
+
+
+async def test_a_backends_own_key_goes_with_slots_and_count_tokens(serve_app, gateway, http):
+    f = FakeUpstream(chunk_delay=0.05, parts=20)
+    url = await serve_app(f.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url, "api_key": "backend-key-123"}]})
+    async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
+        await r.content.readany()
+        r.close()
+    await until_free(app[GATEWAY].queues["primary"])
+    async with http.post(base + "/v1/messages/count_tokens", json={"model": "m", "messages": MAIN["messages"]}) as r:
+        assert r.status == 200
+    assert f.slots_headers and all(h.get("x-api-key") == "backend-key-123" for h in f.slots_headers)
+    assert f.count_headers[-1].get("x-api-key") == "backend-key-123"
+
+
+@pytest.mark.parametrize("answer", [b"{}", b'{"object":"chat.completion","choices":[]}',
+                                    b'{"type":"error","error":{"type":"api_error","message":"boom"}}'])
+async def test_a_200_json_that_is_not_a_message_is_a_502(scripted, http, answer):
+    s, base, _ = scripted
+    s.headers, s.writes = {"Content-Type": "application/json"}, [answer]
+    status, _, got = await _post(http, base, MAIN)
+    assert status == 502 and json.loads(got)["type"] == "error" and b'"model"' not in got

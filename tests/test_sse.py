@@ -53,3 +53,10 @@ def test_an_event_over_the_limit_is_refused_not_buffered():
 
 def test_an_unfinished_block_at_the_end_is_not_an_event():
     assert sse.events(b"data: {}\n\ndata: {\"cut\":") == [sse.Event("message", "{}")]
+
+
+def test_a_byte_order_mark_opening_the_stream_is_kept_in_the_bytes_but_not_in_the_field():
+    raw = b"\xef\xbb\xbf" + STREAM
+    blocks = _feed(raw, 2)
+    assert b"".join(b.raw for b in blocks) == raw
+    assert blocks[0].event.event == "message_start"
