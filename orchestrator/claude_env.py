@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+from pathlib import Path
 from typing import Any
 
 from .config import Config
@@ -37,9 +39,19 @@ def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]
 
 
 def find_claude() -> str | None:
-    """`claude` on PATH, else the copy deploy/install-claude-code.sh caches."""
+    """$CLAUDE_BIN, `claude` on PATH, else the copy deploy/install-claude-code.sh caches
+    (the same order as that script)."""
+    chosen = os.environ.get("CLAUDE_BIN")
+    if chosen and os.access(chosen, os.X_OK):
+        return chosen
     on_path = shutil.which("claude")
     if on_path:
         return on_path
     cached = cache_dir() / "claude-code" / "node_modules" / ".bin" / "claude"
     return str(cached) if os.access(cached, os.X_OK) else None
+
+
+def path_export(binary: str) -> str:
+    """A shell line that puts `binary`'s folder first on PATH, so that `claude` typed in
+    that shell (or in Claude Code's own hints, `claude --resume ID`) runs it."""
+    return f'export PATH={shlex.quote(str(Path(binary).parent))}:"$PATH"'

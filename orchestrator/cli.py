@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import click
@@ -143,9 +144,66 @@ def up(config_path, llama_server, timeout) -> None:
     click.echo(f"stack {action}: supervisord.conf in {paths.root}")
     if prometheus:
         click.echo(f"Prometheus: http://{config.supervisor.prometheus_listen}")
+    for line in up_hints(config, path, paths):
+        click.echo(line)
+
+
+def _as_typed(path: Path, cwd: Path) -> str:
+    """`path` as a person types it in `cwd`: relative below it, else absolute."""
+    try:
+        rel = Path(os.path.abspath(path)).relative_to(cwd)
+    except ValueError:
+        return shlex.quote(str(path))
+    return shlex.quote(str(rel) if len(rel.parts) > 1 else f"./{rel}")
+
+
+def _venv_command(name: str, cwd: Path) -> str:
+    """This installation's `name` script (orchestrator, supervisorctl) as typed in `cwd`:
+    its bare name only when PATH finds this very one, e.g. in an activated venv."""
+    script = Path(sys.executable).parent / name
+    if not os.access(script, os.X_OK):
+        return name
+    on_path = shutil.which(name)
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return name
+    return _as_typed(script, cwd)
+
+
+def up_hints(config: Config, config_path: Path, paths: supervise.StackPaths) -> list[str]:
+    """The lines `up` ends with: how to point Claude Code at the gateway and look at the
+    stack, each command as it works when typed where `up` ran (`make up`: the checkout).
+    A line indented by two spaces is a command (up to `  # `); elsewhere commands are in
+    backticks."""
+    cwd = Path.cwd()
+    orch = _venv_command("orchestrator", cwd)
+    ctl = _venv_command("supervisorctl", cwd)
+    custom = config_path.resolve() != Path(_default_config()).resolve()
+    config_arg = f" --config {_as_typed(config_path, cwd)}" if custom else ""
+    make = cwd.resolve() == REPO and (REPO / "Makefile").is_file()
+    rows: list[tuple[str, str]] = []
+    if make:
+        make_config = f" CONFIG={_as_typed(config_path, cwd)}" if custom else ""
+        rows.append((f"make claude{make_config}",
+                     f"flags in ARGS: `make claude{make_config} ARGS=\"--resume ID\"`"))
+        rows.append((f"{orch} claude{config_arg}", "the same without make; flags follow claude"))
+    else:
+        rows.append((f"{orch} claude{config_arg}", "flags after claude go to Claude Code"))
+    rows.append((f'eval "$({orch} env{config_arg})"; claude', "in this shell; then `claude --resume ID` works too"))
+    width = max(len(cmd) for cmd, _ in rows) + 2
     g = config.gateway
-    click.echo(f"Gateway: {g.url}. Point Claude Code at it: orchestrator claude "
-               f"(or: eval \"$(orchestrator env)\"; claude)")
+    lines = [f"Gateway: {g.url}. Claude Code on it, typed in {cwd}:"]
+    lines += [f"  {cmd.ljust(width)}# {note}" for cmd, note in rows]
+    if claude_env.find_claude() is None:
+        install = "`make claude` installs it" if make else \
+            f"`{_as_typed(REPO / 'deploy' / 'install-claude-code.sh', cwd)}` installs it"
+        lines.append(f"Claude Code is not installed yet: {install} (it needs Node.js and npm).")
+    conf = "" if paths.conf.parent == cwd else f" -c {_as_typed(paths.conf, cwd)}"
+    if make and not custom:
+        lines.append(f"The stack: `make status`, `make logs`, `make down`; supervisord: `{ctl}{conf} status`.")
+    else:
+        lines.append(f"The stack: `{orch} status{config_arg}`, `{orch} down{config_arg}`; "
+                     f"supervisord: `{ctl}{conf} status`.")
+    return lines
 
 
 @main.command()
@@ -183,7 +241,7 @@ def dashboard(config_path, port) -> None:
         url = grafana.start_grafana(f"http://{listen}", port=port)
     except grafana.NoDockerEngine as e:
         click.echo(f"No Docker engine answered ({str(e)[:100]}); for the same figures in the terminal "
-                   f"run: orchestrator status")
+                   f"run: `make status` (or `{_venv_command('orchestrator', Path.cwd())} status`)")
         raise SystemExit(1) from None
     click.echo(f"Grafana: {url}")
 
@@ -195,8 +253,8 @@ def _gateway_health(config: Config) -> dict:
         raise click.ClickException(str(e)) from None
     if health is None:
         g = config.gateway
-        raise click.ClickException(f"the gateway is not running at {g.url} "
-                                   f"(start it with `make up` or `orchestrator serve`)")
+        raise click.ClickException(f"the gateway is not running at {g.url} (start it with `make up` in the "
+                                   f"checkout, or `{_venv_command('orchestrator', Path.cwd())} serve`)")
     return health
 
 
@@ -207,6 +265,13 @@ def env(config_path) -> None:
     config, _ = _load(config_path)
     for key, value in claude_env.claude_environment(config, _gateway_health(config)).items():
         click.echo(f"export {key}={shlex.quote(value)}")
+    # Claude Code's folder first on PATH: `claude`, and its own hint `claude --resume ID`,
+    # then run the copy `make up` installed in the cache, which is on no PATH.
+    binary = claude_env.find_claude()
+    if binary is None:
+        click.echo("Claude Code is not installed: deploy/install-claude-code.sh (make claude does it)", err=True)
+    else:
+        click.echo(claude_env.path_export(binary))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -218,9 +283,11 @@ def claude(config_path, args) -> None:
     env = claude_env.claude_environment(config, _gateway_health(config))
     binary = claude_env.find_claude()
     if binary is None:
-        raise click.ClickException("Claude Code is not installed: npm install -g @anthropic-ai/claude-code "
-                                   "(or deploy/install-claude-code.sh)")
-    os.execvpe(binary, [binary, *args], {**os.environ, **env})
+        raise click.ClickException("Claude Code is not installed: `make claude` in the checkout installs it "
+                                   "(deploy/install-claude-code.sh), or `npm install -g @anthropic-ai/claude-code`")
+    # A real Anthropic key in the environment would go to the gateway (never further) for nothing.
+    inherited = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    os.execvpe(binary, [binary, *args], {**inherited, **env})
 
 
 @main.command(hidden=True)
