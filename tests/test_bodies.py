@@ -56,6 +56,18 @@ def _split(data: bytes, n: int) -> list[bytes]:
     return [data[i:i + step] for i in range(0, len(data), step)]
 
 
+async def health_latencies(http, base: str, n: int, pause: float) -> list[float]:
+    """How long /health takes, n times: what any other client waits while the gateway is busy."""
+    gaps = []
+    for _ in range(n):
+        t = time.monotonic()
+        async with http.get(base + "/health") as r:
+            assert r.status == 200
+        gaps.append(time.monotonic() - t)
+        await asyncio.sleep(pause)
+    return gaps
+
+
 def padded_main_body(target_bytes: int) -> dict:
     """Claude Code's real main request with its conversation grown to about `target_bytes`."""
     body = sample("main-2.1.332.json")["body"]
@@ -107,21 +119,12 @@ async def test_a_30_mb_conversation_goes_through_intact_and_the_loop_keeps_servi
     body = {**padded_main_body(30 << 20), "stream": True}
     data = json.dumps(body).encode()
     assert len(data) < 32 << 20
-    gaps = []
-
-    async def health_while_busy():
-        for _ in range(40):
-            t = time.monotonic()
-            async with http.get(base + "/health") as r:
-                assert r.status == 200
-            gaps.append(time.monotonic() - t)
-            await asyncio.sleep(0.02)
 
     async def big():
         async with http.post(base + "/v1/messages", data=data, headers={"Content-Type": "application/json"}) as r:
             return r.status, await r.read()
 
-    (status, raw), _ = await asyncio.gather(big(), health_while_busy())
+    (status, raw), gaps = await asyncio.gather(big(), health_latencies(http, base, 40, 0.02))
     assert status == 200 and b"message_stop" in raw
     assert f.requests[-1]["messages"] == body["messages"]
     # Parsing and re-serialising 30 MB happen in a thread: /health never waits long on them.
@@ -227,20 +230,11 @@ async def test_a_million_tiny_blocks_are_refused_without_stalling_the_loop(gatew
     base, _ = await gateway_with(gateway, fake[1])
     blocks = [{"type": "text", "text": "a"}] * 150_000
     data = json.dumps({**MAIN, "messages": [{"role": "user", "content": blocks}]}).encode()
-    gaps = []
-
-    async def health_meanwhile():
-        for _ in range(20):
-            t = time.monotonic()
-            async with http.get(base + "/health") as r:
-                assert r.status == 200
-            gaps.append(time.monotonic() - t)
-            await asyncio.sleep(0.01)
 
     async def send():
         async with http.post(base + "/v1/messages", data=data, headers={"Content-Type": "application/json"}) as r:
             return r.status, await r.json()
 
-    (status, err), _ = await asyncio.gather(send(), health_meanwhile())
+    (status, err), gaps = await asyncio.gather(send(), health_latencies(http, base, 20, 0.01))
     assert status == 400 and "content blocks" in err["error"]["message"]
     assert max(gaps) < 0.5, gaps

@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
+from test_real_llama import _load as llama_requests_in_flight
 import pytest
 from conftest import ROOT, sample
 
@@ -266,14 +267,7 @@ async def test_body_over_the_limit_gets_413_even_chunked_without_length(llama, g
 # ---- 2. vanishing clients ----------------------------------------------------------------------
 
 async def _llama_load(s: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    async with s.get(url + "/metrics") as r:
-        text = await r.text()
-
-    def val(name):
-        m = re.search(rf"^llamacpp:{name} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    return val("requests_processing"), val("requests_deferred")
+    return await llama_requests_in_flight(s, url)
 
 
 async def watch_llama(url: str, stop: asyncio.Event, seen: list, interval: float = 0.025) -> None:
