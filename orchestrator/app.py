@@ -18,6 +18,7 @@ from .counting import TokenCounter
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
 from .handlers import GATEWAY, add_routes
 from .health import BackendHealth, watch_for
+from .kvsave import KvPersistence
 from .listener import MAX_FIELD_SIZE, MAX_LINE_SIZE, ConnectionGuard, GuardedSite, Limits
 from .metrics import Metrics
 from .proxy import Gateway
@@ -69,14 +70,17 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter)
     q = config.queue
     for b in config.backends:
-        queue = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_wait=q.max_wait_seconds,
-                          retry_after=q.retry_after_seconds)
-        gw.queues[b.name] = queue
+        gw.queues[b.name] = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_wait=q.max_wait_seconds,
+                                      retry_after=q.retry_after_seconds)
+    gw.kv = KvPersistence(config, upstream, gw.queues, metrics)
+    for b in config.backends:
+        queue = gw.queues[b.name]
         watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
         gw.health[b.name] = BackendHealth(
             b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
             on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.health[name].up else 0),
-            on_restart=lambda name: metrics.backend_restarts.labels(name).inc())
+            on_restart=lambda name: metrics.backend_restarts.labels(name).inc(),
+            restore=gw.kv.restore if gw.kv.enabled(b.name) else None)
         metrics.backend_up.labels(b.name).set(1)
         metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
     return gw
@@ -87,6 +91,18 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await gw.upstream.start()
     yield
     await gw.upstream.close()
+
+
+async def _kv_ctx(app: web.Application) -> AsyncIterator[None]:
+    """KV saves: at shutdown (supervisord stops the gateway before the llama-servers on `down`),
+    each backend's slot is saved if it changed, then pending saves are dropped."""
+    yield
+    gw = app[GATEWAY]
+    for name in gw.kv.backends:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                await gw.kv.save(name)
+    await gw.kv.close()
 
 
 async def _release_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -132,6 +148,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_release_ctx)
     app.cleanup_ctx.append(_health_ctx)
+    app.cleanup_ctx.append(_kv_ctx)  # last in, first out: runs while the upstream session is open
     add_routes(app)
     return app
 

@@ -146,6 +146,17 @@ class BackendConfig:
     # Claude Code asks for 32000; a small model that never stops would fill its context.
     max_output_tokens: int = setting(0, "clamp the request's max_tokens to this; 0: no clamp",
                                      check=_non_negative, why="a non-negative integer")
+    # A crash or `make down` otherwise costs a re-prefill of the whole conversation (minutes on a big model).
+    kv_save: bool = setting(True, "save the slot's KV cache when idle, restore it after a restart (supervised, "
+                                  "or with kv_save_dir)")
+    kv_save_dir: str = setting("", "the folder this server saves slots in (its --slot-save-path); empty: "
+                                   "var/slots/NAME when supervised, else no saving")
+    # A save of 100k tokens of a big model is gigabytes; each conversation keeps its newest save.
+    kv_save_max_bytes: int = setting(16 * 1024 ** 3, "saves kept on disk for this backend (16 GiB); the oldest "
+                                                     "dropped past it", check=_positive, why="a positive integer")
+    # Claude Code's tool loop sends the next turn within a tool's run time; a save waits for a pause.
+    kv_save_idle_seconds: float = setting(2.0, "the slot idle this long, nobody waiting: then save",
+                                          check=_non_negative, why="a non-negative number")
 
 
 @dataclass(frozen=True)

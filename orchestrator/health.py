@@ -16,7 +16,7 @@ import time
 import xmlrpc.client
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .config import BackendConfig
 from .errors import GatewayError, Overloaded
@@ -56,7 +56,8 @@ class BackendHealth:
     def __init__(self, backend: BackendConfig, queue: SlotQueue, *, grace: float = 300.0,
                  watch: ProcessWatch | None = None, log_file: str = "",
                  on_change: Callable[[str, State], None] | None = None,
-                 on_restart: Callable[[str], None] | None = None) -> None:
+                 on_restart: Callable[[str], None] | None = None,
+                 restore: Callable[[str], Awaitable[dict | None]] | None = None) -> None:
         self.backend = backend
         self.queue = queue
         self.grace = grace
@@ -76,6 +77,12 @@ class BackendHealth:
         self.changed = asyncio.Event()
         self._on_change = on_change or (lambda name, state: None)
         self._on_restart = on_restart or (lambda name: None)
+        # KV persistence: awaited between "the server answers again" and "its queue reopens".
+        self._restore = restore
+        self.last_restore: dict | None = None
+        if restore is not None:
+            # Until the first check: a request let through now could run before the restore.
+            queue.hold()
 
     @property
     def up(self) -> bool:
@@ -126,6 +133,12 @@ class BackendHealth:
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
             self.n_ctx = await self._context_size(upstream, timeout)
+            if self._restore is not None:
+                since, restarts = self.since, self.restarts
+                note = await self._restore(self.backend.name)  # bounded; never raises
+                self.last_restore = note or self.last_restore
+                if (self.since, self.restarts) != (since, restarts):
+                    return self.state  # it went down (or FATAL) meanwhile: the next check decides
         self.set(State.READY)
         return self.state
 
@@ -194,7 +207,8 @@ class BackendHealth:
                 "state": self.state.value, "since": self.since, "last_error": self.last_error,
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
-                "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx}
+                "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
+                "kv_restore": self.last_restore}
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> tuple[ProcessWatch | None, str]:

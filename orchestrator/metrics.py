@@ -19,6 +19,8 @@ DISCONNECT_STAGES = ("queued", "in_slot")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
                      "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
+KV_SAVE_RESULTS = ("saved", "unchanged", "busy", "failed")
+KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
 
 # A synthetic answer takes a millisecond; a first-turn prefill of 25k tokens on
 # a 225 GB model, or a wait behind one, takes minutes.
@@ -66,6 +68,20 @@ class Metrics:
                                       "A request's client left: seconds until the backend let go of it and "
                                       "its slot was free again, by how that was known",
                                       ["backend", "result"], buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_saves = Counter("orchestrator_kv_saves", "KV cache saves of a backend's slot, by result "
+                                "(saved, unchanged, busy, failed)", ["backend", "result"], registry=r)
+        self.kv_save_seconds = Histogram("orchestrator_kv_save_seconds", "Duration of a KV save, slot held",
+                                         ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_saved_bytes = Counter("orchestrator_kv_saved_bytes", "Bytes written by KV saves", ["backend"],
+                                      registry=r)
+        self.kv_disk_bytes = Gauge("orchestrator_kv_disk_bytes", "Bytes of KV saves kept on disk", ["backend"],
+                                   registry=r)
+        self.kv_restores = Counter("orchestrator_kv_restores", "KV restores when a backend came back, by result "
+                                   "(restored, none, refused, failed, warm)", ["backend", "result"], registry=r)
+        self.kv_restore_seconds = Histogram("orchestrator_kv_restore_seconds", "Duration of a KV restore, "
+                                            "queue held", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_restored_tokens = Counter("orchestrator_kv_restored_tokens", "Prompt tokens a restore put back "
+                                          "in the cache (saved from prefill)", ["backend"], registry=r)
         self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
                                            ["source"], registry=r)
 
@@ -101,6 +117,18 @@ class Metrics:
             self.duration.labels(name, route)
         for route in ("main", "background", "count_tokens"):
             self.requests.labels(route, name, "200")
+
+    def add_kv_backend(self, name: str) -> None:
+        """Series of a backend that saves its KV cache, at zero before its first save."""
+        for result in KV_SAVE_RESULTS:
+            self.kv_saves.labels(name, result)
+        for result in KV_RESTORE_RESULTS:
+            self.kv_restores.labels(name, result)
+        self.kv_save_seconds.labels(name)
+        self.kv_restore_seconds.labels(name)
+        self.kv_saved_bytes.labels(name)
+        self.kv_disk_bytes.labels(name)
+        self.kv_restored_tokens.labels(name)
 
     def watch_queue(self, name: str, slots: int, depth: Callable[[], float], busy: Callable[[], float]) -> None:
         """Gauges read at scrape time, so they can never drift from the queue."""

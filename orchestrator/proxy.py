@@ -33,6 +33,7 @@ from .errors import (
     from_upstream,
 )
 from .health import BackendHealth, State
+from .kvsave import KvPersistence
 from .metrics import Metrics
 from .routing import Route, forwarded_body, utf8_json
 from .release import wait_released
@@ -64,6 +65,8 @@ class Gateway:
     releasing: set[asyncio.Task] = field(default_factory=set)
     # The sends in progress on each backend, whose clients are still there.
     live: dict[str, set["Call"]] = field(default_factory=dict)
+    # KV persistence: told when a main request has finished, so it can save the idle slot.
+    kv: KvPersistence | None = None
 
 
 @dataclass
@@ -149,8 +152,11 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         health = gw.health[backend.name]
         outcome.backend = backend.name
         enqueued = time.monotonic()
+        kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
+        kv_key = kv.key(body) if kv is not None else ""
         try:
-            lease = await queue.acquire(route.priority, front=attempt > 0)
+            with kv.waiting(backend.name, kv_key) if kv is not None else contextlib.nullcontext():
+                lease = await queue.acquire(route.priority, front=attempt > 0)
         except Overloaded as e:
             gw.metrics.rejections.labels(getattr(e, "reason", "queue_full")).inc()
             if last_error is not None:
@@ -190,6 +196,9 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 _release_when_idle(gw, backend, queue, lease, call)
             else:
                 lease.release()
+                if kv is not None and call.complete and outcome.status != "stream_error":
+                    kv.finished(backend.name, kv_key,
+                                outcome.input_tokens + outcome.cache_read_tokens + outcome.output_tokens)
     gw.metrics.rejections.labels("backend_down").inc()
     raise Overloaded(f"{last_error.message if last_error else 'backend failed'}; "
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)

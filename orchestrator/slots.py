@@ -115,6 +115,11 @@ class SlotQueue:
             raise
         return Lease(self)
 
+    def try_acquire(self) -> Lease | None:
+        """A slot now, or None: for the gateway's own work (a KV save), which must never make a
+        request wait, so it takes only a slot nobody is waiting for."""
+        return self._grant_now() if self._failure is None and self.has_free_slot() else None
+
     def hold(self) -> None:
         """Stop granting slots (backend down); waiters stay queued."""
         self._open = False

@@ -75,6 +75,20 @@ class StackPaths:
     def log(self, program: str) -> Path:
         return self.log_dir / f"{program}.log"
 
+    def slots(self, backend: BackendConfig) -> Path:
+        """Where a supervised llama-server saves its slots' KV cache (its --slot-save-path)."""
+        return slot_dir(self.var, backend)
+
+
+def slot_dir(var: Path, backend: BackendConfig) -> Path:
+    """A backend's slot save folder: its kv_save_dir, else var/slots/NAME."""
+    return Path(backend.kv_save_dir) if backend.kv_save_dir else var / "slots" / backend.name
+
+
+def saves_slots(backend: BackendConfig) -> bool:
+    """Supervised backends save by default; a server run by someone else only with its folder named."""
+    return backend.kv_save and bool(backend.command or backend.kv_save_dir)
+
 
 def program_name(backend: BackendConfig) -> str:
     return f"llama-{backend.name}"
@@ -219,7 +233,10 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
 
     for b in config.backends:
         if b.command:
-            program(program_name(b), backend_command(b, llama_server), startsecs=b.start_seconds,
+            command = backend_command(b, llama_server)
+            if saves_slots(b) and "--slot-save-path" not in command:
+                command += f" --slot-save-path {shlex.quote(str(paths.slots(b)))}"
+            program(program_name(b), command, startsecs=b.start_seconds,
                     startretries=b.start_retries, priority=10)
     gateway_cmd = " ".join(shlex.quote(str(x)) for x in [
         orchestrator_bin, "serve", "--config", config_path, "--supervisor-socket", paths.socket,
@@ -277,6 +294,9 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
     with nothing changed, nothing running is touched. Returns what it did."""
     for d in (paths.log_dir, paths.run_dir):
         d.mkdir(parents=True, exist_ok=True)
+    for b in config.backends:
+        if b.command and saves_slots(b):
+            paths.slots(b).mkdir(parents=True, exist_ok=True)  # llama-server refuses a missing folder
     _ensure_secret(paths.events_secret)
     if config.gateway.api_key:
         _write_if_changed(paths.gateway_key, config.gateway.api_key)

@@ -86,7 +86,8 @@ def test_dashboard_structure():
                    "cache=\"hit\"", "orchestrator_generation_tokens_per_second", "orchestrator_requests_total",
                    "route=\"synthetic\"", "orchestrator_queue_depth", "orchestrator_slots_busy",
                    "orchestrator_backend_up", "orchestrator_backend_restarts_total", "orchestrator_rejections_total",
-                   "orchestrator_client_disconnects_total", "llamacpp:"):
+                   "orchestrator_client_disconnects_total", "orchestrator_kv_saves_total",
+                   "orchestrator_kv_restores_total", "llamacpp:"):
         assert needed in exprs, needed
 
 
@@ -170,7 +171,10 @@ class Prometheus:
 
 @pytest.mark.real
 async def test_every_panel_query_returns_data_from_real_traffic(llama, gateway, http, tmp_path):
-    base, app = await gateway({"backends": [{"name": "primary", "url": llama.url}]})
+    # KV saving on (this llama-server has no --slot-save-path: its saves fail, and are counted);
+    # real saves and restores are measured in test_kvsave.
+    base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "kv_save_dir": str(tmp_path),
+                                             "kv_save_idle_seconds": 0}]})
     host_port = base.removeprefix("http://")
     config = config_from_dict({"gateway": {"host": "127.0.0.1", "port": int(host_port.split(":")[1])},
                                "backends": [{"name": "primary", "url": llama.url}],
