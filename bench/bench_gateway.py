@@ -10,7 +10,12 @@ Starts its own llama-server (SmolLM2-135M, --parallel 1) and gateway on free
   1b. a main turn sent just after six of Claude Code's background calls;
   2. gateway overhead on a tiny request (median of N);
   3. what the server sees under 6 concurrent requests: most in flight at once;
-  4. the gateway's resident memory before and after a 40-request burst.
+  4. the gateway's resident memory before and after a 40-request burst;
+then (bench_kv.py) two supervised stacks, KV saving on and off, for the time to
+first token of a cold turn, a warm one, the first after `kill -SEGV` with and
+without the restore, and what a save adds to a tool-loop turn.
+
+    bench_gateway.py --no-kv | --kv-only      (one part alone)
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import re
 import socket
 import statistics
@@ -100,9 +106,20 @@ async def peak_in_flight(http, llama: str, work) -> float:
 
 
 async def main() -> None:
-    binary = find_llama_server()
+    binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or find_llama_server()
     if not binary:
         sys.exit("no llama-server: run deploy/install-llama-server.sh (make bench does)")
+    t0 = time.monotonic()
+    if "--kv-only" not in sys.argv:
+        await gateway_cases(binary)
+    if "--no-kv" not in sys.argv:
+        import bench_kv  # bench/ is on sys.path: this script's folder
+        print()
+        print("\n".join(await bench_kv.run(binary, claude_turn)))
+    print(f"\n(bench run: {time.monotonic() - t0:.0f} s)")
+
+
+async def gateway_cases(binary: str) -> None:
     lport, gport = free_port(), free_port()
     llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
     with tempfile.TemporaryDirectory() as tmp:

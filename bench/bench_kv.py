@@ -1,0 +1,279 @@
+"""KV persistence, side by side in one run (called by bench_gateway.py; issue 10).
+
+Two supervised stacks (supervisord, llama-server with SmolLM2, the gateway) in a
+temporary folder, one after the other: A with `kv_save = true`, B with
+`kv_save = false`; both play the same Claude Code conversation (its real main
+request, 3 tools, streaming, max_tokens 4). Time to first token is measured at
+the client: from sending the request to its first `content_block_delta`.
+
+  (a) cold first turn          (b) warm second turn
+  (e) a tool-loop of turns: each sent right after the last one finished (no save
+      can start), or sent just after kv_save_idle_seconds, when A's save runs; a
+      turn counts as "during a save" only when the save's file was started before
+      and its metadata written after the turn was sent (B: the same delays, no save)
+  (c)/(d) kill -SEGV llama-server once the last save is on disk; supervisord
+      restarts it; when the gateway reports it ready (A: restored first) the next
+      turn is sent: A after SEGV with restore, B after SEGV without.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from orchestrator import supervise  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+
+IDLE = 0.5            # kv_save_idle_seconds here (2 s by default): a shorter run, the same policy
+LOOP = 6              # tool-loop turns of each kind
+DELAYS = (0.0, 0.005, 0.01, 0.02)  # after IDLE: aims at a save in progress (it lasts tens of ms)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, root: Path, binary: str, kv: bool) -> None:
+        root.mkdir()
+        self.gw_port, self.llama_port = free_port(), free_port()
+        self.config_path = root / "orchestrator.toml"
+        self.config_path.write_text(f"""
+[gateway]
+port = {self.gw_port}
+health_interval_seconds = 0.5
+[queue]
+max_wait_seconds = 120
+[[backends]]
+name = "primary"
+url = "http://127.0.0.1:{self.llama_port}"
+command = "{{llama_server}} --model {{default_model}} --host {{host}} --port {{port}} --parallel 1 --ctx-size 8192 --metrics --threads 2 --no-webui --seed 1"
+start_seconds = 1
+start_retries = 3
+kv_save = {'true' if kv else 'false'}
+kv_save_idle_seconds = {IDLE}
+""")
+        self.config = load_config(self.config_path)
+        self.paths = supervise.StackPaths(root)
+        self.binary = binary
+        self.url = f"http://127.0.0.1:{self.gw_port}"
+        self.slots = self.paths.slots(self.config.backends[0])
+
+    def up(self) -> None:
+        supervise.up(self.config, self.config_path, self.paths, llama_server=self.binary, timeout=60)
+
+    def down(self) -> None:
+        pids = [p["pid"] for p in supervise.processes(self.paths) if p["pid"]] if supervise.running(self.paths) else []
+        supervise.down(self.paths)
+        deadline = time.time() + 20
+        while any(supervise._alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.1)
+
+    def llama_pid(self) -> int:
+        return supervise.rpc(self.paths).getProcessInfo("llama-primary")["pid"]
+
+    async def backend(self, http) -> dict:
+        async with http.get(self.url + "/health") as r:
+            return (await r.json())["backends"][0]
+
+    async def ready(self, http, restarts: int = 0, timeout: float = 60) -> dict:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    b = await self.backend(http)
+                    if b["state"] == "ready" and b["restarts"] >= restarts:
+                        return b
+                except (aiohttp.ClientError, KeyError, ValueError):
+                    pass
+                await asyncio.sleep(0.01)
+
+    async def metric(self, http, name: str) -> float:
+        async with http.get(self.url + "/metrics") as r:
+            text = await r.text()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and 'backend="primary"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def newest_save(self) -> tuple[float, float, int] | None:
+        """(started, written, bytes) of the newest save: its file's name carries the start (ms),
+        its metadata's mtime the end."""
+        metas = list(self.slots.glob("*.json")) if self.slots.exists() else []
+        if not metas:
+            return None
+        path = max(metas, key=lambda p: p.stat().st_mtime)
+        meta = json.loads(path.read_text())
+        started = int(meta["file"].rsplit("-", 1)[1].split(".")[0]) / 1000
+        return started, path.stat().st_mtime, meta["bytes"]
+
+
+class Conversation:
+    """A Claude Code conversation that grows by one exchange a turn, like its tool loop."""
+
+    def __init__(self, claude_turn: Callable[[str, int], dict]) -> None:
+        self.body = claude_turn("kv", 1)
+        self.body["stream"] = True
+        self.turns = 0
+
+    def next(self) -> dict:
+        if self.turns:
+            self.body["messages"] += [
+                {"role": "assistant", "content": [{"type": "text", "text": f"Step {self.turns} done."}]},
+                {"role": "user", "content": [{"type": "text", "text": f"Good. Now do step {self.turns + 1}."}]}]
+        self.turns += 1
+        cch = f"{self.turns:03d}"  # a new billing line every request, as Claude Code sends it
+        self.body["system"][0]["text"] = f"x-anthropic-billing-header: cc_version=2.1.332.{cch}; cc_entrypoint=cli;"
+        return json.loads(json.dumps(self.body))
+
+
+async def turn(http, url: str, body: dict) -> dict:
+    """One streaming turn: time to first content_block_delta, end, usage; sent at `sent` (wall clock)."""
+    sent, t0 = time.time(), time.perf_counter()
+    ttft, usage, event = None, {}, ""
+    async with http.post(url + "/v1/messages", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {(await r.read())[:300]!r}")
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                if event == "content_block_delta" and ttft is None:
+                    ttft = time.perf_counter() - t0
+            elif line.startswith("data:") and event in ("message_start", "message_delta"):
+                data = json.loads(line[5:])
+                u = (data.get("message") or {}).get("usage") if event == "message_start" else data.get("usage")
+                for k, v in (u or {}).items():
+                    if isinstance(v, int) and v >= usage.get(k, 0):
+                        usage[k] = v
+    total = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else total, "total": total, "sent": sent, "done": time.time(),
+            "from_cache": usage.get("cache_read_input_tokens", 0),
+            "prompt": usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)}
+
+
+async def play(s: Stack, http, claude_turn, kv: bool) -> dict:
+    """The whole sequence on one stack; its figures."""
+    out: dict = {}
+    conv = Conversation(claude_turn)
+    await s.ready(http)
+    out["cold"] = await turn(http, s.url, conv.next())
+    out["warm"] = await turn(http, s.url, conv.next())
+
+    # (e) the tool loop: alternately at once and just after the idle moment.
+    at_once, after_idle, during_save = [], [], []
+    for i in range(2 * LOOP):
+        if i % 2 == 0:
+            at_once.append(await turn(http, s.url, conv.next()))
+            continue
+        await asyncio.sleep(IDLE + DELAYS[(i // 2) % len(DELAYS)])
+        t = await turn(http, s.url, conv.next())
+        after_idle.append(t)
+        save = s.newest_save() if kv else None  # read before this turn's own save (IDLE later)
+        if save is not None and save[0] <= t["sent"] + 0.002 and save[1] >= t["sent"]:
+            during_save.append(t)
+    out["at_once"], out["after_idle"], out["during_save"] = at_once, after_idle, during_save
+    last = after_idle[-1]
+
+    if kv:  # the last turn's save on disk before the crash
+        async with asyncio.timeout(30):
+            while (s.newest_save() or (0, 0, 0))[1] < last["done"]:
+                await asyncio.sleep(0.05)
+        n = await s.metric(http, "orchestrator_kv_save_seconds_count")
+        out["save_s"] = await s.metric(http, "orchestrator_kv_save_seconds_sum") / max(n, 1)
+        out["saves"] = n
+        out["save_bytes"] = s.newest_save()[2]
+
+    # (c)/(d) kill -SEGV; supervisord restarts it; the gateway reopens its queue (after the restore).
+    before = (await s.backend(http))["restarts"]
+    killed = time.perf_counter()
+    os.kill(s.llama_pid(), signal.SIGSEGV)
+    async with asyncio.timeout(20):
+        while (await s.backend(http))["state"] == "ready":
+            await asyncio.sleep(0.01)
+    b = await s.ready(http, before + 1)
+    out["back_s"] = time.perf_counter() - killed
+    out["restore"] = b.get("kv_restore") or {}
+    out["after_segv"] = await turn(http, s.url, conv.next())
+    return out
+
+
+async def run(binary: str, claude_turn: Callable[[str, int], dict]) -> list[str]:
+    """Both stacks, one after the other; the table's lines."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=300)) as http:
+            for name, kv in (("on", True), ("off", False)):
+                s = Stack(Path(tmp) / f"kv-{name}", binary, kv)
+                try:
+                    s.up()
+                    figures[name] = await play(s, http, claude_turn, kv)
+                finally:
+                    s.down()
+    return table(figures["on"], figures["off"])
+
+
+def med(turns: list[dict], key: str = "ttft") -> float:
+    return statistics.median(t[key] for t in turns) if turns else float("nan")
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def table(on: dict, off: dict) -> list[str]:
+    cold, warm = on["cold"]["ttft"], on["warm"]["ttft"]
+    after, cold_after = on["after_segv"]["ttft"], off["after_segv"]["ttft"]
+    restore_s = float(on["restore"].get("seconds") or 0)
+    rows = [
+        ("(a) cold first turn", f"{cold:.2f}", f"{off['cold']['ttft']:.2f}", ""),
+        ("(b) warm second turn", f"{warm:.2f}", f"{off['warm']['ttft']:.2f}", f"{cold / warm:.0f}x faster than cold"),
+        ("(c/d) first turn after kill -SEGV", f"{after:.2f}", f"{cold_after:.2f}",
+         f"with restore {cold_after / after:.0f}x faster than without; {cold / after:.0f}x faster than cold"),
+        ("      its prompt tokens read from cache", f"{on['after_segv']['from_cache']}",
+         f"{off['after_segv']['from_cache']}", f"of {on['after_segv']['prompt']}"),
+        ("      kill to backend ready again (s)", f"{on['back_s']:.2f}", f"{off['back_s']:.2f}",
+         f"restore {ms(restore_s)} of {on['restore'].get('n_tokens', 0):,} tokens"),
+        (f"(e) tool-loop turn sent at once, median of {len(on['at_once'])}", f"{med(on['at_once']):.3f}",
+         f"{med(off['at_once']):.3f}", f"{(med(on['at_once']) - med(off['at_once'])) * 1000:+.0f} ms (no save starts)"),
+        (f"    sent {IDLE:g} s+ after the last, during a save ({len(on['during_save'])} of {len(on['after_idle'])})",
+         f"{med(on['during_save']):.3f}", f"{med(off['after_idle']):.3f}",
+         (f"{(med(on['during_save']) - med(off['after_idle'])) * 1000:+.0f} ms vs off, "
+          f"{(med(on['during_save']) - med(on['at_once'])) * 1000:+.0f} ms vs at once")),
+        ("    one save (mean of the run's saves)", ms(on["save_s"]), "", f"{on['save_bytes'] / 1e6:.0f} MB file"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = ["KV persistence: time to first token (s)", f"{'':<{width}}  {'kv_save on':>10}  {'off':>10}  ratio"]
+    lines += [f"{label:<{width}}  {a:>10}  {b:>10}  {ratio}" for label, a, b, ratio in rows]
+    goal = 2 * warm + restore_s
+    ok1 = after < goal
+    ok2 = 0.5 * cold < cold_after < 2 * cold  # a slightly longer prompt; a loaded machine varies
+    lines.append(f"goal: after SEGV with restore {after:.2f} s < 2 x warm + restore = {goal:.2f} s: "
+                 f"{'holds' if ok1 else 'FAILS'}")
+    lines.append(f"goal: after SEGV without restore {cold_after:.2f} s ~ cold {cold:.2f} s "
+                 f"({cold_after / cold:.2f}x, within 2x): "
+                 f"{'holds' if ok2 else 'FAILS'}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_gateway import claude_turn
+    binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or supervise.find_llama_server()
+    print("\n".join(asyncio.run(run(binary, claude_turn))))
