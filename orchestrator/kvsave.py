@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import BackendConfig, Config
 from .errors import GatewayError
@@ -46,6 +46,14 @@ SLOT = 0
 SAVE_TIMEOUT = 120.0
 RESTORE_TIMEOUT = 120.0
 PROPS_TIMEOUT = 5.0
+
+
+# A conversation's key, or what computes it when first needed (proxy passes a cached callable).
+Key = str | Callable[[], str]
+
+
+def resolve(key: Key) -> str:
+    return key() if callable(key) else key
 
 
 def prefix_key(body: dict[str, Any], strip_billing: bool = True) -> str:
@@ -84,10 +92,10 @@ class BackendSaves:
     backend: BackendConfig
     queue: SlotQueue
     folder: Path
-    latest: tuple[str, int] | None = None        # (prefix key, tokens) of the last finished request
+    latest: tuple[Key, int] | None = None        # (prefix key, tokens) of the last finished request
     saved: dict[str, int] = field(default_factory=dict)  # prefix key -> tokens at its last save
     generation: int = 0                          # bumped by every finished request
-    waiting: dict[int, str] = field(default_factory=dict)  # first-come order of waiting requests' keys
+    waiting: dict[int, Key] = field(default_factory=dict)  # first-come order of waiting requests' keys
     last_restore: dict[str, Any] | None = None
     saving: bool = False
 
@@ -116,11 +124,11 @@ class KvPersistence:
     def key(self, body: dict[str, Any]) -> str:
         return prefix_key(body, self.strip_billing)
 
-    def waiting(self, backend: str, key: str) -> _Waiting:
+    def waiting(self, backend: str, key: Key) -> _Waiting:
         """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""
         return _Waiting(self.backends.get(backend), self._next(), key)
 
-    def finished(self, backend: str, key: str, tokens: int) -> None:
+    def finished(self, backend: str, key: Key, tokens: int) -> None:
         """A main request ended whole on `backend`: save once the slot has been idle a while."""
         b = self.backends.get(backend)
         if b is None or tokens <= 0:
@@ -171,7 +179,7 @@ class KvPersistence:
         b = self.backends.get(backend)
         if b is None or b.latest is None or b.saving:
             return "skipped"
-        key, tokens = b.latest
+        key, tokens = resolve(b.latest[0]), b.latest[1]
         if b.saved.get(key) == tokens:
             self.metrics.kv_saves.labels(backend, "unchanged").inc()
             return "unchanged"
@@ -291,7 +299,7 @@ class KvPersistence:
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
             return "refused", {"error": why}
-        wanted = b.waiting[min(b.waiting)] if b.waiting else None
+        wanted = resolve(b.waiting[min(b.waiting)]) if b.waiting else None
         pick = next((m for m in fitting if m.get("key") == wanted), None) or max(fitting, key=lambda m: m["time"])
         path = b.folder / str(pick.get("file"))
         size = path.stat().st_size if path.exists() else -1
@@ -361,7 +369,7 @@ class KvPersistence:
 class _Waiting:
     """Registers a waiting request's key for the length of a `with` block."""
 
-    def __init__(self, b: BackendSaves | None, seq: int, key: str) -> None:
+    def __init__(self, b: BackendSaves | None, seq: int, key: Key) -> None:
         self.b, self.seq, self.key = b, seq, key
 
     def __enter__(self) -> None:

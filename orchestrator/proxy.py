@@ -153,7 +153,9 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         outcome.backend = backend.name
         enqueued = time.monotonic()
         kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
-        kv_key = kv.key(body) if kv is not None else ""
+        # Hashing the conversation's prefix costs a serialisation of its tools: done only if a save
+        # or a restore needs it, never on the request's path.
+        kv_key = functools.cache(functools.partial(kv.key, body)) if kv is not None else None
         try:
             with kv.waiting(backend.name, kv_key) if kv is not None else contextlib.nullcontext():
                 lease = await queue.acquire(route.priority, front=attempt > 0)
