@@ -18,8 +18,11 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType
 
-# Below this a parse takes well under a millisecond: not worth a thread hop.
-PARSE_INLINE_BYTES = 64 * 1024
+# The one size past which a body's JSON work (parse, checks, re-serialisation,
+# hashing) goes to a thread: below it, well under a millisecond, not worth a
+# thread hop; a 30 MB conversation takes a quarter of a second, which no other
+# client should wait on.
+INLINE_BYTES = 64 * 1024
 # Bounds on a JSON schema the gateway itself reads (a title request's output format).
 MAX_SCHEMA_DEPTH = 32
 # Content blocks in one request, all messages together. A long Claude Code
@@ -88,12 +91,12 @@ def _parse_and_check(raw: bytes, needs_max_tokens: bool) -> dict[str, Any]:
 
 async def parse_object(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; a large one is parsed in a thread so no other client waits on it."""
-    return _parse_object(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(_parse_object, raw)
+    return _parse_object(raw) if len(raw) <= INLINE_BYTES else await asyncio.to_thread(_parse_object, raw)
 
 
 async def parse_request(raw: bytes, *, needs_max_tokens: bool) -> dict[str, Any]:
     """A Messages API body, parsed and checked (`check_request`); a large one in a thread."""
-    if len(raw) <= PARSE_INLINE_BYTES:
+    if len(raw) <= INLINE_BYTES:
         return _parse_and_check(raw, needs_max_tokens)
     return await asyncio.to_thread(_parse_and_check, raw, needs_max_tokens)
 

@@ -15,17 +15,13 @@ from typing import Any, Callable
 
 import aiohttp
 
+from .bodies import INLINE_BYTES
 from .config import BackendConfig
 from .errors import GatewayError
 from .routing import utf8_json
 from .upstream import UpstreamClient
 
 COUNTED_FIELDS = ("system", "messages", "tools", "tool_choice", "thinking")
-
-
-# Bodies larger than this are serialised in a thread: a 30 MB conversation
-# takes a quarter of a second to dump, which no other client should wait on.
-INLINE_BYTES = 64 * 1024
 
 
 def _canonical(body: dict[str, Any]) -> str:

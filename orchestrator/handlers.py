@@ -10,8 +10,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, synthetic
-from .bodies import parse_object, parse_request, read_body
-from .counting import INLINE_BYTES, estimate_tokens
+from .bodies import INLINE_BYTES, parse_object, parse_request, read_body
+from .counting import estimate_tokens
 from .errors import GatewayError, NotFound
 from .health import State
 from .proxy import Gateway, forward

@@ -24,7 +24,8 @@ from aiohttp import web
 from . import sse
 from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
-from .counting import INLINE_BYTES, TokenCounter
+from .bodies import INLINE_BYTES
+from .counting import TokenCounter
 from .errors import (
     GatewayError,
     Overloaded,

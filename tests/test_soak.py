@@ -31,9 +31,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import sample
-from test_supervise import Stack, _gone, _wait_health
+from test_supervise import Stack, _wait_health, down_leaving_nothing
 
-from orchestrator import supervise
 from orchestrator.config import load_config
 from orchestrator.sse import SSEParser
 
@@ -85,12 +84,7 @@ def soak_stack(tmp_path):
     s = Stack(root)
     _write_config(s)
     yield s
-    pids = s.all_pids() if supervise.running(s.paths) else []
-    supervise.down(s.paths)
-    deadline = time.time() + 20
-    while not all(_gone(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert all(_gone(p) for p in pids), "a process of the stack outlived `down`"
+    down_leaving_nothing(s)
 
 
 # ---- requests as Claude Code sends them ---------------------------------------------------------

@@ -118,12 +118,17 @@ def stack(tmp_path):
 
     yield make
     for s in stacks:
-        pids = s.all_pids() if supervise.running(s.paths) else []
-        supervise.down(s.paths)
-        deadline = time.time() + 20
-        while not all(_gone(p) for p in pids) and time.time() < deadline:
-            time.sleep(0.1)
-        assert all(_gone(p) for p in pids), "a process of the stack outlived `down`"
+        down_leaving_nothing(s)
+
+
+def down_leaving_nothing(s: Stack) -> None:
+    """`down`, and every process the stack ran is gone within 20 s."""
+    pids = s.all_pids() if supervise.running(s.paths) else []
+    supervise.down(s.paths)
+    deadline = time.time() + 20
+    while not all(_gone(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), "a process of the stack outlived `down`"
 
 
 async def _wait_health(http, url, timeout=30):
