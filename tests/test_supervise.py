@@ -185,7 +185,7 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
         assert status == 200, raw
         if i == 0:
             evs = sse_events(raw)
-            assert evs[-1].event == "message_stop" and sum(e.event == "message_start" for e in evs) == 1
+            assert evs[-1].event == "message_stop" and sum(e.event == "message_start" for e in evs) == 1, raw[:3000]
         else:
             assert json.loads(raw)["stop_reason"] in ("max_tokens", "end_turn")
     new_pid = s.pid("llama-primary")
