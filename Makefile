@@ -39,8 +39,11 @@ clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # ---- the stack under supervisord ---------------------------------------------------------------
-# Your own ./orchestrator.toml wins over the embedded default model's.
-CONFIG ?= $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrator.toml)
+# Your own ./orchestrator.toml wins over the embedded default model's; SMALL=1 adds a
+# small model for Claude Code's background requests (deploy/orchestrator.small.toml).
+# The stack `make up` started is the one down/status/claude talk to (var/run/make-config).
+DEFAULT_CONFIG := $(if $(wildcard orchestrator.toml),orchestrator.toml,deploy/orchestrator.toml)
+CONFIG ?= $(if $(SMALL),deploy/orchestrator.small.toml,$(or $(shell cat var/run/make-config 2>/dev/null),$(DEFAULT_CONFIG)))
 
 .PHONY: up down status logs claude
 # Ends with the commands that point Claude Code at the gateway, as typed here.
@@ -49,10 +52,12 @@ up: install
 	@deploy/ensure-tools.sh prometheus || echo "(continuing without Prometheus)"
 	@deploy/install-claude-code.sh >/dev/null || echo "(continuing without Claude Code: it needs Node.js and npm)"
 	@LLAMA=$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh) && \
-		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA"
+		$(BIN)/orchestrator up --config $(CONFIG) --llama-server "$$LLAMA" && \
+		mkdir -p var/run && echo "$(CONFIG)" > var/run/make-config
 
 down: install
 	$(BIN)/orchestrator down --config $(CONFIG)
+	@rm -f var/run/make-config
 
 status: install
 	@$(BIN)/orchestrator status --config $(CONFIG)

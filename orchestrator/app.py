@@ -64,6 +64,8 @@ async def anthropic_errors(request: web.Request, handler) -> web.StreamResponse:
 
 def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     metrics = Metrics(registry, [b.name for b in config.backends])
+    if config.background_backend is not None:
+        metrics.add_background_backend(config.background_backend.name)
     upstream = UpstreamClient(connect_timeout=config.gateway.connect_timeout_seconds)
     counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
                            on_source=lambda source: metrics.count_tokens_source.labels(source).inc())

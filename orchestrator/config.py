@@ -166,6 +166,16 @@ class RoutingConfig:
     count_probes: str = setting("count_tokens", 'max_tokens=1 probes: answered from "count_tokens", or "forward"',
                                 check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"')
     strip_billing_header: bool = setting(True, "drop the per-request billing line that defeats the prompt cache")
+    # A title or topic answer is small; a background model that takes longer (busy, slow, stuck) is
+    # not worth waiting for when the gateway can answer at once.
+    background_timeout_seconds: float = setting(
+        20.0, "a title or topic answer from the background backend, its queue wait included; "
+        "after it, the synthetic answer", check=_positive, why="a positive number of seconds")
+    background_format: str = setting(
+        "json_schema", 'how title and topic requests ask the background backend for JSON: "json_schema" '
+        "(llama-server's /v1/chat/completions, the schema enforced as a grammar) or \"messages\" (sent to "
+        "/v1/messages as they are); either way the answer is checked against the schema",
+        check=lambda v: v in ("json_schema", "messages"), why='"json_schema" or "messages"')
 
 
 @dataclass(frozen=True)

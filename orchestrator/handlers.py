@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, synthetic
+from . import __version__, background, synthetic
 from .bodies import INLINE_BYTES, parse_object, parse_request, read_body
 from .counting import estimate_tokens
 from .errors import GatewayError, NotFound
@@ -49,6 +49,11 @@ async def messages(request: web.Request) -> web.StreamResponse:
     arrived = time.monotonic()
     raw, body = await _parse(request, gw, "main", needs_max_tokens=True)
     route = choose_route(body, gw.config, background_up=_background_up(gw))
+    if route.kind is RouteKind.BACKGROUND and route.shape in background.STRUCTURED:
+        answered = await background.ask(gw, body, route, arrived)
+        if answered is not None:
+            return background.respond(body, route, *answered)
+        route = Route(RouteKind.SYNTHETIC, route.shape)
     if route.kind is RouteKind.SYNTHETIC:
         return await answer_synthetic(gw, body, len(raw), route, arrived)
     return await forward(request, gw, body, raw, route, arrived)

@@ -19,6 +19,7 @@ DISCONNECT_STAGES = ("queued", "in_slot")
 REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
                      "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
+BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")
 KV_SAVE_RESULTS = ("saved", "unchanged", "busy", "failed")
 KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
 
@@ -82,6 +83,11 @@ class Metrics:
                                             "queue held", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.kv_restored_tokens = Counter("orchestrator_kv_restored_tokens", "Prompt tokens a restore put back "
                                           "in the cache (saved from prefill)", ["backend"], registry=r)
+        self.background_answers = Counter("orchestrator_background_answers",
+                                          "Title and topic requests sent to the background model, by result: "
+                                          "model (its answer, valid, sent), invalid, timeout, failed, busy "
+                                          "(each answered synthetically)", ["backend", "shape", "result"],
+                                          registry=r)
         self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
                                            ["source"], registry=r)
 
@@ -117,6 +123,12 @@ class Metrics:
             self.duration.labels(name, route)
         for route in ("main", "background", "count_tokens"):
             self.requests.labels(route, name, "200")
+
+    def add_background_backend(self, name: str) -> None:
+        """Series of the background backend's structured answers, at zero before the first."""
+        for shape in ("title", "topic"):
+            for result in BACKGROUND_RESULTS:
+                self.background_answers.labels(name, shape, result)
 
     def add_kv_backend(self, name: str) -> None:
         """Series of a backend that saves its KV cache, at zero before its first save."""

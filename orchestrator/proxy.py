@@ -196,7 +196,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         finally:
             live.discard(call)
             if call.abandoned:
-                _release_when_idle(gw, backend, queue, lease, call)
+                release_when_idle(gw, backend, queue, lease, call)
             else:
                 lease.release()
                 if kv is not None and call.complete and outcome.status != "stream_error":
@@ -207,7 +207,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)
 
 
-def _release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease, call: Call) -> None:
+def release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease, call: Call) -> None:
     """Hold the slot until the backend has let go of the abandoned request (release.py)."""
     left = time.monotonic()
     health = gw.health[backend.name]
@@ -246,7 +246,7 @@ async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: Ba
     try:
         async with upstream.post(backend, path, data, headers) as resp:
             if resp.status != 200:
-                raw = await _read_whole(resp, 256 * 1024, backend)
+                raw = await read_whole(resp, 256 * 1024, backend)
                 call.complete = True
                 if resp.status == 503:
                     # llama-server answers 503 while it loads its model: nothing ran.
@@ -259,7 +259,7 @@ async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: Ba
                     raise UpstreamError(f"backend {backend.name!r} answered a streaming request with "
                                         f"{ctype or 'no Content-Type'}, not text/event-stream")
                 return await _relay_stream(client, backend, health, resp, outcome, model, call)
-            raw = await _read_whole(resp, MAX_ANSWER_BYTES, backend)
+            raw = await read_whole(resp, MAX_ANSWER_BYTES, backend)
             call.complete = True
     except UpstreamUnavailable as e:
         raise _Retry(e) from e
@@ -274,7 +274,7 @@ async def _exchange(upstream: UpstreamClient, backend: BackendConfig, health: Ba
     return web.Response(body=raw, status=200, headers=_answer_headers(resp.headers))
 
 
-async def _read_whole(resp, limit: int, backend: BackendConfig) -> bytes:
+async def read_whole(resp, limit: int, backend: BackendConfig) -> bytes:
     """The whole answer body, however many reads it takes; a cut one is a failure, never an answer."""
     buf = bytearray()
     try:
@@ -443,8 +443,9 @@ def _observe_event(outcome: Outcome, kind: str, data: dict[str, Any]) -> None:
             _take_usage(outcome, usage)
 
 
-def record(gw: Gateway, route: str, outcome: Outcome, arrived: float) -> None:
-    """Account one finished request that went to a backend, and log it."""
+def record(gw: Gateway, route: str, outcome: Outcome, arrived: float, *, count_tokens: bool = True) -> None:
+    """Account one finished request that went to a backend, and log it (its tokens too, unless
+    the caller counted them)."""
     m, b = gw.metrics, outcome.backend
     end = time.monotonic()
     ttft = f"{outcome.first_content - arrived:.2f}s" if outcome.first_content is not None else "-"
@@ -459,6 +460,8 @@ def record(gw: Gateway, route: str, outcome: Outcome, arrived: float) -> None:
         gen_time = end - outcome.first_content
         if outcome.output_tokens > 1 and gen_time > 0:
             m.tokens_per_second.labels(b).observe(outcome.output_tokens / gen_time)
+    if not count_tokens:
+        return
     # Anthropic's usage: input_tokens excludes the tokens read from cache.
     m.prompt_tokens.labels(b, "hit").inc(outcome.cache_read_tokens)
     m.prompt_tokens.labels(b, "miss").inc(outcome.input_tokens)

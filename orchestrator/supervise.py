@@ -86,8 +86,9 @@ def slot_dir(var: Path, backend: BackendConfig) -> Path:
 
 
 def saves_slots(backend: BackendConfig) -> bool:
-    """Supervised backends save by default; a server run by someone else only with its folder named."""
-    return backend.kv_save and bool(backend.command or backend.kv_save_dir)
+    """Supervised main backends save by default; a server run by someone else only with its folder
+    named. A background model has no conversation worth keeping."""
+    return backend.role == "main" and backend.kv_save and bool(backend.command or backend.kv_save_dir)
 
 
 def program_name(backend: BackendConfig) -> str:

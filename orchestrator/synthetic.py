@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import sse
 from .errors import InvalidRequest
@@ -158,8 +158,16 @@ def _output_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def message(body: dict[str, Any], shape: Shape, input_tokens: int) -> dict[str, Any]:
-    text, stop = answer_text(body, shape)
+class Made(NamedTuple):
+    """An answer a background model made, sent in the same message shape as the gateway's own."""
+
+    text: str
+    stop_reason: str
+    output_tokens: int
+
+
+def message(body: dict[str, Any], shape: Shape, input_tokens: int, made: Made | None = None) -> dict[str, Any]:
+    text, stop = (made.text, made.stop_reason) if made else answer_text(body, shape)
     return {
         "id": f"msg_synth_{uuid.uuid4().hex[:24]}",
         "type": "message",
@@ -168,13 +176,13 @@ def message(body: dict[str, Any], shape: Shape, input_tokens: int) -> dict[str, 
         "content": [{"type": "text", "text": text}],
         "stop_reason": stop,
         "stop_sequence": None,
-        "usage": _usage(input_tokens, _output_tokens(text)),
+        "usage": _usage(input_tokens, made.output_tokens if made else _output_tokens(text)),
     }
 
 
-def stream(body: dict[str, Any], shape: Shape, input_tokens: int) -> bytes:
+def stream(body: dict[str, Any], shape: Shape, input_tokens: int, made: Made | None = None) -> bytes:
     """The whole SSE sequence the real API would send for the same answer."""
-    msg = message(body, shape, input_tokens)
+    msg = message(body, shape, input_tokens, made)
     text = msg["content"][0]["text"]
     start = {**msg, "content": [], "stop_reason": None, "usage": _usage(input_tokens, 1)}
     parts = [

@@ -60,12 +60,17 @@ class FakeUpstream:
     # Like llama-server, notice a vanished client only this long after it left:
     # the generation goes on (and counts as in flight) meanwhile.
     linger: float = 0.0
+    # /v1/chat/completions (llama-server's OpenAI endpoint, where a JSON schema is enforced):
+    # this text, else the smallest value valid against the request's schema.
+    chat_answer: str | None = None
+    chat_finish: str = "stop"
 
     def app(self) -> web.Application:
         # Claude Code's bodies reach tens of MB in a long session; llama-server takes up to 100 MB.
         app = web.Application(client_max_size=100 * 1024 * 1024)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/health", self.health)
         app.router.add_get("/slots", self.slots)
         return app
@@ -86,6 +91,39 @@ class FakeUpstream:
         body = await request.json()
         await asyncio.sleep(self.count_delay)
         return web.json_response({"input_tokens": 1000 + len(json.dumps(body.get("messages")))})
+
+    async def chat_completions(self, request: web.Request) -> web.Response:
+        from orchestrator.synthetic import instance_of
+
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        self.paths.append(request.path_qs)
+        mode = request.headers.get("x-fake-mode", self.mode)
+        if mode == "error500":
+            return web.json_response({"error": {"code": 500, "message": "boom", "type": "server_error"}},
+                                     status=500)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.generations_started += 1
+        try:
+            await asyncio.sleep(self.prefill_delay)
+            if mode == "stall":
+                await asyncio.sleep(3600)
+            schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+            text = self.chat_answer if self.chat_answer is not None else json.dumps(instance_of(schema, "Fake title"))
+            self.generations_finished += 1
+            return web.json_response({
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake",
+                "choices": [{"index": 0, "finish_reason": self.chat_finish,
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}})
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            await asyncio.shield(asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger))))
+            raise
+        finally:
+            self.in_flight -= 1
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

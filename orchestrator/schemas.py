@@ -1,0 +1,125 @@
+"""JSON schemas of background answers: check a model's answer against one, and bound one for a small model.
+
+A small model's answer to a title or topic request is only sent on if it is
+valid against the schema the client asked for; anything else gets the
+synthetic answer instead. The check covers the keywords `bodies.check_schema`
+admits and Claude Code uses (type, properties, required, additionalProperties,
+enum, const, anyOf/oneOf/allOf, items, string and array lengths, numeric
+bounds, pattern); a keyword outside that list is not checked.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+# A title is a few words. Without a bound, a grammar-forced string lets a small
+# model ramble until max_tokens and the answer is cut (invalid JSON).
+MAX_STRING_CHARS = 120
+MAX_ARRAY_ITEMS = 8
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+}
+
+
+def problem(value: Any, schema: Any, path: str = "answer") -> str | None:
+    """The first way `value` breaks `schema`, or None when it is valid."""
+    if schema is True or not isinstance(schema, dict):
+        return None
+    if "const" in schema and not _equal(value, schema["const"]):
+        return f"{path}: must be {schema['const']!r}"
+    if "enum" in schema and isinstance(schema["enum"], list) and not any(_equal(value, e) for e in schema["enum"]):
+        return f"{path}: must be one of {schema['enum']!r}"
+    for sub in schema.get("allOf") or ():
+        if (p := problem(value, sub, path)) is not None:
+            return p
+    if schema.get("anyOf") and all(problem(value, s, path) is not None for s in schema["anyOf"]):
+        return f"{path}: matches none of anyOf"
+    if schema.get("oneOf") and sum(problem(value, s, path) is None for s in schema["oneOf"]) != 1:
+        return f"{path}: must match exactly one of oneOf"
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(_TYPES.get(k, lambda v: False)(value) for k in kinds):
+            return f"{path}: must be of type {' or '.join(kinds)}"
+    if isinstance(value, dict):
+        return _object_problem(value, schema, path)
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", math.inf):
+            return f"{path}: {len(value)} items is out of bounds"
+        for i, item in enumerate(value):
+            if (p := problem(item, schema.get("items", True), f"{path}[{i}]")) is not None:
+                return p
+    elif isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
+            return f"{path}: {len(value)} characters is out of bounds"
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and not _search(pattern, value):
+            return f"{path}: does not match {pattern!r}"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf) \
+                or ("exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]) \
+                or ("exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]):
+            return f"{path}: {value} is out of bounds"
+    return None
+
+
+def _object_problem(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
+    props = schema.get("properties") or {}
+    for key in schema.get("required") or ():
+        if key not in value:
+            return f"{path}: lacks required {key!r}"
+    extra = schema.get("additionalProperties", True)
+    for key, item in value.items():
+        sub = props.get(key, extra)
+        if sub is False:
+            return f"{path}: has no room for {key!r}"
+        if (p := problem(item, sub, f"{path}.{key}")) is not None:
+            return p
+    return None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    # JSON equality: true is not 1.
+    return type(a) is type(b) and a == b or (_TYPES["number"](a) and _TYPES["number"](b) and a == b)
+
+
+def _search(pattern: str, value: str) -> bool:
+    try:
+        return re.search(pattern, value) is not None
+    except re.error:
+        return True  # a pattern Python cannot read is not checked
+
+
+def bounded(schema: Any) -> Any:
+    """`schema` with a length bound on every string and array that has none (and admits one).
+
+    Only narrower: a value valid against the result is valid against `schema`.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties",):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: bounded(v) for k, v in out[key].items()}
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(key), list):
+            out[key] = [bounded(s) for s in out[key]]
+    if isinstance(out.get("items"), dict):
+        out["items"] = bounded(out["items"])
+    kinds = out.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    if "string" in kinds and "maxLength" not in out and out.get("minLength", 0) <= MAX_STRING_CHARS:
+        out["maxLength"] = MAX_STRING_CHARS
+    if "array" in kinds and "maxItems" not in out and out.get("minItems", 0) <= MAX_ARRAY_ITEMS:
+        out["maxItems"] = MAX_ARRAY_ITEMS
+    return out

@@ -1,0 +1,72 @@
+"""The gateway's check of a background answer against its schema, with jsonschema as the oracle."""
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.background import TOPIC_SCHEMA
+from orchestrator.schemas import MAX_STRING_CHARS, bounded, problem
+
+TITLE = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"],
+         "additionalProperties": False}
+TOPIC = {"type": "object", "properties": {"isNewTopic": {"type": "boolean"}, "title": {"type": ["string", "null"]}},
+         "required": ["isNewTopic", "title"], "additionalProperties": False}
+RICH = {"type": "object", "properties": {
+    "kind": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 1, "maximum": 3},
+    "x": {"type": "number", "exclusiveMinimum": 0}, "tags": {"type": "array", "items": {"type": "string"},
+                                                             "minItems": 1, "maxItems": 2},
+    "code": {"type": "string", "pattern": "^[A-Z]{2}$", "minLength": 2}, "v": {"const": True},
+    "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    "one": {"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 10}]},
+    "both": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}, "required": ["kind"]}
+
+CASES = [
+    (TITLE, {"title": "Reverse a string"}), (TITLE, {}), (TITLE, {"title": 3}), (TITLE, {"title": "a", "x": 1}),
+    (TITLE, []), (TITLE, "title"), (TOPIC, {"isNewTopic": True, "title": None}),
+    (TOPIC, {"isNewTopic": 1, "title": None}), (TOPIC, {"isNewTopic": False}),
+    (TOPIC, {"isNewTopic": False, "title": "Py"}), (RICH, {"kind": "a"}), (RICH, {"kind": "c"}),
+    (RICH, {"kind": "a", "n": 2}), (RICH, {"kind": "a", "n": 2.0}), (RICH, {"kind": "a", "n": 4}),
+    (RICH, {"kind": "a", "n": True}), (RICH, {"kind": "a", "x": 0}), (RICH, {"kind": "a", "x": 0.5}),
+    (RICH, {"kind": "a", "tags": []}), (RICH, {"kind": "a", "tags": ["x", "y", "z"]}),
+    (RICH, {"kind": "a", "tags": ["x", 1]}), (RICH, {"kind": "a", "code": "AB"}),
+    (RICH, {"kind": "a", "code": "ab"}), (RICH, {"kind": "a", "v": True}), (RICH, {"kind": "a", "v": 1}),
+    (RICH, {"kind": "a", "either": 2}), (RICH, {"kind": "a", "either": 2.5}), (RICH, {"kind": "a", "one": 5}),
+    (RICH, {"kind": "a", "one": 12}), (RICH, {"kind": "a", "one": 10.5}), (RICH, {"kind": "a", "both": "abcd"}),
+    (RICH, {"kind": "a", "both": "ab"}), (TOPIC_SCHEMA, {"isNewTopic": False, "title": None}),
+    (TOPIC_SCHEMA, {"isNewTopic": False, "title": "Py"}), (TOPIC_SCHEMA, {"isNewTopic": True, "title": ""}),
+    (TOPIC_SCHEMA, {"isNewTopic": True, "title": "Python"}), (TOPIC_SCHEMA, {"isNewTopic": True, "title": None}),
+]
+
+
+@pytest.mark.parametrize("schema,value", CASES)
+def test_agrees_with_jsonschema(schema, value):
+    expected = jsonschema.Draft202012Validator(schema).is_valid(value)
+    assert (problem(value, schema) is None) == expected, problem(value, schema)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(-5, 5, allow_nan=False) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["title", "isNewTopic", "x"]),
+                                                                 inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values, schema=st.sampled_from([TITLE, TOPIC, RICH, TOPIC_SCHEMA]))
+def test_agrees_with_jsonschema_on_any_value(value, schema):
+    expected = jsonschema.Draft202012Validator(schema).is_valid(value)
+    assert (problem(value, schema) is None) == expected
+
+
+def test_bounded_only_narrows_and_bounds_every_string():
+    b = bounded(TOPIC)
+    assert b["properties"]["title"]["maxLength"] == MAX_STRING_CHARS
+    assert bounded(TITLE)["properties"]["title"]["maxLength"] == MAX_STRING_CHARS
+    assert TITLE["properties"]["title"] == {"type": "string"}  # the client's schema is left as it was
+    long = {"isNewTopic": True, "title": "x" * (MAX_STRING_CHARS + 1)}
+    assert problem(long, TOPIC) is None and problem(long, b) is not None
+    # A string that must be longer than the bound keeps its own limits.
+    wide = {"type": "string", "minLength": MAX_STRING_CHARS + 5}
+    assert bounded(wide) == wide
+    assert bounded(RICH)["properties"]["tags"]["maxItems"] == 2
