@@ -160,7 +160,8 @@ def key_figures(metrics_text: str) -> dict[str, Any]:
     return {"routes": routes, "backends": dict(backends),
             "rejections": by("orchestrator_rejections_total", "reason"),
             "disconnects": by("orchestrator_client_disconnects_total", "stage"),
-            "synthetic": by("orchestrator_synthetic_responses_total", "kind")}
+            "synthetic": by("orchestrator_synthetic_responses_total", "kind"),
+            "background_answers": by("orchestrator_background_answers_total", "result")}
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -284,6 +285,12 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
         detail = []
         if r["errors"]:
             detail.append("errors " + ", ".join(f"{s} x{_num(n)}" for s, n in sorted(r["errors"].items())))
+        answers = figures.get("background_answers", {})
+        if route == "background" and any(answers.values()):
+            made = answers.get("model", 0)
+            replaced = {k: v for k, v in answers.items() if k != "model"}
+            detail.append(f"titles/topics by the model {_num(made)}"
+                          + (f", replaced by the gateway's: {_counts(replaced)}" if any(replaced.values()) else ""))
         if route == "synthetic" and any(figures["synthetic"].values()):
             detail.append(_counts(figures["synthetic"]))
         if route == "count_tokens" and r["total"]:

@@ -165,6 +165,15 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_small(tmp_path_factory):
+    """A second real server, as a background model (one thread: the primary keeps the other)."""
+    server = LlamaServer(tmp_path_factory.mktemp("llama-small"), ("--threads", "1"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def llama_short(tmp_path_factory):
     """The real server with the default stack's grammar (deploy/short-answers.gbnf):
     SmolLM2's answers end, so Claude Code's turns do."""

@@ -87,7 +87,7 @@ def test_dashboard_structure():
                    "route=\"synthetic\"", "orchestrator_queue_depth", "orchestrator_slots_busy",
                    "orchestrator_backend_up", "orchestrator_backend_restarts_total", "orchestrator_rejections_total",
                    "orchestrator_client_disconnects_total", "orchestrator_kv_saves_total",
-                   "orchestrator_kv_restores_total", "llamacpp:"):
+                   "orchestrator_kv_restores_total", "orchestrator_background_answers_total", "llamacpp:"):
         assert needed in exprs, needed
 
 
@@ -170,14 +170,17 @@ class Prometheus:
 
 
 @pytest.mark.real
-async def test_every_panel_query_returns_data_from_real_traffic(llama, gateway, http, tmp_path):
+async def test_every_panel_query_returns_data_from_real_traffic(llama, llama_small, gateway, http, tmp_path):
     # KV saving on (this llama-server has no --slot-save-path: its saves fail, and are counted);
-    # real saves and restores are measured in test_kvsave.
+    # real saves and restores are measured in test_kvsave. A second real server is the background model.
+    small = {"name": "small", "url": llama_small.url, "role": "background"}
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "kv_save_dir": str(tmp_path),
-                                             "kv_save_idle_seconds": 0}]})
+                                             "kv_save_idle_seconds": 0}, small],
+                               "routing": {"background": "small"}})
     host_port = base.removeprefix("http://")
     config = config_from_dict({"gateway": {"host": "127.0.0.1", "port": int(host_port.split(":")[1])},
-                               "backends": [{"name": "primary", "url": llama.url}],
+                               "backends": [{"name": "primary", "url": llama.url}, small],
+                               "routing": {"background": "small"},
                                "supervisor": {"prometheus_scrape_interval": "1s"}})
     prom = Prometheus(tmp_path, supervise.render_prometheus(config))
     try:
@@ -204,11 +207,15 @@ async def test_every_panel_query_returns_data_from_real_traffic(llama, gateway, 
         await asyncio.sleep(4)  # several 1 s scrapes after the traffic
 
         deadline = time.time() + 30
-        while time.time() < deadline and not prom.query('up{job="llama-server"} == 1'):
+        while time.time() < deadline and len(prom.query('up{job="llama-server"} == 1')) < 2:
             await asyncio.sleep(0.5)
         board = json.loads(DASHBOARD.read_text())
         empty = [(title, expr) for title, expr in dashboard_targets(board) if not prom.finite(as_promql(expr))]
         assert not empty, f"panels with no data: {empty}"
+        # Series start at zero, so "data" alone is no proof for counters: the background model's
+        # title and topic answers were counted as its own.
+        made = prom.query('sum by (shape) (orchestrator_background_answers_total{result="model"}) > 0')
+        assert {m["metric"]["shape"] for m in made} == {"title", "topic"}, made
 
         # The recording rules produce series too.
         records = re.findall(r"record:\s*(\S+)", (PROM_DIR / "rules.yml").read_text())

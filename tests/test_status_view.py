@@ -163,6 +163,9 @@ def history(monkeypatch):
     m.requests.labels("main", "primary", "client_gone").inc(1)
     m.requests.labels("main", "none", "400").inc(1)            # refused before routing
     m.requests.labels("background", "small", "200").inc(2)
+    m.add_background_backend("small")
+    m.background_answers.labels("small", "title", "model").inc(2)
+    m.background_answers.labels("small", "topic", "timeout").inc(1)
     m.requests.labels("synthetic", "gateway", "200").inc(4)
     m.synthetic.labels("title").inc(3)
     m.synthetic.labels("warmup").inc(1)
@@ -229,6 +232,9 @@ def test_routes_are_counted_apart_and_agree_with_the_raw_metrics(history):
     assert rows["main"]["answered"] == 3
     assert "counted by primary 25, estimate 5" in rows["count_tokens"]["detail"]
     assert "title 3, warmup 1" in rows["synthetic"]["detail"]
+    # The background model's titles and topics: made by it, or replaced by the gateway's.
+    assert rows["background"]["detail"] == "titles/topics by the model 2, replaced by the gateway's: timeout 1"
+    assert rows["background"]["answered"] == raw_sum(raw, "orchestrator_background_answers_total", result="model")
     assert rows["synthetic"]["answered"] == raw_sum(raw, "orchestrator_synthetic_responses_total")
     # Per backend, only the requests that took its slot: count_tokens' 25 on primary are not there.
     for name in ("primary", "small"):
