@@ -20,10 +20,25 @@ from orchestrator.handlers import GATEWAY
 pytestmark = pytest.mark.real
 
 
-def claude_binary() -> str:
+# The newest release tested besides the default (2.1.197, what npm picks on Node 20): its
+# engines field asks for Node >= 22, yet it runs on 20 (a native binary).
+NEWER = "2.1.332"
+
+
+def claude_binary(version: str | None = None) -> str:
     path = os.environ.get("ORCHESTRATOR_CLAUDE")
-    if path:
+    if path and version is None:
         return path
+    if version is not None:
+        # Installed by the same script a fresh machine runs, into that version's own cache folder.
+        env = {k: v for k, v in os.environ.items() if k != "CLAUDE_BIN"} | {"CLAUDE_CODE_VERSION": version}
+        out = subprocess.run([str(ROOT / "deploy" / "install-claude-code.sh")], check=False, capture_output=True,
+                             text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        binary = out.stdout.strip().splitlines()[-1]
+        said = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
+        assert said.startswith(f"{version} "), f"{binary} is {said!r}, not {version}"
+        return binary
     out = subprocess.run([str(ROOT / "deploy" / "install-claude-code.sh")], check=True, capture_output=True,
                          text=True)
     return out.stdout.strip().splitlines()[-1]
@@ -69,8 +84,9 @@ async def start_for_claude(gateway, http, raw: dict):
     return base, app[GATEWAY], config, health
 
 
-async def run_claude(args: list[str], env: dict, cwd: Path, timeout: float = 600) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(claude_binary(), *args, cwd=cwd, env=env,
+async def run_claude(args: list[str], env: dict, cwd: Path, timeout: float = 600,
+                     version: str | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(claude_binary(version), *args, cwd=cwd, env=env,
                                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -87,9 +103,12 @@ async def _metric(http, base, name, headers=None, **labels) -> float:
     return total
 
 
-@pytest.mark.parametrize("key", [None, "a-key-for-claude-code"], ids=["no-key", "with-key"])
-async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gateway, http, claude_home, key):
-    """With a key configured too: `orchestrator claude` hands it over and Claude Code gets in."""
+@pytest.mark.parametrize("key,version", [(None, None), ("a-key-for-claude-code", None), (None, NEWER)],
+                         ids=["no-key", "with-key", f"no-key-{NEWER}"])
+async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gateway, http, claude_home, key,
+                                                               version):
+    """With a key configured too: `orchestrator claude` hands it over and Claude Code gets in.
+    And with the newest release tested, which npm does not pick on Node 20."""
     home, project = claude_home
     llama = llama_short
     base, gw, config, health = await start_for_claude(gateway, http, {
@@ -98,7 +117,7 @@ async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gate
     assert health["backends"][0]["n_ctx"] == 8192
     env = claude_env_for(config, health, home)
     assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "8192"
-    code, out, err = await run_claude(["-p", "Say hello"], env, project)
+    code, out, err = await run_claude(["-p", "Say hello"], env, project, version=version)
     assert code == 0, (out, err)
     assert out.strip(), "Claude Code printed no answer"
     assert await _metric(http, base, "orchestrator_requests_total", key_headers(config),
