@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .access import AccessPolicy, access_middleware
+from .affinity import Pool
 from .config import Config
 from .counting import TokenCounter
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
@@ -75,6 +76,11 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
         gw.queues[b.name] = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_wait=q.max_wait_seconds,
                                       retry_after=q.retry_after_seconds)
     gw.kv = KvPersistence(config, upstream, gw.queues, metrics)
+    r = config.routing
+    if r.affinity and len(config.main_backends) > 1:
+        gw.pool = Pool(max_entries=r.affinity_max_conversations, max_wait=r.affinity_max_wait_seconds)
+        for b in config.main_backends:
+            metrics.add_pool_backend(b.name)
     for b in config.backends:
         queue = gw.queues[b.name]
         watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)

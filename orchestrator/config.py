@@ -171,6 +171,16 @@ class RoutingConfig:
     background_timeout_seconds: float = setting(
         20.0, "a title or topic answer from the background backend, its queue wait included; "
         "after it, the synthetic answer", check=_positive, why="a positive number of seconds")
+    # Several backends for one model form a pool. "Least busy" would send a conversation's next
+    # turn to a server whose cache never saw its prefix: a cold prefill of minutes on a big model.
+    affinity: bool = setting(True, "in a pool, send each conversation back to the backend that served it "
+                             "last (its prompt cache), unless that one is down or too busy")
+    affinity_max_wait_seconds: float = setting(
+        120.0, "a conversation moves to another backend of its pool when its own one's expected wait is "
+        "longer than this (roughly: what a cold prefill of it costs elsewhere)", check=_positive,
+        why="a positive number of seconds")
+    affinity_max_conversations: int = setting(10_000, "conversations remembered (least recently used "
+                                              "forgotten first)", check=_positive, why="a positive integer")
     background_format: str = setting(
         "json_schema", 'how title and topic requests ask the background backend for JSON: "json_schema" '
         "(llama-server's /v1/chat/completions, the schema enforced as a grammar) or \"messages\" (sent to "

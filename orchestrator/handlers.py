@@ -124,6 +124,7 @@ async def health(request: web.Request) -> web.Response:
         "gateway": {"version": __version__, "uptime_seconds": round(time.time() - gw.started, 1),
                     "access": {"key_required": bool(g.api_key), "open": g.open and not g.api_key}},
         "backends": backends,
+        **({"pool": gw.pool.snapshot()} if gw.pool is not None else {}),
     })
 
 

@@ -19,7 +19,6 @@ a failed request is one warning line and a count, and the backend goes on cold.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -29,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .affinity import conversation_key
 from .config import BackendConfig, Config
 from .errors import GatewayError
 from .metrics import Metrics
-from .routing import strip_billing_header, utf8_json
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
 from .upstream import UpstreamClient
@@ -54,20 +53,6 @@ Key = str | Callable[[], str]
 
 def resolve(key: Key) -> str:
     return key() if callable(key) else key
-
-
-def prefix_key(body: dict[str, Any], strip_billing: bool = True) -> str:
-    """A conversation's identity: system prompt, tools and first user message as forwarded
-    (the per-request billing line dropped), so every turn of it has the same key."""
-    if strip_billing:
-        body = strip_billing_header(body) or body
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-    first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    try:
-        text = utf8_json([body.get("system"), body.get("tools"), first])
-    except GatewayError:
-        text = repr([body.get("system"), body.get("tools"), first]).encode()
-    return hashlib.sha256(text).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -122,7 +107,7 @@ class KvPersistence:
     # ---- what proxy tells it ---------------------------------------------------------------
 
     def key(self, body: dict[str, Any]) -> str:
-        return prefix_key(body, self.strip_billing)
+        return conversation_key(body, self.strip_billing)
 
     def waiting(self, backend: str, key: Key) -> _Waiting:
         """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""

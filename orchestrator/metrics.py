@@ -20,6 +20,7 @@ REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", 
                      "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
 BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")
+AFFINITY_DECISIONS = ("hit", "new", "moved_down", "moved_busy", "moved_gone")  # affinity.Decision
 KV_SAVE_RESULTS = ("saved", "unchanged", "busy", "failed")
 KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
 
@@ -88,6 +89,9 @@ class Metrics:
                                           "model (its answer, valid, sent), invalid, timeout, failed, busy "
                                           "(each answered synthetically)", ["backend", "shape", "result"],
                                           registry=r)
+        self.affinity = Counter("orchestrator_affinity_decisions", "How a pooled request's backend was "
+                                "chosen: hit (the conversation's own), new, moved_down, moved_busy, moved_gone",
+                                ["backend", "decision"], registry=r)
         self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
                                            ["source"], registry=r)
 
@@ -129,6 +133,11 @@ class Metrics:
         for shape in ("title", "topic"):
             for result in BACKGROUND_RESULTS:
                 self.background_answers.labels(name, shape, result)
+
+    def add_pool_backend(self, name: str) -> None:
+        """Series of a backend in a pool (several backends for one model), at zero before the first."""
+        for decision in AFFINITY_DECISIONS:
+            self.affinity.labels(name, decision)
 
     def add_kv_backend(self, name: str) -> None:
         """Series of a backend that saves its KV cache, at zero before its first save."""

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from . import sse
+from .affinity import Pool, conversation_key
 from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
 from .bodies import INLINE_BYTES
@@ -38,7 +39,7 @@ from .kvsave import KvPersistence
 from .metrics import Metrics
 from .routing import Route, forwarded_body, utf8_json
 from .release import wait_released
-from .slots import Lease, SlotQueue, pick_queue
+from .slots import Lease, Priority, SlotQueue, pick_queue
 from .upstream import UpstreamClient, request_headers, response_headers
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Gateway:
     live: dict[str, set["Call"]] = field(default_factory=dict)
     # KV persistence: told when a main request has finished, so it can save the idle slot.
     kv: KvPersistence | None = None
+    # Conversation affinity for the groups of several backends (None: least busy, always).
+    pool: Pool | None = None
 
 
 @dataclass
@@ -145,21 +148,21 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     group = [gw.queues[name] for name in route.backends]
     priority = route.priority.name.lower()
     last_error: UpstreamUnavailable | None = None
+    # The conversation's key (a hash of its prefix: a serialisation of its tools) is computed only
+    # when a pool's affinity, a KV save or a restore needs it, never otherwise on the request's path.
+    strip = gw.config.routing.strip_billing_header
+    conversation = functools.cache(functools.partial(conversation_key, body, strip))
+    pooled = gw.pool is not None and len(group) > 1
+    if pooled and len(raw) > INLINE_BYTES:
+        key = await asyncio.to_thread(conversation)
+        conversation = functools.cache(lambda: key)
     for attempt in range(MAX_SENDS):
         # Picked again for a retry: the failed backend's queue is held now, so
-        # another backend of the group with a free slot takes the request.
-        queue = pick_queue(group)
-        backend = gw.config.backend(queue.name)
-        health = gw.health[backend.name]
-        outcome.backend = backend.name
+        # another backend of the group takes the request (and its conversation moves there).
+        queue = _pick(gw, group, conversation if pooled else None)
         enqueued = time.monotonic()
-        kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
-        # Hashing the conversation's prefix costs a serialisation of its tools: done only if a save
-        # or a restore needs it, never on the request's path.
-        kv_key = functools.cache(functools.partial(kv.key, body)) if kv is not None else None
         try:
-            with kv.waiting(backend.name, kv_key) if kv is not None else contextlib.nullcontext():
-                lease = await queue.acquire(route.priority, front=attempt > 0)
+            queue, lease = await _acquire(gw, group, queue, route.priority, attempt > 0, conversation, pooled)
         except Overloaded as e:
             gw.metrics.rejections.labels(getattr(e, "reason", "queue_full")).inc()
             if last_error is not None:
@@ -168,6 +171,10 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         except asyncio.CancelledError:
             gw.metrics.disconnects.labels("queued").inc()
             raise
+        backend = gw.config.backend(queue.name)
+        health = gw.health[backend.name]
+        outcome.backend = backend.name
+        kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
         call = Call()
@@ -199,12 +206,72 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 release_when_idle(gw, backend, queue, lease, call)
             else:
                 lease.release()
-                if kv is not None and call.complete and outcome.status != "stream_error":
-                    kv.finished(backend.name, kv_key,
-                                outcome.input_tokens + outcome.cache_read_tokens + outcome.output_tokens)
+                if call.complete and outcome.status != "stream_error":
+                    if pooled:
+                        gw.pool.served(conversation(), backend.name, time.monotonic() - outcome.granted)
+                    if kv is not None:
+                        kv.finished(backend.name, conversation,
+                                    outcome.input_tokens + outcome.cache_read_tokens + outcome.output_tokens)
     gw.metrics.rejections.labels("backend_down").inc()
     raise Overloaded(f"{last_error.message if last_error else 'backend failed'}; "
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)
+
+
+def _pick(gw: Gateway, group: list[SlotQueue], conversation) -> SlotQueue:
+    """The backend of the route's group for this request: in a pool, the conversation's own
+    (affinity.py); else, or without a conversation, the least busy."""
+    if conversation is None:
+        return pick_queue(group)
+    choice = gw.pool.choose(group, conversation())
+    gw.metrics.affinity.labels(choice.queue.name, choice.decision.value).inc()
+    return choice.queue
+
+
+async def _acquire(gw: Gateway, group: list[SlotQueue], queue: SlotQueue, priority: Priority, front: bool,
+                   conversation, pooled: bool) -> tuple[SlotQueue, Lease]:
+    """A slot of `queue`. In a pool, a request waiting for a backend that goes down moves to
+    another backend of the pool that is up, instead of waiting for its own to come back."""
+    while True:
+        kv = gw.kv if gw.kv is not None and gw.kv.enabled(queue.name) else None
+        with kv.waiting(queue.name, conversation) if kv is not None else contextlib.nullcontext():
+            if not pooled:
+                lease = await queue.acquire(priority, front=front)
+                return queue, lease
+            lease = await _acquire_unless_down(gw, group, queue, priority, front)
+        if lease is not None:
+            return queue, lease
+        queue = _pick(gw, group, conversation)
+
+
+async def _acquire_unless_down(gw: Gateway, group: list[SlotQueue], queue: SlotQueue, priority: Priority,
+                               front: bool) -> Lease | None:
+    """`queue.acquire`, or None once its backend is down while another of the group is up."""
+    health = gw.health[queue.name]
+    me = asyncio.current_task()
+    moved = False
+
+    async def watch() -> None:
+        nonlocal moved
+        while True:
+            changed = health.changed  # a new Event after every change
+            await changed.wait()
+            if not queue.is_open and any(q.is_open for q in group if q is not queue):
+                moved = True
+                me.cancel()
+                return
+
+    # The wait runs in this task (not a task of its own) so that it is in the queue before the
+    # next request picks: its pick sees this one waiting.
+    watcher = asyncio.create_task(watch(), name=f"move-watch:{queue.name}")
+    try:
+        return await queue.acquire(priority, front=front)
+    except asyncio.CancelledError:
+        # Ours alone (no other cancellation pending, e.g. the client leaving): move.
+        if moved and me.uncancel() == 0:
+            return None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease, call: Call) -> None:

@@ -409,7 +409,9 @@ async def test_pool_spreads_requests_and_a_retry_moves_to_a_healthy_backend(gate
     base, app = await gateway({"backends": [{"name": "a", "url": url_a, "models": ["glm-*"]},
                                             {"name": "b", "url": url_b, "models": ["glm-*"]}]})
     body = {**MAIN, "model": "glm-5", "stream": True}
-    results = await asyncio.gather(*[_post(http, base, body) for _ in range(8)])
+    # Eight conversations (one conversation would stay on one backend: test_pool.py).
+    results = await asyncio.gather(*[_post(http, base, {**body, "messages": [{"role": "user", "content": f"hi {i}"}]})
+                                     for i in range(8)])
     assert all(s == 200 and _events(r)[-1].event == "message_stop" for s, r, _ in results)
     assert len(a.requests) >= 2 and len(b.requests) >= 2  # both served
     assert a.max_in_flight == 1 and b.max_in_flight == 1 and not (a.crashed or b.crashed)

@@ -19,6 +19,7 @@ from fakes import FakeUpstream
 from test_supervise import Stack, _wait_health, stack  # noqa: F401 - the fixture
 
 from orchestrator import kvsave, supervise
+from orchestrator.affinity import conversation_key
 from orchestrator.handlers import GATEWAY
 from orchestrator.health import State
 
@@ -120,11 +121,11 @@ def _metric(gw, name: str, **labels) -> float:
 
 # ---- the prefix key ---------------------------------------------------------------------------
 
-def test_prefix_key_ignores_the_billing_line_and_later_turns():
-    assert kvsave.prefix_key(main_body(cch="aa")) == kvsave.prefix_key(main_body(cch="bb", turn=3))
-    assert kvsave.prefix_key(main_body("hello")) != kvsave.prefix_key(main_body("other"))
+def test_conversation_key_ignores_the_billing_line_and_later_turns():
+    assert conversation_key(main_body(cch="aa")) == conversation_key(main_body(cch="bb", turn=3))
+    assert conversation_key(main_body("hello")) != conversation_key(main_body("other"))
     real = sample("main-2.1.332.json")["body"]
-    assert len(kvsave.prefix_key(real)) == 32
+    assert len(conversation_key(real)) == 32
 
 
 def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
@@ -158,7 +159,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
     fake, base, gw = await kv_stack()
     assert (await _post(http, base, main_body()))[0] == 200
     await _until(lambda: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == 1)
-    key = kvsave.prefix_key(main_body())
+    key = conversation_key(main_body())
     meta = json.loads((tmp_path / f"{key}.json").read_text())
     assert meta["model"] == "/models/m.gguf" and meta["n_ctx"] == 4096 and meta["build"] == "b1-abc"
     assert meta["bytes"] == 1000 and meta["n_tokens"] == 123 and (tmp_path / meta["file"]).exists()
@@ -178,7 +179,7 @@ async def test_byte_bound_drops_the_oldest_save(kv_stack, http, tmp_path):
         await _until(lambda i=i: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == i + 1)
         await asyncio.sleep(0.01)
     kept = {json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json")}
-    assert kept == {kvsave.prefix_key(main_body("two")), kvsave.prefix_key(main_body("three"))}
+    assert kept == {conversation_key(main_body("two")), conversation_key(main_body("three"))}
     assert len(list(tmp_path.glob("*.bin"))) == 2
     assert _metric(gw, "orchestrator_kv_disk_bytes", backend="primary") == 2000
 
@@ -238,7 +239,7 @@ async def test_restore_picks_the_first_waiters_conversation_before_the_queue_ope
     status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
     assert status == 200
     restores = [name for action, name in fake.actions if action == "restore"]
-    assert len(restores) == 1 and restores[0].startswith(kvsave.prefix_key(main_body("one")))
+    assert len(restores) == 1 and restores[0].startswith(conversation_key(main_body("one")))
     assert fake.generations_started == n + 1 and not fake.crashed  # the restore came first
     note = gw.health["primary"].snapshot()["kv_restore"]
     assert note["result"] == "restored" and note["n_tokens"] == 123
@@ -252,7 +253,7 @@ async def test_restore_without_a_waiter_takes_the_newest_and_a_warm_slot_is_left
     gw.health["primary"].mark_down("test crash")
     gw.health["primary"].poke()
     await _until(lambda: gw.health["primary"].state is State.READY)
-    assert fake.actions[-1][1].startswith(kvsave.prefix_key(main_body("two")))
+    assert fake.actions[-1][1].startswith(conversation_key(main_body("two")))
     fake.actions.clear()
     fake.slot_tokens = 500  # the server kept its cache (only the connection failed)
     gw.health["primary"].mark_down("blip")

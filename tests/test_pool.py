@@ -1,0 +1,196 @@
+"""A pool of backends for one model: each conversation back where its cache is; moves, failover."""
+
+import asyncio
+
+import pytest
+from fakes import FakeUpstream
+
+from orchestrator.affinity import AffinityMap, Decision, Pool, conversation_key
+from orchestrator.handlers import GATEWAY
+from orchestrator.health import State
+from orchestrator.metrics import AFFINITY_DECISIONS
+from orchestrator.slots import SlotQueue
+
+
+def turn(conv: str, n: int, stream: bool = True) -> dict:
+    """Turn n of conversation `conv`: the same system, tools and first message every turn."""
+    messages = [{"role": "user", "content": f"task of {conv}"}]
+    for i in range(1, n):
+        messages += [{"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": f"more {i}"}]
+    return {"model": "glm-5", "max_tokens": 20, "stream": stream,
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2; cch=%d;" % n},
+                       {"type": "text", "text": "You are a coding agent."}],
+            "messages": messages}
+
+
+def test_decisions_are_the_metrics_labels():
+    assert tuple(d.value for d in Decision) == AFFINITY_DECISIONS
+
+
+def test_a_conversation_keeps_its_key_across_turns_and_billing_lines():
+    assert conversation_key(turn("a", 1)) == conversation_key(turn("a", 5))
+    assert conversation_key(turn("a", 1)) != conversation_key(turn("b", 1))
+
+
+def test_the_map_forgets_the_least_recently_used():
+    m = AffinityMap(max_entries=2)
+    m.set("one", "a")
+    m.set("two", "b")
+    assert m.get("one") == "a"  # now the most recent
+    m.set("three", "a")
+    assert m.get("two") is None and m.get("one") == "a" and len(m) == 2
+
+
+async def test_choose_stays_moves_when_down_or_slow_and_prefers_a_fresh_backend():
+    a, b = SlotQueue("a", 1), SlotQueue("b", 1)
+    pool = Pool(max_wait=10.0)
+    assert pool.choose([a, b], "c1").decision is Decision.NEW
+    pool.served("c1", "a", 4.0)
+    held = await a.acquire()  # "a" busy with someone else's turn
+    c = pool.choose([a, b], "c1")
+    assert (c.queue, c.decision) == (a, Decision.HIT)  # one turn ahead: 4 s expected, under 10 s
+    waiters = [asyncio.create_task(a.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    c = pool.choose([a, b], "c1")
+    assert (c.queue, c.decision) == (b, Decision.MOVED_BUSY)  # 4 rounds x 4 s = 16 s > 10 s
+    a.hold()
+    c = pool.choose([a, b], "c1")
+    assert (c.queue, c.decision) == (b, Decision.MOVED_DOWN)
+    b.hold()
+    assert pool.choose([a, b], "c1").queue is a  # all down: wait for its own
+    a.open(), b.open()
+    # A new conversation goes to the backend home to fewer conversations when loads are equal.
+    pool.served("c2", "a", 1.0)
+    held.release()
+    for w in waiters:
+        (await w).release()
+    assert pool.choose([a, b], "c3").queue is b
+    assert pool.choose([b], "c1").decision is Decision.MOVED_GONE
+
+
+async def _pool(gateway, serve_app, *fakes, **routing):
+    urls = [await serve_app(f.app()) for f in fakes]
+    base, app = await gateway({"backends": [{"name": n, "url": u, "models": ["glm-*"]}
+                                            for n, u in zip("ab", urls)],
+                               "routing": routing})
+    return base, app[GATEWAY]
+
+
+async def _post(http, base, body):
+    async with http.post(base + "/v1/messages", json=body) as r:
+        return r.status, await r.read()
+
+
+def _decisions(gw, backend):
+    return {d: gw.metrics.affinity.labels(backend, d)._value.get() for d in AFFINITY_DECISIONS}
+
+
+async def test_each_conversation_returns_to_its_backend(gateway, serve_app, http):
+    a, b = FakeUpstream(), FakeUpstream()
+    base, gw = await _pool(gateway, serve_app, a, b)
+    for n in range(1, 5):
+        for conv in ("one", "two"):
+            assert (await _post(http, base, turn(conv, n)))[0] == 200
+    firsts = [sorted({r["messages"][0]["content"] for r in fake.requests}) for fake in (a, b)]
+    # Two conversations, two backends, each conversation on one backend for all four turns.
+    assert sorted(firsts) == [["task of one"], ["task of two"]]
+    assert len(a.requests) == len(b.requests) == 4
+    hits = sum(_decisions(gw, x)["hit"] for x in "ab")
+    assert hits == 6 and sum(_decisions(gw, x)["new"] for x in "ab") == 2
+    async with http.get(base + "/health") as r:
+        pool = (await r.json())["pool"]
+    assert pool["conversations"] == 2 and pool["homes"] == {"a": 1, "b": 1}
+
+
+async def test_least_busy_when_affinity_is_off(gateway, serve_app, http):
+    a, b = FakeUpstream(), FakeUpstream()
+    base, gw = await _pool(gateway, serve_app, a, b, affinity=False)
+    for n in range(1, 4):
+        for conv in ("one", "two"):
+            assert (await _post(http, base, turn(conv, n)))[0] == 200
+    # One after another, both free: the first backend takes them all, and the two swap its cache.
+    assert len(a.requests) == 6 and b.requests == []
+    assert gw.pool is None
+
+
+async def test_a_conversation_moves_when_its_backend_is_down_and_stays_moved(gateway, serve_app, http):
+    a, b = FakeUpstream(), FakeUpstream()
+    base, gw = await _pool(gateway, serve_app, a, b)
+    await _post(http, base, turn("one", 1))
+    home = "a" if a.requests else "b"
+    other = "b" if home == "a" else "a"
+    gw.health[home].set(State.DOWN, "test: gone")
+    for n in (2, 3):
+        assert (await _post(http, base, turn("one", n)))[0] == 200
+    assert _decisions(gw, other)["moved_down"] == 1 and _decisions(gw, other)["hit"] == 1
+    # Back up: the conversation stays where its cache now is; a new one goes to the fresh backend.
+    gw.health[home].set(State.READY)
+    await _post(http, base, turn("one", 4))
+    await _post(http, base, turn("new", 1))
+    fakes = {"a": a, "b": b}
+    assert [r["messages"][0]["content"] for r in fakes[home].requests] == ["task of one", "task of new"]
+    assert len(fakes[other].requests) == 3
+
+
+async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve_app, http):
+    a, b = FakeUpstream(), FakeUpstream()
+    base, gw = await _pool(gateway, serve_app, a, b)
+    await _post(http, base, turn("one", 1))
+    home, other = ("a", "b") if a.requests else ("b", "a")
+    fakes = {"a": a, "b": b}
+    fakes[home].prefill_delay = 1.0
+    # Turn 2 holds the home's slot; turn 3 (a retry, a second window: anything) waits behind it.
+    slow = asyncio.create_task(_post(http, base, turn("one", 2)))
+    await asyncio.sleep(0.2)
+    waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
+    await asyncio.sleep(0.2)
+    assert gw.queues[home].depth == 1 and not waiting.done()
+    gw.health[home].set(State.DOWN, "test: it died")
+    status, raw = await asyncio.wait_for(waiting, 5)
+    assert status == 200 and b"event: message_stop" in raw
+    assert gw.queues[home].depth == 0  # it left the dead backend's line
+    assert [r["messages"][-1]["content"] for r in fakes[other].requests] == ["more 2"]
+    gw.health[home].set(State.READY)
+    assert (await slow)[0] == 200  # the one already sent finished on its own backend
+    assert gw.queues["a"].busy == gw.queues["b"].busy == 0
+    assert gw.queues["a"].acquired_total == gw.queues["a"].released_total
+    assert gw.queues["b"].acquired_total == gw.queues["b"].released_total
+
+
+async def test_a_client_leaving_while_its_pooled_request_waits_frees_nothing_twice(gateway, serve_app, http):
+    a, b = FakeUpstream(prefill_delay=0.5), FakeUpstream(prefill_delay=0.5)
+    base, gw = await _pool(gateway, serve_app, a, b)
+    tasks = [asyncio.create_task(_post(http, base, turn(f"c{i}", 1))) for i in range(6)]
+    await asyncio.sleep(0.1)
+    for t in tasks[2:4]:
+        t.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(1 for d in done if isinstance(d, tuple) and d[0] == 200) == 4
+    for _ in range(100):
+        if gw.queues["a"].busy == gw.queues["b"].busy == 0:
+            break
+        await asyncio.sleep(0.05)
+    for q in gw.queues.values():
+        assert q.busy == 0 and q.depth == 0 and q.acquired_total == q.released_total
+    assert a.max_in_flight == 1 and b.max_in_flight == 1
+
+
+@pytest.mark.parametrize("bound,moved", [(0.05, True), (60, False)])
+async def test_a_busy_home_is_left_only_past_the_wait_bound(gateway, serve_app, http, bound, moved):
+    a, b = FakeUpstream(), FakeUpstream()
+    base, gw = await _pool(gateway, serve_app, a, b, affinity_max_wait_seconds=bound)
+    fakes = {"a": a, "b": b}
+    await _post(http, base, turn("one", 1))
+    home = "a" if a.requests else "b"
+    fakes[home].prefill_delay = 0.5
+    await _post(http, base, turn("one", 2))  # holds its slot 0.5 s: the mean hold time rises
+    busy = asyncio.create_task(_post(http, base, turn("other", 1)))  # new: the free backend...
+    await asyncio.sleep(0.05)
+    # ... so make the home busy with a turn of its own conversation, then send the next turn.
+    first = asyncio.create_task(_post(http, base, turn("one", 3)))
+    await asyncio.sleep(0.05)
+    status, _ = await _post(http, base, turn("one", 4))
+    await asyncio.gather(busy, first)
+    assert status == 200
+    other = "b" if home == "a" else "a"
+    assert (_decisions(gw, other)["moved_busy"] >= 1) is moved
