@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import json
+import os
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -102,8 +103,14 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    max_depth: int = setting(64, "waiting requests per backend; past it: 529 overloaded_error",
+    # Five Claude Code sessions starting at once, a /context each, put about 70 requests on one slot.
+    max_depth: int = setting(256, "waiting requests per backend; past it: 529 overloaded_error",
                              check=_non_negative, why="a non-negative integer")
+    # A waiting request holds its body and its parsed form, about 3x its size (bench_overhead.py):
+    # 512 MiB admits 70 waiting requests of 7 MB (a long session) for about 1.6 GB resident.
+    max_bytes: int = setting(512 * 1024 * 1024, "request bodies waiting per backend, in bytes (512 MiB); past it: "
+                             "529 overloaded_error (a request alone is never refused for its size)",
+                             check=_positive, why="a positive integer")
     # Claude Code's own timeout is 600 s per attempt (X-Stainless-Timeout).
     max_wait_seconds: float = setting(600.0, "longest wait for a slot; past it: 529 overloaded_error",
                                       check=_positive, why="a positive number")
@@ -132,8 +139,19 @@ class BackendConfig:
     api_key: str | None = setting(None, "sent to the backend as x-api-key and Bearer (remote backends)",
                                   example="sk-...", secret=True)
     forward_client_key: bool = setting(False, "send the client's own key to this backend")
-    health_path: str = setting("/health", "polled for health; a 404 counts as up (APIs without one)",
-                               check=lambda v: v.startswith("/"), why='a path starting with "/"')
+    health_path: str = setting("/health", 'polled for health; any answer but 503 counts as up (a 404: an API '
+                               'without one); "" for a server with no health endpoint at all: its root is '
+                               'polled, and any HTTP answer means up',
+                               check=lambda v: v == "" or v.startswith("/"), why='a path starting with "/", or ""')
+    # A remote backend: its own CA, and timers a local server must not have.
+    ca_file: str = setting("", "a PEM bundle of the CA that signs this https backend's certificate; empty: the "
+                           "system's", example="/etc/ssl/private-ca.pem",
+                           check=lambda v: not v or os.path.isfile(v), why="an existing file")
+    connect_timeout_seconds: float = setting(0.0, "its TCP (and TLS) connect; 0: gateway.connect_timeout_seconds",
+                                             check=_non_negative, why="a non-negative number of seconds")
+    read_timeout_seconds: float = setting(0.0, "the longest silence while its answer is read; past it the send "
+                                          "fails like a crash. 0: none (a big model's first prefill is silent for "
+                                          "minutes)", check=_non_negative, why="a non-negative number of seconds")
     command: str | None = setting(None, "the process supervisord runs; placeholders {llama_server} "
                                         "{default_model} {host} {port}",
                                   check=lambda v: bool(v.strip()), why="a non-empty command line",

@@ -122,7 +122,8 @@ class BackendHealth:
         if self.watch is not None and await self._check_process():
             return self.state
         try:
-            status, _ = await upstream.get_json(self.backend, self.backend.health_path, timeout=timeout)
+            # No health endpoint at all (health_path ""): any HTTP answer from its root means up.
+            status, _ = await upstream.get_json(self.backend, self.backend.health_path or "/", timeout=timeout)
         except GatewayError as e:
             self.mark_down(e.message)
             self._past_grace()
@@ -143,13 +144,19 @@ class BackendHealth:
         return self.state
 
     async def _context_size(self, upstream: UpstreamClient, timeout: float) -> int | None:
+        """llama-server's per-slot n_ctx (/props); else vLLM's and SGLang's max_model_len (/v1/models)."""
         try:
             status, props = await upstream.get_json(self.backend, "/props", timeout=timeout)
+            settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+            n = settings.get("n_ctx") if status == 200 and isinstance(settings, dict) else None
+            if n is None:
+                status, models = await upstream.get_json(self.backend, "/v1/models", timeout=timeout)
+                data = models.get("data") if status == 200 and isinstance(models, dict) else None
+                first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+                n = first.get("max_model_len")
         except GatewayError:
             return None
-        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
-        n = settings.get("n_ctx") if status == 200 and isinstance(settings, dict) else None
-        return n if isinstance(n, int) and n > 0 else None
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""

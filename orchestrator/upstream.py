@@ -8,6 +8,7 @@ backend comes back) against every other failure (something may have happened).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Mapping
 
@@ -59,6 +60,7 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float = 5.0) -> None:
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
 
     async def start(self) -> None:
         # No total timeout: a first prefill on a big model takes minutes, and
@@ -83,6 +85,20 @@ class UpstreamClient:
             raise RuntimeError("UpstreamClient.start() was not called")
         return self._session
 
+    def _timeout(self, backend: BackendConfig, total: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total or None,
+                                     sock_connect=backend.connect_timeout_seconds or self._connect_timeout,
+                                     sock_read=backend.read_timeout_seconds or None)
+
+    def _ssl(self, backend: BackendConfig) -> ssl.SSLContext | bool:
+        """The system's trust for https, or the backend's own CA (read once)."""
+        if not backend.ca_file:
+            return True
+        ctx = self._ssl_contexts.get(backend.ca_file)
+        if ctx is None:
+            ctx = self._ssl_contexts[backend.ca_file] = ssl.create_default_context(cafile=backend.ca_file)
+        return ctx
+
     @asynccontextmanager
     async def post(self, backend: BackendConfig, path: str, data: bytes, headers: Mapping[str, str],
                    *, timeout: float | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -92,7 +108,7 @@ class UpstreamClient:
         url = backend.url + path
         try:
             resp = await self.session.post(url, data=data, headers={**headers, **backend_auth(backend)},
-                                           timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None)
+                                           timeout=self._timeout(backend, timeout), ssl=self._ssl(backend))
         except BaseException as exc:
             raise map_error(exc, backend) from exc
         try:
@@ -106,7 +122,7 @@ class UpstreamClient:
     async def get_json(self, backend: BackendConfig, path: str, *, timeout: float) -> tuple[int, Any]:
         try:
             async with self.session.get(backend.url + path, headers=backend_auth(backend),
-                                        timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                                        timeout=self._timeout(backend, timeout), ssl=self._ssl(backend)) as resp:
                 raw = await resp.read()
                 try:
                     return resp.status, await resp.json(content_type=None) if raw else None
@@ -121,6 +137,9 @@ def map_error(exc: BaseException, backend: BackendConfig) -> BaseException:
     if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
         return exc
     where = f"backend {backend.name!r} ({backend.url})"
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+        # It answers, but cannot be trusted: no retry will change that.
+        return UpstreamError(f"{where}: TLS failed ({exc}); if it uses a private CA, set its ca_file")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"{where} refused the connection: {exc.os_error or exc}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -1,0 +1,275 @@
+"""Engines other than llama-server behind the gateway: vLLM's and SGLang's Anthropic endpoints as
+they shape them, https with a private CA, no health endpoint, many slots, a silent remote."""
+
+import asyncio
+import json
+import ssl
+import subprocess
+
+import pytest
+from aiohttp import web
+
+from orchestrator.handlers import GATEWAY
+from orchestrator.sse import events as sse_events
+
+BODY = {"model": "claude-sonnet-4-5", "max_tokens": 30, "stream": True,
+        "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _compact(data: dict) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def vllm_stream(model: str) -> bytes:
+    """As vLLM's Anthropic serving writes it: pydantic `model_dump_json(exclude_unset=True)`, so
+    message_start's message has no "type" or "role"; input tokens again in message_delta."""
+    def ev(name: str, data: dict) -> bytes:
+        return b"event: " + name.encode() + b"\ndata: " + _compact(data) + b"\n\n"
+
+    return b"".join([
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "chatcmpl-7f3a", "content": [], "model": model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 12, "output_tokens": 0}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "text", "text": ""}}),
+        *[ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": t}}) for t in ("Hel", "lo ", "é✓")],
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                             "usage": {"input_tokens": 12, "output_tokens": 3}}),
+        ev("message_stop", {"type": "message_stop"}),
+    ])
+
+
+def sglang_stream(model: str) -> bytes:
+    """As SGLang's typed events serialise: every field present, CRLF line ends (as a proxy in front
+    of it may write them), a comment line, ids of its own."""
+    def ev(name: str, data: dict) -> bytes:
+        return (f"event: {name}\r\ndata: " + json.dumps(data, ensure_ascii=False) + "\r\n\r\n").encode()
+
+    return b"".join([
+        b": keep-alive\r\n\r\n",
+        ev("message_start", {"type": "message_start", "message": {
+            "id": "msg_0f9e", "type": "message", "role": "assistant", "content": [], "model": model,
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 0, "cache_read_input_tokens": 0}}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                   "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "text_delta", "text": "Hi ✓"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                             "usage": {"output_tokens": 2}}),
+        ev("message_stop", {"type": "message_stop"}),
+    ])
+
+
+class Engine:
+    """A fake vLLM or SGLang server: their routes, health, model listing and answer shapes."""
+
+    def __init__(self, kind: str, served: str = "zai-org/GLM-5", max_model_len: int = 131072,
+                 capacity: int = 1):
+        self.kind, self.served, self.max_model_len, self.capacity = kind, served, max_model_len, capacity
+        self.in_flight = self.max_in_flight = 0
+        self.counted: list[dict] = []
+        self.hold = 0.0
+        self.stall_after_first = 0.0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def health(self, request):
+        return web.Response(status=200)  # both answer an empty 200
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [
+            {"id": self.served, "object": "model", "owned_by": self.kind, "max_model_len": self.max_model_len}]})
+
+    async def count_tokens(self, request):
+        body = await request.json()
+        self.counted.append(body)
+        return web.json_response({"input_tokens": 7 + len(json.dumps(body["messages"])) // 4})
+
+    async def messages(self, request):
+        body = await request.json()
+        if body.get("max_tokens", 0) > 100_000:
+            err = {"type": "error", "error": {"type": "internal_error" if self.kind == "vllm" else
+                                              "invalid_request_error", "message": "max_tokens too large"}}
+            return web.json_response(err, status=500 if self.kind == "vllm" else 400)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.hold)
+            payload = vllm_stream(self.served) if self.kind == "vllm" else sglang_stream(self.served)
+            if not body.get("stream"):
+                return web.json_response({"id": "m1", "type": "message", "role": "assistant", "model": self.served,
+                                          "content": [{"type": "text", "text": "Hello"}],
+                                          "stop_reason": "end_turn", "stop_sequence": None,
+                                          "usage": {"input_tokens": 12, "output_tokens": 1}})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+            await resp.prepare(request)
+            blocks = payload.split(b"\n\n") if self.kind == "vllm" else [payload]
+            for i, part in enumerate(blocks):
+                if part:
+                    await resp.write(part + (b"\n\n" if self.kind == "vllm" else b""))
+                if i == 1 and self.stall_after_first:
+                    await asyncio.sleep(self.stall_after_first)
+            await resp.write_eof()
+            return resp
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+async def test_engine_streams_pass_through_unchanged_but_the_model_name(kind, gateway, serve_app, http):
+    engine = Engine(kind)
+    url = await serve_app(engine.app())
+    base, app = await gateway({"backends": [{"name": "big", "url": url, "slots": 1}]})
+    async with http.post(base + "/v1/messages?beta=true", json=BODY) as r:
+        assert r.status == 200
+        raw = await r.read()
+    direct = vllm_stream(engine.served) if kind == "vllm" else sglang_stream(engine.served)
+    # Every event after message_start arrives in the engine's own bytes.
+    start = raw.index(b"event: content_block_start")
+    assert raw[start:] == direct[direct.index(b"event: content_block_start"):]
+    first = sse_events(raw)[0]
+    assert first.event == "message_start" and first.json()["message"]["model"] == BODY["model"]
+    # ... and message_start says what the engine said, but the client's model name.
+    engine_start = sse_events(direct)[0].json()
+    engine_start["message"]["model"] = BODY["model"]
+    assert first.json() == engine_start
+    # Non-streaming: the engine's message, renamed likewise.
+    async with http.post(base + "/v1/messages", json={**BODY, "stream": False}) as r:
+        msg = await r.json()
+    assert r.status == 200 and msg["content"][0]["text"] == "Hello" and msg["model"] == BODY["model"]
+
+
+@pytest.mark.parametrize("kind,status,error_type", [("vllm", 500, "internal_error"),
+                                                    ("sglang", 400, "invalid_request_error")])
+async def test_engine_errors_keep_their_status_and_type(kind, status, error_type, gateway, serve_app, http):
+    engine = Engine(kind)
+    base, _ = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
+    async with http.post(base + "/v1/messages", json={**BODY, "stream": False, "max_tokens": 200_000}) as r:
+        body = await r.json()
+    assert r.status == status and body["type"] == "error" and body["error"]["type"] == error_type
+    assert "max_tokens too large" in body["error"]["message"]
+
+
+async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_models(gateway, serve_app, http):
+    engine = Engine("vllm", max_model_len=65536)
+    base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
+    async with http.post(base + "/v1/messages/count_tokens?beta=true", json=BODY) as r:
+        counted = await r.json()
+    assert counted == {"input_tokens": 7 + len(json.dumps(BODY["messages"])) // 4} and len(engine.counted) == 1
+    for _ in range(50):
+        async with http.get(base + "/health") as r:
+            backend = (await r.json())["backends"][0]
+        if backend.get("n_ctx"):
+            break
+        await asyncio.sleep(0.05)
+    assert backend["state"] == "ready" and backend["n_ctx"] == 65536
+
+
+async def test_continuous_batching_engine_gets_its_many_slots_at_once(gateway, serve_app, http):
+    engine = Engine("vllm", capacity=64)
+    engine.hold = 0.3
+    base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app()), "slots": 64}]})
+
+    async def one(i):
+        async with http.post(base + "/v1/messages", json={**BODY, "messages": [
+                {"role": "user", "content": f"q{i}"}]}) as r:
+            return r.status, await r.read()
+
+    results = await asyncio.gather(*[one(i) for i in range(80)])
+    assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
+    assert engine.max_in_flight == 64  # all its slots used, never more
+    assert app[GATEWAY].queues["big"].busy == 0
+
+
+async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gateway, serve_app, http):
+    bare = web.Application()  # answers 404 to everything but /v1/messages
+
+    async def messages(request):
+        return web.Response(body=vllm_stream("m"), content_type="text/event-stream")
+
+    bare.router.add_post("/v1/messages", messages)
+    url = await serve_app(bare)
+    base, app = await gateway({"backends": [{"name": "bare", "url": url, "health_path": ""}]})
+    gw = app[GATEWAY]
+    await asyncio.sleep(0.5)
+    assert gw.health["bare"].up
+    async with http.post(base + "/v1/messages", json=BODY) as r:
+        assert r.status == 200 and b"message_stop" in await r.read()
+
+
+async def test_a_silent_remote_past_its_read_timeout_ends_in_an_sse_error(gateway, serve_app, http):
+    engine = Engine("vllm")
+    engine.stall_after_first = 3.0
+    base, app = await gateway({"backends": [{"name": "remote", "url": await serve_app(engine.app()),
+                                             "read_timeout_seconds": 0.5}]})
+    async with http.post(base + "/v1/messages", json=BODY) as r:
+        raw = await r.read()
+    kinds = [e.event for e in sse_events(raw)]
+    assert kinds[0] == "message_start" and kinds[-1] == "error" and "message_stop" not in kinds
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A private CA and a server certificate for 127.0.0.1 it signed (openssl)."""
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=orchestrator test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d
+
+
+async def _serve_tls(app: web.Application, d) -> tuple[str, web.AppRunner]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    return f"https://127.0.0.1:{runner.addresses[0][1]}", runner
+
+
+async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
+    engine = Engine("sglang")
+    url, runner = await _serve_tls(engine.app(), tls_files)
+    try:
+        base, app = await gateway({"backends": [{"name": "remote", "url": url, "ca_file": str(tls_files / "ca.pem"),
+                                                 "api_key": "remote-key"}]})
+        async with http.post(base + "/v1/messages", json=BODY) as r:
+            assert r.status == 200 and b"event: message_stop" in await r.read()
+        # Without its CA the certificate is refused, and the health check says why.
+        base2, app2 = await gateway({"backends": [{"name": "remote", "url": url}],
+                                     "queue": {"down_grace_seconds": 0.5}})
+        for _ in range(50):
+            h = app2[GATEWAY].health["remote"]
+            if not h.up:
+                break
+            await asyncio.sleep(0.05)
+        assert not h.up and "TLS failed" in h.last_error and "ca_file" in h.last_error
+    finally:
+        await runner.cleanup()
+
+
+def test_ca_file_must_exist():
+    from orchestrator.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.ca_file"):
+        config_from_dict({"backends": [{"name": "r", "url": "https://example.test", "ca_file": "/nonexistent.pem"}]})
+
