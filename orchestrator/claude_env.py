@@ -31,10 +31,35 @@ def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]
     }
     primary = next((b for b in health.get("backends", []) if b.get("role") == "main"), None)
     if primary and primary.get("n_ctx"):
-        env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(primary["n_ctx"])
+        env.update(context_environment(int(primary["n_ctx"])))
     cap = config.main_backends[0].max_output_tokens
     if cap:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(cap)
+    return env
+
+
+# Claude Code (checked in 2.1.197) lets CLAUDE_CODE_AUTO_COMPACT_WINDOW no lower than this.
+AUTO_COMPACT_FLOOR = 100_000
+
+
+def context_environment(n_ctx: int) -> dict[str, str]:
+    """What tells Claude Code the backend's real context window, and how it should compact.
+
+    CLAUDE_CODE_MAX_CONTEXT_TOKENS is the model's window for any model name that does not start
+    with `claude-` (claude.model's default does not): `/context` shows n_ctx. (Without that name rule Claude Code reads
+    it only under DISABLE_COMPACT, which we never set: it turns compaction off altogether.)
+
+    Left at that, Claude Code never compacts ahead of time: it sends, and compacts when the answer
+    is `prompt is too long: N > M` (errors.context_overflow), which llama-server gives before any
+    prefill, so the reactive path costs one cheap refusal. Ahead-of-time compaction needs
+    CLAUDE_CODE_AUTO_COMPACT_WINDOW, and then starts at window - min(output limit, 20000) - 13000:
+    below Claude Code's own floor for that variable the threshold is a small part of the window or
+    negative (8192: -5064, a compaction before every request), so it is set only from the floor up,
+    where it compacts while the whole conversation still fits.
+    """
+    env = {"CLAUDE_CODE_MAX_CONTEXT_TOKENS": str(n_ctx)}
+    if n_ctx >= AUTO_COMPACT_FLOOR:
+        env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(n_ctx)
     return env
 
 

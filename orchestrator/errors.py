@@ -8,6 +8,7 @@ same way they do against the real API.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
@@ -130,6 +131,9 @@ def from_upstream(status: int, raw: bytes, retry_after: str | None = None) -> Ga
         parsed = None
     if isinstance(parsed, dict):
         err = parsed.get("error")
+        overflow = context_overflow(err)
+        if overflow is not None:
+            return overflow
         if isinstance(err, dict):
             message = str(err.get("message") or message)
             if parsed.get("type") == "error" and isinstance(err.get("type"), str):
@@ -144,3 +148,32 @@ def from_upstream(status: int, raw: bytes, retry_after: str | None = None) -> Ga
     ok = retry_after and len(retry_after) < 64 and retry_after.isascii() and retry_after.isprintable()
     headers = {"retry-after": retry_after.strip()} if ok else None
     return GatewayError(f"backend: {message}", status=status, error_type=error_type, headers=headers)
+
+
+# llama-server's own numbers in its message, for a server that leaves out n_prompt_tokens and n_ctx:
+# "request (9031 tokens) exceeds the available context size (8192 tokens)" (or "input (…) is larger
+# than the max context size (…)" on a context that cannot split its batch).
+_OVERFLOW_NUMBERS = re.compile(r"\((\d+) tokens\).*?\((\d+) tokens\)")
+
+
+def context_overflow(err: Any) -> InvalidRequest | None:
+    """llama-server's `exceed_context_size_error` in the words of Anthropic's API.
+
+    Claude Code recognises a prompt that no longer fits only by this message, `prompt is too long:
+    N tokens > M maximum` on a 400 (it parses N and M to know how much to drop): with it, it
+    compacts the conversation and goes on; with llama-server's own words it shows an API error and
+    the session is stuck. llama-server sends it as an HTTP 400, streaming or not (the check runs
+    before the first event); `proxy._as_anthropic_error` hands an `error` event's data here too.
+    """
+    if not isinstance(err, dict) or err.get("type") != "exceed_context_size_error":
+        return None
+    n, limit = err.get("n_prompt_tokens"), err.get("n_ctx")
+    if not (isinstance(n, int) and isinstance(limit, int) and n > 0 and limit > 0):
+        found = _OVERFLOW_NUMBERS.search(str(err.get("message", "")))
+        if found is None:
+            return None
+        n, limit = int(found[1]), int(found[2])
+    # llama-server also refuses a prompt of exactly n_ctx tokens (no room for one output token):
+    # then the most it takes is n_ctx - 1, and "N > M" must stay true for Claude Code's arithmetic.
+    limit = min(limit, n - 1)
+    return InvalidRequest(f"prompt is too long: {n} tokens > {limit} maximum")

@@ -39,6 +39,13 @@ def test_claude_environment_from_health():
     assert env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "local-haiku" and env["ANTHROPIC_MODEL"] == "local-model"
     assert int(env["API_TIMEOUT_MS"]) >= 600_000
     assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS" not in claude_environment(config, {"backends": []})
+    # No ahead-of-time compaction below Claude Code's 100000 floor (it would start at a negative or
+    # tiny threshold): the gateway's `prompt is too long` makes it compact instead. From the floor up,
+    # the real window; never DISABLE_COMPACT, which turns compaction off.
+    assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in env and "DISABLE_COMPACT" not in env
+    big = claude_environment(config, {"backends": [{"name": "p", "role": "main", "n_ctx": 131072}]})
+    assert big["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == big["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "131072"
+    assert "DISABLE_COMPACT" not in big
 
 
 def test_env_and_claude_say_when_gateway_is_not_running(tmp_path):
