@@ -7,6 +7,9 @@
 # target). Only the llama-server target is built, with portable CPU flags, so
 # the binary runs on any x86-64 with AVX2 and takes ~6 minutes on 2 cores.
 #
+# The build keeps llama.cpp's chat templates (models/templates) in a `templates`
+# folder next to the binary; deploy/llama-templates.sh prints that folder.
+#
 # stdout carries only the path, for $(...) callers. On stderr a build says what
 # it fetches and keeps one progress line up to date (in place on a terminal,
 # else a new line every $LLAMA_BUILD_PROGRESS_SECONDS, 15); the compiler's
@@ -157,6 +160,13 @@ fi
 mkdir -p "$DEST"
 install -m 0755 "$WORK/build/bin/llama-server" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
+# The chat templates of this same source, for tool calls (--jinja --chat-template-file):
+# the source is deleted below, and llama-templates.sh would fetch it all again.
+if [ -d "$SRC/models/templates" ]; then
+  rm -rf "$DEST/templates.tmp" && cp -R "$SRC/models/templates" "$DEST/templates.tmp" &&
+    rm -rf "$DEST/templates" && mv "$DEST/templates.tmp" "$DEST/templates" ||
+    say "could not keep the chat templates (deploy/llama-templates.sh fetches them when needed)"
+fi
 "$BIN" --version >>"$LOG" 2>&1 || fail "the new binary does not run"
 duration $(($(date +%s) - START)) took
 say "done in $took: $BIN"
