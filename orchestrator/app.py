@@ -73,8 +73,8 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter)
     q = config.queue
     for b in config.backends:
-        gw.queues[b.name] = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_wait=q.max_wait_seconds,
-                                      retry_after=q.retry_after_seconds)
+        gw.queues[b.name] = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_bytes=q.max_bytes,
+                                      max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds)
     gw.kv = KvPersistence(config, upstream, gw.queues, metrics)
     r = config.routing
     if r.affinity and len(config.main_backends) > 1:

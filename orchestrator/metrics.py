@@ -16,7 +16,7 @@ PRIORITIES = ("main", "background")
 SYNTHETIC_KINDS = ("title", "topic", "warmup", "count_probe", "other")
 # queued: waiting for a slot; in_slot: after its grant (prefill, generation, streaming).
 DISCONNECT_STAGES = ("queued", "in_slot")
-REJECTION_REASONS = ("queue_full", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
+REJECTION_REASONS = ("queue_full", "queue_bytes", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
                      "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
 BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")

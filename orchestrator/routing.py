@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -112,7 +113,8 @@ def strip_billing_header(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int) -> bytes:
-    """The bytes to send a backend: the client's own, unless a documented rewrite applies."""
+    """The bytes to send a backend: the client's own, unless a documented rewrite applies; then the
+    client's own with the rewritten member spliced, or, when the splice cannot be proven safe, `out` anew."""
     out = body
     if strip_billing:
         out = strip_billing_header(out) or out
@@ -121,7 +123,146 @@ def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max
         out = {**out, "max_tokens": max_output_tokens}
     if out is body:
         return raw
-    return utf8_json(out)
+    spliced = splice(body, out, raw)
+    return spliced if spliced is not None else utf8_json(out)
+
+
+# ---- splicing a rewrite into the client's bytes -------------------------------------------------
+# Re-serialising a whole body to drop one system block costs as much as parsing it (60 ms for 8 MB,
+# holding the interpreter, so the event loop, most of that time), and a long conversation grows every
+# turn. The members rewritten (`system`, `max_tokens`) come after the conversation in Claude Code's
+# bodies, so they are found from the end, and proven top-level by reading only what follows them.
+
+# Past this many bytes from the member to the end (or half the body, if more), proving costs about
+# what re-serialising does: re-serialise.
+SPLICE_TAIL_BYTES = 256 * 1024
+# Occurrences of the key nested deeper (a tool schema's property named "system") tried, last first.
+SPLICE_CANDIDATES = 16
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
+def _value_end(text: str, i: int) -> int:
+    """The end of the JSON value at `i` (ValueError if none)."""
+    return _DECODER.raw_decode(text, i)[1]
+
+
+def _escaped(raw: bytes, at: int) -> bool:
+    """Whether the quote at `at` is escaped (an odd run of backslashes before it)."""
+    n = 0
+    while at - n > 0 and raw[at - n - 1] == 0x5C:
+        n += 1
+    return n % 2 == 1
+
+
+def _effective_member(text: str, key: str, i: int) -> tuple[int, int] | None:
+    """(start, end) of the value at `i` in `text` (`text` starts at the member's opening quote) if the
+    member is the top-level one that json.loads keeps, else None.
+
+    Proof: the quote that opens `text` is unescaped (checked by the caller), so it opens a string (a
+    closing one would be followed by `key`, not JSON) and we are outside any string. Then if what
+    follows the value is `,"k":v` pairs with no other `key` and a `}` with only whitespace after it,
+    that `}` is the document's last, which closes the top-level object: the member is at depth 1,
+    and the last of its name."""
+    vs = _WS.match(text, i).end()
+    ve = j = _value_end(text, vs)
+    while True:
+        j = _WS.match(text, j).end()
+        c = text[j:j + 1]
+        if c == "}":
+            return (vs, ve) if not text[j + 1:].strip(" \t\n\r") else None
+        if c != ",":
+            return None
+        j = _WS.match(text, j + 1).end()
+        name, j = _DECODER.raw_decode(text, j)
+        if not isinstance(name, str) or name == key:
+            return None
+        j = _WS.match(text, j).end()
+        if text[j:j + 1] != ":":
+            return None
+        j = _value_end(text, _WS.match(text, j + 1).end())
+
+
+def _find_member(raw: bytes, key: str) -> tuple[int, str, int, int] | None:
+    """(offset, text, value start, value end) of the top-level `key` json.loads keeps, written
+    `"key":` in `raw`; `text` is raw[offset:] decoded as Latin-1, so its offsets are byte offsets
+    (a UTF-8 sequence has no byte below 0x80: no JSON structure is misread). None if not proven."""
+    needle = json.dumps(key).encode() + b":"
+    end = len(raw)
+    for _ in range(SPLICE_CANDIDATES):
+        at = raw.rfind(needle, 0, end)
+        if at < 0 or len(raw) - at > max(SPLICE_TAIL_BYTES, len(raw) // 2):
+            return None
+        end = at
+        if _escaped(raw, at):
+            continue  # the end of a longer key: `"...\"system":`
+        text = raw[at:].decode("latin-1")
+        try:
+            span = _effective_member(text, key, len(needle))
+        except (ValueError, RecursionError):
+            span = None
+        if span is not None:
+            return at, text, *span
+    return None
+
+
+def splice(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> bytes | None:
+    """`raw` (the bytes `body` was parsed from) with `out`'s rewrites of `system` (its first block
+    dropped, or its first line) and `max_tokens` spliced in, every other byte as the client sent it;
+    None when that cannot be proven right."""
+    edits: list[tuple[int, int, bytes]] = []
+    if out.get("system") is not body.get("system"):
+        found = _find_member(raw, "system")
+        if found is None:
+            return None
+        at, text, vs, ve = found
+        system, new = body.get("system"), out.get("system")
+        if isinstance(system, list) and isinstance(new, list) and new == system[1:] and text[vs] == "[":
+            # Cut the first element, the comma after it and the whitespace before the next one.
+            es = _WS.match(text, vs + 1).end()
+            try:
+                ee = _value_end(text, es)
+                first = json.loads(raw[at + es:at + ee].decode("utf-8"))
+            except (ValueError, RecursionError):
+                return None
+            if first != system[0]:
+                return None
+            k = _WS.match(text, ee).end()
+            cut_end = _WS.match(text, k + 1).end() if text[k] == "," else k
+            edits.append((at + es, at + cut_end, b""))
+        elif isinstance(new, str):
+            edits.append((at + vs, at + ve, utf8_json(new)))
+        else:
+            return None
+    if out.get("max_tokens") != body.get("max_tokens"):
+        found = _find_member(raw, "max_tokens")
+        new_mt = out.get("max_tokens")
+        if found is None or not isinstance(new_mt, int):
+            return None
+        at, text, vs, ve = found
+        try:
+            value = json.loads(text[vs:ve])
+        except ValueError:
+            return None
+        if value != body.get("max_tokens") or isinstance(value, bool):
+            return None
+        edits.append((at + vs, at + ve, str(new_mt).encode()))
+    edits.sort()
+    whole = memoryview(raw)  # slices without copies: the join below is the one copy of the body
+    pieces, pos = [], 0
+    for start, stop, new_bytes in edits:
+        if start < pos:
+            return None  # overlapping edits: never in a JSON object, but not ours to guess
+        pieces += [whole[pos:start], new_bytes]
+        pos = stop
+    pieces.append(whole[pos:])
+    return b"".join(pieces)
 
 
 def utf8_json(obj: Any) -> bytes:

@@ -1,8 +1,8 @@
 """`SlotQueue`: at most N requests in flight per backend, the rest wait in order.
 
 Pure asyncio, no aiohttp: the invariants (never more than N in flight, every
-slot released exactly once, priority order, bounded depth and wait) are tested
-with plain tasks and randomised cancellations.
+slot released exactly once, priority order, bounded depth, bytes and wait) are
+tested with plain tasks and randomised cancellations.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ class Priority(IntEnum):
 
 class QueueFull(Overloaded):
     reason = "queue_full"
+
+
+class QueueBytesFull(QueueFull):
+    """Past the bytes bound: the bodies of waiting requests, parsed, cost about 3x their size in memory."""
+
+    reason = "queue_bytes"
 
 
 class QueueTimeout(Overloaded):
@@ -50,20 +56,27 @@ class Lease:
         self.release()
 
 
+# The defaults of config.QueueConfig (queue.max_depth, queue.max_bytes), for a queue built without it.
+DEFAULT_MAX_DEPTH = 256
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+
 class SlotQueue:
-    def __init__(self, name: str, slots: int, *, max_depth: int = 64, max_wait: float = 600.0,
-                 retry_after: int = 10) -> None:
+    def __init__(self, name: str, slots: int, *, max_depth: int = DEFAULT_MAX_DEPTH,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_wait: float = 600.0, retry_after: int = 10) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.name = name
         self.slots = slots
         self.max_depth = max_depth
+        self.max_bytes = max_bytes
         self.max_wait = max_wait
         self.retry_after = retry_after
         self._busy = 0
         self._open = True
         self._failure: Callable[[], Exception] | None = None
-        self._waiters: list[list] = []  # heap of [priority, seq, future]
+        self._waiters: list[list] = []  # heap of [priority, seq, future, size]
+        self._waiting_bytes = 0  # the sizes of the entries in _waiters
         self._seq = itertools.count()
         # Counted for the invariant tests and /health.
         self.acquired_total = 0
@@ -78,15 +91,22 @@ class SlotQueue:
         return len(self._waiters)
 
     @property
+    def waiting_bytes(self) -> int:
+        """The request bodies waiting, in bytes."""
+        return self._waiting_bytes
+
+    @property
     def is_open(self) -> bool:
         return self._open
 
     def has_free_slot(self) -> bool:
         return self._open and self._busy < self.slots and not self._waiters
 
-    async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False) -> Lease:
-        """Wait for a slot. `front` puts a request that already waited once (a
-        retry after a backend failure) ahead of its class, past the depth bound."""
+    async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False, size: int = 0) -> Lease:
+        """Wait for a slot. `size`: the request's body in bytes, counted against `max_bytes` while it
+        waits (a request alone in the queue is never refused for its size: the body limit bounds it).
+        `front` puts a request that already waited once (a retry after a backend failure) ahead of its
+        class, past both bounds."""
         if self._failure is not None:
             raise self._failure()
         if self.has_free_slot():
@@ -94,10 +114,15 @@ class SlotQueue:
         if not front and len(self._waiters) >= self.max_depth:
             raise QueueFull(f"backend {self.name!r}: queue is full ({self.max_depth} waiting); retry later",
                             retry_after=self.retry_after)
+        if not front and self._waiters and self._waiting_bytes + size > self.max_bytes:
+            raise QueueBytesFull(f"backend {self.name!r}: queue is full ({self._waiting_bytes / 1e6:.0f} MB of "
+                                 f"requests waiting, {size / 1e6:.1f} MB more would pass queue.max_bytes = "
+                                 f"{self.max_bytes / 1e6:.0f} MB); retry later", retry_after=self.retry_after)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         seq = next(self._seq) - (1 << 62) if front else next(self._seq)
-        entry = [int(priority), seq, fut]
+        entry = [int(priority), seq, fut, size]
         heapq.heappush(self._waiters, entry)
+        self._waiting_bytes += size
         try:
             async with asyncio.timeout(self.max_wait):
                 await fut
@@ -135,7 +160,8 @@ class SlotQueue:
         self._open = False
         self._failure = error
         waiters, self._waiters = self._waiters, []
-        for _, _, fut in waiters:
+        self._waiting_bytes = 0
+        for _, _, fut, _ in waiters:
             if not fut.done():
                 fut.set_exception(error())
 
@@ -156,11 +182,13 @@ class SlotQueue:
             self._waiters.remove(entry)
         except ValueError:
             return
+        self._waiting_bytes -= entry[3]
         heapq.heapify(self._waiters)
 
     def _wake(self) -> None:
         while self._open and self._busy < self.slots and self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
+            _, _, fut, size = heapq.heappop(self._waiters)
+            self._waiting_bytes -= size
             if fut.done():
                 continue
             self._busy += 1

@@ -1,9 +1,19 @@
 import asyncio
+import json
 import random
 
 import pytest
+from conftest import sample
 
-from orchestrator.slots import Priority, QueueFull, QueueTimeout, SlotQueue, pick_queue
+from orchestrator.config import config_from_dict
+from orchestrator.slots import (
+    Priority,
+    QueueBytesFull,
+    QueueFull,
+    QueueTimeout,
+    SlotQueue,
+    pick_queue,
+)
 
 
 async def test_grants_up_to_slots_then_queues():
@@ -138,7 +148,7 @@ def test_pick_queue_prefers_free_then_shortest():
     a._busy = 1
     assert pick_queue([a, b]) is b
     b._busy = 1
-    a._waiters.append([0, 0, None])
+    a._waiters.append([0, 0, None, 0])
     assert pick_queue([a, b]) is b
     b.hold()
     assert pick_queue([a, b]) is a
@@ -150,7 +160,8 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     never more than `slots` in flight, every grant released exactly once, nothing stuck."""
     rng = random.Random(seed)
     slots = rng.randint(1, 3)
-    q = SlotQueue("b", slots, max_depth=rng.randint(3, 40), max_wait=rng.uniform(0.01, 0.2))
+    q = SlotQueue("b", slots, max_depth=rng.randint(3, 40), max_bytes=rng.randint(1, 4000),
+                  max_wait=rng.uniform(0.01, 0.2))
     in_flight = 0
     peak = 0
     outcomes = {"done": 0, "full": 0, "timeout": 0, "cancelled": 0, "failed": 0}
@@ -159,7 +170,7 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
         nonlocal in_flight, peak
         prio = rng.choice(list(Priority))
         try:
-            lease = await q.acquire(prio, front=rng.random() < 0.1)
+            lease = await q.acquire(prio, front=rng.random() < 0.1, size=rng.randint(0, 500))
         except QueueFull:
             outcomes["full"] += 1
             return
@@ -185,6 +196,7 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     async def chaos(tasks):
         for _ in range(20):
             await asyncio.sleep(rng.uniform(0, 0.01))
+            assert q.waiting_bytes == sum(entry[3] for entry in q._waiters)
             if rng.random() < 0.3:
                 q.hold()
                 await asyncio.sleep(rng.uniform(0, 0.02))
@@ -204,6 +216,7 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     outcomes["cancelled"] = sum(isinstance(r, asyncio.CancelledError) for r in results)
     assert q.busy == 0, outcomes
     assert q.depth == 0
+    assert q.waiting_bytes == 0
     assert q.acquired_total == q.released_total
     assert peak <= slots
     assert sum(outcomes.values()) == len(tasks)
@@ -229,3 +242,77 @@ async def test_fail_answers_waiters_and_newcomers_until_open():
     assert q.busy == 0 and q.acquired_total == q.released_total
     q.open()
     (await q.acquire()).release()
+
+
+async def test_bytes_bound_counts_the_bodies_of_waiting_requests():
+    q = SlotQueue("primary", 1, max_bytes=100, retry_after=3)
+    running = await q.acquire(size=1000)  # granted at once: a running request is not waiting
+    first = asyncio.create_task(q.acquire(size=60))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueBytesFull) as e:
+        await q.acquire(size=50)
+    assert e.value.status == 529 and e.value.headers["retry-after"] == "3" and e.value.reason == "queue_bytes"
+    assert "queue.max_bytes" in e.value.message and "primary" in e.value.message
+    second = asyncio.create_task(q.acquire(size=40))
+    await asyncio.sleep(0)
+    assert q.waiting_bytes == 100 and q.depth == 2
+    first.cancel()
+    await asyncio.sleep(0)
+    assert q.waiting_bytes == 40
+    third = asyncio.create_task(q.acquire(size=60))
+    await asyncio.sleep(0)
+    running.release()  # grants `second`: its bytes no longer wait
+    lease = await second
+    assert q.waiting_bytes == 60
+    lease.release()
+    (await third).release()
+    assert q.waiting_bytes == 0 and q.busy == 0
+
+
+async def test_a_request_alone_is_never_refused_for_its_size_and_a_retry_passes_the_bound():
+    q = SlotQueue("b", 1, max_bytes=10)
+    running = await q.acquire()
+    alone = asyncio.create_task(q.acquire(size=1000))
+    await asyncio.sleep(0)
+    assert q.depth == 1
+    retry = asyncio.create_task(q.acquire(size=1000, front=True))
+    await asyncio.sleep(0)
+    assert q.waiting_bytes == 2000
+    running.release()
+    (await retry).release()
+    (await alone).release()
+    assert q.waiting_bytes == 0
+
+
+async def test_bytes_leave_with_a_timeout_and_a_failure():
+    from orchestrator.errors import Overloaded
+
+    q = SlotQueue("b", 1, max_wait=0.02)
+    running = await q.acquire()
+    with pytest.raises(QueueTimeout):
+        await q.acquire(size=500)
+    assert q.waiting_bytes == 0
+    waiter = asyncio.create_task(q.acquire(size=500))
+    await asyncio.sleep(0)
+    q.fail(lambda: Overloaded("FATAL"))
+    with pytest.raises(Overloaded):
+        await waiter
+    assert q.waiting_bytes == 0
+    running.release()
+
+
+async def test_default_bounds_admit_five_claude_code_sessions_starting_at_once():
+    """Five sessions, each a main request and a /context burst: about 70 requests on one slot, Claude
+    Code's real main body (56 KB) each, and as many of a long session's 7 MB: not one 529."""
+    cfg = config_from_dict({}).queue
+    q = SlotQueue("primary", 1, max_depth=cfg.max_depth, max_bytes=cfg.max_bytes)
+    assert (q.max_depth, q.max_bytes) == (SlotQueue("x", 1).max_depth, SlotQueue("x", 1).max_bytes)
+    running = await q.acquire()
+    for size in (len(json.dumps(sample("main-2.1.332.json")["body"])), 7 * 1024 * 1024):
+        waiters = [asyncio.create_task(q.acquire(size=size)) for _ in range(70)]
+        await asyncio.sleep(0)
+        assert q.depth == 70 and not any(w.done() for w in waiters)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    running.release()
