@@ -101,7 +101,14 @@ class Pool:
         # Every slot is taken: the requests in line each wait for one to free, `slots` at a time
         # (counted as if the ones running had just begun: a bound on the safe side).
         rounds = queue.depth // queue.slots + 1
-        return rounds * self._hold.get(queue.name, 0.0)
+        return rounds * self._mean_hold(queue.name)
+
+    def _mean_hold(self, backend: str) -> float:
+        """Its own mean hold time; for a backend not seen finishing yet, the pool's (0 if none is known),
+        so a busy newcomer is never taken for an idle one."""
+        if backend in self._hold:
+            return self._hold[backend]
+        return sum(self._hold.values()) / len(self._hold) if self._hold else 0.0
 
     def choose(self, queues: Sequence[SlotQueue], key: str | None) -> Choice:
         home = self.homes.get(key) if key is not None else None

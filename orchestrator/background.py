@@ -139,8 +139,9 @@ def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
     # chat form asked for the whole object.
     full = "{" + reply.text if ask.continues_prefill and fmt == "messages" else reply.text.strip()
     try:
-        value = json.loads(full)
-    except ValueError:
+        # NaN and Infinity are Python's, not JSON: the client's JSON.parse would throw on them.
+        value = json.loads(full, parse_constant=_not_json)
+    except (ValueError, RecursionError):
         return f"not JSON: {full[:120]!r}", ""
     wrong = problem(value, ask.schema)
     if wrong is not None:
@@ -148,6 +149,10 @@ def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
     if ask.continues_prefill:
         return None, full.lstrip()[1:]
     return None, full
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def ask(gw: Gateway, body: dict[str, Any], route: Route,

@@ -16,6 +16,7 @@ import fnmatch
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -53,6 +54,14 @@ def _positive(v: float) -> bool:
 
 def _non_negative(v: float) -> bool:
     return v >= 0
+
+
+def _ca_bundle_ok(path: str) -> bool:
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+    return True
 
 
 def _url_ok(v: str) -> bool:
@@ -146,12 +155,14 @@ class BackendConfig:
     # A remote backend: its own CA, and timers a local server must not have.
     ca_file: str = setting("", "a PEM bundle of the CA that signs this https backend's certificate; empty: the "
                            "system's", example="/etc/ssl/private-ca.pem",
-                           check=lambda v: not v or os.path.isfile(v), why="an existing file")
+                           check=lambda v: not v or _ca_bundle_ok(v), why="a readable PEM file of CA certificates")
     connect_timeout_seconds: float = setting(0.0, "its TCP (and TLS) connect; 0: gateway.connect_timeout_seconds",
                                              check=_non_negative, why="a non-negative number of seconds")
-    read_timeout_seconds: float = setting(0.0, "the longest silence while its answer is read; past it the send "
-                                          "fails like a crash. 0: none (a big model's first prefill is silent for "
-                                          "minutes)", check=_non_negative, why="a non-negative number of seconds")
+    read_timeout_seconds: float = setting(0.0, "the longest silence while its answer is read; past it the request "
+                                          "fails (504 before its answer began, an SSE error after; never sent "
+                                          "again: the backend may still be working on it). 0: none (a big "
+                                          "model's first prefill is silent for minutes)", check=_non_negative,
+                                          why="a non-negative number of seconds")
     command: str | None = setting(None, "the process supervisord runs; placeholders {llama_server} "
                                         "{default_model} {host} {port}",
                                   check=lambda v: bool(v.strip()), why="a non-empty command line",

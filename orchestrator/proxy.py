@@ -162,7 +162,8 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         queue = _pick(gw, group, conversation if pooled else None)
         enqueued = time.monotonic()
         try:
-            queue, lease = await _acquire(gw, group, queue, route.priority, attempt > 0, conversation, pooled)
+            queue, lease = await _acquire(gw, group, queue, route.priority, attempt > 0, conversation, pooled,
+                                          len(raw))
         except Overloaded as e:
             gw.metrics.rejections.labels(getattr(e, "reason", "queue_full")).inc()
             if last_error is not None:
@@ -178,6 +179,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
         call = Call()
+        answered = False  # a whole answer, not an error status, reached the client
         live = gw.live.setdefault(backend.name, set())
         live.add(call)
         try:
@@ -185,10 +187,11 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                                         max_output_tokens=backend.max_output_tokens)
             # A rewrite re-serialises the body: a large one off the event loop.
             data = rewrite() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(rewrite)
-            return await _exchange(gw.upstream, backend, health, request.path_qs, data,
-                                   request_headers(request.headers, backend, gw.config.gateway.api_key),
-                                   client, outcome,
-                                   body.get("model"), call)
+            response = await _exchange(gw.upstream, backend, health, request.path_qs, data,
+                                       request_headers(request.headers, backend, gw.config.gateway.api_key),
+                                       client, outcome, body.get("model"), call)
+            answered = True
+            return response
         except _Retry as r:
             last_error = r.cause
             health.mark_down(r.cause.message)
@@ -206,7 +209,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 release_when_idle(gw, backend, queue, lease, call)
             else:
                 lease.release()
-                if call.complete and outcome.status != "stream_error":
+                if answered and call.complete and outcome.status != "stream_error":
                     if pooled:
                         gw.pool.served(conversation(), backend.name, time.monotonic() - outcome.granted)
                     if kv is not None:
@@ -228,46 +231,64 @@ def _pick(gw: Gateway, group: list[SlotQueue], conversation) -> SlotQueue:
 
 
 async def _acquire(gw: Gateway, group: list[SlotQueue], queue: SlotQueue, priority: Priority, front: bool,
-                   conversation, pooled: bool) -> tuple[SlotQueue, Lease]:
+                   conversation, pooled: bool, size: int) -> tuple[SlotQueue, Lease]:
     """A slot of `queue`. In a pool, a request waiting for a backend that goes down moves to
     another backend of the pool that is up, instead of waiting for its own to come back."""
     while True:
         kv = gw.kv if gw.kv is not None and gw.kv.enabled(queue.name) else None
         with kv.waiting(queue.name, conversation) if kv is not None else contextlib.nullcontext():
             if not pooled:
-                lease = await queue.acquire(priority, front=front)
+                lease = await queue.acquire(priority, front=front, size=size)
                 return queue, lease
-            lease = await _acquire_unless_down(gw, group, queue, priority, front)
+            lease = await _acquire_unless_down(gw, group, queue, priority, front, size)
         if lease is not None:
             return queue, lease
-        queue = _pick(gw, group, conversation)
+        # Moved: it waited already, so it goes ahead of the newcomers of its class there.
+        queue, front = _pick(gw, group, conversation), True
 
 
 async def _acquire_unless_down(gw: Gateway, group: list[SlotQueue], queue: SlotQueue, priority: Priority,
-                               front: bool) -> Lease | None:
-    """`queue.acquire`, or None once its backend is down while another of the group is up."""
-    health = gw.health[queue.name]
+                               front: bool, size: int) -> Lease | None:
+    """`queue.acquire`, or None (move) once its backend is down or failed while another backend of
+    the group is up: when it goes down, or when another one comes back while it is down."""
     me = asyncio.current_task()
     moved = False
+
+    def elsewhere() -> bool:
+        return not queue.is_open and any(q.is_open for q in group if q is not queue)
 
     async def watch() -> None:
         nonlocal moved
         while True:
-            changed = health.changed  # a new Event after every change
-            await changed.wait()
-            if not queue.is_open and any(q.is_open for q in group if q is not queue):
+            # Every backend of the group: the one waited for going down, or another coming back.
+            events = [gw.health[q.name].changed for q in group]  # a new Event after every change
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if elsewhere():
                 moved = True
                 me.cancel()
                 return
 
+    if elsewhere():
+        return None
     # The wait runs in this task (not a task of its own) so that it is in the queue before the
     # next request picks: its pick sees this one waiting.
     watcher = asyncio.create_task(watch(), name=f"move-watch:{queue.name}")
     try:
-        return await queue.acquire(priority, front=front)
+        return await queue.acquire(priority, front=front, size=size)
     except asyncio.CancelledError:
         # Ours alone (no other cancellation pending, e.g. the client leaving): move.
         if moved and me.uncancel() == 0:
+            return None
+        raise
+    except Overloaded:
+        # Its backend failed for good (FATAL, or down past the grace) and told its waiters so;
+        # another backend of the group can still take the request.
+        if elsewhere():
             return None
         raise
     finally:

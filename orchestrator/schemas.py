@@ -66,9 +66,11 @@ def problem(value: Any, schema: Any, path: str = "answer") -> str | None:
         if isinstance(pattern, str) and not _search(pattern, value):
             return f"{path}: does not match {pattern!r}"
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", -math.inf) or value > schema.get("maximum", math.inf) \
-                or ("exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]) \
-                or ("exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]):
+        bound = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                 if _TYPES["number"](schema.get(k))}  # draft 4's boolean exclusive* are not bounds
+        if value < bound.get("minimum", -math.inf) or value > bound.get("maximum", math.inf) \
+                or value <= bound.get("exclusiveMinimum", -math.inf) \
+                or value >= bound.get("exclusiveMaximum", math.inf):
             return f"{path}: {value} is out of bounds"
     return None
 
@@ -89,8 +91,14 @@ def _object_problem(value: dict[str, Any], schema: dict[str, Any], path: str) ->
 
 
 def _equal(a: Any, b: Any) -> bool:
-    # JSON equality: true is not 1.
-    return type(a) is type(b) and a == b or (_TYPES["number"](a) and _TYPES["number"](b) and a == b)
+    """JSON equality: true is not 1, at any depth; 1 is 1.0."""
+    if _TYPES["number"](a) and _TYPES["number"](b):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 def _search(pattern: str, value: str) -> bool:
@@ -116,6 +124,8 @@ def bounded(schema: Any) -> Any:
             out[key] = [bounded(s) for s in out[key]]
     if isinstance(out.get("items"), dict):
         out["items"] = bounded(out["items"])
+    if "enum" in out or "const" in out:
+        return out  # its values are its bound (and may be longer than ours)
     kinds = out.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
     if "string" in kinds and "maxLength" not in out and out.get("minLength", 0) <= MAX_STRING_CHARS:

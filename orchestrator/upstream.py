@@ -137,9 +137,13 @@ def map_error(exc: BaseException, backend: BackendConfig) -> BaseException:
     if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
         return exc
     where = f"backend {backend.name!r} ({backend.url})"
-    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError)):
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
         # It answers, but cannot be trusted: no retry will change that.
         return UpstreamError(f"{where}: TLS failed ({exc}); if it uses a private CA, set its ca_file")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        # Not connected within connect_timeout_seconds: nothing was sent, so it is safe to send
+        # again (on another backend of a pool), like a refused connection.
+        return UpstreamUnavailable(f"{where}: no connection within the connect timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"{where} refused the connection: {exc.os_error or exc}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -152,3 +152,35 @@ async def test_messages_form_sends_the_request_as_it_is_and_checks_the_answer(ga
     jsonschema.validate(json.loads(_text(raw, False)), TITLE_SCHEMA)
     assert _answers(gw, "invalid") == 1
 
+
+async def test_a_deeply_nested_title_answer_falls_back_to_the_synthetic_title(gateway, serve_app, http):
+    """A background answer nested too deeply for the parser is an invalid answer (the synthetic title
+    is sent), not a 400 for a request whose body was fine."""
+    small = FakeUpstream(chat_answer="[" * 100_000 + "]" * 100_000)
+    big = FakeUpstream()
+    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(big.app())},
+                                            {"name": "small", "url": await serve_app(small.app()),
+                                             "role": "background"}],
+                               "routing": {"background": "small"}})
+    status, raw = await _post(http, base, {**TITLE, "stream": False})
+    assert status == 200, f"{status} {raw[:300]!r}"
+    jsonschema.validate(json.loads(json.loads(raw)["content"][0]["text"]), TITLE_SCHEMA)
+
+
+def test_a_title_answer_with_nan_is_not_sent_as_valid_json():
+    """NaN and Infinity are Python's, not JSON: an answer holding them is invalid (Claude Code's
+    JSON.parse would throw on it), even where the schema leaves the value untyped."""
+    body = {**TITLE, "output_config": {"format": {"type": "json_schema", "schema": {
+        "type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}}}}
+    ask = ask_for(body, Shape.TITLE, "messages")
+    wrong, text = check_reply(Reply('{"title": "Fix the parser", "confidence": NaN}', "end_turn", 5, 5), ask,
+                              "messages")
+    if wrong is None:
+        def strict(c):
+            raise ValueError(f"{c} is not JSON")
+
+        try:
+            json.loads(text, parse_constant=strict)
+        except ValueError as e:
+            pytest.fail(f"accepted as valid and sent: {text!r} ({e})")
+

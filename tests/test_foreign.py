@@ -267,9 +267,14 @@ async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
         await runner.cleanup()
 
 
-def test_ca_file_must_exist():
+@pytest.mark.parametrize("content", [None, "this is not a certificate\n"], ids=["missing", "not-pem"])
+def test_ca_file_must_be_a_readable_ca_bundle(tmp_path, content):
+    """Checked once, at load, naming the key: an unreadable bundle would otherwise fail every request."""
     from orchestrator.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match=r"backends\[0\]\.ca_file"):
-        config_from_dict({"backends": [{"name": "r", "url": "https://example.test", "ca_file": "/nonexistent.pem"}]})
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_text(content)
+    with pytest.raises(ConfigError, match=r"backends\[0\]\.ca_file: must be a readable PEM file"):
+        config_from_dict({"backends": [{"name": "r", "url": "https://example.test", "ca_file": str(ca)}]})
 
