@@ -12,6 +12,7 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
@@ -65,6 +66,15 @@ def _no_constant(name: str) -> Any:
 
 
 def _parse(raw: bytes) -> Any:
+    # orjson parses a Claude Code body 3x faster, and the parse holds the interpreter (so the event
+    # loop) even in a thread: 30 ms at 8 MB with json, 9 ms with orjson. What it refuses (lone
+    # surrogate escapes, NaN, 1e400, deep nesting...) goes to the standard parser, which decides as
+    # before and says why. One difference: an integer past 64 bits becomes a float, as it is in the
+    # JavaScript that wrote the body (the bytes forwarded are the client's own either way).
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
     try:
         # UTF-8 only (json.loads would take UTF-16 and UTF-32 too, which no backend reads).
         return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
