@@ -75,3 +75,5 @@ claude: install
 bench: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh >/dev/null
 	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_overhead.py
+	$(BIN)/python bench/bench_pool.py
