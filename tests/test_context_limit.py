@@ -35,7 +35,7 @@ async def test_overflow_is_prompt_too_long_streaming_or_not(llama_short, gateway
     """Both ways llama-server's refusal reaches a client: an HTTP 400 (it refuses before its first event,
     streaming or not), and an SSE `error` event when the gateway had already sent the client's
     headers (a request that waited in the queue with pings)."""
-    base, _ = await gateway({"gateway": {"ping_interval_seconds": 0.2},
+    base, _ = await gateway({"gateway": {"ping_interval_seconds": 0.02},
                                "backends": [{"name": "primary", "url": llama_short.url, "max_output_tokens": 64}]})
     big = {"model": "local-model", "max_tokens": 64, "messages": [{"role": "user", "content": pasted_log("x", 400)}]}
     async with http.post(llama_short.url + "/v1/messages/count_tokens", json=big) as r:
@@ -50,10 +50,11 @@ async def test_overflow_is_prompt_too_long_streaming_or_not(llama_short, gateway
         assert error == {"type": "invalid_request_error", "message": f"prompt is too long: {n} tokens > 8192 maximum"}
         assert CLAUDE_CODE_PTL.search(error["message"]).groups() == (str(n), "8192")
 
-    # The slot busy with a short answer: the overflowing stream waits in the queue, gets its
-    # headers and pings, and then llama-server's refusal can only be an SSE error event.
+    # The slot busy (a prompt of ~1,800 tokens to prefill: a second or more, far longer than the
+    # 20 ms ping interval, even on an idle machine): the overflowing stream waits in the queue, gets
+    # its headers and pings, and then llama-server's refusal can only be an SSE error event.
     short = {"model": "local-model", "max_tokens": 64, "stream": True,
-             "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+             "messages": [{"role": "user", "content": pasted_log("busy", 80)}]}
     async with http.post(base + "/v1/messages", json=short) as busy:
         assert busy.status == 200
         async with http.post(base + "/v1/messages", json={**big, "stream": True}) as r:
