@@ -45,6 +45,9 @@ class ClientStream:
         self.interval = ping_interval
         self.response: web.StreamResponse | None = None
         self._pinger: asyncio.Task | None = None
+        # One write at a time, each whole: headers and a ping, or the backend's bytes.
+        self._lock = asyncio.Lock()
+        self._ping_write: asyncio.Future | None = None
 
     @property
     def started(self) -> bool:
@@ -62,13 +65,23 @@ class ClientStream:
         pinger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pinger
+        # A ping under way when pings stop is finished, not cut: cut in the middle of preparing the
+        # response, its headers could go out while `response` stays unset, and the next write would
+        # prepare a second response into the same stream.
+        write, self._ping_write = self._ping_write, None
+        if write is not None:
+            await asyncio.wait([write])
+            if not write.cancelled() and write.exception() is not None:
+                raise ClientGone(self.response) from write.exception()
         if not pinger.cancelled() and pinger.exception() is not None:
             raise ClientGone(self.response) from pinger.exception()
 
     async def _ping_loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self._write(PING)
+            # Only the sleep may be cancelled; the write runs to its end (stop_keep_alive waits for it).
+            self._ping_write = asyncio.ensure_future(self._write(PING))
+            await asyncio.shield(self._ping_write)
 
     async def write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
         """The backend's bytes: pings stop for good before the first of them."""
@@ -76,16 +89,17 @@ class ClientStream:
         await self._write(chunk, upstream_headers)
 
     async def _write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
-        try:
-            if self.response is None:
-                response = web.StreamResponse(status=200, headers=stream_headers(upstream_headers))
-                await response.prepare(self.request)
-                self.response = response
-            await self.response.write(chunk)
-        except (ConnectionError, RuntimeError) as exc:
-            # Leaving the handler closes the upstream connection, which makes
-            # llama-server stop generating and free the slot.
-            raise ClientGone(self.response) from exc
+        async with self._lock:
+            try:
+                if self.response is None:
+                    response = web.StreamResponse(status=200, headers=stream_headers(upstream_headers))
+                    await response.prepare(self.request)
+                    self.response = response
+                await self.response.write(chunk)
+            except (ConnectionError, RuntimeError) as exc:
+                # Leaving the handler closes the upstream connection, which makes
+                # llama-server stop generating and free the slot.
+                raise ClientGone(self.response) from exc
 
     async def finish(self) -> web.StreamResponse:
         await self.stop_keep_alive()

@@ -1,6 +1,7 @@
 """Long waits do not time out: headers and SSE pings while a streaming request waits."""
 
 import asyncio
+import random
 import time
 
 import aiohttp
@@ -94,3 +95,28 @@ async def test_pings_off_when_interval_is_zero(gateway, serve_app):
     base, _ = await gateway({"gateway": {"ping_interval_seconds": 0}, "backends": [{"name": "p", "url": url}]})
     status, chunks, raw = await timed_read(base)
     assert "ping" not in [e.event for e in sse_events(raw)]
+
+
+async def test_pings_stopping_at_any_moment_never_corrupt_the_stream(gateway, serve_app, http):
+    """Pings every 1 ms, backends answering 0-6 ms after the request: the backend's first bytes
+    often arrive while a ping (and the response headers) are being written. Every stream is one
+    HTTP response: pings, then the backend's events whole, message_start first, one message_stop."""
+    f = FakeUpstream(die_on_overlap=False, capacity=64)
+    url = await serve_app(f.app())
+    base, app = await gateway({"gateway": {"ping_interval_seconds": 0.001},
+                               "backends": [{"name": "primary", "url": url, "slots": 64}]})
+    rng = random.Random(7)
+
+    async def one():
+        async with http.post(base + "/v1/messages", json=BODY) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            return await r.read()
+
+    for _ in range(5):
+        f.prefill_delay = rng.random() * 0.006
+        for raw in await asyncio.gather(*[one() for _ in range(40)]):
+            assert b"HTTP/1.1" not in raw  # no second response written into the body
+            kinds = [e.event for e in sse_events(raw)]
+            body = [k for k in kinds if k != "ping"]
+            assert body[0] == "message_start" and body[-1] == "message_stop" and body.count("message_stop") == 1, kinds
+            assert all(k == "ping" for k in kinds[:kinds.index("message_start")])
