@@ -158,7 +158,10 @@ class GuardedSite(web.TCPSite):
     __slots__ = ("_guard",)
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, guard: ConnectionGuard) -> None:
-        super().__init__(runner, host, port, reuse_address=True)
+        # A backlog as deep as the connections allowed: with aiohttp's 128, a burst of a thousand
+        # connects overflows the accept queue and the kernel resets some of them after their request
+        # was sent (the client sees "server disconnected"), before the gateway could answer a 503.
+        super().__init__(runner, host, port, reuse_address=True, backlog=max(128, guard.limits.max_connections))
         self._guard = guard
 
     async def start(self) -> None:
