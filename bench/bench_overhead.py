@@ -367,7 +367,7 @@ async def table_small(http, fake: str, gw: str) -> None:
                         ("first SSE event, p50", "ds", "gs"), ("first SSE event, p99", "ds", "gs")):
         p = 99 if "p99" in label else 50
         a, b = pct(t[d], p), pct(t[g], p)
-        rows.append((label, ms(a), ms(b), f"+{ms(b - a)}"))
+        rows.append((label, ms(a), ms(b), f"{(b - a) * 1000:+.2f}"))
     print_table(f"1. small requests, instant fake upstream, {n} of each interleaved (ms)",
                 ("", "direct", "gateway", "added"), rows)
 
@@ -397,7 +397,7 @@ async def table_bodies(http, fake: str, gw: str) -> None:
             g.append(await timed_post(http, gw, data))
             stalls.append(await lag(http, gw))
         md, mg = statistics.median(d), statistics.median(g)
-        rows.append((f"{len(data) / 1e6:.1f} MB (median of {n})", ms(md), ms(mg), f"+{ms(mg - md)}",
+        rows.append((f"{len(data) / 1e6:.1f} MB (median of {n})", ms(md), ms(mg), f"{(mg - md) * 1000:+.2f}",
                      f"{max(stalls):.1f}"))
     print_table("2. Claude Code main request padded with conversation, billing line dropped, instant fake (ms); "
                 f"idle loop lag {max(idle_lag):.1f} ms",
@@ -496,7 +496,7 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
         await asyncio.gather(*waiting)
         per = (time.perf_counter() - t0) / n
         dper = statistics.median(direct)
-        rows.append((f"{n}", f"{(during - before) * 1024 / n:.0f}", ms(dper), ms(per), f"+{ms(per - dper)}",
+        rows.append((f"{n}", f"{(during - before) * 1024 / n:.0f}", ms(dper), ms(per), f"{(per - dper) * 1000:+.2f}",
                      f"{during:.0f}"))
         procs.stop(proc)
     print_table(f"4. clients waiting on one slot, {len(data) / 1e3:.0f} KB Claude Code body each, instant fake "
