@@ -28,7 +28,7 @@ from orchestrator import cli, supervise
 from orchestrator.claude_env import find_claude
 
 README = ROOT / "README.md"
-SECTIONS = ("Set-up", "Claude Code", "Running the gateway alone")
+SECTIONS = ("Set-up", "A small model for background requests", "Claude Code", "Running the gateway alone")
 VENV_BIN = ROOT / ".venv" / "bin"
 BUILD = ROOT / "deploy" / "install-llama-server.sh"
 SHELL_BUILTINS = {"eval", "export", "cd", "echo", "true", "exec"}
