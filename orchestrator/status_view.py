@@ -161,7 +161,8 @@ def key_figures(metrics_text: str) -> dict[str, Any]:
             "rejections": by("orchestrator_rejections_total", "reason"),
             "disconnects": by("orchestrator_client_disconnects_total", "stage"),
             "synthetic": by("orchestrator_synthetic_responses_total", "kind"),
-            "background_answers": by("orchestrator_background_answers_total", "result")}
+            "background_answers": by("orchestrator_background_answers_total", "result"),
+            "affinity": by("orchestrator_affinity_decisions_total", "decision")}
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -275,6 +276,7 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
             out.append(f"    why: {b['last_error']}" + (f" (log: {b['log']})" if b.get("log") else ""))
     out.extend(recent_lines(health, now))
     out.extend(kv_lines(health, now))
+    out.extend(pool_lines(health, figures))
     if figures is None:
         out.append("figures: /metrics did not answer")
         return "\n".join(out)
@@ -328,6 +330,23 @@ def render(config: Config, paths: supervise.StackPaths) -> str:
     health = fetch_health(config)
     raw = _get(config, "/metrics", 3.0) if health is not None else None
     return status_text(config.gateway.url, str(paths.socket), procs, health, raw.decode() if raw else None)
+
+
+def pool_lines(health: dict[str, Any], figures: dict[str, Any] | None) -> list[str]:
+    """Conversation affinity in a pool, from /health and /metrics: where conversations live, and how
+    often a request went back to its own backend."""
+    pool = health.get("pool")
+    if not pool:
+        return []
+    homes = ", ".join(f"{name} {n}" for name, n in sorted(pool.get("homes", {}).items()))
+    line = f"pool: {pool.get('conversations', 0)} conversations" + (f" ({homes})" if homes else "")
+    decisions = (figures or {}).get("affinity", {})
+    if any(decisions.values()):
+        moved = {k.removeprefix("moved_"): v for k, v in decisions.items() if k.startswith("moved_") and v}
+        line += (f"; requests back to their own backend {_num(decisions.get('hit', 0))}, "
+                 f"new {_num(decisions.get('new', 0))}, moved {_num(sum(moved.values()))}"
+                 + (f" ({_counts(moved)})" if moved else ""))
+    return [line]
 
 
 def kv_lines(health: dict[str, Any], now: float) -> list[str]:

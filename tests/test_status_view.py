@@ -425,3 +425,24 @@ async def test_a_live_gateway_status_agrees_with_its_metrics(gateway, fake, http
         assert row["answered"] + row["errors"] + row["client_gone"] == raw_sum(
             raw, "orchestrator_requests_total", route=route)
     assert int(backend_row(view, "primary")["main"]) == 2
+
+
+def test_a_pool_shows_where_conversations_live_and_how_requests_were_placed():
+    m = Metrics(CollectorRegistry(), ["a", "b"])
+    for b in ("a", "b"):
+        m.add_pool_backend(b)
+    m.affinity.labels("a", "hit").inc(7)
+    m.affinity.labels("b", "hit").inc(5)
+    m.affinity.labels("b", "new").inc(2)
+    m.affinity.labels("b", "moved_down").inc(1)
+    health = {"status": "ok", "gateway": {"version": "0", "uptime_seconds": 10.0}, "backends": [],
+              "pool": {"conversations": 3, "homes": {"a": 1, "b": 2}}}
+    view = status_view.status_text("http://127.0.0.1:9090", "/run/s.sock", None, health,
+                                   generate_latest(m.registry).decode(), now=0)
+    line = next(ln for ln in view.splitlines() if ln.startswith("pool:"))
+    assert line == ("pool: 3 conversations (a 1, b 2); requests back to their own backend 12, new 2, "
+                    "moved 1 (down 1)")
+    no_pool = {**health}
+    del no_pool["pool"]
+    assert "pool:" not in status_view.status_text("u", "s", None, no_pool, None, now=0)
+
