@@ -114,9 +114,17 @@ async def probe(request: web.Request) -> web.Response:
     return web.json_response({"name": "orchestrator", "version": __version__})
 
 
+def _slot_use(gw: Gateway, backend: str) -> dict[str, int]:
+    """What holds the backend's busy slots: sends in progress (client still there), and slots held
+    after their client left until the backend lets go (release.py); the rest is the gateway's own
+    work (a KV save or restore)."""
+    releasing = sum(1 for t in gw.releasing if t.get_name() == f"release:{backend}")
+    return {"sending": len(gw.live.get(backend, ())), "held_after_client_left": releasing}
+
+
 async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    backends = [h.snapshot() for h in gw.health.values()]
+    backends = [{**h.snapshot(), **_slot_use(gw, name)} for name, h in gw.health.items()]
     ok = all(h.up for h in gw.health.values() if h.backend.role == "main")
     g = gw.config.gateway
     return web.json_response({

@@ -421,3 +421,25 @@ async def test_pool_spreads_requests_and_a_retry_moves_to_a_healthy_backend(gate
     status, raw, _ = await _post(http, base, body)
     assert status == 200 and _events(raw)[-1].event == "message_stop"
     assert len(b.requests) == before_b + 1
+
+
+async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
+    """A client that left mid-answer: its slot stays busy until the backend lets go, and /health
+    says so (held_after_client_left), apart from sends in progress."""
+    f, url = fake
+    f.chunk_delay, f.linger = 0.2, 1.5
+    base, app = await _start(gateway, url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
+            await r.content.readany()
+            async with http.get(base + "/health") as h:
+                during = (await h.json())["backends"][0]
+    assert during["busy"] == 1 and during["sending"] == 1 and during["held_after_client_left"] == 0
+    await asyncio.sleep(0.3)
+    async with http.get(base + "/health") as h:
+        held = (await h.json())["backends"][0]
+    assert held["busy"] == 1 and held["sending"] == 0 and held["held_after_client_left"] == 1
+    await until_free(app.queues["primary"])
+    async with http.get(base + "/health") as h:
+        after = (await h.json())["backends"][0]
+    assert after["busy"] == 0 and after["held_after_client_left"] == 0

@@ -107,12 +107,25 @@ async def test_claude_code_titles_come_from_the_small_model_and_turns_from_the_p
         return await asyncio.to_thread(tmux, "capture-pane", "-p", "-t", session, "-S", "-500")
 
     async def turn(text: str) -> None:
-        before = _sum(await _metrics(http, s.url), "orchestrator_requests_total", route="main")
-        await asyncio.to_thread(tmux, "send-keys", "-t", session, text, "Enter")
+        first = await _metrics(http, s.url)
+        before = _sum(first, "orchestrator_requests_total", route="main")
+        baseline = _sum(first, "orchestrator_requests_total") + _sum(first, "orchestrator_slots_busy") \
+            + _sum(first, "orchestrator_queue_depth")
+        # The text, then Enter on its own: typed in one burst, Claude Code can take the Enter as part of
+        # a paste and leave the prompt unsent; if nothing was sent 10 s later, Enter again.
+        await asyncio.to_thread(tmux, "send-keys", "-t", session, "-l", text)
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(tmux, "send-keys", "-t", session, "Enter")
+        pressed = time.monotonic()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             await asyncio.sleep(1)
             m = await _metrics(http, s.url)
+            sent = _sum(m, "orchestrator_requests_total") + _sum(m, "orchestrator_slots_busy") \
+                + _sum(m, "orchestrator_queue_depth")
+            if sent == baseline and time.monotonic() - pressed > 10 and f"❯ {text}" in await screen():
+                await asyncio.to_thread(tmux, "send-keys", "-t", session, "Enter")
+                pressed = time.monotonic()
             idle = _sum(m, "orchestrator_slots_busy", backend="primary") == 0 \
                 and _sum(m, "orchestrator_queue_depth", backend="primary") == 0
             if _sum(m, "orchestrator_requests_total", route="main") > before and idle \
