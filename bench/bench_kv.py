@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import free_port  # noqa: E402
 from orchestrator import supervise  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
@@ -42,10 +43,6 @@ LOOP = 6              # tool-loop turns of each kind
 DELAYS = (0.0, 0.005, 0.01, 0.02)  # after IDLE: aims at a save in progress (it lasts tens of ms)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

@@ -37,7 +37,6 @@ import asyncio
 import copy
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -50,6 +49,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import machine  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from orchestrator.metrics import AFFINITY_DECISIONS
 
@@ -370,17 +371,6 @@ def failover_table(f: Failover) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or cpu
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"machine: {cpu}, {os.cpu_count()} cores; load average {load}"
 
 
 # ---- the bench on its own: servers and gateways of its own ----------------------------------------

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import synthetic
 from .errors import GatewayError, Overloaded
-from .proxy import Call, Gateway, Outcome, read_whole, record, release_when_idle
+from .proxy import Gateway, Outcome, in_slot, read_whole, record
 from .routing import Route, Shape, strip_billing_header, text_of, utf8_json
 from .schemas import bounded, problem
 from .upstream import backend_auth
@@ -217,11 +217,9 @@ async def _exchange(gw: Gateway, route: Route, request: Ask, outcome: Outcome) -
         raise
     outcome.reset(granted=time.monotonic())
     gw.metrics.queue_wait.labels(backend.name, "background").observe(outcome.granted - enqueued)
-    call = Call()
-    live = gw.live.setdefault(backend.name, set())
-    live.add(call)
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **backend_auth(backend)}
-    try:
+    # Late or cancelled while the backend works on it, the slot stays taken until it lets go.
+    with in_slot(gw, backend, queue, lease) as call:
         call.sent = True
         async with gw.upstream.post(backend, request.path, request.data, headers) as resp:
             call.answered = True
@@ -230,14 +228,6 @@ async def _exchange(gw: Gateway, route: Route, request: Ask, outcome: Outcome) -
             if resp.status != 200:
                 raise _Refused(resp.status, raw)
             return raw
-    finally:
-        live.discard(call)
-        if call.abandoned:
-            # Late or cancelled while the backend works on it: the slot stays
-            # taken until it lets go, so no second generation overlaps it.
-            release_when_idle(gw, backend, queue, lease, call)
-        else:
-            lease.release()
 
 
 class _Refused(GatewayError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import json
-import os
 import ssl
 import tomllib
 import typing

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -178,20 +178,23 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
-        call = Call()
-        answered = False  # a whole answer, not an error status, reached the client
-        live = gw.live.setdefault(backend.name, set())
-        live.add(call)
         try:
-            rewrite = functools.partial(forwarded_body, body, raw, strip_billing=gw.config.routing.strip_billing_header,
-                                        max_output_tokens=backend.max_output_tokens)
-            # A rewrite re-serialises the body: a large one off the event loop.
-            data = rewrite() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(rewrite)
-            response = await _exchange(gw.upstream, backend, health, request.path_qs, data,
-                                       request_headers(request.headers, backend, gw.config.gateway.api_key),
-                                       client, outcome, body.get("model"), call)
-            answered = True
-            return response
+            with in_slot(gw, backend, queue, lease) as call:
+                rewrite = functools.partial(forwarded_body, body, raw, strip_billing=strip,
+                                            max_output_tokens=backend.max_output_tokens)
+                # A rewrite that cannot splice re-serialises the body: a large one off the event loop.
+                data = rewrite() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(rewrite)
+                response = await _exchange(gw.upstream, backend, health, request.path_qs, data,
+                                           request_headers(request.headers, backend, gw.config.gateway.api_key),
+                                           client, outcome, body.get("model"), call)
+                if call.complete and outcome.status != "stream_error":
+                    # A whole answer: its conversation lives on this backend now, and may be saved.
+                    if pooled:
+                        gw.pool.served(conversation(), backend.name, time.monotonic() - outcome.granted)
+                    if kv is not None:
+                        kv.finished(backend.name, conversation,
+                                    outcome.input_tokens + outcome.cache_read_tokens + outcome.output_tokens)
+                return response
         except _Retry as r:
             last_error = r.cause
             health.mark_down(r.cause.message)
@@ -203,18 +206,6 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
             # The client left (its handler is cancelled) while its request held the slot.
             gw.metrics.disconnects.labels("in_slot").inc()
             raise
-        finally:
-            live.discard(call)
-            if call.abandoned:
-                release_when_idle(gw, backend, queue, lease, call)
-            else:
-                lease.release()
-                if answered and call.complete and outcome.status != "stream_error":
-                    if pooled:
-                        gw.pool.served(conversation(), backend.name, time.monotonic() - outcome.granted)
-                    if kv is not None:
-                        kv.finished(backend.name, conversation,
-                                    outcome.input_tokens + outcome.cache_read_tokens + outcome.output_tokens)
     gw.metrics.rejections.labels("backend_down").inc()
     raise Overloaded(f"{last_error.message if last_error else 'backend failed'}; "
                      f"gave up after {MAX_SENDS} sends", retry_after=gw.config.queue.retry_after_seconds)
@@ -293,6 +284,24 @@ async def _acquire_unless_down(gw: Gateway, group: list[SlotQueue], queue: SlotQ
         raise
     finally:
         watcher.cancel()
+
+
+@contextlib.contextmanager
+def in_slot(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease) -> Iterator[Call]:
+    """One send in a granted slot, counted among the backend's live sends while it runs. After it the
+    slot is free, or, if the backend may still be working on an abandoned request, held until it
+    lets go (release.py), so no second generation overlaps it."""
+    call = Call()
+    live = gw.live.setdefault(backend.name, set())
+    live.add(call)
+    try:
+        yield call
+    finally:
+        live.discard(call)
+        if call.abandoned:
+            release_when_idle(gw, backend, queue, lease, call)
+        else:
+            lease.release()
 
 
 def release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lease: Lease, call: Call) -> None:

@@ -6,24 +6,12 @@ import asyncio
 from aiohttp import web
 from conftest import free_port
 from fakes import FakeUpstream
+from test_pool import _post, turn
 
 from orchestrator.affinity import Decision, Pool
 from orchestrator.handlers import GATEWAY
 from orchestrator.health import State
 from orchestrator.slots import SlotQueue
-
-
-def turn(conv: str, n: int, stream: bool = True) -> dict:
-    messages = [{"role": "user", "content": f"task of {conv}"}]
-    for i in range(1, n):
-        messages += [{"role": "assistant", "content": f"answer {i}"}, {"role": "user", "content": f"more {i}"}]
-    return {"model": "glm-5", "max_tokens": 20, "stream": stream,
-            "system": [{"type": "text", "text": "You are a coding agent."}], "messages": messages}
-
-
-async def _post(http, base, body, path="/v1/messages"):
-    async with http.post(base + path, json=body) as r:
-        return r.status, await r.read()
 
 
 async def _until(pred, seconds=5.0):
