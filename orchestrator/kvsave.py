@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -382,13 +383,26 @@ def _saves(folder: Path) -> Iterator[dict[str, Any]]:
             log.warning("KV save metadata %s is unreadable; ignored", p)
 
 
+# The only names the gateway writes: a conversation key (affinity.conversation_key, 32 hex digits)
+# and its save file KEY-MILLISECONDS.bin. Metadata naming anything else ("../../x", an absolute
+# path) was not written here, and is never followed: it could make the gateway delete any file.
+_KEY = re.compile(r"[0-9a-f]{32}")
+_FILE = re.compile(r"([0-9a-f]{32})-[0-9]{1,20}\.bin")
+
+
 def _read_meta(path: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = (isinstance(meta, dict) and isinstance(meta.get("file"), str) and isinstance(meta.get("key"), str)
-          and isinstance(meta.get("time"), (int, float)) and isinstance(meta.get("bytes"), int))
+    if not isinstance(meta, dict):
+        return None
+    key, file, size = meta.get("key"), meta.get("file"), meta.get("bytes")
+    ok = (isinstance(key, str) and _KEY.fullmatch(key) is not None and path.name == f"{key}.json"
+          and isinstance(file, str) and (m := _FILE.fullmatch(file)) is not None and m.group(1) == key
+          # A negative size would lift the byte budget; bool is an int to Python.
+          and isinstance(size, int) and not isinstance(size, bool) and size >= 0
+          and isinstance(meta.get("time"), (int, float)))
     return meta if ok else None
 
 

@@ -93,10 +93,11 @@ def main_body(first: str = "hello", turn: int = 0, cch: str = "aa") -> dict:
 
 @pytest.fixture
 async def kv_stack(serve_app, gateway, tmp_path):
-    async def make(idle: float = 0.0, max_bytes: int = 10 ** 9, **fake_kw):
-        fake = SlotsUpstream(tmp_path, **fake_kw)
+    async def make(idle: float = 0.0, max_bytes: int = 10 ** 9, fake=None, folder=None, **fake_kw):
+        folder = folder or tmp_path
+        fake = fake or SlotsUpstream(folder, **fake_kw)
         url = await serve_app(fake.app())
-        base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(tmp_path),
+        base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(folder),
                                                  "kv_save_idle_seconds": idle, "kv_save_max_bytes": max_bytes}]})
         gw = app[GATEWAY]
         await _until(lambda: gw.health["primary"].state is State.READY)
@@ -289,6 +290,41 @@ async def test_a_corrupt_save_means_cold_never_down(kv_stack, http, tmp_path, da
     status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
     assert status == 200
     assert _metric(gw, "orchestrator_kv_restores_total", backend="primary", result=result) == before + 1
+
+
+async def test_metadata_not_written_here_can_neither_delete_outside_nor_lift_the_bound(kv_stack, http, tmp_path):
+    """A `.json` planted in the save folder (or left by an older, buggy writer) names a file outside
+    the folder and a negative size: the gateway follows neither."""
+    folder = tmp_path / "slots"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    key = conversation_key(main_body("one"))
+    (folder / f"{key}.json").write_text(json.dumps(
+        {"key": key, "file": "../victim.txt", "bytes": 10, "time": time.time(), "slot": 0, **_ids()}))
+    other = "f" * 32
+    (folder / f"{other}.json").write_text(json.dumps(
+        {"key": other, "file": f"{other}-1.bin", "bytes": -10 ** 12, "time": time.time() + 3600, "slot": 0,
+         **_ids()}))
+    (folder / f"{other}-1.bin").write_bytes(b"k" * 10)
+    fake = SlotsUpstream(folder)
+    _, base, gw = await _kv_gateway(kv_stack, fake, folder, max_bytes=2500)
+    for i, first in enumerate(("one", "two", "three")):
+        assert (await _post(http, base, main_body(first)))[0] == 200
+        await _until(lambda i=i: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == i + 1)
+        await asyncio.sleep(0.01)
+    assert victim.read_text() == "keep me"
+    # The budget holds: two saves of 1000 bytes, the planted negative size counted for nothing.
+    assert len(list(folder.glob("*.bin"))) == 2
+    assert _metric(gw, "orchestrator_kv_disk_bytes", backend="primary") == 2000
+
+
+def _ids() -> dict:
+    return {"model": PROPS["model_path"], "n_ctx": 4096, "build": PROPS["build_info"]}
+
+
+async def _kv_gateway(kv_stack, fake, folder, **kw):
+    return await kv_stack(fake=fake, folder=folder, **kw)
 
 
 async def test_restore_is_bounded_and_never_raises(tmp_path):
