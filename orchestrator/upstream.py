@@ -23,6 +23,11 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "content-encoding",
 })
 CLIENT_KEYS = frozenset({"x-api-key", "authorization"})
+# What a backend needs of the client's headers: the body's type, what answer it accepts, and the
+# Anthropic API's version and beta features (an Anthropic-compatible backend reads them). Nothing
+# else goes: a browser's Origin and Cookie, the SDK's telemetry (x-stainless-*), Claude Code's
+# session and agent ids, proxies' X-Forwarded-* are the gateway's business, not the backend's.
+FORWARDED = frozenset({"content-type", "accept", "anthropic-version", "anthropic-beta"})
 
 
 def backend_auth(backend: BackendConfig) -> dict[str, str]:
@@ -34,12 +39,12 @@ def backend_auth(backend: BackendConfig) -> dict[str, str]:
 
 def request_headers(client: Mapping[str, str], backend: BackendConfig,
                     gateway_key: str | None = None) -> dict[str, str]:
-    """The client's headers for the backend: hop-by-hop ones dropped, the client's key only when
+    """The client's headers for the backend: only those in FORWARDED, the client's key only when
     asked (and never the gateway's own key), the backend's key added."""
     out = {}
     for k, v in client.items():
         lk = k.lower()
-        if lk in HOP_BY_HOP or (lk in CLIENT_KEYS and not backend.forward_client_key):
+        if lk not in FORWARDED and not (lk in CLIENT_KEYS and backend.forward_client_key):
             continue
         if lk in CLIENT_KEYS and gateway_key and gateway_key in v:
             continue

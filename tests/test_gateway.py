@@ -104,6 +104,22 @@ async def test_headers_forwarded_without_client_key_and_hop_by_hop(gateway, fake
     h = {k.lower(): v for k, v in f.headers[-1].items()}
     assert "x-api-key" not in h and "authorization" not in h
     assert h["anthropic-version"] == "2023-06-01" and h["anthropic-beta"] == "a,b"
+
+
+async def test_only_what_a_backend_needs_of_the_clients_headers_is_forwarded(gateway, fake, http):
+    """A browser's Origin and Cookie, the SDK's telemetry, Claude Code's own ids, a proxy's
+    X-Forwarded-For: none of it is the backend's business."""
+    f, url = fake
+    base, _ = await _start(gateway, url)
+    await _post(http, base, MAIN, headers={
+        "Origin": base, "Cookie": "session=secret", "X-Forwarded-For": "10.0.0.1",
+        "x-stainless-os": "Linux", "x-claude-code-session-id": "abc", "User-Agent": "claude-cli/2.1.332",
+        "anthropic-version": "2023-06-01", "anthropic-beta": "a,b", "Accept": "application/json"})
+    sent = {k.lower() for k in f.headers[-1]}
+    client_sent = sent - {"host", "content-length", "accept-encoding", "user-agent", "connection"}
+    assert client_sent == {"content-type", "accept", "anthropic-version", "anthropic-beta"}, sent
+    # aiohttp sets its own User-Agent on every request; the client's is not the one that went.
+    assert dict((k.lower(), v) for k, v in f.headers[-1].items()).get("user-agent") != "claude-cli/2.1.332"
     assert f.paths[-1] == "/v1/messages?beta=true"
 
 
