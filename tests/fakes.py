@@ -31,6 +31,13 @@ def sse_message(text_parts: list[str], model: str = "fake-model", input_tokens: 
     return out
 
 
+def knob(request: web.Request, body: dict, name: str, default):
+    """A per-request behaviour: `metadata.x_fake_NAME` in the body (the gateway forwards the body as
+    it is, but not a client's own headers), else an `x-fake-NAME` header sent to the fake directly."""
+    meta = body.get("metadata") if isinstance(body, dict) and isinstance(body.get("metadata"), dict) else {}
+    return meta.get(f"x_fake_{name}", request.headers.get(f"x-fake-{name}", default))
+
+
 @dataclass
 class FakeUpstream:
     """Behaviour knobs; tests flip them between requests."""
@@ -99,7 +106,7 @@ class FakeUpstream:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.paths.append(request.path_qs)
-        mode = request.headers.get("x-fake-mode", self.mode)
+        mode = knob(request, body, "mode", self.mode)
         if mode == "error500":
             return web.json_response({"error": {"code": 500, "message": "boom", "type": "server_error"}},
                                      status=500)
@@ -120,7 +127,7 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 42, "completion_tokens": 7, "total_tokens": 49}})
         except asyncio.CancelledError:
             self.cancelled += 1
-            await asyncio.shield(asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger))))
+            await asyncio.shield(asyncio.sleep(float(knob(request, body, "linger", self.linger))))
             raise
         finally:
             self.in_flight -= 1
@@ -130,7 +137,7 @@ class FakeUpstream:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         self.paths.append(request.path_qs)
-        mode = request.headers.get("x-fake-mode", self.mode)
+        mode = knob(request, body, "mode", self.mode)
         if self.fail_next > 0:
             self.fail_next -= 1
             request.transport.close()
@@ -177,11 +184,11 @@ class FakeUpstream:
             return resp
         except asyncio.CancelledError:
             self.cancelled += 1
-            await asyncio.shield(asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger))))
+            await asyncio.shield(asyncio.sleep(float(knob(request, body, "linger", self.linger))))
             raise
         except ConnectionError:
             self.cancelled += 1
-            await asyncio.sleep(float(request.headers.get("x-fake-linger", self.linger)))
+            await asyncio.sleep(float(knob(request, body, "linger", self.linger)))
             raise
         finally:
             self.in_flight -= 1

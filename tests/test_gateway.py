@@ -382,8 +382,8 @@ async def test_randomised_chaos_leaves_no_stuck_slot(gateway, serve_app, seed):
         async with aiohttp.ClientSession() as s:
             try:
                 async with asyncio.timeout(rng.choice([0.01, 0.05, 0.2, 10])):
-                    async with s.post(base + "/v1/messages", json={**MAIN, "stream": rng.random() < 0.7},
-                                       headers={"x-fake-mode": mode}) as r:
+                    async with s.post(base + "/v1/messages", json={**MAIN, "stream": rng.random() < 0.7,
+                                                                        "metadata": {"x_fake_mode": mode}}) as r:
                         await r.read()
             except (TimeoutError, aiohttp.ClientError):
                 pass

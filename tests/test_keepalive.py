@@ -60,7 +60,7 @@ async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setu
 async def test_queued_stream_gets_pings_then_its_answer(setup):
     f, base, gw = await setup()
     q = gw.queues["primary"]
-    blocker = asyncio.create_task(timed_read(base, headers={"x-fake-mode": "stall"}))
+    blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
         await asyncio.sleep(0.01)
     waiting = asyncio.create_task(timed_read(base))
@@ -74,10 +74,10 @@ async def test_queued_stream_gets_pings_then_its_answer(setup):
 
 async def test_failure_after_pings_is_an_sse_error_event(setup):
     f, base, gw = await setup(prefill_delay=0.5)
-    status, _, raw = await timed_read(base, headers={"x-fake-mode": "error500"})
+    status, _, raw = await timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "error500"}})
     assert status == 500  # an immediate error is still a plain HTTP error
     q = gw.queues["primary"]
-    blocker = asyncio.create_task(timed_read(base, headers={"x-fake-mode": "stall"}))
+    blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
         await asyncio.sleep(0.01)
     status, chunks, raw = await timed_read(base)  # waits past max_wait_seconds in the queue

@@ -296,8 +296,8 @@ async def test_two_slots_with_two_abandoned_requests_never_take_a_third(serve_ap
     base, app = await gateway({"backends": [{"name": "primary", "url": url, "slots": 2}]})
 
     async def vanish(linger: float):
-        async with http.post(base + "/v1/messages", json={**MAIN, "stream": True},
-                             headers={"x-fake-linger": str(linger)}) as r:
+        async with http.post(base + "/v1/messages",
+                             json={**MAIN, "stream": True, "metadata": {"x_fake_linger": linger}}) as r:
             await r.content.readany()
             r.close()
 
