@@ -7,6 +7,12 @@ waits at most 300 s for response headers), so after `interval` seconds of
 silence the response headers go out and an SSE `ping` follows every
 `interval`, until the backend's own bytes take over. A failure after that
 point can only be told as an SSE `error` event.
+
+A client that stops reading (a Claude Code paused with Ctrl-Z, a stuck
+proxy) would block a write forever once the socket buffers are full, and its
+request would hold the backend's slot forever. So each write has a deadline:
+past it the connection is dropped and the client counts as gone, like one
+that disconnected (its slot is freed once the backend lets go of it).
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ def stream_headers(upstream_headers: Mapping[str, str] | None = None) -> dict[st
 
 
 class ClientStream:
-    def __init__(self, request: web.Request, ping_interval: float) -> None:
+    def __init__(self, request: web.Request, ping_interval: float, write_timeout: float | None = None) -> None:
         self.request = request
         self.interval = ping_interval
+        self.write_timeout = write_timeout
         self.response: web.StreamResponse | None = None
         self._pinger: asyncio.Task | None = None
         # One write at a time, each whole: headers and a ping, or the backend's bytes.
@@ -91,11 +98,17 @@ class ClientStream:
     async def _write(self, chunk: bytes, upstream_headers: Mapping[str, str] | None = None) -> None:
         async with self._lock:
             try:
-                if self.response is None:
-                    response = web.StreamResponse(status=200, headers=stream_headers(upstream_headers))
-                    await response.prepare(self.request)
-                    self.response = response
-                await self.response.write(chunk)
+                async with asyncio.timeout(self.write_timeout):
+                    if self.response is None:
+                        response = web.StreamResponse(status=200, headers=stream_headers(upstream_headers))
+                        await response.prepare(self.request)
+                        self.response = response
+                    await self.response.write(chunk)
+            except TimeoutError as exc:
+                # Not reading: dropped, so nothing else (the end of the response) waits on it either.
+                if self.request.transport is not None:
+                    self.request.transport.abort()
+                raise ClientGone(self.response) from exc
             except (ConnectionError, RuntimeError) as exc:
                 # Leaving the handler closes the upstream connection, which makes
                 # llama-server stop generating and free the slot.
@@ -104,6 +117,12 @@ class ClientStream:
     async def finish(self) -> web.StreamResponse:
         await self.stop_keep_alive()
         assert self.response is not None
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.response.write_eof()
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await self.response.write_eof()
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass
         return self.response

@@ -98,6 +98,9 @@ class GatewayConfig:
                                           check=_positive, why="a positive number")
     max_connections: int = setting(512, "open connections at once; past it: 503 and close",
                                    check=_positive, why="a positive integer")
+    write_timeout_seconds: float = setting(30.0, "a streaming client that takes none of its answer for this long "
+                                                 "counts as gone (its slot is freed once the backend lets go)",
+                                           check=_positive, why="a positive number")
     release_timeout_seconds: float = setting(30.0, "a vanished client's request still on the backend: warn "
                                                    "(its slot stays busy until the backend lets go)",
                                              check=_positive, why="a positive number")

@@ -113,7 +113,9 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
                   arrived: float) -> web.StreamResponse:
     """Send through the least busy backend of the route's group; account the outcome on every path."""
     outcome = Outcome(route.backends[0], status="client_gone")
-    client = ClientStream(request, gw.config.gateway.ping_interval_seconds) if body.get("stream") is True else None
+    g = gw.config.gateway
+    client = (ClientStream(request, g.ping_interval_seconds, g.write_timeout_seconds)
+              if body.get("stream") is True else None)
     try:
         if client is not None:
             client.keep_alive()
