@@ -23,13 +23,11 @@ from fakes import FakeUpstream
 
 from orchestrator.handlers import GATEWAY
 from orchestrator.sse import events as sse_events
+from orchestrator.upstream import FORWARDED
 
 # Claude Code's own framing, not part of what it says: aiohttp sets its own (and main and
 # warm-up were edited after capture, their home path anonymised, so their Content-Length is stale).
 NOT_REPLAYED = {"content-length", "connection", "host"}
-# What the gateway must never pass on: hop-by-hop headers, the client's key, and an
-# Accept-Encoding it replaces with identity (byte-faithful SSE).
-NOT_FORWARDED = NOT_REPLAYED | {"x-api-key", "accept-encoding"}
 # The samples that were not edited after capture: their bytes are the captured ones exactly.
 UNEDITED = ("title-2.1.332.json", "topic-2.0.77.json", "count_tokens-2.1.197.json", "count-probe-2.1.197.json")
 
@@ -111,10 +109,13 @@ async def test_main_2_1_332_reaches_the_primary_with_only_its_billing_line_gone(
     assert [m["role"] for m in got["messages"]] == ["user", "system"]
     assert got["safeguards"] == s["body"]["safeguards"] and got["thinking"] == {"type": "adaptive",
                                                                                 "display": "updates"}
-    # Every captured header but the hop-by-hop ones and the client's key, with its value.
+    # The captured headers a backend needs (upstream.FORWARDED), with their values; none of the rest
+    # (Claude Code's session id, the SDK's x-stainless-* telemetry, x-app).
     forwarded = {k.lower(): v for k, v in up.headers[0].items()}
-    kept = {k.lower(): v for k, v in s["headers"].items() if k.lower() not in NOT_FORWARDED}
+    kept = {k.lower(): v for k, v in s["headers"].items() if k.lower() in FORWARDED}
+    assert set(kept) == {"accept", "content-type", "anthropic-version", "anthropic-beta"}
     assert kept.items() <= forwarded.items(), set(kept.items()) - set(forwarded.items())
+    assert not any(k.startswith("x-stainless") or k in ("x-claude-code-session-id", "x-app") for k in forwarded)
     assert "x-api-key" not in forwarded and forwarded["accept-encoding"] == "identity"
 
 
