@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from . import schema_limits
 from .errors import InvalidRequest, RequestTimeout, RequestTooLarge, UnsupportedMediaType
 
 # The one size past which a body's JSON work (parse, checks, re-serialisation,
@@ -165,6 +166,8 @@ def check_schema(schema: Any, path: str, depth: int = 0) -> None:
     for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         if key in schema:
             _expect(schema[key], (int, float), f"{path}.{key}", "a number")
+    if depth == 0:
+        schema_limits.check(schema, path)
 
 
 def check_request(body: dict[str, Any], *, needs_max_tokens: bool) -> None:

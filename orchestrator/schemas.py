@@ -6,13 +6,20 @@ synthetic answer instead. The check covers the keywords `bodies.check_schema`
 admits and Claude Code uses (type, properties, required, additionalProperties,
 enum, const, anyOf/oneOf/allOf, items, string and array lengths, numeric
 bounds, pattern); a keyword outside that list is not checked.
+
+Patterns are matched with RE2, which cannot backtrack: Python's `re` takes
+exponential time on `^(a+)+$` against "aaa...a!" (4.6 s at 27 characters,
+doubling with each), and it holds the interpreter, so the event loop, all
+along. A pattern RE2 cannot read (lookaround, backreferences) is not checked.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from typing import Any
+
+import re2
 
 # A title is a few words. Without a bound, a grammar-forced string lets a small
 # model ramble until max_tokens and the answer is cut (invalid JSON).
@@ -101,35 +108,79 @@ def _equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _search(pattern: str, value: str) -> bool:
+# RE2's own memory for one compiled pattern; a pattern that needs more is not checked.
+_RE2_MAX_MEM = 8 * 1024 * 1024
+
+
+class PatternError(ValueError):
+    """A pattern RE2 reads but refuses: a repetition that is contradictory (`a{5,2}`) or too large
+    (`((a?){40}){40}` expands to 1600 copies; RE2 stops at 1000)."""
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(pattern: str) -> Any:
+    """The pattern compiled by RE2; None when RE2 cannot read it (not checked); PatternError when
+    it is a repetition no engine should expand."""
+    options = re2.Options()
+    options.max_mem = _RE2_MAX_MEM
+    options.log_errors = False
     try:
-        return re.search(pattern, value) is not None
-    except re.error:
-        return True  # a pattern Python cannot read is not checked
+        return re2.compile(pattern, options)
+    except re2.error as e:
+        why = str(e.args[0] if e.args else e)
+        if "repetition" in why or "pattern too large" in why:
+            raise PatternError(why.strip("b'\"")) from None
+        return None
+
+
+def _search(pattern: str, value: str) -> bool:
+    """Linear in the value's length whatever the pattern (JSON Schema's `pattern` is unanchored)."""
+    try:
+        rx = compiled(pattern)
+    except PatternError:
+        return False  # nothing matches a pattern that cannot be expanded
+    return True if rx is None else rx.search(value) is not None
+
+
+# What of a client's schema a grammar may see. llama.cpp turns a schema into a grammar by
+# expanding it: a `pattern` becomes a regex-to-grammar translation (nested repetitions explode,
+# `a{5,2}` never ends), a `$ref` chain is followed, unknown keywords are its own business. The
+# gateway checks the answer against the client's whole schema anyway, so the grammar only gets
+# this subset: what it loses (patterns, $refs, formats) is checked afterwards, and an answer
+# that fails it gets the synthetic one.
+GRAMMAR_KEYS = frozenset({
+    "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "oneOf",
+    "allOf", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum"})
 
 
 def bounded(schema: Any) -> Any:
-    """`schema` with a length bound on every string and array that has none (and admits one).
+    """The part of `schema` a grammar may see (GRAMMAR_KEYS), with a length bound on every string
+    and array: at most MAX_STRING_CHARS characters and MAX_ARRAY_ITEMS items, or exactly the minimum
+    when the minimum is above that (a grammar must never expand a repetition of thousands).
 
-    Only narrower: a value valid against the result is valid against `schema`.
+    Only wider where keywords were dropped, narrower everywhere else; the answer is checked against
+    `schema` itself.
     """
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for key in ("properties",):
-        if isinstance(out.get(key), dict):
-            out[key] = {k: bounded(v) for k, v in out[key].items()}
+    out = {k: v for k, v in schema.items() if k in GRAMMAR_KEYS}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: bounded(v) for k, v in out["properties"].items()}
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(out.get(key), list):
             out[key] = [bounded(s) for s in out[key]]
-    if isinstance(out.get("items"), dict):
-        out["items"] = bounded(out["items"])
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = bounded(out[key])
     if "enum" in out or "const" in out:
         return out  # its values are its bound (and may be longer than ours)
     kinds = out.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
-    if "string" in kinds and "maxLength" not in out and out.get("minLength", 0) <= MAX_STRING_CHARS:
-        out["maxLength"] = MAX_STRING_CHARS
-    if "array" in kinds and "maxItems" not in out and out.get("minItems", 0) <= MAX_ARRAY_ITEMS:
-        out["maxItems"] = MAX_ARRAY_ITEMS
+    for kind, low, high, cap in (("string", "minLength", "maxLength", MAX_STRING_CHARS),
+                                 ("array", "minItems", "maxItems", MAX_ARRAY_ITEMS)):
+        if kind in kinds or low in out or high in out:
+            least = out.get(low, 0) if isinstance(out.get(low), int) else 0
+            most = out.get(high) if isinstance(out.get(high), int) else math.inf
+            out[high] = min(most, max(least, cap))
     return out

@@ -184,3 +184,46 @@ def test_a_title_answer_with_nan_is_not_sent_as_valid_json():
         except ValueError as e:
             pytest.fail(f"accepted as valid and sent: {text!r} ({e})")
 
+
+
+async def test_a_hostile_pattern_in_a_title_check_never_delays_a_main_stream(gateway, serve_app, http):
+    """The small model's answer is checked against `^(a+)+$`: with a backtracking engine the check holds
+    the event loop for seconds (4.6 s at 27 characters here, doubling with each); a main streaming
+    request arriving meanwhile must not wait for it."""
+    hostile = {**TITLE, "output_config": {"format": {"type": "json_schema", "schema": {
+        "type": "object", "properties": {"title": {"type": "string", "pattern": "^(a+)+$"}},
+        "required": ["title"], "additionalProperties": False}}}}
+    small = FakeUpstream(chat_answer=json.dumps({"title": "a" * 27 + "!"}))
+    base, gw, big = await _two_backends(gateway, serve_app, small)
+    big.chunk_delay = 0.1  # a main answer streaming for 0.7 s
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    main = asyncio.create_task(_post(http, base, {**MAIN, "stream": True}))
+    async with asyncio.timeout(5):
+        while big.generations_started == 0:
+            await asyncio.sleep(0.001)
+    title = asyncio.create_task(_post(http, base, {**hostile, "stream": True}))
+    status, raw = await main
+    took = loop.time() - started
+    assert status == 200 and [e.event for e in sse_events(raw)][-1] == "message_stop"
+    assert small.generations_finished == 1  # the title was answered (and checked) meanwhile
+    assert took < 1.5, took
+    assert (await title)[0] == 200 and _answers(gw, "invalid") == 1  # "aaa...!" breaks the pattern
+
+
+async def test_a_const_that_breaks_its_own_pattern_is_refused_at_once(gateway, serve_app, http):
+    """llama.cpp's grammar follows `const` and ignores `pattern`: the model would be forced to write
+    the string the check refuses (slowly, with a backtracking engine). The request is refused."""
+    hostile = {**TITLE, "output_config": {"format": {"type": "json_schema", "schema": {
+        "type": "object", "properties": {"title": {"type": "string", "const": "a" * 40 + "!",
+                                                   "pattern": "^(a+)+$"}},
+        "required": ["title"]}}}}
+    small = FakeUpstream()
+    base, gw, big = await _two_backends(gateway, serve_app, small)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, raw = await _post(http, base, hostile)
+    assert status == 400 and loop.time() - started < 1.0
+    error = json.loads(raw)["error"]
+    assert error["type"] == "invalid_request_error" and "properties.title.const" in error["message"]
+    assert small.requests == [] and big.requests == []
