@@ -22,7 +22,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def _background_up(gw: Gateway) -> bool:
     bg = gw.config.background_backend
-    return bg is not None and gw.health[bg.name].up
+    return bg is not None and gw.health[bg.name].serving
 
 
 def _counting_backend(gw: Gateway, model: str):

@@ -51,6 +51,19 @@ class ProcessWatch:
     async def info(self) -> dict[str, Any] | None:
         return await asyncio.to_thread(self._info)
 
+    def _restart(self) -> None:
+        rpc = rpc_at(self.socket)
+        # stopProcess waits for the exit (SIGTERM, SIGKILL after stopwaitsecs): a server wedged in
+        # a grammar does not answer SIGTERM between tokens.
+        try:
+            rpc.stopProcess(self.program, True)
+        except xmlrpc.client.Fault:
+            pass  # not running: start it all the same
+        rpc.startProcess(self.program, False)
+
+    async def restart(self) -> None:
+        await asyncio.to_thread(self._restart)
+
 
 class BackendHealth:
     def __init__(self, backend: BackendConfig, queue: SlotQueue, *, grace: float = 300.0,
@@ -74,6 +87,11 @@ class BackendHealth:
         # `orchestrator env` to hand Claude Code; None when unknown.
         self.n_ctx: int | None = None
         self.process_state = ""
+        # Requests the gateway gave up on that still hold a slot past gateway.release_timeout_seconds
+        # (release_when_idle): a server wedged on one (a grammar it cannot build) says "ready" on
+        # /health all along, and would hold the slot forever.
+        self.stuck = 0
+        self._restarting: asyncio.Task | None = None
         self.changed = asyncio.Event()
         self._on_change = on_change or (lambda name, state: None)
         self._on_restart = on_restart or (lambda name: None)
@@ -87,6 +105,32 @@ class BackendHealth:
     @property
     def up(self) -> bool:
         return self.state in (State.READY, State.UNKNOWN)
+
+    @property
+    def serving(self) -> bool:
+        """Up, and no slot held past its bound: worth sending optional work (background) to."""
+        return self.up and not self.stuck
+
+    def mark_stuck(self, why: str) -> None:
+        """A slot is held past its bound by a request the gateway gave up on. A supervised background
+        server is restarted (a title is worth nothing a minute late); a main one keeps its cache and
+        is only shown as stuck, for its operator to judge."""
+        self.stuck += 1
+        self.last_error = why
+        if self.watch is not None and self.backend.role == "background" and self._restarting is None:
+            log.warning("backend %s: restarting it through supervisord: %s", self.backend.name, why)
+            self._restarting = asyncio.create_task(self._restart(), name=f"restart:{self.backend.name}")
+
+    def unstuck(self) -> None:
+        self.stuck = max(0, self.stuck - 1)
+
+    async def _restart(self) -> None:
+        try:
+            await self.watch.restart()
+        except (OSError, xmlrpc.client.Error) as e:
+            log.warning("backend %s: restart through supervisord failed: %s", self.backend.name, e)
+        finally:
+            self._restarting = None
 
     def _where(self) -> str:
         return f"; see {self.log_file}" if self.log_file else ""
@@ -211,7 +255,7 @@ class BackendHealth:
 
     def snapshot(self) -> dict:
         return {"name": self.backend.name, "url": self.backend.url, "role": self.backend.role,
-                "state": self.state.value, "since": self.since, "last_error": self.last_error,
+                "state": "stuck" if self.stuck and self.up else self.state.value, "since": self.since, "last_error": self.last_error,
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,

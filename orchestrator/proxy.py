@@ -310,13 +310,15 @@ def release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lea
     """Hold the slot until the backend has let go of the abandoned request (release.py)."""
     left = time.monotonic()
     health = gw.health[backend.name]
+    was_late: list[bool] = []
 
     def late(waited: float) -> None:
+        was_late.append(True)
         message = (f"still processing a request abandoned {waited:.0f}s ago "
                    f"(gateway.release_timeout_seconds = {gw.config.gateway.release_timeout_seconds:g}); "
                    f"its slot stays busy until it lets go")
-        health.last_error = message
         log.warning("backend %s: %s", backend.name, message)
+        health.mark_stuck(message)
 
     def others() -> int:
         # What the backend may legitimately be processing besides abandoned requests: the live
@@ -332,6 +334,8 @@ def release_when_idle(gw: Gateway, backend: BackendConfig, queue: SlotQueue, lea
             gw.metrics.release_wait.labels(backend.name, released.value).observe(time.monotonic() - left)
         finally:
             lease.release()
+            if was_late:
+                health.unstuck()
 
     task = asyncio.create_task(hold(), name=f"release:{backend.name}")
     gw.releasing.add(task)

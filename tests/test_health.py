@@ -71,3 +71,56 @@ def test_one_crash_is_one_restart_whatever_order_events_and_polls_arrive_in():
                        ("EXITED", 200), ("BACKOFF", None), ("STARTING", 300), ("RUNNING", 300)]:
         h.observe_process(state, pid)
     assert h.restarts == 2 and restarts == ["p", "p"] and h.pid == 300
+
+
+class RestartingWatch(FakeWatch):
+    """supervisord as the gateway sees it: a running program that can be restarted."""
+
+    def __init__(self):
+        super().__init__()
+        self.program = "llama-small"
+        self.restarts = 0
+
+    async def restart(self):
+        self.restarts += 1
+
+
+async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_restarted(gateway, serve_app, http):
+    """A title the server is wedged on (a grammar it cannot build; /health still answers): the gateway
+    gives up on it, the slot stays held past gateway.release_timeout_seconds, so /health says `stuck`,
+    supervisord restarts the server, and titles meanwhile get the synthetic answer at once."""
+    from conftest import sample
+    from fakes import FakeUpstream
+
+    from orchestrator.handlers import GATEWAY
+
+    title = sample("title-2.1.332.json")["body"]
+    small = FakeUpstream(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s
+    base, app = await gateway({
+        "backends": [{"name": "primary", "url": await serve_app(FakeUpstream().app())},
+                     {"name": "small", "url": await serve_app(small.app()), "role": "background"}],
+        "routing": {"background": "small", "background_timeout_seconds": 0.2},
+        "gateway": {"release_timeout_seconds": 0.3}})
+    gw = app[GATEWAY]
+    watch = gw.health["small"].watch = RestartingWatch()
+
+    async def small_state() -> str:
+        async with http.get(base + "/health") as r:
+            return next(b for b in (await r.json())["backends"] if b["name"] == "small")["state"]
+
+    async with http.post(base + "/v1/messages", json=title) as r:
+        assert r.status == 200  # the synthetic title, after background_timeout_seconds
+    async with asyncio.timeout(5):
+        while await small_state() != "stuck":
+            await asyncio.sleep(0.05)
+    assert watch.restarts == 1 and "abandoned" in gw.health["small"].last_error
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.post(base + "/v1/messages", json=title) as r:
+        assert r.status == 200
+    assert loop.time() - started < 0.15 and len(small.requests) == 1  # not queued behind the stuck slot
+    small.in_flight = 0  # the restarted server holds nothing
+    async with asyncio.timeout(5):
+        while await small_state() != "ready":
+            await asyncio.sleep(0.05)
+    assert gw.queues["small"].busy == 0
