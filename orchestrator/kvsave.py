@@ -9,8 +9,9 @@ When the backend comes back, `health` awaits `restore` before it reopens the
 queue: the save of the first waiting request's conversation, else the newest.
 
 Each save is a pair in the backend's folder: `KEY-MS.bin`, llama-server's own
-file, and `KEY.json`, what identifies the server that wrote it (model, context
-size, build) and what the file must be (its size). The pair is keyed by the
+file, and `KEY.json`, what identifies the server that wrote it (kv_identity:
+model file, context size, build, KV-changing options) and what the file must
+be (its size and SHA-256, checked before a restore). The pair is keyed by the
 conversation's prefix, so each conversation keeps its newest save. Nothing here
 ever raises into its caller: a missing, foreign or corrupt save, a full disk or
 a failed request is one warning line and a count, and the backend goes on cold.
@@ -32,6 +33,7 @@ from typing import Any, Callable
 from .affinity import conversation_key
 from .config import BackendConfig, Config
 from .errors import GatewayError
+from .kv_identity import ServerId, checksum, server_id
 from .metrics import Metrics
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
@@ -54,21 +56,6 @@ Key = str | Callable[[], str]
 
 def resolve(key: Key) -> str:
     return key() if callable(key) else key
-
-
-@dataclass(frozen=True)
-class ServerId:
-    """What a save must have been written by: the same model, context size and build."""
-
-    model: str
-    n_ctx: int
-    build: str
-
-    def mismatch(self, meta: dict[str, Any]) -> str:
-        """'' when `meta` was written by this server; else what differs."""
-        diffs = [f"{k} {meta.get(k)!r} (server: {getattr(self, k)!r})" for k in ("model", "n_ctx", "build")
-                 if meta.get(k) != getattr(self, k)]
-        return ", ".join(diffs)
 
 
 @dataclass
@@ -175,22 +162,33 @@ class KvPersistence:
             return "busy"  # the request that holds it saves when it finishes
         b.saving = True
         t0 = time.monotonic()
+        generation = b.generation
         try:
-            result = await self._save(b, key, tokens)
+            try:
+                written = await self._save(b, key)
+            finally:
+                for lease in leases:
+                    lease.release()
+            # The checksum (seconds for gigabytes) is taken with the slot free again: a request
+            # arriving now is not kept waiting by it. `saving` still keeps a second save out.
+            result = "failed" if written is None else await self._keep(b, key, tokens, *written)
         finally:
             b.saving = False
-            for lease in leases:
-                lease.release()
         self.metrics.kv_saves.labels(backend, result).inc()
         if result == "saved":
             self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - t0)
+        if b.generation != generation:
+            # A request finished meanwhile, and its own save found this one running.
+            self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{backend}")
         return result
 
-    async def _save(self, b: BackendSaves, key: str, tokens: int) -> str:
+    async def _save(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any], ServerId] | None:
+        """The slot written to a new file by the server: (file name, its answer, its identity)."""
         name = b.backend.name
-        server = await self._server_id(b)
+        server = await server_id(self.upstream, b.backend)
         if server is None:
-            return "failed"
+            log.warning("backend %s: /props unreadable; no KV save", name)
+            return None
         filename = f"{key}-{int(time.time() * 1000)}.bin"
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
@@ -198,13 +196,22 @@ class KvPersistence:
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
             _remove(b.folder / filename)
-            return "failed"
+            return None
+        return filename, answer, server
+
+    async def _keep(self, b: BackendSaves, key: str, tokens: int, filename: str, answer: dict[str, Any],
+                    server: ServerId) -> str:
+        """The save's metadata written beside it (its checksum, its server), the folder bounded."""
+        name = b.backend.name
         path = b.folder / filename
         try:
             size = path.stat().st_size
+            t0 = time.monotonic()
+            digest = await asyncio.to_thread(checksum, path)
+            hashed = time.monotonic() - t0
             n_saved = int(answer.get("n_saved") or 0)
-            meta = {"key": key, "file": filename, "bytes": size, "n_tokens": n_saved, "time": time.time(),
-                    "model": server.model, "n_ctx": server.n_ctx, "build": server.build, "slot": SLOT}
+            meta = {"key": key, "file": filename, "bytes": size, "sha256": digest, "n_tokens": n_saved,
+                    "time": time.time(), **server.fields(), "slot": SLOT}
             old = _read_meta(b.folder / f"{key}.json")
             _write_atomic(b.folder / f"{key}.json", json.dumps(meta))
         except (OSError, ValueError, TypeError) as e:
@@ -215,8 +222,8 @@ class KvPersistence:
             _remove(b.folder / str(old.get("file")))
         b.saved[key] = tokens
         took = answer.get("timings", {}).get("save_ms") if isinstance(answer.get("timings"), dict) else None
-        log.info("backend %s: saved %d tokens of conversation %s (%s bytes%s)", name, n_saved, key[:8],
-                 f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "")
+        log.info("backend %s: saved %d tokens of conversation %s (%s bytes%s, checksum %.0f ms)", name, n_saved,
+                 key[:8], f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "", hashed * 1000)
         self.metrics.kv_saved_bytes.labels(name).inc(size)
         self._bound(b)
         return "saved"
@@ -276,7 +283,7 @@ class KvPersistence:
         saves = [m for m in _saves(b.folder) if m.get("slot", SLOT) == SLOT]
         if not saves:
             return "none", {}
-        server = await self._server_id(b)
+        server = await server_id(self.upstream, b.backend)
         if server is None:
             return "failed", {"error": "no /props"}
         fitting = [m for m in saves if not server.mismatch(m)]
@@ -293,6 +300,13 @@ class KvPersistence:
             log.warning("backend %s: KV save %s is %s (expected %s bytes); it starts cold", name, path.name,
                         "missing" if size < 0 else f"{size} bytes", pick.get("bytes"))
             return "failed", {"error": "save file missing or truncated"}
+        digest = await asyncio.to_thread(checksum, path)
+        if digest != pick.get("sha256"):
+            log.warning("backend %s: KV save %s does not match its checksum (damaged on disk, or written "
+                        "without one); removed, it starts cold", name, path.name)
+            _remove(path)
+            _remove(b.folder / f"{pick['key']}.json")
+            return "failed", {"error": "save file does not match its checksum"}
         try:
             answer = await self._slot_action(b, "restore", path.name, RESTORE_TIMEOUT)
         except GatewayError as e:
@@ -320,19 +334,6 @@ class KvPersistence:
             message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
             raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
         return answer
-
-    async def _server_id(self, b: BackendSaves) -> ServerId | None:
-        try:
-            status, props = await self.upstream.get_json(b.backend, "/props", timeout=PROPS_TIMEOUT)
-        except GatewayError as e:
-            log.warning("backend %s: /props unreadable (%s)", b.backend.name, e.message)
-            return None
-        if status != 200 or not isinstance(props, dict):
-            return None
-        settings = props.get("default_generation_settings")
-        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
-        return ServerId(str(props.get("model_path", "")), n_ctx if isinstance(n_ctx, int) else 0,
-                        str(props.get("build_info", "")))
 
     async def _slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""

@@ -22,6 +22,7 @@ from orchestrator import kvsave, supervise
 from orchestrator.affinity import conversation_key
 from orchestrator.handlers import GATEWAY
 from orchestrator.health import State
+from orchestrator.kv_identity import checksum
 
 PROPS = {"model_path": "/models/m.gguf", "build_info": "b1-abc", "default_generation_settings": {"n_ctx": 4096}}
 
@@ -140,6 +141,26 @@ def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
     text = supervise.render(config, tmp_path / "o.toml", supervise.StackPaths(tmp_path), llama_server="/ls")
     assert f"--port 8080 --slot-save-path {tmp_path}/var/slots/primary" in text
     assert text.count("--slot-save-path") == 2  # "own" keeps its own; "off" gets none
+
+
+def test_the_server_identity_covers_what_changes_the_kv(tmp_path):
+    from orchestrator.kv_identity import ServerId, file_identity, kv_args
+
+    line = ("{llama_server} --model m.gguf --port {port} --rope-freq-base 20000 -ctk q8_0 --threads 2 "
+            "--lora-scaled a.gguf 0.5 --flash-attn on --rope-scaling=yarn --no-webui")
+    assert kv_args(line) == ("--rope-freq-base 20000 -ctk q8_0 --lora-scaled a.gguf 0.5 --flash-attn on "
+                             "--rope-scaling=yarn")
+    assert kv_args("{llama_server} --model m.gguf --threads 4") == ""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    before = file_identity(str(model))
+    os.utime(model, ns=(1, 2))
+    assert before.startswith("10:") and file_identity(str(model)) == "10:2" and file_identity("/nonexistent") == ""
+    a = ServerId("m.gguf", 4096, "b1", "10:2", "--rope-freq-base 10000")
+    b = ServerId("m.gguf", 4096, "b1", "10:2", "--rope-freq-base 20000")
+    assert a.mismatch(a.fields()) == "" and "rope-freq-base 20000" in b.mismatch(a.fields())
+    # A save written before these were recorded fits no server: refused once, then saved anew.
+    assert a.mismatch({"model": "m.gguf", "n_ctx": 4096, "build": "b1"})
 
 
 def test_status_says_what_the_last_restore_spared():
@@ -275,12 +296,17 @@ async def test_a_save_from_another_model_is_refused_with_one_warning(kv_stack, h
     assert _metric(gw, "orchestrator_kv_restores_total", backend="primary", result="refused") == 1
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage_meta", "server_refuses"])
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "garbage_meta", "server_refuses"])
 async def test_a_corrupt_save_means_cold_never_down(kv_stack, http, tmp_path, damage):
     fake, base, gw = await _saved_conversations(kv_stack, http, tmp_path, "one")
     meta_path = next(tmp_path.glob("*.json"))
     if damage == "truncated":
         (tmp_path / json.loads(meta_path.read_text())["file"]).write_bytes(b"k" * 10)
+    elif damage == "overwritten":
+        # The same size, other bytes: llama-server would restore it and answer garbage.
+        save = tmp_path / json.loads(meta_path.read_text())["file"]
+        save.write_bytes(save.read_bytes()[:500] + b"X" * 500)
+        fake.actions.clear()
     elif damage == "garbage_meta":
         meta_path.write_text("{not json")
     else:
@@ -290,6 +316,9 @@ async def test_a_corrupt_save_means_cold_never_down(kv_stack, http, tmp_path, da
     status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
     assert status == 200
     assert _metric(gw, "orchestrator_kv_restores_total", backend="primary", result=result) == before + 1
+    if damage == "overwritten":
+        assert not [a for a in fake.actions if a[0] == "restore"]  # never sent to the server
+        assert not list(tmp_path.glob("*.json"))  # the damaged save is gone; the next turn saves anew
 
 
 async def test_metadata_not_written_here_can_neither_delete_outside_nor_lift_the_bound(kv_stack, http, tmp_path):
@@ -489,3 +518,75 @@ async def test_down_saves_and_the_next_up_restores(stack, http):  # noqa: F811
     total = usage["input_tokens"] + usage["cache_read_input_tokens"]
     assert usage["cache_read_input_tokens"] > 0.8 * total, usage
     assert (await _wait_health(http, s.url))["backends"][0]["kv_restore"]["result"] == "restored"
+
+
+async def _answer(http, url, body) -> tuple[str, dict]:
+    async with http.post(url + "/v1/messages", json=body) as r:
+        raw = await r.read()
+        assert r.status == 200, raw[:500]
+    msg = json.loads(raw)
+    return "".join(b.get("text", "") for b in msg["content"]), msg["usage"]
+
+
+async def _saved(s: Stack, http) -> dict:
+    async with asyncio.timeout(30):
+        while await s.metric(http, 'orchestrator_kv_saves_total{backend="primary",result="saved"}') < 1:
+            await asyncio.sleep(0.1)
+    return json.loads(next(s.paths.slots(s.config.backends[0]).glob("*.json")).read_text())
+
+
+@pytest.mark.real
+async def test_a_save_overwritten_in_place_is_refused_and_the_server_answers_cold_and_right(stack, http):  # noqa: F811
+    s = real_stack(stack)
+    s.up()
+    await _wait_health(http, s.url)
+    await _ready_after_restart(http, s.url, 0)
+    turn = {**claude_turn("First turn: say hi.", max_tokens=8), "temperature": 0}
+    right, _ = await _answer(http, s.url, turn)
+    meta = await _saved(s, http)
+    save = s.paths.slots(s.config.backends[0]) / meta["file"]
+    t0 = time.monotonic()
+    digest = checksum(save)
+    per_gb = (time.monotonic() - t0) / (meta["bytes"] / 1e9)
+    # Zero 16 KiB of KV data in place, the size unchanged, inside a layer's tensor (the file's halfway
+    # point is the boundary between its K and V tensors): its structure (token ids, each tensor's
+    # header) intact, so llama-server itself takes it (the unchecked gateway got `restored`).
+    with open(save, "r+b") as f:
+        f.seek(meta["bytes"] * 5 // 8)
+        f.write(bytes(16 * 1024))
+    assert save.stat().st_size == meta["bytes"]
+    llama_pid = s.pid("llama-primary")
+    os.kill(llama_pid, signal.SIGSEGV)
+    async with asyncio.timeout(20):
+        while (await _wait_health(http, s.url))["backends"][0]["state"] == "ready":
+            await asyncio.sleep(0.02)
+    text, usage = await _answer(http, s.url, turn)
+    restore = (await _wait_health(http, s.url))["backends"][0]["kv_restore"]
+    assert restore["result"] == "failed" and "checksum" in restore["error"], restore
+    assert usage["cache_read_input_tokens"] < 0.1 * (usage["input_tokens"] + usage["cache_read_input_tokens"])
+    assert text == right
+    assert digest == meta.get("sha256")
+    print(f"\nKV checksum: {meta['bytes']:,} bytes hashed at {per_gb:.2f} s per GB")
+
+
+@pytest.mark.real
+async def test_a_save_from_another_rope_freq_base_is_refused_by_the_real_stack(stack, http):  # noqa: F811
+    """Same model path, context size and build; another --rope-freq-base: the KV means something else."""
+    s = real_stack(stack)
+    s.up()
+    await _wait_health(http, s.url)
+    await _ready_after_restart(http, s.url, 0)
+    turn = {**claude_turn("First turn: say hi.", max_tokens=8), "temperature": 0}
+    await _answer(http, s.url, turn)
+    await _saved(s, http)
+    assert await asyncio.to_thread(supervise.down, s.paths)
+    s.config_path.write_text(s.config_path.read_text().replace("--ctx-size 8192",
+                                                               "--ctx-size 8192 --rope-freq-base 20000"))
+    from orchestrator.config import load_config
+    s.config = load_config(s.config_path)
+    assert await asyncio.to_thread(s.up) == "started"
+    await _wait_health(http, s.url)
+    _, usage = await _answer(http, s.url, turn)
+    restore = (await _wait_health(http, s.url))["backends"][0]["kv_restore"]
+    assert restore["result"] == "refused" and "--rope-freq-base 20000" in restore["error"], restore
+    assert usage["cache_read_input_tokens"] < 0.1 * (usage["input_tokens"] + usage["cache_read_input_tokens"])
