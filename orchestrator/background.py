@@ -143,7 +143,10 @@ def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
         value = json.loads(full, parse_constant=_not_json)
     except (ValueError, RecursionError):
         return f"not JSON: {full[:120]!r}", ""
-    wrong = problem(value, ask.schema)
+    try:
+        wrong = problem(value, ask.schema)
+    except RecursionError:  # a recursive schema ($ref) followed down a deeply nested answer
+        wrong = "nested too deeply to check"
     if wrong is not None:
         return wrong, ""
     if ask.continues_prefill:

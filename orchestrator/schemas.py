@@ -38,20 +38,31 @@ _TYPES = {
 }
 
 
-def problem(value: Any, schema: Any, path: str = "answer") -> str | None:
-    """The first way `value` breaks `schema`, or None when it is valid."""
+def problem(value: Any, schema: Any, path: str = "answer", root: Any = None,
+            followed: frozenset[str] = frozenset()) -> str | None:
+    """The first way `value` breaks `schema`, or None when it is valid. `root`: the schema a local
+    `$ref` (#/$defs/NAME, #/definitions/NAME) is read from; `followed`: the refs already followed
+    for this same value (a ref that comes back to itself without descending checks nothing more)."""
+    if root is None:
+        root = schema
     if schema is True or not isinstance(schema, dict):
         return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref not in followed:
+        target = local_ref(root, ref)
+        if target is not None and (p := problem(value, target, path, root, followed | {ref})) is not None:
+            return p
     if "const" in schema and not _equal(value, schema["const"]):
         return f"{path}: must be {schema['const']!r}"
     if "enum" in schema and isinstance(schema["enum"], list) and not any(_equal(value, e) for e in schema["enum"]):
         return f"{path}: must be one of {schema['enum']!r}"
     for sub in schema.get("allOf") or ():
-        if (p := problem(value, sub, path)) is not None:
+        if (p := problem(value, sub, path, root, followed)) is not None:
             return p
-    if schema.get("anyOf") and all(problem(value, s, path) is not None for s in schema["anyOf"]):
+    if schema.get("anyOf") and all(problem(value, s, path, root, followed) is not None for s in schema["anyOf"]):
         return f"{path}: matches none of anyOf"
-    if schema.get("oneOf") and sum(problem(value, s, path) is None for s in schema["oneOf"]) != 1:
+    if schema.get("oneOf") and sum(problem(value, s, path, root, followed) is None
+                                   for s in schema["oneOf"]) != 1:
         return f"{path}: must match exactly one of oneOf"
     kinds = schema.get("type")
     if kinds is not None:
@@ -59,12 +70,12 @@ def problem(value: Any, schema: Any, path: str = "answer") -> str | None:
         if not any(_TYPES.get(k, lambda v: False)(value) for k in kinds):
             return f"{path}: must be of type {' or '.join(kinds)}"
     if isinstance(value, dict):
-        return _object_problem(value, schema, path)
+        return _object_problem(value, schema, path, root)
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", math.inf):
             return f"{path}: {len(value)} items is out of bounds"
         for i, item in enumerate(value):
-            if (p := problem(item, schema.get("items", True), f"{path}[{i}]")) is not None:
+            if (p := problem(item, schema.get("items", True), f"{path}[{i}]", root)) is not None:
                 return p
     elif isinstance(value, str):
         if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", math.inf):
@@ -82,7 +93,7 @@ def problem(value: Any, schema: Any, path: str = "answer") -> str | None:
     return None
 
 
-def _object_problem(value: dict[str, Any], schema: dict[str, Any], path: str) -> str | None:
+def _object_problem(value: dict[str, Any], schema: dict[str, Any], path: str, root: Any) -> str | None:
     props = schema.get("properties") or {}
     for key in schema.get("required") or ():
         if key not in value:
@@ -92,8 +103,17 @@ def _object_problem(value: dict[str, Any], schema: dict[str, Any], path: str) ->
         sub = props.get(key, extra)
         if sub is False:
             return f"{path}: has no room for {key!r}"
-        if (p := problem(item, sub, f"{path}.{key}")) is not None:
+        if (p := problem(item, sub, f"{path}.{key}", root)) is not None:
             return p
+    return None
+
+
+def local_ref(root: Any, ref: str) -> Any:
+    """The schema a local `$ref` names (#/$defs/NAME or #/definitions/NAME), or None."""
+    for key in ("$defs", "definitions"):
+        prefix = f"#/{key}/"
+        if ref.startswith(prefix) and isinstance(root, dict) and isinstance(root.get(key), dict):
+            return root[key].get(ref[len(prefix):])
     return None
 
 
@@ -144,14 +164,14 @@ def _search(pattern: str, value: str) -> bool:
 
 # What of a client's schema a grammar may see. llama.cpp turns a schema into a grammar by
 # expanding it: a `pattern` becomes a regex-to-grammar translation (nested repetitions explode,
-# `a{5,2}` never ends), a `$ref` chain is followed, unknown keywords are its own business. The
-# gateway checks the answer against the client's whole schema anyway, so the grammar only gets
-# this subset: what it loses (patterns, $refs, formats) is checked afterwards, and an answer
-# that fails it gets the synthetic one.
+# `a{5,2}` never ends), unknown keywords are its own business. The gateway checks the answer
+# against the client's whole schema anyway, so the grammar only gets this subset: what it loses
+# (patterns, formats, remote $refs) is checked afterwards, and an answer that fails it gets the
+# synthetic one. Local $refs stay (a grammar rule each, their chains bounded by schema_limits).
 GRAMMAR_KEYS = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "oneOf",
     "allOf", "minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum"})
+    "exclusiveMaximum", "$ref", "$defs", "definitions"})
 
 
 def bounded(schema: Any) -> Any:
@@ -165,16 +185,20 @@ def bounded(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: v for k, v in schema.items() if k in GRAMMAR_KEYS}
-    if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: bounded(v) for k, v in out["properties"].items()}
+    ref = out.get("$ref")
+    if "$ref" in out and not (isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/"))):
+        del out["$ref"]  # a remote schema is never fetched
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: bounded(v) for k, v in out[key].items()}
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(out.get(key), list):
             out[key] = [bounded(s) for s in out[key]]
     for key in ("items", "additionalProperties"):
         if isinstance(out.get(key), dict):
             out[key] = bounded(out[key])
-    if "enum" in out or "const" in out:
-        return out  # its values are its bound (and may be longer than ours)
+    if "enum" in out or "const" in out or "$ref" in out:
+        return out  # its values (or the schema it names) are its bound
     kinds = out.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
     for kind, low, high, cap in (("string", "minLength", "maxLength", MAX_STRING_CHARS),

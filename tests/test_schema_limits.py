@@ -88,3 +88,48 @@ async def test_the_gateway_refuses_them_before_any_backend_is_contacted(gateway,
         assert says in answer["error"]["message"], (name, answer)
     assert small.requests == [] and big.requests == []
     assert gw.metrics.rejections.labels("bad_request")._value.get() == len(HOSTILE)
+
+
+def _rich_title_schema(optional: int) -> dict:
+    props = {"title": {"type": "string", "pattern": "^[^\\n]*$", "minLength": 1},
+             "kind": {"$ref": "#/$defs/kind"}}
+    props.update({f"p{i}": {"type": "boolean"} for i in range(optional)})
+    return {"type": "object", "properties": props, "required": ["title", "kind"], "additionalProperties": False,
+            "$defs": {"kind": {"enum": [f"k{i}" for i in range(MAX_ENUM_VALUES)]}}}
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("optional", [8, MAX_PROPERTIES - 2])
+async def test_schemas_within_the_limits_are_answered_by_the_real_small_model(gateway, serve_app, http, llama,
+                                                                               optional):
+    """The limits leave room. A title schema with a pattern (checked by the gateway, not in the grammar)
+    and a $ref to a 1000-value enum: llama-server answers it, valid against the client's whole schema.
+    At the property limit (98 optional properties) it still builds the grammar and answers in time
+    (SmolLM2 then fills every optional property and runs out of its 256 tokens: the synthetic answer)."""
+    import time
+
+    import jsonschema
+
+    schema = _rich_title_schema(optional)
+    check_schema(schema, "output_config.format.schema")
+    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(FakeUpstream().app())},
+                                            {"name": "small", "url": llama.url, "role": "background"}],
+                               "routing": {"background": "small", "background_timeout_seconds": 60}})
+    gw = app[GATEWAY]
+    body = {**TITLE, "stream": False, "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    t0 = time.monotonic()
+    async with http.post(base + "/v1/messages?beta=true", json=body) as r:
+        assert r.status == 200
+        text = (await r.json())["content"][0]["text"]
+    took = time.monotonic() - t0
+
+    def answers(result: str) -> float:
+        return gw.metrics.background_answers.labels("small", "title", result)._value.get()
+
+    if optional < 10:
+        assert answers("model") == 1, text
+        jsonschema.validate(json.loads(text), schema)
+    else:
+        assert answers("model") + answers("invalid") == 1 and answers("timeout") == answers("failed") == 0
+    assert gw.queues["small"].busy == 0
+    print(f"\n{optional} optional properties: answered in {took:.1f} s: {text[:120]}")

@@ -73,16 +73,33 @@ def test_bounded_only_narrows_and_bounds_every_string():
     assert bounded(RICH)["properties"]["tags"]["maxItems"] == 2
 
 
-def test_a_grammar_sees_no_pattern_ref_or_unknown_keyword():
-    """llama.cpp expands what it is given: a pattern's nested repetitions, a $ref chain. The grammar gets
-    the safe subset; the gateway checks the answer against the whole schema."""
+def test_a_grammar_sees_no_pattern_remote_ref_or_unknown_keyword():
+    """llama.cpp expands what it is given: a pattern's nested repetitions. The grammar gets the safe
+    subset (local $refs are rules, their chains bounded); the gateway checks the answer against the
+    whole schema."""
     schema = {"type": "object", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"type": "string"}},
               "properties": {"t": {"type": "string", "pattern": "^((a?){40}){40}$", "format": "email"},
                              "r": {"$ref": "#/$defs/a"}},
               "additionalProperties": {"type": "string", "pattern": "^(a+)+$"}}
     assert bounded(schema) == {"type": "object",
-                               "properties": {"t": {"type": "string", "maxLength": MAX_STRING_CHARS}, "r": {}},
+                               "$defs": {"a": {"$ref": "#/$defs/b"},
+                                         "b": {"type": "string", "maxLength": MAX_STRING_CHARS}},
+                               "properties": {"t": {"type": "string", "maxLength": MAX_STRING_CHARS},
+                                              "r": {"$ref": "#/$defs/a"}},
                                "additionalProperties": {"type": "string", "maxLength": MAX_STRING_CHARS}}
+    assert bounded({"$ref": "https://example.com/s.json"}) == {}  # never fetched
+
+
+def test_local_refs_are_followed_by_the_check():
+    schema = {"$defs": {"kind": {"enum": ["a", "b"]}, "loop": {"$ref": "#/$defs/loop"},
+                        "tree": {"type": "object", "properties": {"kids": {"type": "array",
+                                                                           "items": {"$ref": "#/$defs/tree"}}}}},
+              "type": "object", "properties": {"k": {"$ref": "#/$defs/kind"}, "l": {"$ref": "#/$defs/loop"},
+                                               "t": {"$ref": "#/$defs/tree"}}}
+    for value in ({"k": "a"}, {"k": "c"}, {"t": {"kids": [{"kids": []}]}}, {"t": {"kids": [{"kids": 1}]}}):
+        expected = jsonschema.Draft202012Validator(schema).is_valid(value)
+        assert (problem(value, schema) is None) == expected, value
+    assert problem({"l": 1}, schema) is None  # a ref to itself constrains nothing, and ends
 
 
 def test_a_catastrophic_pattern_is_checked_in_linear_time():
