@@ -21,7 +21,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 SYNTHETIC = "synthetic"
 ENV_PREFIX = "ORCHESTRATOR_"
@@ -362,7 +362,12 @@ def same_server_key(url: str) -> str:
     host = (parts.hostname or "").lower()
     if is_loopback_host(host) or host in ("0.0.0.0", "::"):  # all reach this machine's own server
         host = "loopback"
-    return f"{parts.scheme}://{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return f"{parts.scheme}://{host}:{url_port(parts)}"
+
+
+def url_port(parts: SplitResult) -> int:
+    """The port a split URL reaches, its scheme's default when it names none."""
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def is_loopback_host(host: str) -> bool:

@@ -95,7 +95,7 @@ async def fake(serve_app):
 
 async def gateway_with(start_gateway, url: str, **gateway_keys):
     """A gateway with one backend at `url` and these [gateway] keys: (base URL, its Gateway)."""
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
     base, app = await start_gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
     return base, app[GATEWAY]

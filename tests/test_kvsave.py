@@ -20,7 +20,7 @@ from test_supervise import Stack, _wait_health, stack  # noqa: F401 - the fixtur
 
 from orchestrator import kvsave, supervise
 from orchestrator.affinity import conversation_key
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.health import State
 
 PROPS = {"model_path": "/models/m.gguf", "build_info": "b1-abc", "default_generation_settings": {"n_ctx": 4096}}
@@ -99,7 +99,7 @@ async def kv_stack(serve_app, gateway, tmp_path):
         base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(tmp_path),
                                                  "kv_save_idle_seconds": idle, "kv_save_max_bytes": max_bytes}]})
         gw = app[GATEWAY]
-        await _until(lambda: gw.health["primary"].state is State.READY)
+        await _until(lambda: gw.backends["primary"].health.state is State.READY)
         return fake, base, gw
     return make
 
@@ -163,7 +163,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
     meta = json.loads((tmp_path / f"{key}.json").read_text())
     assert meta["model"] == "/models/m.gguf" and meta["n_ctx"] == 4096 and meta["build"] == "b1-abc"
     assert meta["bytes"] == 1000 and meta["n_tokens"] == 123 and (tmp_path / meta["file"]).exists()
-    assert await gw.kv.save("primary") == "unchanged"
+    assert await gw.kv.save(gw.backends["primary"].kv) == "unchanged"
     # The next turn of the same conversation (more tokens) replaces its save.
     fake.parts = 7
     assert (await _post(http, base, main_body(turn=1)))[0] == 200
@@ -222,11 +222,11 @@ async def _saved_conversations(kv_stack, http, tmp_path, *firsts):
 
 async def _crash_and_queue(fake, base, gw, http, body):
     """The backend goes down (its slot empty), a request waits, the backend comes back."""
-    health = gw.health["primary"]
+    health = gw.backends["primary"].health
     fake.slot_tokens, fake.loading = 0, True
     health.mark_down("test crash")
     request = asyncio.create_task(_post(http, base, body))
-    await _until(lambda: gw.queues["primary"].depth == 1)
+    await _until(lambda: gw.backends["primary"].queue.depth == 1)
     fake.loading = False
     health.poke()
     return await request
@@ -241,7 +241,7 @@ async def test_restore_picks_the_first_waiters_conversation_before_the_queue_ope
     restores = [name for action, name in fake.actions if action == "restore"]
     assert len(restores) == 1 and restores[0].startswith(conversation_key(main_body("one")))
     assert fake.generations_started == n + 1 and not fake.crashed  # the restore came first
-    note = gw.health["primary"].snapshot()["kv_restore"]
+    note = gw.backends["primary"].health.snapshot()["kv_restore"]
     assert note["result"] == "restored" and note["n_tokens"] == 123
     assert _metric(gw, "orchestrator_kv_restored_tokens_total", backend="primary") == 123
 
@@ -250,15 +250,15 @@ async def test_restore_without_a_waiter_takes_the_newest_and_a_warm_slot_is_left
     fake, _, gw = await _saved_conversations(kv_stack, http, tmp_path, "one", "two")
     fake.actions.clear()
     fake.slot_tokens = 0
-    gw.health["primary"].mark_down("test crash")
-    gw.health["primary"].poke()
-    await _until(lambda: gw.health["primary"].state is State.READY)
+    gw.backends["primary"].health.mark_down("test crash")
+    gw.backends["primary"].health.poke()
+    await _until(lambda: gw.backends["primary"].health.state is State.READY)
     assert fake.actions[-1][1].startswith(conversation_key(main_body("two")))
     fake.actions.clear()
     fake.slot_tokens = 500  # the server kept its cache (only the connection failed)
-    gw.health["primary"].mark_down("blip")
-    gw.health["primary"].poke()
-    await _until(lambda: gw.health["primary"].state is State.READY)
+    gw.backends["primary"].health.mark_down("blip")
+    gw.backends["primary"].health.poke()
+    await _until(lambda: gw.backends["primary"].health.state is State.READY)
     assert not fake.actions and _metric(gw, "orchestrator_kv_restores_total", backend="primary", result="warm") == 1
 
 
@@ -305,11 +305,12 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
         async def get_json(self, *a, **k):
             await asyncio.sleep(3600)
 
-    kv = kvsave.KvPersistence(config, Stuck(), {"p": SlotQueue("p", 1)}, Metrics(CollectorRegistry(), ["p"]))
+    kv = kvsave.KvPersistence(config, Stuck(), Metrics(CollectorRegistry(), ["p"]))
+    saves = kv.attach(config.backends[0], SlotQueue("p", 1))
     old = kvsave.RESTORE_TIMEOUT
     kvsave.RESTORE_TIMEOUT = 0.1
     try:
-        note = await kv.restore("p")
+        note = await kv.restore(saves)
     finally:
         kvsave.RESTORE_TIMEOUT = old
     assert note["result"] == "failed"
