@@ -381,7 +381,7 @@ async def main(quick: bool) -> None:
     from prometheus_client import CollectorRegistry
 
     from orchestrator.app import create_app, start
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
 
     if quick:
         TURNS = 2

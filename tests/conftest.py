@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).parent))
 
 from orchestrator.app import create_app, start  # noqa: E402
-from orchestrator.config import config_from_dict  # noqa: E402
+from orchestrator.configfile import config_from_dict  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent

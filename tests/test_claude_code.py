@@ -14,7 +14,7 @@ from aiohttp import web
 from conftest import ROOT, free_port
 
 from orchestrator import claude_env, sse
-from orchestrator.config import config_from_dict
+from orchestrator.configfile import config_from_dict
 from orchestrator.gateway import GATEWAY
 
 pytestmark = pytest.mark.real

@@ -270,7 +270,8 @@ async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
 @pytest.mark.parametrize("content", [None, "this is not a certificate\n"], ids=["missing", "not-pem"])
 def test_ca_file_must_be_a_readable_ca_bundle(tmp_path, content):
     """Checked once, at load, naming the key: an unreadable bundle would otherwise fail every request."""
-    from orchestrator.config import ConfigError, config_from_dict
+    from orchestrator.config import ConfigError
+    from orchestrator.configfile import config_from_dict
 
     ca = tmp_path / "ca.pem"
     if content is not None:

@@ -130,7 +130,7 @@ def test_conversation_key_ignores_the_billing_line_and_later_turns():
 
 def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
     from orchestrator import supervise
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
 
     config = config_from_dict({"backends": [
         {"name": "primary", "url": "http://127.0.0.1:8080", "command": "{llama_server} --port {port}"},
@@ -295,7 +295,7 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
     """A server that never answers the restore: the backend opens cold after the bound."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
     from orchestrator.metrics import Metrics
     from orchestrator.slots import SlotQueue
 
@@ -330,7 +330,7 @@ def real_stack(stack_factory, kv: bool = True) -> Stack:
     text = s.config_path.read_text().replace("--ctx-size 4096", "--ctx-size 8192")
     text += f"kv_save = {'true' if kv else 'false'}\nkv_save_idle_seconds = 0.5\n"
     s.config_path.write_text(text)
-    from orchestrator.config import load_config
+    from orchestrator.configfile import load_config
     s.config = load_config(s.config_path)
     return s
 
