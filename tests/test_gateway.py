@@ -271,6 +271,33 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     await until_free(q)
 
 
+async def test_a_failed_backend_refuses_as_backend_failed_not_queue_full(gateway, fake, http):
+    """A backend that will not come back (FATAL) refuses its waiters and newcomers with 529, counted
+    under its own reason on the dashboard, not as a full queue."""
+    from orchestrator.health import State
+
+    f, url = fake
+    f.mode = "stall"
+    base, gw = await _start(gateway, url)
+    q = gw.backends["primary"].queue
+    running = asyncio.create_task(_post(http, base, MAIN))
+    while q.busy == 0:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(_post(http, base, MAIN))
+    while q.depth == 0:
+        await asyncio.sleep(0.01)
+    gw.backends["primary"].health.set(State.FAILED, "test: FATAL in supervisord")
+    status, raw, _ = await waiting
+    assert status == 529 and "failed" in json.loads(raw)["error"]["message"]
+    status, _, _ = await _post(http, base, MAIN)
+    assert status == 529
+    rejections = gw.metrics.rejections
+    assert rejections.labels("backend_failed")._value.get() == 2
+    assert rejections.labels("queue_full")._value.get() == 0
+    running.cancel()
+    await until_free(q)
+
+
 async def test_background_goes_to_small_model_never_to_primary(gateway, serve_app, http):
     big, small = FakeUpstream(), FakeUpstream()
     big_url, small_url = await serve_app(big.app()), await serve_app(small.app())
