@@ -21,7 +21,6 @@ without the restore, and what a save adds to a tool-loop turn.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import re
@@ -37,25 +36,14 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, wait_http  # noqa: E402
+import bench_kv  # noqa: E402
+from benchlib import SAMPLES, claude_turn, free_port, wait_http  # noqa: E402
 from orchestrator.supervise import default_model, find_llama_server  # noqa: E402
 
-SAMPLES = ROOT / "tests" / "fixtures"
 
 
 
 
-
-
-def claude_turn(cch: str, turn: int) -> dict:
-    """Claude Code's real main request; turn 2 is turn 1 plus an answer and a new question."""
-    body = copy.deepcopy(json.loads((SAMPLES / "main-2.1.332.json").read_text())["body"])
-    body["system"][0]["text"] = f"x-anthropic-billing-header: cc_version=2.1.332.{cch}; cc_entrypoint=cli;"
-    body["tools"], body["max_tokens"], body["stream"] = body["tools"][:3], 4, False
-    if turn == 2:
-        body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "Done: the tests pass."}]},
-                             {"role": "user", "content": [{"type": "text", "text": "Now add a docstring."}]}]
-    return body
 
 
 def rss_kb(pid: int) -> int:
@@ -99,9 +87,8 @@ async def main() -> None:
     if "--kv-only" not in sys.argv:
         await gateway_cases(binary)
     if "--no-kv" not in sys.argv:
-        import bench_kv  # bench/ is on sys.path: this script's folder
         print()
-        print("\n".join(await bench_kv.run(binary, claude_turn)))
+        print("\n".join(await bench_kv.run(binary)))
     print(f"\n(bench run: {time.monotonic() - t0:.0f} s)")
 
 

@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -34,9 +33,9 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port  # noqa: E402
+from benchlib import claude_turn, free_port  # noqa: E402
 from orchestrator import supervise  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.configfile import load_config  # noqa: E402
 
 IDLE = 0.5            # kv_save_idle_seconds here (2 s by default): a shorter run, the same policy
 LOOP = 6              # tool-loop turns of each kind
@@ -123,7 +122,7 @@ kv_save_idle_seconds = {IDLE}
 class Conversation:
     """A Claude Code conversation that grows by one exchange a turn, like its tool loop."""
 
-    def __init__(self, claude_turn: Callable[[str, int], dict]) -> None:
+    def __init__(self) -> None:
         self.body = claude_turn("kv", 1)
         self.body["stream"] = True
         self.turns = 0
@@ -164,10 +163,10 @@ async def turn(http, url: str, body: dict) -> dict:
             "prompt": usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)}
 
 
-async def play(s: Stack, http, claude_turn, kv: bool) -> dict:
+async def play(s: Stack, http, kv: bool) -> dict:
     """The whole sequence on one stack; its figures."""
     out: dict = {}
-    conv = Conversation(claude_turn)
+    conv = Conversation()
     await s.ready(http)
     out["cold"] = await turn(http, s.url, conv.next())
     out["warm"] = await turn(http, s.url, conv.next())
@@ -210,7 +209,7 @@ async def play(s: Stack, http, claude_turn, kv: bool) -> dict:
     return out
 
 
-async def run(binary: str, claude_turn: Callable[[str, int], dict]) -> list[str]:
+async def run(binary: str) -> list[str]:
     """Both stacks, one after the other; the table's lines."""
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
@@ -220,7 +219,7 @@ async def run(binary: str, claude_turn: Callable[[str, int], dict]) -> list[str]
                 s = Stack(Path(tmp) / f"kv-{name}", binary, kv)
                 try:
                     s.up()
-                    figures[name] = await play(s, http, claude_turn, kv)
+                    figures[name] = await play(s, http, kv)
                 finally:
                     s.down()
     return table(figures["on"], figures["off"])
@@ -270,7 +269,5 @@ def table(on: dict, off: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_gateway import claude_turn
     binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or supervise.find_llama_server()
-    print("\n".join(asyncio.run(run(binary, claude_turn))))
+    print("\n".join(asyncio.run(run(binary))))

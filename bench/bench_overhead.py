@@ -213,7 +213,7 @@ def run_gateway(config_path: str, port: int) -> None:
     """The gateway as `orchestrator serve --config` runs it, plus GET /_bench/lag: the longest the
     event loop was kept from running a 1 ms timer since the last read (ms)."""
     from orchestrator.app import create_app, start
-    from orchestrator.config import load_config, with_overrides
+    from orchestrator.configfile import load_config, with_overrides
 
     config = with_overrides(load_config(config_path, os.environ), port=port)
 

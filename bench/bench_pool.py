@@ -185,10 +185,10 @@ def served_by(app, before: dict[str, int], body: dict) -> str:
     """The backend that answered a request sent since `before` (each backend's slots granted so far):
     "a>b" when it was sent to a, failed there before answering and was sent again to b."""
     from orchestrator.affinity import conversation_key
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
     gw = app[GATEWAY]
-    names = [n for n, q in gw.queues.items() if q.acquired_total > before.get(n, 0)]
+    names = [n for n, q in ((b.name, b.queue) for b in gw.backends.values()) if q.acquired_total > before.get(n, 0)]
     if len(names) > 1 and gw.pool is not None:
         home = gw.pool.homes.get(conversation_key(body, gw.config.routing.strip_billing_header))
         return ">".join([n for n in names if n != home] + [home])
@@ -196,9 +196,9 @@ def served_by(app, before: dict[str, int], body: dict) -> str:
 
 
 def granted(app) -> dict[str, int]:
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
-    return {n: q.acquired_total for n, q in app[GATEWAY].queues.items()}
+    return {n: q.acquired_total for n, q in ((b.name, b.queue) for b in app[GATEWAY].backends.values())}
 
 
 def pool_config(urls: dict[str, str], affinity: bool) -> dict:
@@ -234,10 +234,10 @@ class Failover:
 
 
 def decisions(app) -> dict[str, dict[str, float]]:
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
     metric = app[GATEWAY].metrics.affinity
-    return {n: {d: metric.labels(n, d)._value.get() for d in AFFINITY_DECISIONS} for n in app[GATEWAY].queues}
+    return {n: {d: metric.labels(n, d)._value.get() for d in AFFINITY_DECISIONS} for n in app[GATEWAY].backends}
 
 
 async def failover(http, base: str, app, pids: dict[str, int],
@@ -250,7 +250,7 @@ async def failover(http, base: str, app, pids: dict[str, int],
     back and takes a new conversation c3 (the survivor is home to two); then the survivor is killed
     between turns, idle, and the next turns are sent at once, before a health check can notice:
     c1 and c2 move back, each paying one cold prefill, and their turn 6 and c3's turn 2 are warm."""
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
     gw = app[GATEWAY]
     c1, c2 = Conversation(0), Conversation(1)
@@ -270,7 +270,7 @@ async def failover(http, base: str, app, pids: dict[str, int],
         await play(c2)
     await play(c1)
     home = rows[-2].backend  # c2's, since its first turn
-    survivor = next(n for n in gw.queues if n != home)
+    survivor = next(n for n in gw.backends if n != home)
     body = c2.next(answers["c2"])
     first_token = asyncio.Event()
 
@@ -283,11 +283,11 @@ async def failover(http, base: str, app, pids: dict[str, int],
     before = granted(app)
     streaming = asyncio.create_task(send(http, base, {**body, "max_tokens": STREAM_TOKENS}, on_event))
     # A second request of c2 (non-streaming: the other usage shape) in line behind it, on its home.
-    while gw.queues[home].busy == 0:
+    while gw.backends[home].queue.busy == 0:
         await asyncio.sleep(0.005)
     waiting = asyncio.create_task(send(http, base, {**body, "stream": False}))
     async with asyncio.timeout(120):
-        while gw.queues[home].depth == 0:
+        while gw.backends[home].queue.depth == 0:
             await asyncio.sleep(0.005)
         await first_token.wait()
     os.kill(pids[home], signal.SIGKILL)
@@ -307,7 +307,7 @@ async def failover(http, base: str, app, pids: dict[str, int],
     if restart is not None:
         pids[home] = restart(home)
         async with asyncio.timeout(60):
-            while not gw.health[home].up:
+            while not gw.backends[home].health.up:
                 await asyncio.sleep(0.05)
         c3 = Conversation(2)
         answers["c3"] = None
@@ -381,7 +381,7 @@ async def main(quick: bool) -> None:
     from prometheus_client import CollectorRegistry
 
     from orchestrator.app import create_app, start
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
 
     if quick:
         TURNS = 2

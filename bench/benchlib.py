@@ -1,7 +1,10 @@
-"""What every benchmark here needs: free loopback ports, a wait for a server, the machine it ran on."""
+"""What every benchmark here needs: free loopback ports, a wait for a server, the machine it ran on,
+and Claude Code's real main request."""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import platform
 import socket
@@ -10,6 +13,20 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+
+def claude_turn(cch: str, turn: int) -> dict:
+    """Claude Code's real main request; turn 2 is turn 1 plus an answer and a new question."""
+    body = copy.deepcopy(json.loads((SAMPLES / "main-2.1.332.json").read_text())["body"])
+    body["system"][0]["text"] = f"x-anthropic-billing-header: cc_version=2.1.332.{cch}; cc_entrypoint=cli;"
+    body["tools"], body["max_tokens"], body["stream"] = body["tools"][:3], 4, False
+    if turn == 2:
+        body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "Done: the tests pass."}]},
+                             {"role": "user", "content": [{"type": "text", "text": "Now add a docstring."}]}]
+    return body
 
 
 def free_port() -> int:

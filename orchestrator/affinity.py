@@ -13,6 +13,7 @@ aiohttp, tested with plain queues.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,20 @@ def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:
     except GatewayError:
         text = repr([body.get("system"), body.get("tools"), first]).encode()
     return hashlib.sha256(text).hexdigest()[:32]
+
+
+class Conversation:
+    """The conversation a request belongs to. Its key is computed when first asked for (a pool's
+    pick, a KV save or restore), then kept: serialising a big request's tools costs milliseconds,
+    and most requests never need it."""
+
+    def __init__(self, body: dict[str, Any], strip_billing: bool = True) -> None:
+        self._body = body
+        self._strip_billing = strip_billing
+
+    @functools.cached_property
+    def key(self) -> str:
+        return conversation_key(self._body, self._strip_billing)
 
 
 class Decision(str, Enum):

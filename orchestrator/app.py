@@ -13,18 +13,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .access import AccessPolicy, access_middleware
-from .affinity import Pool
 from .config import Config
-from .counting import TokenCounter
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
-from .handlers import GATEWAY, add_routes
-from .health import BackendHealth, watch_for
-from .kvsave import KvPersistence
+from .gateway import GATEWAY, build_gateway
+from .handlers import add_routes
 from .listener import MAX_FIELD_SIZE, MAX_LINE_SIZE, ConnectionGuard, GuardedSite, Limits
-from .metrics import Metrics
-from .proxy import Gateway
-from .slots import SlotQueue
-from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -63,37 +56,6 @@ async def anthropic_errors(request: web.Request, handler) -> web.StreamResponse:
         return _error_response(GatewayError("internal gateway error; see the gateway log"))
 
 
-def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
-    metrics = Metrics(registry, [b.name for b in config.backends])
-    if config.background_backend is not None:
-        metrics.add_background_backend(config.background_backend.name)
-    upstream = UpstreamClient(connect_timeout=config.gateway.connect_timeout_seconds)
-    counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
-                           on_source=lambda source: metrics.count_tokens_source.labels(source).inc())
-    gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter)
-    q = config.queue
-    for b in config.backends:
-        gw.queues[b.name] = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_bytes=q.max_bytes,
-                                      max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds)
-    gw.kv = KvPersistence(config, upstream, gw.queues, metrics)
-    r = config.routing
-    if r.affinity and len(config.main_backends) > 1:
-        gw.pool = Pool(max_entries=r.affinity_max_conversations, max_wait=r.affinity_max_wait_seconds)
-        for b in config.main_backends:
-            metrics.add_pool_backend(b.name)
-    for b in config.backends:
-        queue = gw.queues[b.name]
-        watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
-        gw.health[b.name] = BackendHealth(
-            b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
-            on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.health[name].up else 0),
-            on_restart=lambda name: metrics.backend_restarts.labels(name).inc(),
-            restore=gw.kv.restore if gw.kv.enabled(b.name) else None)
-        metrics.backend_up.labels(b.name).set(1)
-        metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
-    return gw
-
-
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     await gw.upstream.start()
@@ -106,26 +68,27 @@ async def _kv_ctx(app: web.Application) -> AsyncIterator[None]:
     each backend's slot is saved if it changed, then pending saves are dropped."""
     yield
     gw = app[GATEWAY]
-    for name in gw.kv.backends:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10):
-                await gw.kv.save(name)
+    for b in gw.backends.values():
+        if b.kv is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await gw.kv.save(b.kv)
     await gw.kv.close()
 
 
 async def _release_ctx(app: web.Application) -> AsyncIterator[None]:
     """Slots held for abandoned requests: their waits end with the app (each releases its slot)."""
     yield
-    gw = app[GATEWAY]
-    for t in list(gw.releasing):
+    held = [t for b in app[GATEWAY].backends.values() for t in b.held]
+    for t in held:
         t.cancel()
-    await asyncio.gather(*gw.releasing, return_exceptions=True)
+    await asyncio.gather(*held, return_exceptions=True)
 
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    tasks = [asyncio.create_task(h.poll(gw.upstream, gw.config.gateway.health_interval_seconds),
-                                 name=f"health:{name}") for name, h in gw.health.items()]
+    tasks = [asyncio.create_task(b.health.poll(gw.upstream, gw.config.gateway.health_interval_seconds),
+                                 name=f"health:{b.name}") for b in gw.backends.values()]
     yield
     for t in tasks:
         t.cancel()

@@ -19,14 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
 from . import synthetic
+from .accounting import Outcome, record
 from .errors import GatewayError, Overloaded
-from .proxy import Gateway, Outcome, in_slot, read_whole, record
+from .gateway import Gateway
+from .release import in_slot
 from .routing import Route, Shape, strip_billing_header, text_of, utf8_json
+from .jsonvalues import is_int, reject_constant
 from .schemas import bounded, problem
-from .upstream import backend_auth
+from .upstream import backend_auth, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def read_reply(raw: bytes, fmt: str) -> Reply:
 
 
 def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return v if is_int(v) else 0
 
 
 def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
@@ -140,7 +141,7 @@ def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
     full = "{" + reply.text if ask.continues_prefill and fmt == "messages" else reply.text.strip()
     try:
         # NaN and Infinity are Python's, not JSON: the client's JSON.parse would throw on them.
-        value = json.loads(full, parse_constant=_not_json)
+        value = json.loads(full, parse_constant=reject_constant)
     except (ValueError, RecursionError):
         return f"not JSON: {full[:120]!r}", ""
     try:
@@ -152,10 +153,6 @@ def check_reply(reply: Reply, ask: Ask, fmt: str) -> tuple[str | None, str]:
     if ask.continues_prefill:
         return None, full.lstrip()[1:]
     return None, full
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 async def ask(gw: Gateway, body: dict[str, Any], route: Route,
@@ -210,23 +207,22 @@ async def ask(gw: Gateway, body: dict[str, Any], route: Route,
 
 async def _exchange(gw: Gateway, route: Route, request: Ask, outcome: Outcome) -> bytes:
     """One send through the background backend's queue; its slot is held until the backend lets go."""
-    backend = gw.config.backend(route.backends[0])
-    queue = gw.queues[backend.name]
+    backend = gw.backends[route.backends[0]]
     enqueued = time.monotonic()
     try:
-        lease = await queue.acquire(route.priority)
+        lease = await backend.queue.acquire(route.priority)
     except asyncio.CancelledError:
         gw.metrics.disconnects.labels("queued").inc()
         raise
     outcome.reset(granted=time.monotonic())
     gw.metrics.queue_wait.labels(backend.name, "background").observe(outcome.granted - enqueued)
-    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **backend_auth(backend)}
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **backend_auth(backend.config)}
     # Late or cancelled while the backend works on it, the slot stays taken until it lets go.
-    with in_slot(gw, backend, queue, lease) as call:
+    with in_slot(gw, backend, lease) as call:
         call.sent = True
-        async with gw.upstream.post(backend, request.path, request.data, headers) as resp:
+        async with gw.upstream.post(backend.config, request.path, request.data, headers) as resp:
             call.answered = True
-            raw = await read_whole(resp, MAX_ANSWER_BYTES, backend)
+            raw = await read_whole(resp, MAX_ANSWER_BYTES, backend.config)
             call.complete = True
             if resp.status != 200:
                 raise _Refused(resp.status, raw)
@@ -239,9 +235,3 @@ class _Refused(GatewayError):
     def __init__(self, status: int, raw: bytes) -> None:
         super().__init__(f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
 
-
-def respond(body: dict[str, Any], route: Route, made: synthetic.Made, input_tokens: int) -> web.Response:
-    if body.get("stream"):
-        return web.Response(body=synthetic.stream(body, route.shape, input_tokens, made),
-                            content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return web.json_response(synthetic.message(body, route.shape, input_tokens, made))

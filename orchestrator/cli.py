@@ -13,16 +13,8 @@ import click
 
 from . import __version__, claude_env, status_view, supervise
 from . import dashboard as grafana
-from .config import (
-    SYNTHETIC,
-    Config,
-    ConfigError,
-    config_from_dict,
-    describe,
-    load_config,
-    render_example,
-    with_overrides,
-)
+from .config import SYNTHETIC, Config, ConfigError
+from .configfile import config_from_dict, describe, load_config, render_example, with_overrides
 
 
 # The gateway's key from the environment, for every command (serve, env, claude, status).

@@ -13,15 +13,16 @@ import json
 from collections import OrderedDict
 from typing import Any, Callable
 
-import aiohttp
-
 from .bodies import INLINE_BYTES
 from .config import BackendConfig
 from .errors import GatewayError
+from .jsonvalues import is_int
 from .routing import utf8_json
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, read_whole
 
 COUNTED_FIELDS = ("system", "messages", "tools", "tool_choice", "thinking")
+# A count is a few bytes of JSON; more is not a count.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def _canonical(body: dict[str, Any]) -> str:
@@ -105,8 +106,8 @@ class TokenCounter:
                                                    {"Content-Type": "application/json"}) as resp:
                         if resp.status != 200:
                             return None
-                        answer = await resp.json(content_type=None)
-        except (TimeoutError, GatewayError, ValueError, aiohttp.ClientError, OSError):
+                        answer = json.loads(await read_whole(resp, MAX_ANSWER_BYTES, backend))
+        except (TimeoutError, GatewayError, ValueError, RecursionError):
             return None
         n = answer.get("input_tokens") if isinstance(answer, dict) else None
-        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+        return n if is_int(n) and n >= 0 else None

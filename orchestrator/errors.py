@@ -74,10 +74,18 @@ class Overloaded(GatewayError):
 
     status = 529
     error_type = "overloaded_error"
+    # Why a request was refused, for orchestrator_rejections_total.
+    reason = "overloaded"
 
     def __init__(self, message: str, *, retry_after: int = 10):
         super().__init__(message, headers={"retry-after": str(retry_after)})
         self.retry_after = retry_after
+
+
+class BackendFailed(Overloaded):
+    """The backend will not come back by itself (FATAL, or down past the grace)."""
+
+    reason = "backend_failed"
 
 
 class UpstreamError(GatewayError):

@@ -10,25 +10,25 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, background, synthetic
+from .accounting import record_synthetic
 from .bodies import INLINE_BYTES, parse_object, parse_request, read_body
 from .counting import estimate_tokens
 from .errors import GatewayError, NotFound
+from .gateway import GATEWAY, Gateway
 from .health import State
-from .proxy import Gateway, forward
+from .proxy import forward
 from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
-
-GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def _background_up(gw: Gateway) -> bool:
     bg = gw.config.background_backend
-    return bg is not None and gw.health[bg.name].serving
+    return bg is not None and gw.backends[bg.name].health.serving
 
 
 def _counting_backend(gw: Gateway, model: str):
     """The backend whose tokenizer counts for this model; None when it is down (estimate at once)."""
-    backend = gw.config.backend(backends_for_model(model, gw.config)[0])
-    return None if gw.health[backend.name].state in (State.DOWN, State.FAILED) else backend
+    backend = gw.backends[backends_for_model(model, gw.config)[0]]
+    return None if backend.health.state in (State.DOWN, State.FAILED) else backend.config
 
 
 async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tokens: bool):
@@ -52,7 +52,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     if route.kind is RouteKind.BACKGROUND and route.shape in background.STRUCTURED:
         answered = await background.ask(gw, body, route, arrived)
         if answered is not None:
-            return background.respond(body, route, *answered)
+            return synthetic.response(body, route.shape, answered[1], answered[0])
         route = Route(RouteKind.SYNTHETIC, route.shape)
     if route.kind is RouteKind.SYNTHETIC:
         return await answer_synthetic(gw, body, len(raw), route, arrived)
@@ -68,21 +68,13 @@ async def answer_synthetic(gw: Gateway, body: dict[str, Any], size: int, route: 
     else:
         input_tokens = await asyncio.to_thread(estimate_tokens, body)
     try:
-        if body.get("stream"):
-            response = web.Response(body=synthetic.stream(body, route.shape, input_tokens),
-                                    content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        else:
-            response = web.json_response(synthetic.message(body, route.shape, input_tokens))
+        response = synthetic.response(body, route.shape, input_tokens)
     except GatewayError as e:
         # A schema asking for more than the gateway answers.
         gw.metrics.rejections.labels("bad_request").inc()
         gw.metrics.requests.labels("synthetic", "gateway", str(e.status)).inc()
         raise
-    gw.metrics.synthetic.labels(route.shape.value).inc()
-    gw.metrics.requests.labels("synthetic", "gateway", "200").inc()
-    if body.get("stream"):
-        gw.metrics.ttft.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
-    gw.metrics.duration.labels("gateway", "synthetic").observe(time.monotonic() - arrived)
+    record_synthetic(gw, route.shape.value, bool(body.get("stream")), arrived)
     return response
 
 
@@ -100,7 +92,7 @@ async def process_event(request: web.Request) -> web.Response:
     a backend process changed state."""
     gw = request.app[GATEWAY]
     event = await parse_object(await read_body(request, limit=4096, timeout=5.0))
-    for h in gw.health.values():
+    for h in (b.health for b in gw.backends.values()):
         if h.watch is not None and h.watch.program == event.get("program"):
             pid = event.get("pid")
             h.observe_process(str(event.get("state", "")), pid if isinstance(pid, int) else None)
@@ -114,18 +106,10 @@ async def probe(request: web.Request) -> web.Response:
     return web.json_response({"name": "orchestrator", "version": __version__})
 
 
-def _slot_use(gw: Gateway, backend: str) -> dict[str, int]:
-    """What holds the backend's busy slots: sends in progress (client still there), and slots held
-    after their client left until the backend lets go (release.py); the rest is the gateway's own
-    work (a KV save or restore)."""
-    releasing = sum(1 for t in gw.releasing if t.get_name() == f"release:{backend}")
-    return {"sending": len(gw.live.get(backend, ())), "held_after_client_left": releasing}
-
-
 async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    backends = [{**h.snapshot(), **_slot_use(gw, name)} for name, h in gw.health.items()]
-    ok = all(h.up for h in gw.health.values() if h.backend.role == "main")
+    backends = [{**b.health.snapshot(), **b.slot_use()} for b in gw.backends.values()]
+    ok = all(b.health.up for b in gw.backends.values() if b.config.role == "main")
     g = gw.config.gateway
     return web.json_response({
         "status": "ok" if ok else "degraded",

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from .config import BackendConfig
-from .errors import GatewayError, Overloaded
+from .errors import BackendFailed, GatewayError
+from .jsonvalues import is_int
 from .slots import SlotQueue
 from .supervise import program_name, rpc_at
 from .upstream import UpstreamClient
@@ -70,7 +71,7 @@ class BackendHealth:
                  watch: ProcessWatch | None = None, log_file: str = "",
                  on_change: Callable[[str, State], None] | None = None,
                  on_restart: Callable[[str], None] | None = None,
-                 restore: Callable[[str], Awaitable[dict | None]] | None = None) -> None:
+                 restore: Callable[[], Awaitable[dict | None]] | None = None) -> None:
         self.backend = backend
         self.queue = queue
         self.grace = grace
@@ -147,7 +148,7 @@ class BackendHealth:
             self.queue.open()
         elif state is State.FAILED:
             message = f"backend {self.backend.name!r} failed: {self.last_error}{self._where()}"
-            self.queue.fail(lambda: Overloaded(message, retry_after=self.queue.retry_after))
+            self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
         else:
             self.queue.hold()
         self._on_change(self.backend.name, state)
@@ -180,7 +181,7 @@ class BackendHealth:
             self.n_ctx = await self._context_size(upstream, timeout)
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
-                note = await self._restore(self.backend.name)  # bounded; never raises
+                note = await self._restore()  # bounded; never raises
                 self.last_restore = note or self.last_restore
                 if (self.since, self.restarts) != (since, restarts):
                     return self.state  # it went down (or FATAL) meanwhile: the next check decides
@@ -200,7 +201,7 @@ class BackendHealth:
                 n = first.get("max_model_len")
         except GatewayError:
             return None
-        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+        return n if is_int(n) and n > 0 else None
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""
@@ -240,7 +241,7 @@ class BackendHealth:
         if self.state is State.DOWN and down_for > self.grace and self.queue.is_open is False:
             message = (f"backend {self.backend.name!r} has been down for {down_for:.0f}s "
                        f"(queue.down_grace_seconds = {self.grace:g}): {self.last_error}{self._where()}")
-            self.queue.fail(lambda: Overloaded(message, retry_after=self.queue.retry_after))
+            self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
 
     async def poll(self, upstream: UpstreamClient, interval: float) -> None:
         while True:

@@ -28,16 +28,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .affinity import conversation_key
+from .affinity import Conversation
 from .config import BackendConfig, Config
 from .errors import GatewayError
 from .kv_identity import ServerId, checksum, server_id
 from .metrics import Metrics
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,8 @@ SLOT = 0
 SAVE_TIMEOUT = 120.0
 RESTORE_TIMEOUT = 120.0
 PROPS_TIMEOUT = 5.0
-
-
-# A conversation's key, or what computes it when first needed (proxy passes a cached callable).
-Key = str | Callable[[], str]
-
-
-def resolve(key: Key) -> str:
-    return key() if callable(key) else key
+# llama-server answers a slot action with a small JSON object.
+MAX_ACTION_ANSWER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -65,50 +59,44 @@ class BackendSaves:
     backend: BackendConfig
     queue: SlotQueue
     folder: Path
-    latest: tuple[Key, int] | None = None        # (prefix key, tokens) of the last finished request
-    saved: dict[str, int] = field(default_factory=dict)  # prefix key -> tokens at its last save
+    latest: tuple[Conversation, int] | None = None  # the last finished request's conversation, tokens
+    saved: dict[str, int] = field(default_factory=dict)  # conversation key -> tokens at its last save
     generation: int = 0                          # bumped by every finished request
-    waiting: dict[int, Key] = field(default_factory=dict)  # first-come order of waiting requests' keys
-    last_restore: dict[str, Any] | None = None
+    waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
     saving: bool = False
 
 
 class KvPersistence:
-    def __init__(self, config: Config, upstream: UpstreamClient, queues: dict[str, SlotQueue],
-                 metrics: Metrics) -> None:
+    """The saves of every backend that has them: each backend's state is a `BackendSaves`,
+    kept on the gateway's record of that backend and passed in."""
+
+    def __init__(self, config: Config, upstream: UpstreamClient, metrics: Metrics) -> None:
         self.upstream = upstream
         self.metrics = metrics
-        self.strip_billing = config.routing.strip_billing_header
-        var = Path(config.supervisor.log_dir).parent if config.supervisor.log_dir else None
-        self.backends: dict[str, BackendSaves] = {}
-        for b in config.main_backends:
-            if not saves_slots(b) or (not b.kv_save_dir and var is None):
-                continue  # supervised, but run by hand without `up`: no folder known
-            self.backends[b.name] = BackendSaves(b, queues[b.name], slot_dir(var or Path("."), b))
-            metrics.add_kv_backend(b.name)
+        self._var = Path(config.supervisor.log_dir).parent if config.supervisor.log_dir else None
         self._tasks: set[asyncio.Task] = set()
         self._seq = 0
 
-    def enabled(self, backend: str) -> bool:
-        return backend in self.backends
+    def attach(self, backend: BackendConfig, queue: SlotQueue) -> BackendSaves | None:
+        """The saving state of a main backend whose slot is saved, or None (nothing saved there)."""
+        if backend.role != "main" or not saves_slots(backend) or (not backend.kv_save_dir and self._var is None):
+            return None  # supervised, but run by hand without `up`: no folder known
+        self.metrics.add_kv_backend(backend.name)
+        return BackendSaves(backend, queue, slot_dir(self._var or Path("."), backend))
 
-    # ---- what proxy tells it ---------------------------------------------------------------
+    # ---- what placement tells it -----------------------------------------------------------
 
-    def key(self, body: dict[str, Any]) -> str:
-        return conversation_key(body, self.strip_billing)
-
-    def waiting(self, backend: str, key: Key) -> _Waiting:
+    def waiting(self, b: BackendSaves, conversation: Conversation) -> _Waiting:
         """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""
-        return _Waiting(self.backends.get(backend), self._next(), key)
+        return _Waiting(b, self._next(), conversation)
 
-    def finished(self, backend: str, key: Key, tokens: int) -> None:
-        """A main request ended whole on `backend`: save once the slot has been idle a while."""
-        b = self.backends.get(backend)
-        if b is None or tokens <= 0:
+    def finished(self, b: BackendSaves, conversation: Conversation, tokens: int) -> None:
+        """A main request ended whole on the backend: save once the slot has been idle a while."""
+        if tokens <= 0:
             return
-        b.latest = (key, tokens)
+        b.latest = (conversation, tokens)
         b.generation += 1
-        self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{backend}")
+        self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{b.backend.name}")
 
     def _next(self) -> int:
         self._seq += 1
@@ -129,7 +117,7 @@ class KvPersistence:
     async def _save_when_idle(self, b: BackendSaves, generation: int) -> None:
         await asyncio.sleep(b.backend.kv_save_idle_seconds)
         if b.generation == generation:  # else a later request finished: its own timer saves
-            await self.save(b.backend.name)
+            await self.save(b)
 
     def _idle_leases(self, b: BackendSaves) -> list[Lease] | None:
         """Every slot of the backend, taken at once, or None when any is busy or anyone waits:
@@ -147,12 +135,12 @@ class KvPersistence:
             leases.append(lease)
         return leases
 
-    async def save(self, backend: str) -> str:
+    async def save(self, b: BackendSaves) -> str:
         """Save the slot now if it is idle and changed since its last save; the result, as counted."""
-        b = self.backends.get(backend)
-        if b is None or b.latest is None or b.saving:
+        if b.latest is None or b.saving:
             return "skipped"
-        key, tokens = resolve(b.latest[0]), b.latest[1]
+        backend = b.backend.name
+        key, tokens = b.latest[0].key, b.latest[1]
         if b.saved.get(key) == tokens:
             self.metrics.kv_saves.labels(backend, "unchanged").inc()
             return "unchanged"
@@ -250,12 +238,10 @@ class KvPersistence:
 
     # ---- restoring -------------------------------------------------------------------------
 
-    async def restore(self, backend: str) -> dict[str, Any] | None:
+    async def restore(self, b: BackendSaves) -> dict[str, Any] | None:
         """Before the backend's queue reopens: restore the save that fits into its empty slot.
         What happened (for /health and `orchestrator status`), or None when nothing was to do."""
-        b = self.backends.get(backend)
-        if b is None:
-            return None
+        backend = b.backend.name
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(RESTORE_TIMEOUT):
@@ -273,8 +259,7 @@ class KvPersistence:
         if result == "restored":
             self.metrics.kv_restore_seconds.labels(backend).observe(took)
             self.metrics.kv_restored_tokens.labels(backend).inc(note.get("n_tokens", 0))
-        b.last_restore = {"result": result, "time": time.time(), "seconds": round(took, 3), **note}
-        return b.last_restore
+        return {"result": result, "time": time.time(), "seconds": round(took, 3), **note}
 
     async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
         name = b.backend.name
@@ -292,7 +277,7 @@ class KvPersistence:
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
             return "refused", {"error": why}
-        wanted = resolve(b.waiting[min(b.waiting)]) if b.waiting else None
+        wanted = b.waiting[min(b.waiting)].key if b.waiting else None
         pick = next((m for m in fitting if m.get("key") == wanted), None) or max(fitting, key=lambda m: m["time"])
         path = b.folder / str(pick.get("file"))
         size = path.stat().st_size if path.exists() else -1
@@ -325,7 +310,7 @@ class KvPersistence:
         data = json.dumps({"filename": filename}).encode()
         async with self.upstream.post(b.backend, f"/slots/{SLOT}?action={action}", data,
                                       {"Content-Type": "application/json"}, timeout=timeout) as resp:
-            raw = await resp.read()
+            raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, b.backend)
         try:
             answer = json.loads(raw) if raw else {}
         except ValueError:
@@ -348,24 +333,18 @@ class KvPersistence:
                 return s["n_prompt_tokens"]
         return 0
 
-    def snapshot(self, backend: str) -> dict[str, Any] | None:
-        b = self.backends.get(backend)
-        return None if b is None else {"folder": str(b.folder), "last_restore": b.last_restore}
-
 
 class _Waiting:
-    """Registers a waiting request's key for the length of a `with` block."""
+    """Registers a waiting request's conversation for the length of a `with` block."""
 
-    def __init__(self, b: BackendSaves | None, seq: int, key: Key) -> None:
-        self.b, self.seq, self.key = b, seq, key
+    def __init__(self, b: BackendSaves, seq: int, conversation: Conversation) -> None:
+        self.b, self.seq, self.conversation = b, seq, conversation
 
     def __enter__(self) -> None:
-        if self.b is not None:
-            self.b.waiting[self.seq] = self.key
+        self.b.waiting[self.seq] = self.conversation
 
     def __exit__(self, *exc) -> None:
-        if self.b is not None:
-            self.b.waiting.pop(self.seq, None)
+        self.b.waiting.pop(self.seq, None)
 
 
 # ---- the folder ----------------------------------------------------------------------------

@@ -16,8 +16,10 @@ PRIORITIES = ("main", "background")
 SYNTHETIC_KINDS = ("title", "topic", "warmup", "count_probe", "other")
 # queued: waiting for a slot; in_slot: after its grant (prefill, generation, streaming).
 DISCONNECT_STAGES = ("queued", "in_slot")
-REJECTION_REASONS = ("queue_full", "queue_bytes", "queue_timeout", "bad_request", "too_large", "backend_down", "not_found",
-                     "unauthorized", "forbidden", "timeout", "too_many_connections")
+# backend_failed: its backend will not come back by itself (FATAL, or down past the grace);
+# backend_down: the request failed on its backend as many times as it may be sent.
+REJECTION_REASONS = ("queue_full", "queue_bytes", "queue_timeout", "bad_request", "too_large", "backend_down",
+                     "backend_failed", "not_found", "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
 BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")
 AFFINITY_DECISIONS = ("hit", "new", "moved_down", "moved_busy", "moved_gone")  # affinity.Decision

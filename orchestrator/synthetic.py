@@ -12,6 +12,8 @@ import re
 import uuid
 from typing import Any, NamedTuple
 
+from aiohttp import web
+
 from . import sse
 from .errors import InvalidRequest
 from .routing import Shape, text_of
@@ -201,3 +203,11 @@ def stream(body: dict[str, Any], shape: Shape, input_tokens: int, made: Made | N
         sse.encode("message_stop", {"type": "message_stop"}),
     ]
     return b"".join(parts)
+
+
+def response(body: dict[str, Any], shape: Shape, input_tokens: int, made: Made | None = None) -> web.Response:
+    """The answer as the client asked for it: an SSE stream or a JSON message."""
+    if body.get("stream"):
+        return web.Response(body=stream(body, shape, input_tokens, made), content_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
+    return web.json_response(message(body, shape, input_tokens, made))

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Mapping
 import aiohttp
 
 from .config import BackendConfig
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp must compute itself.
 HOP_BY_HOP = frozenset({
@@ -135,6 +135,45 @@ class UpstreamClient:
                     return resp.status, None
         except BaseException as exc:
             raise map_error(exc, backend) from exc
+
+
+async def read_whole(resp: aiohttp.ClientResponse, limit: int, backend: BackendConfig) -> bytes:
+    """The whole answer body, however many reads it takes; a cut one is a failure, never an answer."""
+    buf = bytearray()
+    try:
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > limit:
+                raise UpstreamError(f"backend {backend.name!r} answer is over {limit} bytes (the gateway's limit)")
+    except (aiohttp.ClientError, OSError) as exc:
+        # The backend died mid-answer; nothing of it reached the client.
+        raise UpstreamUnavailable(f"backend {backend.name!r} closed the connection mid-answer after {len(buf)} "
+                                  f"bytes: {exc.__class__.__name__}") from exc
+    return bytes(buf)
+
+
+async def chunks(resp: aiohttp.ClientResponse, backend: BackendConfig) -> AsyncIterator[bytes]:
+    """The answer body as it arrives; a broken connection (reset, payload error) is a GatewayError."""
+    try:
+        async for chunk in resp.content.iter_any():
+            yield chunk
+    except Exception as exc:  # noqa: BLE001 - whatever breaks a read, the backend is gone
+        mapped = map_error(exc, backend)
+        if isinstance(mapped, GatewayError):
+            raise mapped from exc
+        raise UpstreamError(f"backend {backend.name!r}: {exc.__class__.__name__}: {exc}") from exc
+
+
+async def drain(resp: aiohttp.ClientResponse, timeout: float) -> bool:
+    """Read what is left of an answer (normally nothing); True when it ended within `timeout`, so
+    the backend is done with the request."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await resp.content.readany():
+                pass
+        return True
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
 
 
 def map_error(exc: BaseException, backend: BackendConfig) -> BaseException:

@@ -6,7 +6,8 @@ import pytest
 from conftest import gateway_with
 from fakes import FakeUpstream
 
-from orchestrator.config import ConfigError, config_from_dict, with_overrides
+from orchestrator.config import ConfigError
+from orchestrator.configfile import config_from_dict, with_overrides
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 KEY = "correct-horse-battery-staple"

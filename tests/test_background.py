@@ -9,7 +9,7 @@ from conftest import sample
 from fakes import FakeUpstream
 
 from orchestrator.background import TOPIC_SCHEMA, Reply, ask_for, check_reply
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.routing import Shape
 from orchestrator.sse import events as sse_events
 

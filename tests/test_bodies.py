@@ -110,7 +110,7 @@ async def test_real_claude_code_bodies_of_megabytes_arrive_whole_in_many_writes(
     sent = f.requests[-1]
     assert sent["messages"] == body["messages"] and sent["tools"] == body["tools"]
     assert sent["system"] == body["system"][1:]  # the billing line, and only it, was dropped
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0
 
 
 async def test_a_30_mb_conversation_goes_through_intact_and_the_loop_keeps_serving(gateway, fake, http):
@@ -141,7 +141,7 @@ async def test_over_the_limit_is_413_even_chunked_without_content_length(gateway
     status, headers, body = await raw_request(base, head, chunks)
     assert status == 413 and headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"]["type"] == "request_too_large" and "max_body_bytes" in body.decode()
-    assert f.requests == [] and gw.queues["primary"].acquired_total == 0
+    assert f.requests == [] and gw.backends["primary"].queue.acquired_total == 0
 
 
 async def test_a_body_that_stops_arriving_gets_408_in_time(gateway, fake):

@@ -14,8 +14,8 @@ from aiohttp import web
 from conftest import ROOT, free_port
 
 from orchestrator import claude_env, sse
-from orchestrator.config import config_from_dict
-from orchestrator.handlers import GATEWAY
+from orchestrator.configfile import config_from_dict
+from orchestrator.gateway import GATEWAY
 
 pytestmark = pytest.mark.real
 
@@ -124,7 +124,7 @@ async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gate
                          route="main", status="200") >= 1
     assert await _metric(http, base, "orchestrator_rejections_total", key_headers(config),
                          reason="unauthorized") == 0
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0
 
 
 # ---- a fake upstream that asks for a tool, for the round trip ----------------------------------
@@ -241,7 +241,7 @@ async def test_backend_restart_while_claude_code_waits(gateway, http, claude_hom
     await first_runner.cleanup()
     runners.remove(first_runner)
     await asyncio.sleep(3)
-    assert gw.health["primary"].state.value == "down"
+    assert gw.backends["primary"].health.state.value == "down"
     await serve(second)
     code, out, err = await run
     for r in runners:
@@ -249,7 +249,7 @@ async def test_backend_restart_while_claude_code_waits(gateway, http, claude_hom
     assert code == 0, (out, err)
     assert "Done." in out
     assert any(r.get("tools") for r in second.requests)  # sent again after the restart
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0
 
 
 def tmux(*args: str) -> str:
@@ -290,7 +290,7 @@ async def test_interactive_two_turns_in_tmux(llama_short, gateway, http, claude_
         while time.monotonic() < deadline:
             await asyncio.sleep(1)
             done = await _metric(http, base, "orchestrator_requests_total", route="main")
-            idle = gw.queues["primary"].busy == 0 and gw.queues["primary"].depth == 0
+            idle = gw.backends["primary"].queue.busy == 0 and gw.backends["primary"].queue.depth == 0
             if done > main_before and idle and "esc to interrupt" not in await screen():
                 return
         raise AssertionError(f"turn {text!r} did not finish:\n{await screen()}")

@@ -21,7 +21,7 @@ import pytest
 from conftest import gateway_with, sample
 from fakes import FakeUpstream
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 from orchestrator.upstream import FORWARDED
 
@@ -97,7 +97,7 @@ async def test_main_2_1_332_reaches_the_primary_with_only_its_billing_line_gone(
     assert status == 200
     text, stop = answer_text(raw, stream=True)
     assert text == "w0 w1 w2 w3 w4 " and stop == "end_turn"
-    assert gw.queues["primary"].acquired_total == 1 and up.paths == ["/v1/messages?beta=true"]
+    assert gw.backends["primary"].queue.acquired_total == 1 and up.paths == ["/v1/messages?beta=true"]
 
     # Byte for byte what Claude Code sent, less the first system block (the billing line, which
     # changes on every request): the system message, safeguards, thinking.display and the rest untouched.
@@ -134,7 +134,7 @@ async def test_title_2_1_332_is_json_valid_against_its_own_schema(gateway, fake,
     # What its system prompt asks for: two to five words, the first letter a capital.
     assert 1 <= len(answer["title"].split()) <= 5 and answer["title"][0].isupper(), answer
     assert stop == "end_turn"
-    assert f.requests == [] and f.count_calls == 0 and gw.queues["primary"].acquired_total == 0
+    assert f.requests == [] and f.count_calls == 0 and gw.backends["primary"].queue.acquired_total == 0
 
 
 @pytest.mark.parametrize("model", ["as-captured", "main-model"])
@@ -157,7 +157,7 @@ async def test_topic_2_0_77_continues_its_prefill_into_the_json_it_asks_for(gate
     else:
         assert answer["title"] is None
     assert stop == "end_turn"
-    assert f.requests == [] and gw.queues["primary"].acquired_total == 0
+    assert f.requests == [] and gw.backends["primary"].queue.acquired_total == 0
 
 
 @pytest.mark.parametrize("model", ["as-captured", "main-model"])
@@ -172,7 +172,7 @@ async def test_warmup_2_0_77_is_answered_without_the_primary(gateway, fake, http
     assert text and stop == "end_turn"
     start = sse_events(raw)[0].json()["message"]
     assert start["model"] == (changes.get("model") or sample("warmup-2.0.77.json")["body"]["model"])
-    assert f.requests == [] and gw.queues["primary"].acquired_total == 0
+    assert f.requests == [] and gw.backends["primary"].queue.acquired_total == 0
 
 
 # ---- against the real llama-server -----------------------------------------------------------
@@ -195,7 +195,7 @@ async def test_every_shape_on_the_real_server_while_main_2_1_332_holds_its_slot(
     # clamp) so the test lasts about its prefill of 4,000 tokens (10-60 s on 2 busy cores).
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "max_output_tokens": 8}]})
     gw = app[GATEWAY]
-    queue = gw.queues["primary"]
+    queue = gw.backends["primary"].queue
     main = asyncio.create_task(replay(http, base, "main-2.1.332.json", timeout=600))
     for _ in range(500):
         if queue.busy == 1:

@@ -5,7 +5,7 @@ from fakes import FakeUpstream
 
 from orchestrator.claude_env import claude_environment
 from orchestrator.cli import _one_liner_config, main
-from orchestrator.config import config_from_dict
+from orchestrator.configfile import config_from_dict
 
 
 def test_check_config_reports_every_problem(tmp_path):

@@ -104,4 +104,4 @@ async def test_claude_code_compacts_when_the_context_fills(llama_short, gateway,
     # The session's transcript holds Claude Code's compaction summary.
     transcript = "".join(p.read_text() for p in (home / ".claude" / "projects").rglob("*.jsonl"))
     assert '"isCompactSummary":true' in transcript.replace(" ", "")
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0

@@ -2,7 +2,7 @@ import json
 import re
 
 from orchestrator.errors import Overloaded, from_upstream
-from orchestrator.proxy import _as_anthropic_error
+from orchestrator.relay import _as_anthropic_error
 
 
 def test_llama_server_openai_error_becomes_anthropic_shape():
@@ -47,7 +47,7 @@ def test_context_overflow_in_claude_codes_words():
 
 
 def test_context_overflow_as_a_stream_error_event():
-    """What proxy.py does with an `error` event whose data is llama-server's error object."""
+    """What relay.py does with an `error` event whose data is llama-server's error object."""
     data = json.loads(OVERFLOW)["error"]
     body = _as_anthropic_error(data)
     assert body["error"] == {"type": "invalid_request_error",

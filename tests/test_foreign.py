@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from aiohttp import web
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 30, "stream": True,
@@ -188,7 +188,7 @@ async def test_continuous_batching_engine_gets_its_many_slots_at_once(gateway, s
     results = await asyncio.gather(*[one(i) for i in range(80)])
     assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
     assert engine.max_in_flight == 64  # all its slots used, never more
-    assert app[GATEWAY].queues["big"].busy == 0
+    assert app[GATEWAY].backends["big"].queue.busy == 0
 
 
 async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gateway, serve_app, http):
@@ -202,7 +202,7 @@ async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gatew
     base, app = await gateway({"backends": [{"name": "bare", "url": url, "health_path": ""}]})
     gw = app[GATEWAY]
     await asyncio.sleep(0.5)
-    assert gw.health["bare"].up
+    assert gw.backends["bare"].health.up
     async with http.post(base + "/v1/messages", json=BODY) as r:
         assert r.status == 200 and b"message_stop" in await r.read()
 
@@ -258,7 +258,7 @@ async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
         base2, app2 = await gateway({"backends": [{"name": "remote", "url": url}],
                                      "queue": {"down_grace_seconds": 0.5}})
         for _ in range(50):
-            h = app2[GATEWAY].health["remote"]
+            h = app2[GATEWAY].backends["remote"].health
             if not h.up:
                 break
             await asyncio.sleep(0.05)
@@ -270,7 +270,8 @@ async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
 @pytest.mark.parametrize("content", [None, "this is not a certificate\n"], ids=["missing", "not-pem"])
 def test_ca_file_must_be_a_readable_ca_bundle(tmp_path, content):
     """Checked once, at load, naming the key: an unreadable bundle would otherwise fail every request."""
-    from orchestrator.config import ConfigError, config_from_dict
+    from orchestrator.config import ConfigError
+    from orchestrator.configfile import config_from_dict
 
     ca = tmp_path / "ca.pem"
     if content is not None:

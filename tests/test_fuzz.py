@@ -45,7 +45,7 @@ from fakes import FakeUpstream, sse_message
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 # The failing examples' bodies are large; hypothesis says so each time.
@@ -136,14 +136,14 @@ def assert_anthropic_error_event(b: Blk) -> dict:
 
 
 async def until_free(gw, timeout: float = 5.0) -> None:
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if q.busy == 0 and q.depth == 0 and not gw.releasing:
+        if q.busy == 0 and q.depth == 0 and not gw.held_slots():
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"slot not free {timeout}s after the answer: busy={q.busy} depth={q.depth} "
-                         f"releasing={len(gw.releasing)}")
+                         f"releasing={gw.held_slots()}")
 
 
 async def with_health_probes(http: aiohttp.ClientSession, base: str, coro) -> tuple[Any, float]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import sample
 from fakes import FakeUpstream
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
@@ -61,7 +61,7 @@ async def test_bad_input_refused_before_a_slot(gateway, fake, http, data, ctype,
         assert r.status == status
     assert body["type"] == "error" and needle in body["error"]["message"]
     assert body["error"]["type"] in ("invalid_request_error", "request_too_large")
-    assert f.requests == [] and gw.queues["primary"].acquired_total == 0
+    assert f.requests == [] and gw.backends["primary"].queue.acquired_total == 0
 
 
 async def test_unknown_paths_and_methods_are_anthropic_shaped(gateway, fake, http):
@@ -166,7 +166,7 @@ async def test_concurrent_main_requests_never_overlap(gateway, fake, http):
             assert _events(raw)[-1].event == "message_stop"
         else:
             assert json.loads(raw)["stop_reason"] == "end_turn"
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     assert q.busy == 0 and q.acquired_total == q.released_total == 12
 
 
@@ -181,7 +181,7 @@ async def test_server_dying_mid_stream_ends_with_error_event_and_frees_slot(gate
     assert events[-1].json()["error"]["type"] == "overloaded_error"
     assert not any(e.event == "message_stop" for e in events)
     assert f.generations_started == 1  # never re-sent once bytes reached the client
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
     f.mode = "ok"
     for _ in range(50):  # health polling reopens the queue
         status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
@@ -197,7 +197,7 @@ async def test_failure_before_any_byte_is_retried_once_transparently(gateway, fa
     status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
     assert status == 200 and _events(raw)[-1].event == "message_stop"
     assert len(f.requests) == 2 and f.generations_finished == 1
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0
 
 
 async def test_persistent_failure_gives_up_with_529_naming_backend(gateway, fake, http):
@@ -209,7 +209,7 @@ async def test_persistent_failure_gives_up_with_529_naming_backend(gateway, fake
     err = json.loads(raw)["error"]
     assert err["type"] == "overloaded_error" and "primary" in err["message"]
     assert len(f.requests) == 3
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
 
 
 @pytest.mark.parametrize("mode,status,etype", [("error500", 500, "api_error"),
@@ -222,7 +222,7 @@ async def test_backend_openai_errors_become_anthropic(gateway, fake, http, mode,
         s, raw, _ = await _post(http, base, {**MAIN, "stream": stream})
         body = json.loads(raw)
         assert s == status and body["type"] == "error" and body["error"]["type"] == etype
-    assert len(f.requests) == 2 and gw.queues["primary"].busy == 0
+    assert len(f.requests) == 2 and gw.backends["primary"].queue.busy == 0
 
 
 async def test_client_disconnect_while_streaming_closes_upstream(gateway, fake, http):
@@ -235,17 +235,17 @@ async def test_client_disconnect_while_streaming_closes_upstream(gateway, fake, 
     # Leaving the block closes our connection mid-stream.
     for _ in range(100):
         await asyncio.sleep(0.05)
-        if f.in_flight == 0 and gw.queues["primary"].busy == 0:
+        if f.in_flight == 0 and gw.backends["primary"].queue.busy == 0:
             break
     assert f.cancelled == 1 and f.generations_finished == 0
-    assert gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.busy == 0
 
 
 async def test_client_disconnect_while_queued_leaves_queue(gateway, fake, http):
     f, url = fake
     f.mode = "stall"
     base, gw = await _start(gateway, url)
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     first = asyncio.create_task(_post(http, base, MAIN))
     while q.busy == 0:
         await asyncio.sleep(0.01)
@@ -272,7 +272,7 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     f.mode = "stall"
     base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 0.3,
                                                  "retry_after_seconds": 4})
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     running = asyncio.create_task(_post(http, base, MAIN))
     while q.busy == 0:
         await asyncio.sleep(0.01)
@@ -283,6 +283,33 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     assert status == 529 and headers["retry-after"] == "4" and "full" in json.loads(raw)["error"]["message"]
     status, raw, headers = await waiting
     assert status == 529 and "waited" in json.loads(raw)["error"]["message"]
+    running.cancel()
+    await until_free(q)
+
+
+async def test_a_failed_backend_refuses_as_backend_failed_not_queue_full(gateway, fake, http):
+    """A backend that will not come back (FATAL) refuses its waiters and newcomers with 529, counted
+    under its own reason on the dashboard, not as a full queue."""
+    from orchestrator.health import State
+
+    f, url = fake
+    f.mode = "stall"
+    base, gw = await _start(gateway, url)
+    q = gw.backends["primary"].queue
+    running = asyncio.create_task(_post(http, base, MAIN))
+    while q.busy == 0:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(_post(http, base, MAIN))
+    while q.depth == 0:
+        await asyncio.sleep(0.01)
+    gw.backends["primary"].health.set(State.FAILED, "test: FATAL in supervisord")
+    status, raw, _ = await waiting
+    assert status == 529 and "failed" in json.loads(raw)["error"]["message"]
+    status, _, _ = await _post(http, base, MAIN)
+    assert status == 529
+    rejections = gw.metrics.rejections
+    assert rejections.labels("backend_failed")._value.get() == 2
+    assert rejections.labels("queue_full")._value.get() == 0
     running.cancel()
     await until_free(q)
 
@@ -311,7 +338,7 @@ async def test_background_synthetic_when_small_model_down(gateway, fake, http):
                                "routing": {"background": "small"}})
     gw = app[GATEWAY]
     for _ in range(50):
-        if not gw.health["small"].up:
+        if not gw.backends["small"].health.up:
             break
         await asyncio.sleep(0.05)
     status, raw, _ = await _post(http, base, sample("title-2.1.332.json")["body"])
@@ -341,7 +368,7 @@ async def test_count_tokens_burst_never_takes_a_slot(gateway, fake, http):
     f.mode = "stall"
     base, gw = await _start(gateway, url)
     running = asyncio.create_task(_post(http, base, MAIN))
-    while gw.queues["primary"].busy == 0:
+    while gw.backends["primary"].queue.busy == 0:
         await asyncio.sleep(0.01)
     body = sample("count_tokens-2.1.197.json")["body"]
     bodies = [{**body, "tools": [{"name": f"t{i % 5}", "input_schema": {"type": "object"}}]} for i in range(25)]
@@ -351,7 +378,7 @@ async def test_count_tokens_burst_never_takes_a_slot(gateway, fake, http):
     assert asyncio.get_running_loop().time() - t0 < 2
     assert all(s == 200 and json.loads(r)["input_tokens"] > 0 for s, r, _ in results)
     assert f.count_calls == 5  # the same content was counted once
-    assert gw.queues["primary"].depth == 0
+    assert gw.backends["primary"].queue.depth == 0
     running.cancel()
 
 
@@ -389,7 +416,7 @@ async def test_randomised_chaos_leaves_no_stuck_slot(gateway, serve_app, seed):
                 pass
 
     await asyncio.gather(*[one(i) for i in range(40)])
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     for _ in range(200):
         if q.busy == 0 and q.depth == 0 and f.in_flight == 0:
             break
@@ -455,7 +482,7 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
     async with http.get(base + "/health") as h:
         held = (await h.json())["backends"][0]
     assert held["busy"] == 1 and held["sending"] == 0 and held["held_after_client_left"] == 1
-    await until_free(app.queues["primary"])
+    await until_free(app.backends["primary"].queue)
     async with http.get(base + "/health") as h:
         after = (await h.json())["backends"][0]
     assert after["busy"] == 0 and after["held_after_client_left"] == 0

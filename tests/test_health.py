@@ -102,7 +102,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
         "routing": {"background": "small", "background_timeout_seconds": 0.2},
         "gateway": {"release_timeout_seconds": 0.3}})
     gw = app[GATEWAY]
-    watch = gw.health["small"].watch = RestartingWatch()
+    watch = gw.backends["small"].health.watch = RestartingWatch()
 
     async def small_state() -> str:
         async with http.get(base + "/health") as r:
@@ -113,7 +113,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     async with asyncio.timeout(5):
         while await small_state() != "stuck":
             await asyncio.sleep(0.05)
-    assert watch.restarts == 1 and "abandoned" in gw.health["small"].last_error
+    assert watch.restarts == 1 and "abandoned" in gw.backends["small"].health.last_error
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with http.post(base + "/v1/messages", json=title) as r:
@@ -123,4 +123,4 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     async with asyncio.timeout(5):
         while await small_state() != "ready":
             await asyncio.sleep(0.05)
-    assert gw.queues["small"].busy == 0
+    assert gw.backends["small"].queue.busy == 0

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from fakes import FakeUpstream
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 from test_gateway import until_free
 
@@ -59,7 +59,7 @@ async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setu
 
 async def test_queued_stream_gets_pings_then_its_answer(setup):
     f, base, gw = await setup()
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
         await asyncio.sleep(0.01)
@@ -76,7 +76,7 @@ async def test_failure_after_pings_is_an_sse_error_event(setup):
     f, base, gw = await setup(prefill_delay=0.5)
     status, _, raw = await timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "error500"}})
     assert status == 500  # an immediate error is still a plain HTTP error
-    q = gw.queues["primary"]
+    q = gw.backends["primary"].queue
     blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
         await asyncio.sleep(0.01)

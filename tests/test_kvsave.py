@@ -20,7 +20,7 @@ from test_supervise import Stack, _wait_health, stack  # noqa: F401 - the fixtur
 
 from orchestrator import kvsave, supervise
 from orchestrator.affinity import conversation_key
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.health import State
 from orchestrator.kv_identity import checksum
 
@@ -101,7 +101,7 @@ async def kv_stack(serve_app, gateway, tmp_path):
         base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(folder),
                                                  "kv_save_idle_seconds": idle, "kv_save_max_bytes": max_bytes}]})
         gw = app[GATEWAY]
-        await _until(lambda: gw.health["primary"].state is State.READY)
+        await _until(lambda: gw.backends["primary"].health.state is State.READY)
         return fake, base, gw
     return make
 
@@ -132,7 +132,7 @@ def test_conversation_key_ignores_the_billing_line_and_later_turns():
 
 def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
     from orchestrator import supervise
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
 
     config = config_from_dict({"backends": [
         {"name": "primary", "url": "http://127.0.0.1:8080", "command": "{llama_server} --port {port}"},
@@ -185,7 +185,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
     meta = json.loads((tmp_path / f"{key}.json").read_text())
     assert meta["model"] == "/models/m.gguf" and meta["n_ctx"] == 4096 and meta["build"] == "b1-abc"
     assert meta["bytes"] == 1000 and meta["n_tokens"] == 123 and (tmp_path / meta["file"]).exists()
-    assert await gw.kv.save("primary") == "unchanged"
+    assert await gw.kv.save(gw.backends["primary"].kv) == "unchanged"
     # The next turn of the same conversation (more tokens) replaces its save.
     fake.parts = 7
     assert (await _post(http, base, main_body(turn=1)))[0] == 200
@@ -244,11 +244,11 @@ async def _saved_conversations(kv_stack, http, tmp_path, *firsts):
 
 async def _crash_and_queue(fake, base, gw, http, body):
     """The backend goes down (its slot empty), a request waits, the backend comes back."""
-    health = gw.health["primary"]
+    health = gw.backends["primary"].health
     fake.slot_tokens, fake.loading = 0, True
     health.mark_down("test crash")
     request = asyncio.create_task(_post(http, base, body))
-    await _until(lambda: gw.queues["primary"].depth == 1)
+    await _until(lambda: gw.backends["primary"].queue.depth == 1)
     fake.loading = False
     health.poke()
     return await request
@@ -263,7 +263,7 @@ async def test_restore_picks_the_first_waiters_conversation_before_the_queue_ope
     restores = [name for action, name in fake.actions if action == "restore"]
     assert len(restores) == 1 and restores[0].startswith(conversation_key(main_body("one")))
     assert fake.generations_started == n + 1 and not fake.crashed  # the restore came first
-    note = gw.health["primary"].snapshot()["kv_restore"]
+    note = gw.backends["primary"].health.snapshot()["kv_restore"]
     assert note["result"] == "restored" and note["n_tokens"] == 123
     assert _metric(gw, "orchestrator_kv_restored_tokens_total", backend="primary") == 123
 
@@ -272,15 +272,15 @@ async def test_restore_without_a_waiter_takes_the_newest_and_a_warm_slot_is_left
     fake, _, gw = await _saved_conversations(kv_stack, http, tmp_path, "one", "two")
     fake.actions.clear()
     fake.slot_tokens = 0
-    gw.health["primary"].mark_down("test crash")
-    gw.health["primary"].poke()
-    await _until(lambda: gw.health["primary"].state is State.READY)
+    gw.backends["primary"].health.mark_down("test crash")
+    gw.backends["primary"].health.poke()
+    await _until(lambda: gw.backends["primary"].health.state is State.READY)
     assert fake.actions[-1][1].startswith(conversation_key(main_body("two")))
     fake.actions.clear()
     fake.slot_tokens = 500  # the server kept its cache (only the connection failed)
-    gw.health["primary"].mark_down("blip")
-    gw.health["primary"].poke()
-    await _until(lambda: gw.health["primary"].state is State.READY)
+    gw.backends["primary"].health.mark_down("blip")
+    gw.backends["primary"].health.poke()
+    await _until(lambda: gw.backends["primary"].health.state is State.READY)
     assert not fake.actions and _metric(gw, "orchestrator_kv_restores_total", backend="primary", result="warm") == 1
 
 
@@ -360,7 +360,7 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
     """A server that never answers the restore: the backend opens cold after the bound."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.config import config_from_dict
+    from orchestrator.configfile import config_from_dict
     from orchestrator.metrics import Metrics
     from orchestrator.slots import SlotQueue
 
@@ -370,11 +370,12 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
         async def get_json(self, *a, **k):
             await asyncio.sleep(3600)
 
-    kv = kvsave.KvPersistence(config, Stuck(), {"p": SlotQueue("p", 1)}, Metrics(CollectorRegistry(), ["p"]))
+    kv = kvsave.KvPersistence(config, Stuck(), Metrics(CollectorRegistry(), ["p"]))
+    saves = kv.attach(config.backends[0], SlotQueue("p", 1))
     old = kvsave.RESTORE_TIMEOUT
     kvsave.RESTORE_TIMEOUT = 0.1
     try:
-        note = await kv.restore("p")
+        note = await kv.restore(saves)
     finally:
         kvsave.RESTORE_TIMEOUT = old
     assert note["result"] == "failed"
@@ -394,7 +395,7 @@ def real_stack(stack_factory, kv: bool = True) -> Stack:
     text = s.config_path.read_text().replace("--ctx-size 4096", "--ctx-size 8192")
     text += f"kv_save = {'true' if kv else 'false'}\nkv_save_idle_seconds = 0.5\n"
     s.config_path.write_text(text)
-    from orchestrator.config import load_config
+    from orchestrator.configfile import load_config
     s.config = load_config(s.config_path)
     return s
 

@@ -19,7 +19,7 @@ from conftest import free_port, sample
 from prometheus_client import CollectorRegistry
 
 from orchestrator import dashboard, status_view, supervise
-from orchestrator.config import config_from_dict
+from orchestrator.configfile import config_from_dict
 from orchestrator.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent

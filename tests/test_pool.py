@@ -6,7 +6,7 @@ import pytest
 from fakes import FakeUpstream
 
 from orchestrator.affinity import AffinityMap, Decision, Pool, conversation_key
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.health import State
 from orchestrator.metrics import AFFINITY_DECISIONS
 from orchestrator.slots import SlotQueue
@@ -119,12 +119,12 @@ async def test_a_conversation_moves_when_its_backend_is_down_and_stays_moved(gat
     await _post(http, base, turn("one", 1))
     home = "a" if a.requests else "b"
     other = "b" if home == "a" else "a"
-    gw.health[home].set(State.DOWN, "test: gone")
+    gw.backends[home].health.set(State.DOWN, "test: gone")
     for n in (2, 3):
         assert (await _post(http, base, turn("one", n)))[0] == 200
     assert _decisions(gw, other)["moved_down"] == 1 and _decisions(gw, other)["hit"] == 1
     # Back up: the conversation stays where its cache now is; a new one goes to the fresh backend.
-    gw.health[home].set(State.READY)
+    gw.backends[home].health.set(State.READY)
     await _post(http, base, turn("one", 4))
     await _post(http, base, turn("new", 1))
     fakes = {"a": a, "b": b}
@@ -144,17 +144,17 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
     await asyncio.sleep(0.2)
     waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
     await asyncio.sleep(0.2)
-    assert gw.queues[home].depth == 1 and not waiting.done()
-    gw.health[home].set(State.DOWN, "test: it died")
+    assert gw.backends[home].queue.depth == 1 and not waiting.done()
+    gw.backends[home].health.set(State.DOWN, "test: it died")
     status, raw = await asyncio.wait_for(waiting, 5)
     assert status == 200 and b"event: message_stop" in raw
-    assert gw.queues[home].depth == 0  # it left the dead backend's line
+    assert gw.backends[home].queue.depth == 0  # it left the dead backend's line
     assert [r["messages"][-1]["content"] for r in fakes[other].requests] == ["more 2"]
-    gw.health[home].set(State.READY)
+    gw.backends[home].health.set(State.READY)
     assert (await slow)[0] == 200  # the one already sent finished on its own backend
-    assert gw.queues["a"].busy == gw.queues["b"].busy == 0
-    assert gw.queues["a"].acquired_total == gw.queues["a"].released_total
-    assert gw.queues["b"].acquired_total == gw.queues["b"].released_total
+    assert gw.backends["a"].queue.busy == gw.backends["b"].queue.busy == 0
+    assert gw.backends["a"].queue.acquired_total == gw.backends["a"].queue.released_total
+    assert gw.backends["b"].queue.acquired_total == gw.backends["b"].queue.released_total
 
 
 async def test_a_client_leaving_while_its_pooled_request_waits_frees_nothing_twice(gateway, serve_app, http):
@@ -167,10 +167,10 @@ async def test_a_client_leaving_while_its_pooled_request_waits_frees_nothing_twi
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert sum(1 for d in done if isinstance(d, tuple) and d[0] == 200) == 4
     for _ in range(100):
-        if gw.queues["a"].busy == gw.queues["b"].busy == 0:
+        if gw.backends["a"].queue.busy == gw.backends["b"].queue.busy == 0:
             break
         await asyncio.sleep(0.05)
-    for q in gw.queues.values():
+    for q in (b.queue for b in gw.backends.values()):
         assert q.busy == 0 and q.depth == 0 and q.acquired_total == q.released_total
     assert a.max_in_flight == 1 and b.max_in_flight == 1
 

@@ -9,7 +9,7 @@ from fakes import FakeUpstream
 from test_pool import _post, turn
 
 from orchestrator.affinity import Decision, Pool
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.health import State
 from orchestrator.slots import SlotQueue
 
@@ -38,8 +38,8 @@ async def test_waiter_moves_when_its_backend_goes_failed_not_only_down(gateway, 
     await asyncio.sleep(0.2)
     waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
     await asyncio.sleep(0.2)
-    assert gw.queues[home].depth == 1 and gw.queues[other].busy == 0
-    gw.health[home].set(State.FAILED, "test: FATAL in supervisord")
+    assert gw.backends[home].queue.depth == 1 and gw.backends[other].queue.busy == 0
+    gw.backends[home].health.set(State.FAILED, "test: FATAL in supervisord")
     status, raw = await asyncio.wait_for(waiting, 5)
     await slow
     assert status == 200, f"the waiter got {status} {raw[:200]!r} instead of moving to the idle backend {other!r}"
@@ -53,21 +53,21 @@ async def test_waiter_on_a_dead_backend_moves_when_another_pool_member_comes_bac
         {"name": "a", "url": f"http://127.0.0.1:{port_a}", "models": ["glm-*"]},
         {"name": "b", "url": f"http://127.0.0.1:{port_b}", "models": ["glm-*"]}]})
     gw = app[GATEWAY]
-    assert await _until(lambda: not gw.queues["a"].is_open and not gw.queues["b"].is_open)
+    assert await _until(lambda: not gw.backends["a"].queue.is_open and not gw.backends["b"].queue.is_open)
     waiting = asyncio.create_task(_post(http, base, turn("one", 1)))
     runner = None
     try:
-        assert await _until(lambda: gw.queues["a"].depth + gw.queues["b"].depth == 1)
-        stuck_on = "a" if gw.queues["a"].depth else "b"
+        assert await _until(lambda: gw.backends["a"].queue.depth + gw.backends["b"].queue.depth == 1)
+        stuck_on = "a" if gw.backends["a"].queue.depth else "b"
         revived = "b" if stuck_on == "a" else "a"
         fake = FakeUpstream()
         runner = web.AppRunner(fake.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port_b if revived == "b" else port_a).start()
-        assert await _until(lambda: gw.health[revived].state is State.READY)
+        assert await _until(lambda: gw.backends[revived].health.state is State.READY)
         done, _ = await asyncio.wait({waiting}, timeout=3)
         assert waiting in done, (f"{revived!r} is up and idle for 3 s, the request still waits on the dead "
-                                 f"{stuck_on!r} (depth {gw.queues[stuck_on].depth})")
+                                 f"{stuck_on!r} (depth {gw.backends[stuck_on].queue.depth})")
         assert waiting.result()[0] == 200
     finally:
         waiting.cancel()

@@ -41,7 +41,7 @@ import pytest
 from conftest import ROOT, sample
 
 from orchestrator import handlers
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 pytestmark = pytest.mark.real
@@ -547,7 +547,7 @@ async def test_storm_of_vanishing_clients_never_overlaps_on_the_real_server(llam
                                              "max_output_tokens": 64}],
                                "queue": {"max_depth": 256}})
     gw = app[GATEWAY]
-    queue = gw.queues["primary"]
+    queue = gw.backends["primary"].queue
     clients = make_clients(random.Random(20240611))
     by_id = {c.cid: c for c in clients}
 
@@ -560,7 +560,7 @@ async def test_storm_of_vanishing_clients_never_overlaps_on_the_real_server(llam
     async def watch_gateway():
         while not stop.is_set():
             peak["depth"] = max(peak["depth"], queue.depth)
-            peak["releasing"] = max(peak["releasing"], len(gw.releasing))
+            peak["releasing"] = max(peak["releasing"], gw.held_slots())
             assert queue.busy <= 1
             await asyncio.sleep(0.02)
 
@@ -573,7 +573,7 @@ async def test_storm_of_vanishing_clients_never_overlaps_on_the_real_server(llam
 
     # Settle: the last abandoned request is let go by the server, its slot released.
     settle_t = time.monotonic()
-    while (queue.busy or queue.depth or gw.releasing) and time.monotonic() - settle_t < 45:
+    while (queue.busy or queue.depth or gw.held_slots()) and time.monotonic() - settle_t < 45:
         await asyncio.sleep(0.05)
     settle_s = time.monotonic() - settle_t
     stop.set()
@@ -606,7 +606,7 @@ async def test_storm_of_vanishing_clients_never_overlaps_on_the_real_server(llam
 
     assert len(seen) > 200
     assert max_load <= 1, "llama-server had more than one request at once"
-    assert queue.busy == 0 and queue.depth == 0 and not gw.releasing, (queue.busy, queue.depth, gw.releasing)
+    assert queue.busy == 0 and queue.depth == 0 and not gw.held_slots(), (queue.busy, queue.depth, gw.held_slots())
     assert queue.acquired_total == queue.released_total
     assert release["idle"] > 0
     assert not errors
@@ -633,9 +633,9 @@ async def _settled(gw, queue, timeout: float = 180.0) -> None:
     # A client gone during a long prefill holds the slot until llama-server finishes the batch it is
     # in (it notices the closed connection only between batches): on a loaded machine, minutes.
     t = time.monotonic()
-    while (queue.busy or queue.depth or gw.releasing) and time.monotonic() - t < timeout:
+    while (queue.busy or queue.depth or gw.held_slots()) and time.monotonic() - t < timeout:
         await asyncio.sleep(0.05)
-    assert queue.busy == 0 and queue.depth == 0 and not gw.releasing
+    assert queue.busy == 0 and queue.depth == 0 and not gw.held_slots()
 
 
 async def test_a_client_that_leaves_after_its_slot_was_granted_is_counted_as_a_disconnect(llama, gateway):
@@ -645,7 +645,7 @@ async def test_a_client_that_leaves_after_its_slot_was_granted_is_counted_as_a_d
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "slots": 1,
                                              "max_output_tokens": 64}]})
     gw = app[GATEWAY]
-    queue = gw.queues["primary"]
+    queue = gw.backends["primary"].queue
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
         # 1. Streaming: leave after two content deltas.
         body = {"model": "claude-sonnet-x", "max_tokens": 64, "stream": True,
@@ -688,7 +688,7 @@ async def test_clients_leaving_the_moment_they_get_the_slot_never_overlap(llama,
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "slots": 1,
                                              "max_output_tokens": 64}]})
     gw = app[GATEWAY]
-    queue = gw.queues["primary"]
+    queue = gw.backends["primary"].queue
     rng = random.Random(99)
     clients = []
     for i in range(8):

@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import sample
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 pytestmark = pytest.mark.real
@@ -125,7 +125,7 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
             assert json.loads("{" + text)["isNewTopic"] is True
     assert len(seen) > 10
     assert max(p + d for p, d in seen) <= 1, "the server saw more than one request at once"
-    assert gw.queues["primary"].acquired_total == 6 and gw.queues["primary"].busy == 0
+    assert gw.backends["primary"].queue.acquired_total == 6 and gw.backends["primary"].queue.busy == 0
 
 
 async def test_prompt_cache_hits_through_gateway_despite_billing_header(llama, gateway, http):

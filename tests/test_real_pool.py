@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, LlamaServer
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_pool import (
@@ -197,6 +197,6 @@ async def test_a_killed_server_moves_its_conversation_which_pays_one_cold_prefil
         health = await r.json()
     assert health["pool"]["homes"] == {home: 3}
     assert next(b for b in health["backends"] if b["name"] == survivor)["state"] == "down"
-    for q in gw.queues.values():
+    for q in (b.queue for b in gw.backends.values()):
         assert q.depth == 0
-    assert gw.queues[home].busy == 0
+    assert gw.backends[home].queue.busy == 0

@@ -8,7 +8,7 @@ import pytest
 from fakes import FakeUpstream, sse_message
 from test_gateway import until_free
 
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
@@ -85,7 +85,7 @@ async def test_any_framing_is_relayed_in_the_backends_own_bytes(scripted, http, 
     first_end = raw.index(eol + eol) + 2 * len(eol)
     assert got.endswith(raw[first_end:])  # everything after message_start, byte for byte
     assert s.calls == 1
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
 
 
 async def test_comments_and_fields_pass_and_events_after_the_terminal_one_do_not(scripted, http):
@@ -109,7 +109,7 @@ async def test_an_event_that_is_not_a_json_object_ends_the_stream_with_one_error
     assert kinds[-1] == "error" and "message_stop" not in kinds and kinds.count("error") == 1
     assert "not a JSON object" in sse_events(got)[-1].json()["error"]["message"]
     assert got.startswith(b"".join(events[:3]))
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
 
 
 async def test_a_9_mb_event_passes_and_a_17_mb_one_is_an_error_not_both(scripted, http):
@@ -170,7 +170,7 @@ async def test_a_200_that_is_not_what_was_asked_for_is_a_502(scripted, http, str
     s.headers, s.writes = {"Content-Type": ctype}, [body]
     status, _, got = await _post(http, base, {**MAIN, "stream": stream})
     assert status == 502 and json.loads(got)["error"]["type"] == "api_error"
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
 
 
 async def test_a_large_non_streaming_answer_is_relayed_whole(scripted, http):
@@ -193,7 +193,7 @@ async def test_a_non_streaming_answer_cut_short_is_never_a_200(scripted, http):
     status, _, got = await _post(http, base, MAIN)
     assert status == 529 and "mid-answer" in json.loads(got)["error"]["message"]
     assert s.calls == 3  # retried like any failure before a byte reached the client, then given up
-    await until_free(gw.queues["primary"])
+    await until_free(gw.backends["primary"].queue)
 
 
 # ---- a vanished client's slot ------------------------------------------------------------------
@@ -204,7 +204,7 @@ async def test_a_vanished_clients_slot_waits_for_the_backend_to_let_go(serve_app
     f = FakeUpstream(chunk_delay=0.05, parts=40, linger=0.6)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
-    q = app[GATEWAY].queues["primary"]
+    q = app[GATEWAY].backends["primary"].queue
 
     async def vanish():
         async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
@@ -230,7 +230,7 @@ async def test_without_slots_the_slot_is_freed_when_the_connection_closes(serve_
     async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
         await r.content.readany()
         r.close()
-    await until_free(app[GATEWAY].queues["primary"], timeout=2)
+    await until_free(app[GATEWAY].backends["primary"].queue, timeout=2)
 
 
 async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve_app, gateway, http):
@@ -242,7 +242,7 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     f = FakeUpstream(chunk_delay=0.003, parts=10, prefill_delay=0.02, linger=0.1)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}], "queue": {"max_depth": 400}})
-    q = app[GATEWAY].queues["primary"]
+    q = app[GATEWAY].backends["primary"].queue
     outcomes = {"complete": 0, "gone": 0}
 
     async def client(i: int) -> None:
@@ -281,7 +281,7 @@ async def test_a_client_gone_after_its_grant_is_counted_in_slot(serve_app, gatew
             await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await until_free(app[GATEWAY].queues["primary"])
+        await until_free(app[GATEWAY].backends["primary"].queue)
     async with http.get(base + "/metrics") as r:
         text = await r.text()
     assert 'orchestrator_client_disconnects_total{stage="in_slot"} 2.0' in text
@@ -305,7 +305,7 @@ async def test_two_slots_with_two_abandoned_requests_never_take_a_third(serve_ap
     results = await asyncio.gather(*[_post(http, base, {**MAIN, "stream": True}) for _ in range(2)])
     assert all(s == 200 for s, _, _ in results)
     assert not f.crashed and f.max_in_flight <= 2, f.max_in_flight
-    await until_free(app[GATEWAY].queues["primary"])
+    await until_free(app[GATEWAY].backends["primary"].queue)
 
 
 async def test_a_backends_own_key_goes_with_slots_and_count_tokens(serve_app, gateway, http):
@@ -315,7 +315,7 @@ async def test_a_backends_own_key_goes_with_slots_and_count_tokens(serve_app, ga
     async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
         await r.content.readany()
         r.close()
-    await until_free(app[GATEWAY].queues["primary"])
+    await until_free(app[GATEWAY].backends["primary"].queue)
     async with http.post(base + "/v1/messages/count_tokens", json={"model": "m", "messages": MAIN["messages"]}) as r:
         assert r.status == 200
     assert f.slots_headers and all(h.get("x-api-key") == "backend-key-123" for h in f.slots_headers)

@@ -1,7 +1,7 @@
 import pytest
 from conftest import sample
 
-from orchestrator.config import config_from_dict
+from orchestrator.configfile import config_from_dict
 from orchestrator.routing import (
     RouteKind,
     Shape,

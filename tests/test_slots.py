@@ -5,7 +5,7 @@ import random
 import pytest
 from conftest import sample
 
-from orchestrator.config import config_from_dict
+from orchestrator.configfile import config_from_dict
 from orchestrator.slots import (
     Priority,
     QueueBytesFull,

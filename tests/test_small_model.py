@@ -16,7 +16,7 @@ from conftest import ROOT, free_port, llama_server_binary, sample
 from test_claude_code import claude_binary, claude_env_for, claude_home, tmux  # noqa: F401 (fixture)
 
 from orchestrator import supervise
-from orchestrator.config import load_config
+from orchestrator.configfile import load_config
 
 pytestmark = pytest.mark.real
 

@@ -33,7 +33,7 @@ import pytest
 from conftest import sample
 from test_supervise import Stack, _wait_health, down_leaving_nothing
 
-from orchestrator.config import load_config
+from orchestrator.configfile import load_config
 from orchestrator.sse import SSEParser
 
 SOAK_SECONDS = float(os.environ.get("ORCHESTRATOR_SOAK_SECONDS", "120"))  # traffic, warm-up included

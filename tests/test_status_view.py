@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from orchestrator import health as health_module
 from orchestrator import status_view, supervise
-from orchestrator.config import BackendConfig, config_from_dict
+from orchestrator.config import BackendConfig
+from orchestrator.configfile import config_from_dict
 from orchestrator.health import BackendHealth, State
 from orchestrator.metrics import LATENCY_BUCKETS, ROUTES, TOKENS_PER_SECOND_BUCKETS, Metrics
 from orchestrator.slots import SlotQueue

@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port, llama_server_binary
 
 from orchestrator import status_view, supervise
-from orchestrator.config import config_from_dict, load_config
+from orchestrator.configfile import config_from_dict, load_config
 from orchestrator.sse import events as sse_events
 
 ROOT = Path(__file__).parent.parent
