@@ -583,7 +583,7 @@ async def test_a_save_from_another_rope_freq_base_is_refused_by_the_real_stack(s
     assert await asyncio.to_thread(supervise.down, s.paths)
     s.config_path.write_text(s.config_path.read_text().replace("--ctx-size 8192",
                                                                "--ctx-size 8192 --rope-freq-base 20000"))
-    from orchestrator.config import load_config
+    from orchestrator.configfile import load_config
     s.config = load_config(s.config_path)
     assert await asyncio.to_thread(s.up) == "started"
     await _wait_health(http, s.url)
