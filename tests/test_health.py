@@ -1,6 +1,7 @@
 import asyncio
 
 import pytest
+from test_supervise import stack  # noqa: F401 - the fixture
 
 from orchestrator.config import BackendConfig
 from orchestrator.errors import Overloaded
@@ -124,3 +125,18 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
         while await small_state() != "ready":
             await asyncio.sleep(0.05)
     assert gw.backends["small"].queue.busy == 0
+
+
+@pytest.mark.real
+async def test_process_watch_restarts_a_supervised_server_through_supervisord(stack):  # noqa: F811
+    """What mark_stuck calls for a wedged background server, against a real supervisord."""
+    from orchestrator.health import ProcessWatch
+
+    s = stack()
+    await asyncio.to_thread(s.up)
+    before = s.pid("llama-primary")
+    await ProcessWatch(str(s.paths.socket), "llama-primary").restart()
+    async with asyncio.timeout(60):
+        while s.state("llama-primary") != "RUNNING":
+            await asyncio.sleep(0.2)
+    assert s.pid("llama-primary") != before
