@@ -26,6 +26,9 @@ MAX_ENUM_VALUES = 1000
 MAX_PROPERTIES = 100
 # Steps of a `$ref` chain (a definition naming one that names another ...).
 MAX_REF_CHAIN = 16
+# Nesting through every keyword ($defs, not, if ... too): what recurses over a schema must not
+# run out of stack (bodies.MAX_SCHEMA_DEPTH counts properties, items and the *Of keywords).
+MAX_NESTING = 32
 
 _BOUNDS = (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"),
            ("minimum", "maximum"))
@@ -37,7 +40,9 @@ _LOCAL = ("minLength", "maxLength", "pattern")
 def check(schema: Any, path: str) -> None:
     """Raise InvalidRequest naming the first key of `schema` past a limit or contradicting itself."""
     nodes = enum_values = 0
-    for node, where in _walk(schema, path):
+    for node, where, depth in _walk(schema, path):
+        if depth > MAX_NESTING:
+            raise InvalidRequest(f"{where}: nested deeper than {MAX_NESTING} levels")
         nodes += 1
         if nodes > MAX_NODES:
             raise InvalidRequest(f"{where}: the schema has more than {MAX_NODES} schema objects")
@@ -56,23 +61,23 @@ def check(schema: Any, path: str) -> None:
     _check_refs(schema, path)
 
 
-def _walk(schema: Any, path: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """Every schema object in `schema`, iteratively (a chain of $defs must not recurse)."""
-    stack = [(schema, path)]
+def _walk(schema: Any, path: str) -> Iterator[tuple[dict[str, Any], str, int]]:
+    """Every schema object in `schema` with its depth, iteratively (a chain of $defs must not recurse)."""
+    stack = [(schema, path, 0)]
     while stack:
-        node, where = stack.pop()
+        node, where, depth = stack.pop()
         if not isinstance(node, dict):
             continue
-        yield node, where
+        yield node, where, depth
         for key in ("properties", "$defs", "definitions", "patternProperties"):
             if isinstance(node.get(key), dict):
-                stack += [(v, f"{where}.{key}.{k}") for k, v in node[key].items()]
+                stack += [(v, f"{where}.{key}.{k}", depth + 1) for k, v in node[key].items()]
         for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
             if isinstance(node.get(key), list):
-                stack += [(v, f"{where}.{key}.{i}") for i, v in enumerate(node[key])]
+                stack += [(v, f"{where}.{key}.{i}", depth + 1) for i, v in enumerate(node[key])]
         for key in ("items", "additionalProperties", "not", "if", "then", "else", "contains"):
             if isinstance(node.get(key), dict):
-                stack.append((node[key], f"{where}.{key}"))
+                stack.append((node[key], f"{where}.{key}", depth + 1))
 
 
 def _number(v: Any) -> bool:
@@ -129,7 +134,7 @@ def _check_refs(schema: Any, path: str) -> None:
 
     def refs(node: Any) -> list[str]:
         found = []
-        for sub, _ in _walk(node, ""):
+        for sub, _, _ in _walk(node, ""):
             ref = sub.get("$ref")
             if isinstance(ref, str) and ref in defs:
                 found.append(ref)

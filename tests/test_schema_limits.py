@@ -22,6 +22,13 @@ def _chain(n: int) -> dict:
     return {"type": "object", "properties": {"title": {"$ref": "#/$defs/d0"}}, "$defs": defs}
 
 
+def _nested_defs(n: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(n):
+        schema = {"$defs": {"d": schema}}
+    return schema
+
+
 def _title(sub: dict) -> dict:
     return {"type": "object", "properties": {"title": sub}, "required": ["title"]}
 
@@ -42,6 +49,7 @@ HOSTILE = {
                              "const breaks"),
     "enum_breaks_length": (_title({"type": "string", "enum": ["ok", "far too long"], "maxLength": 3}),
                            "enum breaks"),
+    "deep_defs": (_nested_defs(200), "nested deeper than"),
     "empty_number_range": (_title({"type": "number", "exclusiveMinimum": 3, "exclusiveMaximum": 3}),
                            "no value between"),
 }
