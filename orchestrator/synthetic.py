@@ -17,6 +17,7 @@ from aiohttp import web
 from . import sse
 from .errors import InvalidRequest
 from .routing import Shape, text_of
+from .schemas import local_ref
 
 # Request verbs and filler that say what is to be done, not what it is about.
 _FILLER = {
@@ -87,13 +88,18 @@ class _Budget:
 
 
 def instance_of(schema: Any, title: str, path: str = "output_config.format.schema",
-                budget: _Budget | None = None) -> Any:
+                budget: _Budget | None = None, root: Any = None, followed: frozenset[str] = frozenset()) -> Any:
     """A small value valid against a JSON schema, with `title` wherever a title string fits.
-    The schema has passed `bodies.check_schema` (objects, bounded depth); the answer's size is bounded here."""
+    The schema has passed `bodies.check_schema` (objects, bounded depth); the answer's size is bounded here.
+    A local `$ref` is followed in `root` (a ref back to itself, `followed` already, constrains nothing)."""
     budget = budget or _Budget(MAX_ANSWER_BYTES)
+    root = schema if root is None else root
     budget.spend(1, path)
     if not isinstance(schema, dict):
         return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref not in followed and (target := local_ref(root, ref)) is not None:
+        return instance_of(target, title, f"{path}.$ref", budget, root, followed | {ref})
     if "const" in schema:
         budget.spend(len(json.dumps(schema["const"])), f"{path}.const")
         return schema["const"]
@@ -102,7 +108,7 @@ def instance_of(schema: Any, title: str, path: str = "output_config.format.schem
         return schema["enum"][0]
     for key in ("anyOf", "oneOf", "allOf"):
         if schema.get(key):
-            return instance_of(schema[key][0], title, f"{path}.{key}.0", budget)
+            return instance_of(schema[key][0], title, f"{path}.{key}.0", budget, root)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -117,7 +123,7 @@ def instance_of(schema: Any, title: str, path: str = "output_config.format.schem
                 budget.spend(len(title), f"{path}.properties.{k}")
                 out[k] = title
             else:
-                out[k] = instance_of(sub, title, f"{path}.properties.{k}", budget)
+                out[k] = instance_of(sub, title, f"{path}.properties.{k}", budget, root)
         return out
     if kind == "string":
         need = schema.get("minLength", 1)
@@ -131,7 +137,7 @@ def instance_of(schema: Any, title: str, path: str = "output_config.format.schem
     if kind == "array":
         n = schema.get("minItems", 0)
         budget.spend(n, f"{path}.minItems")
-        return [instance_of(schema.get("items", {}), title, f"{path}.items", budget) for _ in range(n)]
+        return [instance_of(schema.get("items", {}), title, f"{path}.items", budget, root) for _ in range(n)]
     return None
 
 

@@ -49,3 +49,18 @@ def test_instance_of_schema_handles_common_shapes():
 def test_title_of_empty_or_filler_session():
     assert synthetic.make_title({"messages": [{"role": "user", "content": "please help"}]}) == "New session"
     assert synthetic.make_title({"messages": []}) == "New session"
+
+
+def test_instance_of_follows_local_refs():
+    import jsonschema
+
+    schema = {"type": "object", "required": ["kind", "t"], "additionalProperties": False,
+              "properties": {"kind": {"$ref": "#/$defs/kind"}, "t": {"$ref": "#/definitions/tree"}},
+              "$defs": {"kind": {"enum": ["k1", "k2"]}},
+              "definitions": {"tree": {"type": "object", "required": ["kids"], "properties": {
+                  "kids": {"type": "array", "items": {"$ref": "#/definitions/tree"}}}}}}
+    value = synthetic.instance_of(schema, "A title")
+    assert value["kind"] == "k1" and value["t"] == {"kids": []}
+    jsonschema.validate(value, schema)
+    # A ref that names itself constrains nothing, and ends.
+    assert synthetic.instance_of({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "T") is None
