@@ -136,8 +136,8 @@ async def test_schemas_within_the_limits_are_answered_by_the_real_small_model(ga
 
     if optional < 10:
         assert answers("model") == 1, text
-        jsonschema.validate(json.loads(text), schema)
     else:
         assert answers("model") + answers("invalid") == 1 and answers("timeout") == answers("failed") == 0
+    jsonschema.validate(json.loads(text), schema)  # the model's, or the synthetic one
     assert gw.backends["small"].queue.busy == 0
     print(f"\n{optional} optional properties: answered in {took:.1f} s: {text[:120]}")
