@@ -255,8 +255,10 @@ class BackendHealth:
                 pass
 
     def snapshot(self) -> dict:
+        # "stuck": answering /health, but a slot is held past its bound (mark_stuck).
+        state = "stuck" if self.stuck and self.up else self.state.value
         return {"name": self.backend.name, "url": self.backend.url, "role": self.backend.role,
-                "state": "stuck" if self.stuck and self.up else self.state.value, "since": self.since, "last_error": self.last_error,
+                "state": state, "since": self.since, "last_error": self.last_error,
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
