@@ -22,7 +22,8 @@ import aiohttp
 from aiohttp import web
 
 from . import sse
-from .affinity import Pool, conversation_key
+from . import identity  # issue 18
+from .affinity import Pool
 from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
 from .bodies import INLINE_BYTES
@@ -71,6 +72,8 @@ class Gateway:
     kv: KvPersistence | None = None
     # Conversation affinity for the groups of several backends (None: least busy, always).
     pool: Pool | None = None
+    # Claude Code's sessions and agents, queued or running (issue 18; bounded).
+    agents: identity.Tree = field(default_factory=identity.Tree)
 
 
 @dataclass
@@ -151,7 +154,8 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     # The conversation's key (a hash of its prefix: a serialisation of its tools) is computed only
     # when a pool's affinity, a KV save or a restore needs it, never otherwise on the request's path.
     strip = gw.config.routing.strip_billing_header
-    conversation = functools.cache(functools.partial(conversation_key, body, strip))
+    conversation = functools.cache(functools.partial(identity.conversation_key, body, strip,  # issue 18
+                                                     identity.of(request)))
     pooled = gw.pool is not None and len(group) > 1
     if pooled and len(raw) > INLINE_BYTES:
         key = await asyncio.to_thread(conversation)
@@ -175,6 +179,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         backend = gw.config.backend(queue.name)
         health = gw.health[backend.name]
         outcome.backend = backend.name
+        identity.granted(request, backend.name)  # issue 18: the agent tree shows it running here
         kv = gw.kv if gw.kv is not None and gw.kv.enabled(backend.name) else None
         outcome.reset(granted=time.monotonic())
         gw.metrics.queue_wait.labels(backend.name, priority).observe(outcome.granted - enqueued)
