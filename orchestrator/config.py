@@ -439,8 +439,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", env: Mapping[s
             problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
     if not any(fnmatch.fnmatchcase(claude.small_model.lower(), p.lower()) for p in routing.background_models):
         problems.append(f"claude.small_model: {claude.small_model!r} matches none of routing.background_models "
-                        f"{list(routing.background_models)}, so Claude Code's background calls would take the "
-                        f"main slot")
+                        f"{list(routing.background_models)}, so work under that name (Claude Code's agents) "
+                        f"would be told from main work neither in metrics nor by routing.background_work")
     if problems:
         raise ConfigError(problems, source)
     return Config(backends=tuple(backends), **tables)

@@ -42,13 +42,13 @@ async def test_agents_get_real_answers(gateway, serve_app, http, claude_home, la
     for reason in ("work", "background_name_work"):
         assert await _metric(http, base, "orchestrator_routes_total", route="synthetic", reason=reason) == 0
     haiku_named = [s for s in fake.of("agent") if "haiku" in s.model.lower()]
-    # What each version does (README, "Claude Code's agents"): without the launcher the `model: "haiku"`
-    # agent comes on the Haiku name; with it, 2.1.197 puts every agent on CLAUDE_CODE_SUBAGENT_MODEL,
+    # What each version does (README, "Claude Code's agents"), as seen here. Without the launcher,
+    # 2.1.197 runs Explore and the `model: "haiku"` agent on the Haiku name, 2.1.332 only the latter
+    # (Explore inherits the main model). With it, 2.1.197 puts every agent on CLAUDE_CODE_SUBAGENT_MODEL,
     # while 2.1.332 lets the agent's own `model: "haiku"` win over it.
-    if launcher == "base_url_only" or version == NEWER:
-        assert [s.agent for s in haiku_named] == ["haiku"], [(s.agent, s.model) for s in fake.of("agent")]
-    else:
-        assert not haiku_named, [(s.agent, s.model) for s in fake.of("agent")]
+    expected = {("base_url_only", None): ["explore", "haiku"], ("base_url_only", NEWER): ["haiku"],
+                ("orchestrator", None): [], ("orchestrator", NEWER): ["haiku"]}[(launcher, version)]
+    assert sorted(s.agent for s in haiku_named) == expected, [(s.agent, s.model) for s in fake.of("agent")]
     assert await _metric(http, base, "orchestrator_routes_total", route="main",
                          reason="background_name_work") >= len(haiku_named)
     # Who asked: the headers Claude Code sends, and the tree the gateway kept of them.
