@@ -4,9 +4,11 @@ housekeeping is answered locally, identity headers steer only their own requests
 import asyncio
 
 from conftest import gateway_with, sample
+from fakes import FakeUpstream
 from multidict import CIMultiDict
 
 from orchestrator import identity
+from orchestrator.handlers import GATEWAY
 
 
 async def _metric(http, base, name, **labels) -> float:
@@ -73,3 +75,32 @@ async def test_forged_identity_headers_never_fail_a_request_nor_grow_the_tree(ga
     assert len(gw.agents) == gw.agents.max_sessions  # least recently seen forgotten past the bound
     assert set(gw.agents.in_flight().values()) == {0}
     assert gw.queues["primary"].busy == 0
+
+
+async def test_in_a_pool_two_agents_with_one_prefix_are_two_conversations(gateway, serve_app, http, caplog):
+    """Two agents given the same task (same prefix): told apart by their headers, each keeps its own
+    home; the same body without headers is one conversation, as before."""
+    fakes = [FakeUpstream(), FakeUpstream()]
+    urls = [await serve_app(f.app()) for f in fakes]
+    base, app = await gateway({"backends": [{"name": n, "url": u} for n, u in zip("ab", urls)]})
+    gw = app[GATEWAY]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "same task"}]}
+    caplog.set_level("INFO", logger="orchestrator.handlers")
+    for turn in range(2):
+        for agent in ("a1", "a2"):
+            async with http.post(base + "/v1/messages", json=body,
+                                 headers={identity.SESSION: "s1", identity.AGENT: agent}) as r:
+                assert r.status == 200
+                await r.read()
+    assert gw.pool.snapshot()["conversations"] == 2
+    for _ in range(2):
+        async with http.post(base + "/v1/messages", json=body) as r:
+            await r.read()
+    assert gw.pool.snapshot()["conversations"] == 3
+    # The log says who asked and why the request went where it went (ids cut short).
+    assert any("agent 'claude-haiku-4-5' -> main a,b (background_name_work; session s1 agent a2)" in m
+               for m in caplog.messages), caplog.messages
+    assert any("anonymous 'claude-haiku-4-5' -> main a,b (background_name_work)" in m for m in caplog.messages)
+    async with http.get(base + "/metrics") as r:
+        text = await r.text()
+    assert 'orchestrator_requesters_in_flight{kind="agent",state="running"} 0.0' in text
