@@ -71,9 +71,11 @@ def _account_route(gw: Gateway, body: dict[str, Any], route: Route, ident: ident
     gw.metrics.routes.labels(route.kind.value, route.reason.value).inc()
     gw.metrics.requesters.labels(ident.kind).inc()
     model = body.get("model")
-    log.info("%s %r -> %s%s (%s)", ident.kind, model[:64] if isinstance(model, str) else model,
-             route.kind.value, f" {','.join(route.backends)}" if route.backends else "", route.reason.value
-             + (f"; {ident.describe()}" if ident.session else ""))
+    # e.g. `agent 'claude-haiku-4-5' -> main primary (background_name_work; session 295830f4 agent a7c34fb6)`
+    backends = f" {','.join(route.backends)}" if route.backends else ""
+    who = f"; {ident.describe()}" if ident.session else ""
+    log.info("%s %r -> %s%s (%s%s)", ident.kind, model[:64] if isinstance(model, str) else model,
+             route.kind.value, backends, route.reason.value, who)
 
 
 async def answer_synthetic(gw: Gateway, body: dict[str, Any], size: int, route: Route,
