@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import FIXTURES, ROOT, sample
 
-from orchestrator.config import config_from_dict, load_config
+from orchestrator.config import ConfigError, config_from_dict, load_config
 from orchestrator.routing import (
     Reason,
     RouteKind,
@@ -84,7 +84,7 @@ def test_background_work_only_on_a_capable_background_backend_that_is_up():
     # Still main work: above the housekeeping that shares that backend's queue.
     assert (r.kind, r.backends, r.priority, r.reason) == (RouteKind.BACKGROUND, ("small",), Priority.MAIN,
                                                           Reason.BACKGROUND_NAME_WORK)
-    for config, up in ((capable(True), False), (capable(False), True), (capable(True, False), True)):
+    for config, up in ((capable(True), False), (capable(True, False), True), (capable(False, False), True)):
         assert choose_route(body, config, background_up=up).kind is RouteKind.MAIN
     # Housekeeping is unchanged by the switch.
     r = choose_route(sample("topic-2.0.77.json")["body"], capable(True), background_up=True)
@@ -159,3 +159,10 @@ def test_strip_billing_header_drops_only_that_block():
     assert strip_billing_header(stripped) is None
     s = strip_billing_header({"system": "x-anthropic-billing-header: cch=1;\nYou are helpful"})
     assert s["system"] == "You are helpful"
+
+
+def test_background_work_needs_a_capable_background_backend_named():
+    with pytest.raises(ConfigError, match="not declared work_capable"):
+        capable(False)
+    with pytest.raises(ConfigError, match="routing.background_work"):
+        config_from_dict({"routing": {"background_work": True}})
