@@ -43,13 +43,24 @@ class Conversation:
     pick, a KV save or restore), then kept: serialising a big request's tools costs milliseconds,
     and most requests never need it."""
 
-    def __init__(self, body: dict[str, Any], strip_billing: bool = True) -> None:
+    def __init__(self, body: dict[str, Any], strip_billing: bool = True, session: str | None = None,
+                 agent: str | None = None) -> None:
         self._body = body
         self._strip_billing = strip_billing
+        self._session, self._agent = session, agent
 
     @functools.cached_property
     def key(self) -> str:
-        return conversation_key(self._body, self._strip_billing)
+        return bound_key(conversation_key(self._body, self._strip_billing), self._session, self._agent)
+
+
+def bound_key(prefix: str, session: str | None, agent: str | None) -> str:
+    """A conversation's key with Claude Code's session and agent ids (identity.py) when it sent them:
+    bound to its prefix key, never the header alone, so a forged id names a conversation of the
+    sender's own prefix and reaches no other client's save."""
+    if session is None:
+        return prefix
+    return hashlib.sha256("\0".join((session, agent or "", prefix)).encode()).hexdigest()[:32]
 
 
 class Decision(str, Enum):

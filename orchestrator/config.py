@@ -138,6 +138,8 @@ class BackendConfig:
                          why="a positive integer")
     models: tuple[str, ...] = setting(("*",), "model-name patterns (fnmatch, case-insensitive) routed here",
                                       check=lambda v: len(v) > 0, why="a non-empty list of patterns")
+    work_capable: bool = setting(False, 'a role = "background" backend that can do agents\' work (tools, '
+                                 "long tasks), for routing.background_work; a title model cannot")
     role: str = setting("main", '"main", or "background" for routing.background',
                         check=lambda v: v in ("main", "background"), why='"main" or "background"')
     # The client's own key is never forwarded unless asked: Claude Code sends a
@@ -187,7 +189,13 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    background_models: tuple[str, ...] = setting(("*haiku*",), "model names that are background traffic")
+    background_models: tuple[str, ...] = setting(("*haiku*",), "model names Claude Code uses for background "
+                                                 "calls; only the housekeeping shapes among them are answered "
+                                                 "by the gateway or the background backend, the rest is work")
+    # Claude Code's agents (Explore, model: "haiku") run on the Haiku name: real work, with tools.
+    background_work: bool = setting(False, "send work carried under a background model name (Claude Code's "
+                                    "agents on the Haiku name) to routing.background, if that backend is "
+                                    "declared work_capable; otherwise it goes to the main backends")
     background: str = setting(SYNTHETIC, '"synthetic", or the name of a role = "background" backend')
     count_probes: str = setting("count_tokens", 'max_tokens=1 probes: answered from "count_tokens", or "forward"',
                                 check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"')

@@ -154,10 +154,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", env: Mapping[s
                             f'(use "synthetic" or a backend name)')
         elif match[0].role != "background":
             problems.append(f'routing.background: backend {routing.background!r} must have role = "background"')
+        elif routing.background_work and not match[0].work_capable:
+            # Said at once: the switch would otherwise do nothing, silently.
+            problems.append(f"routing.background_work: backend {routing.background!r} is not declared "
+                            f"work_capable = true (a title model cannot do an agent's work)")
+    elif routing.background_work:
+        problems.append('routing.background_work: routing.background is "synthetic"; name a work_capable '
+                        "background backend there")
     if not any(fnmatch.fnmatchcase(claude.small_model.lower(), p.lower()) for p in routing.background_models):
         problems.append(f"claude.small_model: {claude.small_model!r} matches none of routing.background_models "
-                        f"{list(routing.background_models)}, so Claude Code's background calls would take the "
-                        f"main slot")
+                        f"{list(routing.background_models)}, so work under that name (Claude Code's agents) "
+                        f"would be told from main work neither in metrics nor by routing.background_work")
     if problems:
         raise ConfigError(problems, source)
     return Config(backends=tuple(backends), **tables)

@@ -20,6 +20,7 @@ from .affinity import Pool
 from .config import BackendConfig, Config
 from .counting import TokenCounter
 from .health import BackendHealth, watch_for
+from .identity import Tree
 from .kvsave import BackendSaves, KvPersistence
 from .metrics import Metrics
 from .slots import SlotQueue
@@ -75,6 +76,8 @@ class Gateway:
     backends: dict[str, Backend] = field(default_factory=dict)
     # Conversation affinity for the groups of several backends (None: least busy, always).
     pool: Pool | None = None
+    # Claude Code's sessions and agents, queued or running (bounded).
+    agents: Tree = field(default_factory=Tree)
     started: float = field(default_factory=time.time)
 
     def group(self, names: Iterable[str]) -> list[Backend]:

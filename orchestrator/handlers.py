@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, background, synthetic
+from . import __version__, background, identity, synthetic
 from .accounting import record_synthetic
 from .bodies import INLINE_BYTES, parse_object, parse_request, read_body
 from .counting import estimate_tokens
@@ -18,6 +19,8 @@ from .gateway import GATEWAY, Gateway
 from .health import State
 from .proxy import forward
 from .routing import Route, RouteKind, Shape, backends_for_model, choose_route
+
+log = logging.getLogger(__name__)
 
 
 def _background_up(gw: Gateway) -> bool:
@@ -49,6 +52,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     arrived = time.monotonic()
     raw, body = await _parse(request, gw, "main", needs_max_tokens=True)
     route = choose_route(body, gw.config, background_up=_background_up(gw))
+    ident = identity.from_headers(request.headers)
+    _account_route(gw, body, route, ident)
     if route.kind is RouteKind.BACKGROUND and route.shape in background.STRUCTURED:
         answered = await background.ask(gw, body, route, arrived)
         if answered is not None:
@@ -56,7 +61,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
         route = Route(RouteKind.SYNTHETIC, route.shape)
     if route.kind is RouteKind.SYNTHETIC:
         return await answer_synthetic(gw, body, len(raw), route, arrived)
-    return await forward(request, gw, body, raw, route, arrived)
+    with gw.agents.track(ident) as track:
+        return await forward(request, gw, body, raw, route, arrived, ident=ident, track=track)
+
+
+def _account_route(gw: Gateway, body: dict[str, Any], route: Route, ident: identity.Identity) -> None:
+    """Say why the request goes where it goes: in the log, and in metrics with bounded labels."""
+    gw.metrics.routes.labels(route.kind.value, route.reason.value).inc()
+    gw.metrics.requesters.labels(ident.kind).inc()
+    model = body.get("model")
+    # e.g. `agent 'claude-haiku-4-5' -> main primary (background_name_work; session 295830f4 agent a7c34fb6)`
+    backends = f" {','.join(route.backends)}" if route.backends else ""
+    who = f"; {ident.describe()}" if ident.session else ""
+    log.info("%s %r -> %s%s (%s%s)", ident.kind, model[:64] if isinstance(model, str) else model,
+             route.kind.value, backends, route.reason.value, who)
 
 
 async def answer_synthetic(gw: Gateway, body: dict[str, Any], size: int, route: Route,
@@ -117,11 +135,14 @@ async def health(request: web.Request) -> web.Response:
                     "access": {"key_required": bool(g.api_key), "open": g.open and not g.api_key}},
         "backends": backends,
         **({"pool": gw.pool.snapshot()} if gw.pool is not None else {}),
+        "agents": gw.agents.snapshot(),
     })
 
 
 async def metrics(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
+    for (kind, state), n in gw.agents.in_flight().items():
+        gw.metrics.requesters_in_flight.labels(kind, state).set(n)
     resp = web.Response(body=generate_latest(gw.metrics.registry))
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

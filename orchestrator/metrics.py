@@ -23,6 +23,12 @@ REJECTION_REASONS = ("queue_full", "queue_bytes", "queue_timeout", "bad_request"
 RELEASE_RESULTS = ("idle", "gone", "unknown")
 BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")
 AFFINITY_DECISIONS = ("hit", "new", "moved_down", "moved_busy", "moved_gone")  # affinity.Decision
+# routing.Reason by the routes each can take; identity.KINDS.
+_HOUSEKEEPING = ("title", "topic", "warmup")
+ROUTE_REASONS = {"synthetic": (*_HOUSEKEEPING, "count_probe"),
+                 "background": (*_HOUSEKEEPING, "background_name_work"),
+                 "main": ("work", "background_name_work", "count_probe")}
+REQUESTER_KINDS = ("main", "agent", "anonymous")
 KV_SAVE_RESULTS = ("saved", "unchanged", "busy", "failed")
 KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
 
@@ -96,6 +102,18 @@ class Metrics:
                                 ["backend", "decision"], registry=r)
         self.count_tokens_source = Counter("orchestrator_count_tokens", "count_tokens answers by source",
                                            ["source"], registry=r)
+        # Why each /v1/messages request went where it went (routing.Reason; issue 18).
+        self.routes = Counter("orchestrator_routes", "Messages requests by route (main, background, "
+                              "synthetic) and reason: a housekeeping shape (title, topic, warmup, count_probe), "
+                              "work, or background_name_work (work carried under a background model name)",
+                              ["route", "reason"], registry=r)
+        # Who asked (identity.KINDS): Claude Code's main conversations, its agents, or no session header.
+        self.requesters = Counter("orchestrator_requester_requests", "Messages requests by requester kind: "
+                                  "main (a session's own conversation), agent, anonymous (no valid session "
+                                  "header)", ["kind"], registry=r)
+        self.requesters_in_flight = Gauge("orchestrator_requesters_in_flight", "Requests of Claude Code "
+                                          "sessions in flight, by requester kind (main, agent) and state "
+                                          "(queued, running)", ["kind", "state"], registry=r)
 
         for kind in SYNTHETIC_KINDS:
             self.synthetic.labels(kind)
@@ -105,6 +123,11 @@ class Metrics:
             self.rejections.labels(reason)
         for source in ("backend", "cache", "estimate"):
             self.count_tokens_source.labels(source)
+        for route, reasons in ROUTE_REASONS.items():
+            for reason in reasons:
+                self.routes.labels(route, reason)
+        for kind in REQUESTER_KINDS:
+            self.requesters.labels(kind)
         for name in backends:
             self.add_backend(name)
         # Synthetic answers are made by the gateway itself.

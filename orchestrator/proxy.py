@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from . import placement, sse
+from .identity import Identity, Track
 from .accounting import Outcome, record
 from .affinity import Conversation
 from .bodies import INLINE_BYTES
@@ -53,8 +54,10 @@ class _Retry(Exception):
 
 
 async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, route: Route,
-                  arrived: float) -> web.StreamResponse:
-    """Send through the backend placement chooses; account the outcome on every path."""
+                  arrived: float, *, ident: Identity = Identity(), track: Track | None = None) -> web.StreamResponse:
+    """Send through the backend placement chooses; account the outcome on every path. `ident`: who
+    asks (Claude Code's session and agent), part of the conversation's key; `track`: its place in the
+    agent tree, told when it runs."""
     outcome = Outcome(route.backends[0], status="client_gone")
     g = gw.config.gateway
     client = (ClientStream(request, g.ping_interval_seconds, g.write_timeout_seconds)
@@ -62,7 +65,7 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
     try:
         if client is not None:
             client.keep_alive()
-        response = await _forward(request, gw, body, raw, route, outcome, client)
+        response = await _forward(request, gw, body, raw, route, outcome, client, ident, track)
         if outcome.status == "client_gone":
             outcome.status = "200"
         return response
@@ -89,10 +92,11 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
 
 
 async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: bytes, route: Route,
-                   outcome: Outcome, client: ClientStream | None) -> web.StreamResponse:
+                   outcome: Outcome, client: ClientStream | None, ident: Identity,
+                   track: Track | None) -> web.StreamResponse:
     group = gw.group(route.backends)
     strip = gw.config.routing.strip_billing_header
-    conversation = Conversation(body, strip)
+    conversation = Conversation(body, strip, ident.session, ident.agent)
     if placement.pooled(gw, group) and len(raw) > INLINE_BYTES:
         # A pool's pick needs the key at once: a big body's is computed off the event loop.
         await asyncio.to_thread(lambda: conversation.key)
@@ -108,6 +112,8 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 e.message += f" (last failure: {last_error.message})"
             raise
         outcome.backend = backend.name
+        if track is not None:
+            track.granted(backend.name)  # the agent tree shows it running there
         outcome.reset(granted=time.monotonic())
         try:
             with in_slot(gw, backend, lease) as call:

@@ -1,8 +1,12 @@
 """`choose_route`: which way a request goes, as a pure function of its body and the config.
 
-Background traffic (Claude Code's titles, topic checks, warm-ups, and anything
-on a Haiku-like name) must never occupy the main model's slot; the shape
-checks here recognise it even when it carries the main model's name.
+What a request is decides, not its model's name. Claude Code's housekeeping
+(titles, topic checks, warm-ups, count probes) has shapes the checks here
+recognise whatever name it carries, and answers the gateway knows: those never
+occupy the main model's slot. Everything else is work a user asked for, and a
+model answers it, even on a Haiku-like name: Claude Code's agents (`Explore`,
+any `model: "haiku"` agent) and WebFetch summaries run there, and an `OK` from
+the gateway would be their whole report.
 """
 
 from __future__ import annotations
@@ -37,12 +41,29 @@ class Shape(str, Enum):
     OTHER = "other"
 
 
+class Reason(str, Enum):
+    """Why a request went where it went (a metric label: a closed set)."""
+
+    TITLE = "title"
+    TOPIC = "topic"
+    WARMUP = "warmup"
+    COUNT_PROBE = "count_probe"
+    WORK = "work"                          # main work on a main model name
+    BACKGROUND_NAME_WORK = "background_name_work"  # work carried under a background (Haiku) name
+
+
+REASONS = tuple(r.value for r in Reason)
+# The shapes the gateway (or the background model) answers: housekeeping whose answer it knows.
+HOUSEKEEPING = (Shape.TITLE, Shape.TOPIC, Shape.WARMUP)
+
+
 @dataclass(frozen=True)
 class Route:
     kind: RouteKind
     shape: Shape
     backends: tuple[str, ...] = ()
     priority: Priority = Priority.MAIN
+    reason: Reason = Reason.WORK
 
 
 def text_of(content: Any) -> str:
@@ -87,14 +108,21 @@ def choose_route(body: dict[str, Any], config: Config, *, background_up: bool) -
     model = body.get("model") if isinstance(body.get("model"), str) else ""
     shape = classify_shape(body)
     if shape is Shape.COUNT_PROBE and config.routing.count_probes == "count_tokens":
-        return Route(RouteKind.SYNTHETIC, shape)
-    housekeeping = shape in (Shape.TITLE, Shape.TOPIC, Shape.WARMUP)
-    if housekeeping or _matches(model, config.routing.background_models):
-        bg = config.background_backend
+        return Route(RouteKind.SYNTHETIC, shape, reason=Reason.COUNT_PROBE)
+    bg = config.background_backend
+    if shape in HOUSEKEEPING:
+        reason = Reason(shape.value)
         if bg is not None and background_up:
-            return Route(RouteKind.BACKGROUND, shape, (bg.name,), Priority.BACKGROUND)
-        return Route(RouteKind.SYNTHETIC, shape)
-    return Route(RouteKind.MAIN, shape, backends_for_model(model, config), Priority.MAIN)
+            return Route(RouteKind.BACKGROUND, shape, (bg.name,), Priority.BACKGROUND, reason)
+        return Route(RouteKind.SYNTHETIC, shape, reason=reason)
+    # Work. An agent's turn is main work whatever its name: the conversation that launched it is
+    # often waiting for it, so it goes at main priority (housekeeping stays below it).
+    reason = Reason.COUNT_PROBE if shape is Shape.COUNT_PROBE else (
+        Reason.BACKGROUND_NAME_WORK if _matches(model, config.routing.background_models) else Reason.WORK)
+    if reason is Reason.BACKGROUND_NAME_WORK and config.routing.background_work and bg is not None \
+            and bg.work_capable and background_up:
+        return Route(RouteKind.BACKGROUND, shape, (bg.name,), Priority.MAIN, reason)
+    return Route(RouteKind.MAIN, shape, backends_for_model(model, config), Priority.MAIN, reason)
 
 
 def strip_billing_header(body: dict[str, Any]) -> dict[str, Any] | None:

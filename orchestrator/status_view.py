@@ -162,7 +162,17 @@ def key_figures(metrics_text: str) -> dict[str, Any]:
             "disconnects": by("orchestrator_client_disconnects_total", "stage"),
             "synthetic": by("orchestrator_synthetic_responses_total", "kind"),
             "background_answers": by("orchestrator_background_answers_total", "result"),
-            "affinity": by("orchestrator_affinity_decisions_total", "decision")}
+            "affinity": by("orchestrator_affinity_decisions_total", "decision"),
+            "reasons": _reasons(samples)}
+
+
+def _reasons(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, dict[str, float]]:
+    """Per route, its requests by why they went there (routing.Reason), the ones seen only."""
+    out: dict[str, dict[str, float]] = {}
+    for labels, value in samples.get("orchestrator_routes_total", []):
+        if value:
+            out.setdefault(labels["route"], {})[labels["reason"]] = value
+    return out
 
 
 # ---- formatting ------------------------------------------------------------------------------
@@ -277,6 +287,7 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
     out.extend(recent_lines(health, now))
     out.extend(kv_lines(health, now))
     out.extend(pool_lines(health, figures))
+    out.extend(agent_lines(health, figures))
     if figures is None:
         out.append("figures: /metrics did not answer")
         return "\n".join(out)
@@ -363,4 +374,38 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
         else:
             out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}"
                        + (f": {r['error']}" if r.get("error") else "") + ")")
+    return out
+
+
+def _node(n: dict[str, Any]) -> str:
+    """One requester of the tree: what it has in flight and where, else when it was last seen."""
+    where = f" on {n['backend']}" if n.get("backend") else ""
+    if n.get("running"):
+        state = f"running{where}" + (f", {n['queued']} more queued" if n.get("queued") else "")
+    elif n.get("queued"):
+        state = f"{n['queued']} queued"
+    else:
+        state = f"idle {_span(n.get('idle_seconds') or 0)}" + (f" (last{where})" if where else "")
+    return f"{state}; {n.get('requests', 0)} requests"
+
+
+def agent_lines(health: dict[str, Any], figures: dict[str, Any] | None) -> list[str]:
+    """Why requests went where they went (/metrics), and Claude Code's sessions and agents (/health):
+    which are queued or running on which backend. Ids are the first 8 characters of Claude Code's."""
+    out = []
+    reasons = (figures or {}).get("reasons") or {}
+    if reasons:
+        out.append("why requests went where: " + "; ".join(
+            f"{route} {_counts(by)}" for route, by in sorted(reasons.items())))
+    tree = health.get("agents")
+    if not tree or not tree.get("sessions"):
+        return out
+    forgotten = f", {tree['forgotten']} forgotten" if tree.get("forgotten") else ""
+    out.append(f"claude code sessions: {tree.get('sessions_known', 0)} known{forgotten} (newest first)")
+    for s in tree["sessions"]:
+        main = s.get("main")
+        out.append(f"  session {s['id']}" + (f"  main: {_node(main)}" if main else "  main: not seen"))
+        for a in s.get("agents", []):
+            parent = f" (of agent {a['parent']})" if a.get("parent") else ""
+            out.append(f"    agent {a['id']}{parent}: {_node(a)}")
     return out

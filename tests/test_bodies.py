@@ -196,12 +196,15 @@ async def test_a_schema_asking_for_a_huge_synthetic_answer_is_refused_fast(gatew
     base, _ = await gateway_with(gateway, fake[1])
     title = sample("title-2.1.332.json")["body"]
     fmt = title["output_config"]["format"]
-    for schema in ({"type": "object", "required": ["x"], "properties": {"x": {"type": "string",
-                                                                           "minLength": 200_000_000}}},
-                   {"type": "array", "minItems": 256, "items": {"type": "array", "minItems": 256,
-                                                                 "items": {"type": "string", "minLength": 64}}}):
+    # Title-shaped (a `title` property, no tools): answered by the gateway itself, whatever the rest
+    # of the schema asks; a schema without `title` is no housekeeping the gateway knows (a model's).
+    title_prop = {"title": {"type": "string"}}
+    for schema in ({"type": "object", "required": ["title", "x"],
+                    "properties": {**title_prop, "x": {"type": "string", "minLength": 200_000_000}}},
+                   {"type": "object", "required": ["title", "x"], "properties": {**title_prop, "x": {
+                       "type": "array", "minItems": 256, "items": {"type": "array", "minItems": 256,
+                                                                   "items": {"type": "string", "minLength": 64}}}}}):
         t = time.monotonic()
-        # A Haiku model name: answered by the gateway itself whatever the schema.
         body = {**title, "model": "claude-haiku-4-5",
                 "output_config": {**title["output_config"], "format": {**fmt, "schema": schema}}}
         async with http.post(base + "/v1/messages", json=body) as r:

@@ -37,6 +37,8 @@ def test_claude_environment_from_health():
     assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:9090"
     assert env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "65536" and env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "512"
     assert env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == "local-haiku" and env["ANTHROPIC_MODEL"] == "local-model"
+    # Agents on the main model (the gateway routes them right without it: test_claude_code_agents.py).
+    assert env["CLAUDE_CODE_SUBAGENT_MODEL"] == "local-model"
     assert int(env["API_TIMEOUT_MS"]) >= 600_000
     assert "CLAUDE_CODE_MAX_CONTEXT_TOKENS" not in claude_environment(config, {"backends": []})
     # No ahead-of-time compaction below Claude Code's 100000 floor (it would start at a negative or
@@ -68,6 +70,7 @@ async def test_env_prints_exports_for_a_running_gateway(gateway, serve_app, tmp_
     assert result.exit_code == 0, result.output
     assert f"export ANTHROPIC_BASE_URL=http://127.0.0.1:{port}" in result.output
     assert "export ANTHROPIC_DEFAULT_HAIKU_MODEL=local-haiku" in result.output
+    assert "export CLAUDE_CODE_SUBAGENT_MODEL=local-model" in result.output
 
 
 def test_serve_refuses_a_non_loopback_bind_without_a_key(monkeypatch):

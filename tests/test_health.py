@@ -93,7 +93,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     from conftest import sample
     from fakes import FakeUpstream
 
-    from orchestrator.handlers import GATEWAY
+    from orchestrator.gateway import GATEWAY
 
     title = sample("title-2.1.332.json")["body"]
     small = FakeUpstream(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s

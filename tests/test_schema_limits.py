@@ -10,7 +10,7 @@ from fakes import FakeUpstream
 
 from orchestrator.bodies import check_schema
 from orchestrator.errors import InvalidRequest
-from orchestrator.handlers import GATEWAY
+from orchestrator.gateway import GATEWAY
 from orchestrator.schema_limits import MAX_ENUM_VALUES, MAX_PROPERTIES, MAX_REF_CHAIN
 
 TITLE = sample("title-2.1.332.json")["body"]

@@ -447,3 +447,25 @@ def test_a_pool_shows_where_conversations_live_and_how_requests_were_placed():
     del no_pool["pool"]
     assert "pool:" not in status_view.status_text("u", "s", None, no_pool, None, now=0)
 
+
+
+def test_the_agent_tree_and_why_requests_went_where_they_went():
+    m = Metrics(CollectorRegistry(), ["primary"])
+    m.routes.labels("main", "work").inc(4)
+    m.routes.labels("main", "background_name_work").inc(2)
+    m.routes.labels("synthetic", "warmup").inc(3)
+    node = {"parent": None, "queued": 0, "running": 0, "requests": 4, "backend": "primary", "idle_seconds": 12.0}
+    tree = {"sessions_known": 1, "forgotten": 2, "sessions": [{"id": "295830f4", "main": {**node, "running": 1},
+            "agents": [{**node, "id": "a7c34fb6", "queued": 1, "requests": 1, "backend": None},
+                       {**node, "id": "a5c14542", "parent": "a7c34fb6", "requests": 2}]}]}
+    health = {"status": "ok", "gateway": {"version": "0", "uptime_seconds": 10.0}, "backends": [], "agents": tree}
+    view = status_view.status_text("u", "s", None, health, generate_latest(m.registry).decode(), now=0)
+    lines = view.splitlines()
+    start = lines.index("claude code sessions: 1 known, 2 forgotten (newest first)")
+    assert lines[start + 1:start + 4] == [
+        "  session 295830f4  main: running on primary; 4 requests",
+        "    agent a7c34fb6: 1 queued; 1 requests",
+        "    agent a5c14542 (of agent a7c34fb6): idle 12 s (last on primary); 2 requests"]
+    assert "why requests went where: main work 4, background_name_work 2; synthetic warmup 3" in lines
+    quiet = {**health, "agents": {"sessions_known": 0, "sessions": []}}
+    assert "claude code sessions" not in status_view.status_text("u", "s", None, quiet, None, now=0)

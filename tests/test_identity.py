@@ -1,0 +1,74 @@
+from conftest import sample
+from multidict import CIMultiDict
+
+from orchestrator import identity
+from orchestrator.affinity import conversation_key as prefix_key
+from orchestrator.identity import Identity, Tree, from_headers
+
+SID = "295830f4-f4d5-4433-a1a6-583a30d4e917"
+
+
+def test_headers_as_claude_code_sends_them():
+    h = sample("agent-explore-2.1.197.json")["headers"]
+
+    ident = from_headers(CIMultiDict(h))
+    assert ident.kind == "agent" and ident.session == h["X-Claude-Code-Session-Id"]
+    assert ident.agent == h["x-claude-code-agent-id"] and ident.parent is None
+    assert from_headers(CIMultiDict(sample("main-2.1.332.json")["headers"])).kind == "main"
+    assert from_headers(CIMultiDict()).kind == "anonymous"
+
+
+def test_a_header_too_long_or_not_plain_counts_as_absent():
+    for bad in ("x" * 129, "", "a b", "a/b", "é", "a\tb", "../../etc"):
+        assert from_headers({identity.SESSION: bad}) == Identity()
+        assert from_headers({identity.SESSION: SID, identity.AGENT: bad}) == Identity(SID)
+    # An agent id without a session names nothing: anonymous.
+    assert from_headers({identity.AGENT: "a1"}) == Identity()
+    assert from_headers({identity.SESSION: SID, identity.PARENT: "p"}).parent is None  # parent needs an agent
+    assert from_headers({identity.SESSION: "x" * 128}).session == "x" * 128
+
+
+def test_the_key_binds_the_header_identity_to_the_prefix():
+    body = sample("main-2.1.332.json")["body"]
+    other = {**body, "messages": [{"role": "user", "content": "something else"}]}
+    assert identity.conversation_key(body, True, Identity()) == prefix_key(body, True)
+    mine = identity.conversation_key(body, True, Identity(SID))
+    assert mine != prefix_key(body, True) and len(mine) == 32
+    # Same prefix, other session or agent: another conversation (no shared save, no shared home).
+    assert identity.conversation_key(body, True, Identity("other")) != mine
+    assert identity.conversation_key(body, True, Identity(SID, "a1")) != mine
+    # A forged session id never names another prefix's conversation.
+    assert identity.conversation_key(other, True, Identity(SID)) != mine
+    # Later turns of the conversation keep their key.
+    later = {**body, "messages": body["messages"] + [{"role": "assistant", "content": "ok"},
+                                                     {"role": "user", "content": "more"}]}
+    assert identity.conversation_key(later, True, Identity(SID)) == mine
+
+
+def test_tree_tracks_queued_then_running_and_lets_go():
+    tree = Tree()
+    agent = Identity(SID, "a1", None)
+    with tree.track(Identity(SID)) as main:
+        with tree.track(agent) as t:
+            assert tree.in_flight() == {("main", "queued"): 1, ("main", "running"): 0,
+                                        ("agent", "queued"): 1, ("agent", "running"): 0}
+            t.granted("primary")
+            t.granted("primary2")  # a retry elsewhere: still one running, on the new backend
+            snap = tree.snapshot()["sessions"][0]
+            assert snap["agents"][0]["running"] == 1 and snap["agents"][0]["backend"] == "primary2"
+            assert snap["main"]["queued"] == 1 and snap["id"] == SID[:8]
+        main.granted("primary")
+    assert set(tree.in_flight().values()) == {0}
+    with tree.track(Identity()) as anon:  # anonymous requests are not in the tree
+        anon.granted("primary")
+    assert len(tree) == 1
+
+
+def test_tree_is_bounded_whatever_ids_clients_send():
+    tree = Tree(max_sessions=3, max_agents=2)
+    for i in range(1000):
+        with tree.track(Identity(f"s{i % 50}", f"a{i}")):
+            pass
+    snap = tree.snapshot()
+    assert len(tree) == 3 and snap["sessions_known"] == 3
+    assert all(len(s["agents"]) <= 2 for s in snap["sessions"]) and snap["forgotten"] > 0
