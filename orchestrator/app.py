@@ -16,6 +16,7 @@ from .access import AccessPolicy, access_middleware
 from .affinity import Pool
 from .config import Config
 from .counting import TokenCounter
+from .dashboard_page import add_dashboard, track  # issue 20: the dashboard page
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
 from .handlers import GATEWAY, add_routes
 from .health import BackendHealth, watch_for
@@ -151,13 +152,15 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     policy = AccessPolicy.from_config(config.gateway, _events_secret(config))
     refused = gw.metrics.rejections
     app = web.Application(middlewares=[anthropic_errors,
-                                       access_middleware(policy, lambda reason: refused.labels(reason).inc())])
+                                       access_middleware(policy, lambda reason: refused.labels(reason).inc()),
+                                       track])  # issue 20: /v1/messages in the dashboard's in-flight list
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_release_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_kv_ctx)  # last in, first out: runs while the upstream session is open
     add_routes(app)
+    add_dashboard(app, config.gateway.api_key)  # issue 20
     return app
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import aiohttp
 from aiohttp import web
 
-from . import sse
+from . import inflight, sse
 from .affinity import Pool, conversation_key
 from .client_stream import ClientGone, ClientStream
 from .config import BackendConfig, Config
@@ -113,6 +113,7 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
                   arrived: float) -> web.StreamResponse:
     """Send through the least busy backend of the route's group; account the outcome on every path."""
     outcome = Outcome(route.backends[0], status="client_gone")
+    inflight.attach(outcome, route.kind.value, route.priority.name.lower())  # issue 20: the dashboard follows it
     client = ClientStream(request, gw.config.gateway.ping_interval_seconds) if body.get("stream") is True else None
     try:
         if client is not None:
