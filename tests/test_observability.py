@@ -136,9 +136,12 @@ def test_dashboard_command_says_no_engine_in_one_line(monkeypatch):
     from orchestrator.cli import main
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    result = CliRunner().invoke(main, ["dashboard", "--config", str(ROOT / "deploy" / "orchestrator.toml")])
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = CliRunner().invoke(main, ["dashboard", "--grafana", "--config", str(ROOT / "deploy" / "orchestrator.toml")])
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and "orchestrator status" in result.output
+    page, no_engine = result.output.splitlines()
+    assert page == "Dashboard: http://127.0.0.1:9090/dashboard" and "orchestrator status" in no_engine
 
 
 # ---- real Prometheus scraping the real gateway and llama-server --------------------------------
