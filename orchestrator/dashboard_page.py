@@ -34,7 +34,7 @@ from .history import History
 from .inflight import Registry
 
 WEB = Path(__file__).resolve().parent / "web"
-STATIC = {"dashboard.js": "application/javascript", "dashboard.css": "text/css"}
+STATIC = {"dashboard.js": "application/javascript", "dashboard.css": "text/css", "favicon.svg": "image/svg+xml"}
 PREFIX = "/dashboard"
 COOKIE = "orchestrator_dashboard"
 CSRF_HEADER = "X-Dashboard-CSRF"

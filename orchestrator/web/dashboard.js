@@ -96,7 +96,7 @@ function renderBackends(s) {
     const c = el("div", null, "card");
     const h = el("h3");
     h.append(el("span", b.name));
-    h.append(el("span", b.state, "pill " + (b.state === "up" ? "ok" : "bad")));
+    h.append(el("span", b.state, "pill " + (b.state === "ready" ? "ok" : b.state === "unknown" ? "" : "bad")));
     h.append(el("span", b.role, "muted"));
     c.append(h);
     c.append(el("div", `slots ${b.busy}/${b.slots} busy · ${b.queued} queued · restarts ${b.restarts}` +
@@ -114,7 +114,8 @@ function renderBackends(s) {
       d.append(el("div", `slot ${i} · ${busy ? "busy" : "idle"}`));
       if (r) {
         d.append(el("div", `#${r.id} ${r.state} ${secs(r.in_state)}`));
-        d.append(el("div", `${num(r.computed)} computed · ${num(r.cached)} cached`, "muted"));
+        d.append(el("div", `${num(r.computed)} computed · ${num(r.cached)} cached` +
+                           (ls && ls.decoded ? ` · ${num(ls.decoded)} decoded` : ""), "muted"));
         if (r.session) d.append(el("div", `session ${r.session}`, "muted"));
       } else if (ls && ls.processing) {
         d.append(el("div", `${num(ls.decoded)} decoded`, "muted"));
@@ -150,7 +151,7 @@ function chart(id, points, key, scale, color) {
   g.clearRect(0, 0, w, h);
   const now = Date.now() / 1000, span = 3600;
   const pts = points.filter((p) => p[key] !== null).map((p) => [p.t, p[key] * scale]);
-  const max = Math.max(1e-9, ...pts.map((p) => p[1])) * 1.15;
+  const max = pts.length ? Math.max(1e-3, ...pts.map((p) => p[1])) * 1.15 : 1;
   g.strokeStyle = "#263241"; g.fillStyle = "#8a99a8"; g.font = "11px system-ui, sans-serif";
   for (const f of [0, 0.5, 1]) {
     const y = h - 14 - f * (h - 24);
