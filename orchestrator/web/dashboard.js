@@ -141,7 +141,7 @@ function renderTables(s) {
        11, "no request yet");
 }
 
-function chart(id, points, key, scale, color) {
+function chart(id, points, key, scale, color, floor) {
   const c = document.getElementById(id);
   const w = c.clientWidth || c.width, h = c.clientHeight || c.height;
   const dpr = window.devicePixelRatio || 1;
@@ -151,7 +151,7 @@ function chart(id, points, key, scale, color) {
   g.clearRect(0, 0, w, h);
   const now = Date.now() / 1000, span = 3600;
   const pts = points.filter((p) => p[key] !== null).map((p) => [p.t, p[key] * scale]);
-  const max = pts.length ? Math.max(1e-3, ...pts.map((p) => p[1])) * 1.15 : 1;
+  const max = pts.length ? Math.max(floor, ...pts.map((p) => p[1])) * 1.15 : floor;
   g.strokeStyle = "#263241"; g.fillStyle = "#8a99a8"; g.font = "11px system-ui, sans-serif";
   for (const f of [0, 0.5, 1]) {
     const y = h - 14 - f * (h - 24);
@@ -171,10 +171,10 @@ function chart(id, points, key, scale, color) {
 
 function renderCharts(s) {
   const p = s.history.points;
-  chart("c-wait", p, "wait", 1, "#d29922");
-  chart("c-ttft", p, "ttft", 1, "#58a6ff");
-  chart("c-hit", p, "hit", 100, "#3fb950");
-  chart("c-tps", p, "tps", 1, "#bc8cff");
+  chart("c-wait", p, "wait", 1, "#d29922", 1);
+  chart("c-ttft", p, "ttft", 1, "#58a6ff", 1);
+  chart("c-hit", p, "hit", 100, "#3fb950", 100 / 1.15);
+  chart("c-tps", p, "tps", 1, "#bc8cff", 10);
 }
 
 function setConn(text, ok) {
