@@ -156,7 +156,8 @@ function chart(id, points, key, scale, color, floor) {
   for (const f of [0, 0.5, 1]) {
     const y = h - 14 - f * (h - 24);
     g.beginPath(); g.moveTo(30, y); g.lineTo(w, y); g.stroke();
-    g.fillText((max * f).toPrecision(2).replace(/\.0+$/, ""), 0, y + 4);
+    const v = max * f;
+    g.fillText(v >= 10 ? String(Math.round(v)) : String(Number(v.toPrecision(2))), 0, y + 4);
   }
   g.fillText("-60 min", 30, h - 1); g.fillText("now", w - 22, h - 1);
   if (!pts.length) { g.fillText("no data yet", w / 2 - 28, h / 2); return; }
