@@ -193,3 +193,17 @@ async def test_finished_requests_feed_recent_history_and_totals(gateway, fake, h
 def test_login_url_without_a_key_is_the_page():
     assert dashboard_page.login_url("http://127.0.0.1:9090", None) == "http://127.0.0.1:9090/dashboard"
     assert "/dashboard/login?t=" in dashboard_page.login_url("http://127.0.0.1:9090", KEY)
+
+
+async def test_the_state_answers_while_a_backend_is_down(gateway, http):
+    from conftest import free_port
+
+    base, _ = await _start(gateway, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+
+    async def down():
+        status, s = await _state(http, base)
+        assert status == 200
+        return s["backends"][0]["state"] == "down" and s
+
+    s = await _until(down)
+    assert s["backends"][0]["llama_slots"] is None
