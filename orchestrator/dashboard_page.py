@@ -111,19 +111,27 @@ class Dashboard:
         return _mac(self.secret, "dashboard-csrf", request.cookies.get(COOKIE, ""))
 
     # ---- what the page shows ----
-    async def slots_of(self, gw, name: str) -> Any:
+    async def slots_of(self, gw, backend) -> Any:
         """llama-server's `/slots`, at most once a second per backend however many pages poll."""
         now = time.monotonic()
+        name = backend.name
         cached = self.slots.get(name)
         if cached is not None and now - cached[0] < 1.0:
             return cached[1]
         try:
-            status, body = await gw.upstream.get_json(gw.config.backend(name), "/slots", timeout=SLOTS_TIMEOUT)
+            status, body = await gw.upstream.get_json(backend, "/slots", timeout=SLOTS_TIMEOUT)
             value = body if status == 200 and isinstance(body, list) else None
         except (GatewayError, asyncio.TimeoutError, OSError):
             value = None
         self.slots[name] = (now, value)
         return value
+
+
+def _backend_views(gw) -> list[tuple[Any, dict[str, Any]]]:
+    """Each backend's config and what /health says of it: the one place here that reads the Gateway's
+    shape. After the request-path split (gateway.py's Backend records) this is
+    `[(b.config, {**b.health.snapshot(), **b.slot_use()}) for b in gw.backends.values()]`."""
+    return [(h.backend, {**h.snapshot(), **_slot_use(gw, name)}) for name, h in gw.health.items()]
 
 
 def _slot_view(slot: Any) -> dict[str, Any]:
@@ -165,12 +173,10 @@ async def state(request: web.Request) -> web.Response:
         raise AuthenticationFailed("log in first: `orchestrator dashboard` prints a login link")
     gw = request.app[GATEWAY]
     snap = dash.registry.snapshot()
-    names = list(gw.health)
-    slots = await asyncio.gather(*(dash.slots_of(gw, n) for n in names))
-    backends = []
-    for name, raw in zip(names, slots):
-        backends.append({**gw.health[name].snapshot(), **_slot_use(gw, name),
-                         "llama_slots": [_slot_view(s) for s in raw] if raw is not None else None})
+    views = _backend_views(gw)
+    slots = await asyncio.gather(*(dash.slots_of(gw, cfg) for cfg, _ in views))
+    backends = [{**view, "llama_slots": [_slot_view(s) for s in raw] if raw is not None else None}
+                for (_, view), raw in zip(views, slots)]
     queued = sorted((e for e in snap["inflight"] if e["state"] == "queued"),
                     key=lambda e: (e["priority"] != "main", -e["wait"]))
     return web.json_response({
