@@ -22,8 +22,8 @@ llama-server: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
 
 # What the real-part tests need besides Python: a compiler for llama-server,
-# tmux and Node.js for Claude Code, Prometheus.
-TEST_TOOLS := cmake c++:g++ tmux node:nodejs npm prometheus promtool:prometheus
+# tmux and Node.js for Claude Code, Prometheus, chromium for the dashboard's browser tests.
+TEST_TOOLS := cmake c++:g++ tmux node:nodejs npm prometheus promtool:prometheus chromium
 
 test: install
 	deploy/ensure-tools.sh $(TEST_TOOLS)
@@ -77,3 +77,4 @@ bench: install
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_pool.py
+	$(BIN)/python bench/bench_dashboard.py

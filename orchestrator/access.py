@@ -31,6 +31,7 @@ from .errors import AuthenticationFailed, Forbidden, GatewayError
 log = logging.getLogger(__name__)
 
 INTERNAL_PREFIX = "/internal/"
+DASHBOARD_PREFIX = "/dashboard"
 SECRET_HEADER = "X-Orchestrator-Secret"
 # Claude Code's start-up reachability probes: answered without a key (they say
 # only that an orchestrator listens here, which the open port says already).
@@ -111,6 +112,11 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _dashboard(path: str) -> bool:
+    # The dashboard checks the key itself (dashboard_page.py): a browser sends a login cookie, not a header.
+    return path == DASHBOARD_PREFIX or path.startswith(DASHBOARD_PREFIX + "/")
+
+
 def access_middleware(policy: AccessPolicy, on_refusal: Callable[[str], None]):
     @web.middleware
     async def check_access(request: web.Request, handler) -> web.StreamResponse:
@@ -130,7 +136,7 @@ def access_middleware(policy: AccessPolicy, on_refusal: Callable[[str], None]):
         if request.path.startswith(INTERNAL_PREFIX):
             if not policy.secret_ok(request):
                 raise refuse("forbidden", Forbidden(f"{request.path} is for supervisord's event listener only"))
-        elif request.path not in PROBES:
+        elif request.path not in PROBES and not _dashboard(request.path):
             err = policy.key_error(request)
             if err is not None:
                 raise refuse("unauthorized", err)

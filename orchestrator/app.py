@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from .access import AccessPolicy, access_middleware
 from .config import Config
+from .dashboard_page import add_dashboard, track
 from .errors import GatewayError, InvalidRequest, NotFound, error_for_status
 from .gateway import GATEWAY, build_gateway
 from .handlers import add_routes
@@ -114,13 +115,15 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     policy = AccessPolicy.from_config(config.gateway, _events_secret(config))
     refused = gw.metrics.rejections
     app = web.Application(middlewares=[anthropic_errors,
-                                       access_middleware(policy, lambda reason: refused.labels(reason).inc())])
+                                       access_middleware(policy, lambda reason: refused.labels(reason).inc()),
+                                       track])  # /v1/messages in the dashboard's in-flight list
     app[GATEWAY] = gw
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_release_ctx)
     app.cleanup_ctx.append(_health_ctx)
     app.cleanup_ctx.append(_kv_ctx)  # last in, first out: runs while the upstream session is open
     add_routes(app)
+    add_dashboard(app, config.gateway.api_key)
     return app
 
 

@@ -7,11 +7,12 @@ import os
 import shlex
 import shutil
 import sys
+import webbrowser
 from pathlib import Path
 
 import click
 
-from . import __version__, claude_env, status_view, supervise
+from . import __version__, claude_env, dashboard_page, status_view, supervise
 from . import dashboard as grafana
 from .config import SYNTHETIC, Config, ConfigError
 from .configfile import config_from_dict, describe, load_config, render_example, with_overrides
@@ -189,6 +190,9 @@ def up_hints(config: Config, config_path: Path, paths: supervise.StackPaths) -> 
         install = "`make claude` installs it" if make else \
             f"`{_as_typed(REPO / 'deploy' / 'install-claude-code.sh', cwd)}` installs it"
         lines.append(f"Claude Code is not installed yet: {install} (it needs Node.js and npm).")
+    # The live page; with a key, the browser needs the login link `orchestrator dashboard` prints.
+    login = f"; log in with `{orch} dashboard{config_arg}`" if g.api_key else ""
+    lines.append(f"The live page: {g.url}/dashboard{login}.")
     conf = "" if paths.conf.parent == cwd else f" -c {_as_typed(paths.conf, cwd)}"
     if make and not custom:
         lines.append(f"The stack: `make status`, `make logs`, `make down`; supervisord: `{ctl}{conf} status`.")
@@ -224,18 +228,33 @@ def status(config_path) -> None:
 
 @main.command()
 @config_option
+@click.option("--grafana", "with_grafana", is_flag=True,
+              help="Also start Grafana (needs a Docker engine) with the Prometheus dashboard.")
 @click.option("--port", default=3000, show_default=True, help="Grafana's port on 127.0.0.1.")
-def dashboard(config_path, port) -> None:
-    """Open Grafana with the orchestrator dashboard (needs a Docker engine)."""
+def dashboard(config_path, with_grafana, port) -> None:
+    """The gateway's live page: prints its URL (with a one-time login when the gateway has a key),
+    opens it where a desktop browser is; --grafana starts Grafana too."""
     config, _ = _load(config_path)
+    url = dashboard_page.login_url(config.gateway.url, config.gateway.api_key)
+    note = f" (a login link: once, within {dashboard_page.TICKET_SECONDS} s)" if config.gateway.api_key else ""
+    click.echo(f"Dashboard: {url}{note}")
+    if _desktop():
+        webbrowser.open(url)
+    if not with_grafana:
+        return
     listen = config.supervisor.prometheus_listen or "127.0.0.1:9091"
     try:
-        url = grafana.start_grafana(f"http://{listen}", port=port)
+        grafana_url = grafana.start_grafana(f"http://{listen}", port=port)
     except grafana.NoDockerEngine as e:
         click.echo(f"No Docker engine answered ({str(e)[:100]}); for the same figures in the terminal "
                    f"run: `make status` (or `{_venv_command('orchestrator', Path.cwd())} status`)")
         raise SystemExit(1) from None
-    click.echo(f"Grafana: {url}")
+    click.echo(f"Grafana: {grafana_url}")
+
+
+def _desktop() -> bool:
+    """A graphical session to open a browser in: never a text browser in this terminal, nor on a server."""
+    return sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def _gateway_health(config: Config) -> dict:

@@ -22,10 +22,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import placement, sse
-from .identity import Identity, Track
+from . import inflight, placement, sse
 from .accounting import Outcome, record
 from .affinity import Conversation
+from .identity import Identity, Track
 from .bodies import INLINE_BYTES
 from .client_stream import ClientGone, ClientStream
 from .errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
@@ -59,6 +59,7 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
     asks (Claude Code's session and agent), part of the conversation's key; `track`: its place in the
     agent tree, told when it runs."""
     outcome = Outcome(route.backends[0], status="client_gone")
+    inflight.attach(outcome, route.kind.value, route.priority.name.lower())  # the dashboard follows it
     g = gw.config.gateway
     client = (ClientStream(request, g.ping_interval_seconds, g.write_timeout_seconds)
               if body.get("stream") is True else None)

@@ -96,3 +96,22 @@ async def test_env_and_status_work_with_a_key_from_the_environment(gateway, serv
     monkeypatch.delenv("ORCHESTRATOR_API_KEY")
     result = await asyncio.to_thread(CliRunner().invoke, main, ["env", "--config", str(cfg)])
     assert result.exit_code == 1 and "ORCHESTRATOR_API_KEY" in result.output
+
+
+def test_dashboard_prints_a_login_link_that_the_gateway_takes(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from orchestrator.dashboard_page import Dashboard
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    key = "secret-key-123456"
+    cfg = tmp_path / "o.toml"
+    cfg.write_text(f'[gateway]\napi_key = "{key}"\n[[backends]]\nname = "primary"\nurl = "http://127.0.0.1:8080"\n')
+    result = CliRunner().invoke(main, ["dashboard", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    url = result.output.split()[1]
+    assert url.startswith("http://127.0.0.1:9090/dashboard/login?t=")
+    ticket = url.split("t=", 1)[1]
+    assert Dashboard(key).take_ticket(ticket) and not Dashboard("other-key-12345").take_ticket(ticket)

@@ -136,9 +136,12 @@ def test_dashboard_command_says_no_engine_in_one_line(monkeypatch):
     from orchestrator.cli import main
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-    result = CliRunner().invoke(main, ["dashboard", "--config", str(ROOT / "deploy" / "orchestrator.toml")])
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = CliRunner().invoke(main, ["dashboard", "--grafana", "--config", str(ROOT / "deploy" / "orchestrator.toml")])
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and "orchestrator status" in result.output
+    page, no_engine = result.output.splitlines()
+    assert page == "Dashboard: http://127.0.0.1:9090/dashboard" and "orchestrator status" in no_engine
 
 
 # ---- real Prometheus scraping the real gateway and llama-server --------------------------------
@@ -230,3 +233,20 @@ async def test_every_panel_query_returns_data_from_real_traffic(llama, llama_sma
         assert "primary" in view and "cache hit" in view
     finally:
         prom.stop()
+
+
+def test_the_background_panel_shows_synthetic_answers_on_a_stack_without_a_background_model():
+    """The default stack has no background backend, so no orchestrator_background_answers series: the
+    panel shows the gateway's own title and topic answers too (their series exist from the start)."""
+    board = json.loads(DASHBOARD.read_text())
+    panel = next(p for p in board["panels"] if "orchestrator_background_answers_total" in p["targets"][0]["expr"])
+    exprs = [t["expr"] for t in panel["targets"]]
+    synthetic = [e for e in exprs if "orchestrator_synthetic_responses_total" in e]
+    assert synthetic and 'kind=~"title|topic"' in synthetic[0] and "$backend" not in synthetic[0]
+    from prometheus_client import CollectorRegistry
+
+    from orchestrator.metrics import Metrics
+    metrics = Metrics(CollectorRegistry(), ["primary"])
+    names = {s.labels.get("kind") for f in metrics.registry.collect() for s in f.samples
+             if s.name == "orchestrator_synthetic_responses_total"}
+    assert {"title", "topic"} <= names

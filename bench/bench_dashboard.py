@@ -1,0 +1,102 @@
+"""What one open dashboard page costs the gateway (issue 20): CPU of the gateway process per second.
+
+    make bench        (or: .venv/bin/python bench/bench_dashboard.py [--seconds N])
+
+Starts its own llama-server (SmolLM2, --parallel 1, with /slots) and gateway, answers a few requests so
+the page has recent requests and history to send, then measures the gateway's CPU time (utime + stime
+from /proc) over the same wall time twice, interleaved: idle, and with one page polling
+`/dashboard/api/state` every second as the page's script does (the page's own files are cached by the
+browser; the state is what it asks for each second). The difference is the page's cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import free_port, machine, wait_http  # noqa: E402
+from orchestrator.supervise import default_model, find_llama_server  # noqa: E402
+
+SHORT = {"model": "smollm2", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def window(http, gateway: str, pid: int, seconds: float, poll: bool) -> float:
+    """CPU share of one core used by the gateway over `seconds`, with or without a page polling."""
+    start_cpu, start = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() - start < seconds:
+        tick = time.monotonic()
+        if poll:
+            async with http.get(gateway + "/dashboard/api/state") as r:
+                assert r.status == 200, r.status
+                await r.read()
+        await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+    return (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
+
+
+async def run(binary: str, seconds: float) -> list[str]:
+    lport, gport = free_port(), free_port()
+    llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "llama.log", "wb")
+        procs = [subprocess.Popen([binary, "--model", default_model(), "--host", "127.0.0.1", "--port", str(lport),
+                                   "--ctx-size", "8192", "--parallel", "1", "--slots", "--threads", "2",
+                                   "--no-webui", "--seed", "1"], stdout=log, stderr=subprocess.STDOUT)]
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "serve", "--primary-url",
+                                       llama, "--port", str(gport), "--log-level", "warning"]))
+        try:
+            wait_http(llama + "/health")
+            wait_http(gateway + "/health")
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                for _ in range(20):
+                    async with http.post(gateway + "/v1/messages", json=SHORT) as r:
+                        await r.read()
+                async with http.get(gateway + "/dashboard") as r:
+                    page = len(await r.read())
+                idle, polled = [], []
+                for _ in range(2):  # interleaved: background noise hits both columns alike
+                    idle.append(await window(http, gateway, procs[1].pid, seconds / 2, poll=False))
+                    polled.append(await window(http, gateway, procs[1].pid, seconds / 2, poll=True))
+                async with http.get(gateway + "/dashboard/api/state") as r:
+                    state = len(await r.read())
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+    idle_share, polled_share = sum(idle) / len(idle), sum(polled) / len(polled)
+    web = ROOT / "orchestrator" / "web"
+    assets = sum(p.stat().st_size for p in web.iterdir())
+    return [
+        "Dashboard: one open page refreshing every second, against the real llama-server",
+        f"  page and assets: {assets / 1024:.1f} KB (limit 300 KB); the page {page} B; each state poll {state} B",
+        f"  gateway CPU, idle:            {100 * idle_share:.2f}% of a core",
+        f"  gateway CPU, one page open:   {100 * polled_share:.2f}% of a core",
+        f"  the page's cost:              {100 * (polled_share - idle_share):.2f}% of a core (limit 1%)",
+        f"  ({seconds:.0f} s measured, interleaved; {machine()})",
+    ]
+
+
+async def main() -> None:
+    binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or find_llama_server()
+    if not binary:
+        sys.exit("no llama-server: run deploy/install-llama-server.sh (make bench does)")
+    seconds = float(sys.argv[sys.argv.index("--seconds") + 1]) if "--seconds" in sys.argv else 60.0
+    print("\n".join(await run(binary, seconds)))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
