@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +22,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, machine, wait_http  # noqa: E402
-from orchestrator.supervise import default_model, find_llama_server  # noqa: E402
+from benchlib import llama_and_gateway, machine  # noqa: E402
+from orchestrator.supervise import find_llama_server  # noqa: E402
 
 SHORT = {"model": "smollm2", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
 
@@ -49,34 +47,19 @@ async def window(http, gateway: str, pid: int, seconds: float, poll: bool) -> fl
 
 
 async def run(binary: str, seconds: float) -> list[str]:
-    lport, gport = free_port(), free_port()
-    llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
-    with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "llama.log", "wb")
-        procs = [subprocess.Popen([binary, "--model", default_model(), "--host", "127.0.0.1", "--port", str(lport),
-                                   "--ctx-size", "8192", "--parallel", "1", "--slots", "--threads", "2",
-                                   "--no-webui", "--seed", "1"], stdout=log, stderr=subprocess.STDOUT)]
-        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "serve", "--primary-url",
-                                       llama, "--port", str(gport), "--log-level", "warning"]))
-        try:
-            wait_http(llama + "/health")
-            wait_http(gateway + "/health")
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-                for _ in range(20):
-                    async with http.post(gateway + "/v1/messages", json=SHORT) as r:
-                        await r.read()
-                async with http.get(gateway + "/dashboard") as r:
-                    page = len(await r.read())
-                idle, polled = [], []
-                for _ in range(2):  # interleaved: background noise hits both columns alike
-                    idle.append(await window(http, gateway, procs[1].pid, seconds / 2, poll=False))
-                    polled.append(await window(http, gateway, procs[1].pid, seconds / 2, poll=True))
-                async with http.get(gateway + "/dashboard/api/state") as r:
-                    state = len(await r.read())
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+    with llama_and_gateway(binary, "--slots") as (llama, gateway, pid):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+            for _ in range(20):
+                async with http.post(gateway + "/v1/messages", json=SHORT) as r:
+                    await r.read()
+            async with http.get(gateway + "/dashboard") as r:
+                page = len(await r.read())
+            idle, polled = [], []
+            for _ in range(2):  # interleaved: background noise hits both columns alike
+                idle.append(await window(http, gateway, pid, seconds / 2, poll=False))
+                polled.append(await window(http, gateway, pid, seconds / 2, poll=True))
+            async with http.get(gateway + "/dashboard/api/state") as r:
+                state = len(await r.read())
     idle_share, polled_share = sum(idle) / len(idle), sum(polled) / len(polled)
     web = ROOT / "orchestrator" / "web"
     assets = sum(p.stat().st_size for p in web.iterdir())

@@ -25,9 +25,7 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kv  # noqa: E402
-from benchlib import SAMPLES, claude_turn, free_port, wait_http  # noqa: E402
-from orchestrator.supervise import default_model, find_llama_server  # noqa: E402
+from benchlib import SAMPLES, claude_turn, llama_and_gateway  # noqa: E402
+from orchestrator.supervise import find_llama_server  # noqa: E402
 
 
 
@@ -93,26 +91,10 @@ async def main() -> None:
 
 
 async def gateway_cases(binary: str) -> None:
-    lport, gport = free_port(), free_port()
-    llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
-    with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "llama.log", "wb")
-        procs = [subprocess.Popen([binary, "--model", default_model(), "--host", "127.0.0.1", "--port", str(lport),
-                                   "--ctx-size", "8192", "--parallel", "1", "--metrics", "--threads", "2",
-                                   "--no-webui", "--seed", "1"], stdout=log, stderr=subprocess.STDOUT)]
-        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "serve", "--primary-url",
-                                       llama, "--port", str(gport), "--log-level", "warning"]))
-        try:
-            wait_http(llama + "/health")
-            wait_http(gateway + "/health")
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
-                                             timeout=aiohttp.ClientTimeout(total=600)) as http:
-                await report(http, llama, gateway, procs[1].pid)
-        finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
-            log.close()
+    with llama_and_gateway(binary, "--metrics") as (llama, gateway, gateway_pid):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=600)) as http:
+            await report(http, llama, gateway, gateway_pid)
 
 
 async def report(http, llama: str, gateway: str, gateway_pid: int) -> None:

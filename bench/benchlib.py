@@ -3,14 +3,19 @@ and Claude Code's real main request."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import platform
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import aiohttp
 
@@ -59,3 +64,27 @@ def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, aiohttp "
             f"{aiohttp.__version__}; load average {load} (other work on the machine makes every figure noisier)")
+
+
+@contextlib.contextmanager
+def llama_and_gateway(binary: str, *llama_flags: str) -> Iterator[tuple[str, str, int]]:
+    """A llama-server (the default model, 1 slot, 2 threads, ctx 8192) and a gateway in front of it,
+    both answering: (llama-server's URL, the gateway's URL, the gateway's pid). Both stopped after."""
+    from orchestrator.supervise import default_model
+
+    lport, gport = free_port(), free_port()
+    llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "llama.log", "wb") as log:
+        procs = [subprocess.Popen([binary, "--model", default_model(), "--host", "127.0.0.1", "--port", str(lport),
+                                   "--ctx-size", "8192", "--parallel", "1", "--threads", "2", "--no-webui",
+                                   "--seed", "1", *llama_flags], stdout=log, stderr=subprocess.STDOUT)]
+        procs.append(subprocess.Popen([str(Path(sys.executable).parent / "orchestrator"), "serve", "--primary-url",
+                                       llama, "--port", str(gport), "--log-level", "warning"]))
+        try:
+            wait_http(llama + "/health")
+            wait_http(gateway + "/health")
+            yield llama, gateway, procs[1].pid
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from conftest import stop_process
 
 
 def chromium_binary() -> str:
@@ -125,10 +126,4 @@ class Browser:
             await self.ws.close()
         if self.session is not None:
             await self.session.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
