@@ -19,6 +19,7 @@ a failed request is one warning line and a count, and the backend goes on cold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from .affinity import Conversation
 from .config import BackendConfig, Config
 from .errors import GatewayError
 from .metrics import Metrics
+from .prefixes import for_waiter
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
 from .upstream import UpstreamClient, read_whole
@@ -76,6 +78,13 @@ class BackendSaves:
     generation: int = 0                          # bumped by every finished request
     waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
     saving: bool = False
+    # The conversation the slot was last given (parking.py); only once it ended whole is it `latest`.
+    holder: str | None = None
+    holder_whole: bool = False
+    save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
+# A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
+# save sharing its longest prefix (prefixes.py).
+PREFIX_BLOCKS = 256
 
 
 class KvPersistence:
@@ -98,9 +107,15 @@ class KvPersistence:
 
     # ---- what placement tells it -----------------------------------------------------------
 
-    def waiting(self, b: BackendSaves, conversation: Conversation) -> _Waiting:
+    @contextlib.contextmanager
+    def waiting(self, b: BackendSaves, conversation: Conversation) -> Iterator[None]:
         """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""
-        return _Waiting(b, self._next(), conversation)
+        seq = self._next()
+        b.waiting[seq] = conversation
+        try:
+            yield
+        finally:
+            b.waiting.pop(seq, None)
 
     def finished(self, b: BackendSaves, conversation: Conversation, tokens: int) -> None:
         """A main request ended whole on the backend: save once the slot has been idle a while."""
@@ -160,20 +175,29 @@ class KvPersistence:
         if leases is None:
             self.metrics.kv_saves.labels(backend, "busy").inc()
             return "busy"  # the request that holds it saves when it finishes
+        try:
+            return (await self.save_held(b, b.latest[0], tokens))[0]
+        finally:
+            for lease in leases:
+                lease.release()
+
+    async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> tuple[str, float]:
+        """Save the slot as `conversation`'s now, the caller holding every slot (a park); result, seconds."""
+        if b.saving:
+            return "skipped", 0.0
         b.saving = True
         t0 = time.monotonic()
         try:
-            result = await self._save(b, key, tokens)
+            result = await self._save(b, conversation.key, tokens, conversation.prefix[:PREFIX_BLOCKS])
         finally:
             b.saving = False
-            for lease in leases:
-                lease.release()
-        self.metrics.kv_saves.labels(backend, result).inc()
+        took = time.monotonic() - t0
+        self.metrics.kv_saves.labels(b.backend.name, result).inc()
         if result == "saved":
-            self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - t0)
-        return result
+            self.metrics.kv_save_seconds.labels(b.backend.name).observe(took)
+        return result, took
 
-    async def _save(self, b: BackendSaves, key: str, tokens: int) -> str:
+    async def _save(self, b: BackendSaves, key: str, tokens: int, prefix: list[str] | None = None) -> str:
         name = b.backend.name
         server = await self._server_id(b)
         if server is None:
@@ -191,7 +215,8 @@ class KvPersistence:
             size = path.stat().st_size
             n_saved = int(answer.get("n_saved") or 0)
             meta = {"key": key, "file": filename, "bytes": size, "n_tokens": n_saved, "time": time.time(),
-                    "model": server.model, "n_ctx": server.n_ctx, "build": server.build, "slot": SLOT}
+                    "model": server.model, "n_ctx": server.n_ctx, "build": server.build, "slot": SLOT,
+                    "prefix": prefix or []}
             old = _read_meta(b.folder / f"{key}.json")
             _write_atomic(b.folder / f"{key}.json", json.dumps(meta))
         except (OSError, ValueError, TypeError) as e:
@@ -255,7 +280,7 @@ class KvPersistence:
 
     async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
         name = b.backend.name
-        if await self._slot_tokens(b) > 0:
+        if await self.slot_tokens(b) > 0:
             return "warm", {}  # its cache survived (the gateway restarted, not the server)
         saves = [m for m in _saves(b.folder) if m.get("slot", SLOT) == SLOT]
         if not saves:
@@ -269,8 +294,27 @@ class KvPersistence:
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
             return "refused", {"error": why}
-        wanted = b.waiting[min(b.waiting)].key if b.waiting else None
-        pick = next((m for m in fitting if m.get("key") == wanted), None) or max(fitting, key=lambda m: m["time"])
+        first = b.waiting[min(b.waiting)] if b.waiting else None
+        pick = for_waiter(fitting, first.key, first.prefix) if first else max(fitting, key=lambda m: m["time"])
+        if pick is None:
+            return "none", {}
+        result, note = await self._restore_file(b, pick)
+        if result == "restored":
+            b.saved[str(pick["key"])] = -1  # the slot holds it again; the next finished turn saves anew
+            b.holder, b.holder_whole = str(pick["key"]), False
+        return result, note
+
+    async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:
+        """Restore `key`'s save now, the caller holding the slot (an unpark); "none": no save of it fits."""
+        server = await self._server_id(b)
+        meta = _read_meta(b.folder / f"{key}.json")
+        if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
+            return "none", {}
+        return await self._restore_file(b, meta)
+
+    async def _restore_file(self, b: BackendSaves, pick: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Restore one save. A failed one leaves the slot empty (llama-server clears it): cold, not wrong."""
+        name = b.backend.name
         path = b.folder / str(pick.get("file"))
         size = path.stat().st_size if path.exists() else -1
         if size != pick.get("bytes"):
@@ -283,9 +327,7 @@ class KvPersistence:
             log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
             return "failed", {"error": _why(e)}
         n = int(answer.get("n_restored") or 0)
-        b.saved[str(pick["key"])] = -1  # the slot holds it again; the next finished turn saves anew
-        log.info("backend %s: restored %d tokens of conversation %s before reopening its queue", name, n,
-                 str(pick["key"])[:8])
+        log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
         return "restored", {"n_tokens": n, "key": pick["key"]}
 
     # ---- llama-server ----------------------------------------------------------------------
@@ -318,7 +360,7 @@ class KvPersistence:
         return ServerId(str(props.get("model_path", "")), n_ctx if isinstance(n_ctx, int) else 0,
                         str(props.get("build_info", "")))
 
-    async def _slot_tokens(self, b: BackendSaves) -> int:
+    async def slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
         try:
             status, slots = await self.upstream.get_json(b.backend, "/slots", timeout=PROPS_TIMEOUT)
@@ -330,19 +372,6 @@ class KvPersistence:
             if isinstance(s, dict) and s.get("id") == SLOT and isinstance(s.get("n_prompt_tokens"), int):
                 return s["n_prompt_tokens"]
         return 0
-
-
-class _Waiting:
-    """Registers a waiting request's conversation for the length of a `with` block."""
-
-    def __init__(self, b: BackendSaves, seq: int, conversation: Conversation) -> None:
-        self.b, self.seq, self.conversation = b, seq, conversation
-
-    def __enter__(self) -> None:
-        self.b.waiting[self.seq] = self.conversation
-
-    def __exit__(self, *exc) -> None:
-        self.b.waiting.pop(self.seq, None)
 
 
 # ---- the folder ----------------------------------------------------------------------------
