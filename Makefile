@@ -77,3 +77,4 @@ bench: install
 	$(BIN)/python bench/bench_gateway.py
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_pool.py
+	$(BIN)/python bench/bench_parking.py

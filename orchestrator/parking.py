@@ -51,10 +51,19 @@ def parks(backend: Backend) -> bool:
     return backend.kv is not None and backend.config.kv_park and backend.config.slots == 1
 
 
+def _switched(backend: Backend, key: str, turn: SlotTurn) -> None:
+    """Parking off: only what the slot was last given, for cachemiss to tell a switch from an eviction."""
+    b = backend.kv
+    turn.how = "empty" if b.holder is None else "same" if b.holder == key else "switched"
+    b.holder, b.holder_whole = key, False
+
+
 async def before_send(gw: Gateway, backend: Backend, conversation: Conversation, call: Call) -> SlotTurn:
     """Park, checkpoint and unpark as needed, in a task the slot waits for (see the module's doc)."""
     turn = SlotTurn()
     if not parks(backend):
+        if backend.kv is not None and backend.config.slots == 1:
+            _switched(backend, conversation.key, turn)
         return turn
     call.admin = asyncio.ensure_future(_prepare(gw, backend, conversation, turn))
     await asyncio.shield(call.admin)
