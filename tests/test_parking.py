@@ -204,3 +204,12 @@ def test_each_turn_says_why_its_prompt_was_computed():
     assert reg.get_sample_value("orchestrator_cache_prefix_changes_total", {"backend": "b", "kind": "messages"}) == 1
     assert reg.get_sample_value("orchestrator_cache_turns_total", {"backend": "b", "reason": "evicted"}) == 1
     assert reg.get_sample_value("orchestrator_cache_computed_tokens_total", {"backend": "b", "reason": "switched"}) == 170
+
+
+def test_make_status_says_why_the_cache_missed():
+    from orchestrator.status_view import kv_lines
+
+    health = {"backends": [{"name": "primary", "cache": {"turns": {"new": 1, "prefix_changed": 1}, "recent": [
+        {"reason": "prefix_changed", "at_token": 512, "at_block": "system[1]", "cached": 512, "prompt": 1600}]}}]}
+    assert kv_lines(health, 0.0) == ["prompt cache: primary turns new 1, prefix_changed 1; last prefix_changed "
+                                     "at token 512 (system[1]), 512/1,600 from cache"]
