@@ -78,3 +78,4 @@ bench: install
 	$(BIN)/python bench/bench_overhead.py
 	$(BIN)/python bench/bench_pool.py
 	$(BIN)/python bench/bench_dashboard.py
+	$(BIN)/python bench/bench_parking.py

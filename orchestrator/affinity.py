@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Callable, Sequence
 
 from .errors import GatewayError
+from .prefixes import blocks as prompt_blocks
 from .routing import strip_billing_header, utf8_json
 from .slots import SlotQueue
 
@@ -52,6 +53,16 @@ class Conversation:
     @functools.cached_property
     def key(self) -> str:
         return bound_key(conversation_key(self._body, self._strip_billing), self._session, self._agent)
+
+    @functools.cached_property
+    def blocks(self) -> list[tuple[str, str]]:
+        """(where, hash) of each content block as forwarded (prefixes.py): where two turns part."""
+        body = (strip_billing_header(self._body) or self._body) if self._strip_billing else self._body
+        return prompt_blocks(body)
+
+    @property
+    def prefix(self) -> list[str]:
+        return [h for _, h in self.blocks]
 
 
 def bound_key(prefix: str, session: str | None, agent: str | None) -> str:

@@ -185,6 +185,21 @@ class BackendConfig:
     # Claude Code's tool loop sends the next turn within a tool's run time; a save waits for a pause.
     kv_save_idle_seconds: float = setting(2.0, "the slot idle this long, nobody waiting: then save",
                                           check=_non_negative, why="a non-negative number")
+    # Measured on SmolLM2-135M, 2 cores, --cache-ram 0 (issue 19): a prefill costs 5.6-7.1 s per 1k
+    # tokens, a save 15-100 ms per 1k and a restore 6-11 ms per 1k (each with a fixed ~5 ms), so a
+    # save and a restore cost under 2% of the prefill they spare; below ~10 tokens the fixed part wins.
+    kv_park: bool = setting(True, "one-slot server: save the slot's conversation before another one takes "
+                                  "the slot (park), restore a conversation's save before its turn (unpark)")
+    kv_park_min_tokens: int = setting(64, "park, unpark or checkpoint only a conversation of at least this many "
+                                          "tokens (measured break-even: ~10 on SmolLM2)",
+                                      check=_non_negative, why="a non-negative integer")
+    kv_checkpoint_share: float = setting(0.05, "save a busy conversation before its next turn when the tokens not "
+                                               "on disk are more than this share of it (a save costs ~2% of the "
+                                               "prefill of the same tokens, measured); 0: every turn",
+                                         check=_non_negative, why="a non-negative number")
+    kv_park_max_seconds: float = setting(10.0, "a park or checkpoint expected (from the last save's pace) to hold "
+                                               "a waiting request longer than this is skipped",
+                                         check=_non_negative, why="a non-negative number")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .affinity import Pool
+from .cachemiss import CacheMisses
 from .config import BackendConfig, Config
 from .counting import TokenCounter
 from .health import BackendHealth, watch_for
@@ -34,6 +35,9 @@ class Call:
     sent: bool = False       # the request went out: the backend may be working on it
     answered: bool = False   # the backend's answer began (it had the request in a slot)
     complete: bool = False   # its answer was read to the end: the backend is done with it
+    # The gateway's own work on the slot before the send (a park, an unpark: parking.py); the slot
+    # is not free before it ends, even if the client left during it.
+    admin: asyncio.Task | None = None
 
     @property
     def abandoned(self) -> bool:
@@ -78,6 +82,8 @@ class Gateway:
     pool: Pool | None = None
     # Claude Code's sessions and agents, queued or running (bounded).
     agents: Tree = field(default_factory=Tree)
+    # Why each main or agent turn's prompt missed the cache (cachemiss.py).
+    misses: CacheMisses | None = None
     started: float = field(default_factory=time.time)
 
     def group(self, names: Iterable[str]) -> list[Backend]:
@@ -99,7 +105,7 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
                            on_source=lambda source: metrics.count_tokens_source.labels(source).inc())
     gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter,
-                 kv=KvPersistence(config, upstream, metrics))
+                 kv=KvPersistence(config, upstream, metrics), misses=CacheMisses(metrics))
     r = config.routing
     if r.affinity and len(config.main_backends) > 1:
         gw.pool = Pool(max_entries=r.affinity_max_conversations, max_wait=r.affinity_max_wait_seconds)

@@ -6,7 +6,9 @@ once a main request has finished and the slot has been idle for a moment with
 nobody waiting, the slot is saved (`POST /slots/0?action=save`) while the
 gateway holds every slot of the backend, so no generation overlaps the save.
 When the backend comes back, `health` awaits `restore` before it reopens the
-queue: the save of the first waiting request's conversation, else the newest.
+queue: the save of the first waiting request's conversation, else the one sharing
+its longest prefix (prefixes.py), else none. Parking (parking.py) uses the same
+store in a granted request's slot: `save_held` and `restore_key`.
 
 Each save is a pair in the backend's folder: `KEY-MS.bin`, llama-server's own
 file, and `KEY.json`, what identifies the server that wrote it (kv_identity:
@@ -20,21 +22,22 @@ a failed request is one warning line and a count, and the backend goes on cold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .affinity import Conversation
 from .config import BackendConfig, Config
 from .errors import GatewayError
 from .kv_identity import ServerId, checksum, server_id
+from .kvfolder import read_meta, remove, saves as saved_files, write_atomic
 from .metrics import Metrics
+from .prefixes import for_waiter
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
 from .upstream import UpstreamClient, read_whole
@@ -52,6 +55,15 @@ PROPS_TIMEOUT = 5.0
 MAX_ACTION_ANSWER_BYTES = 64 * 1024
 
 
+class _Written(NamedTuple):
+    """A slot the server has written to a file, not yet checksummed and named in its metadata."""
+
+    filename: str
+    answer: dict[str, Any]
+    server: ServerId
+    started: float
+
+
 @dataclass
 class BackendSaves:
     """One backend's saving state and folder."""
@@ -64,6 +76,15 @@ class BackendSaves:
     generation: int = 0                          # bumped by every finished request
     waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
     saving: bool = False
+    # The conversation the slot was last given (parking.py); only once it ended whole is it `latest`.
+    holder: str | None = None
+    holder_whole: bool = False
+    save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
+
+
+# A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
+# save sharing its longest prefix (prefixes.py).
+PREFIX_BLOCKS = 256
 
 
 class KvPersistence:
@@ -86,9 +107,15 @@ class KvPersistence:
 
     # ---- what placement tells it -----------------------------------------------------------
 
-    def waiting(self, b: BackendSaves, conversation: Conversation) -> _Waiting:
+    @contextlib.contextmanager
+    def waiting(self, b: BackendSaves, conversation: Conversation) -> Iterator[None]:
         """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""
-        return _Waiting(b, self._next(), conversation)
+        seq = self._next()
+        b.waiting[seq] = conversation
+        try:
+            yield
+        finally:
+            b.waiting.pop(seq, None)
 
     def finished(self, b: BackendSaves, conversation: Conversation, tokens: int) -> None:
         """A main request ended whole on the backend: save once the slot has been idle a while."""
@@ -140,57 +167,89 @@ class KvPersistence:
         if b.latest is None or b.saving:
             return "skipped"
         backend = b.backend.name
-        key, tokens = b.latest[0].key, b.latest[1]
-        if b.saved.get(key) == tokens:
+        conversation, tokens = b.latest
+        if b.saved.get(conversation.key) == tokens:
             self.metrics.kv_saves.labels(backend, "unchanged").inc()
             return "unchanged"
         leases = self._idle_leases(b)
         if leases is None:
             self.metrics.kv_saves.labels(backend, "busy").inc()
             return "busy"  # the request that holds it saves when it finishes
-        b.saving = True
+        try:
+            written = await self._write(b, conversation)
+        finally:
+            for lease in leases:
+                lease.release()
+        if written is None:
+            return "failed"
+        return await self._finish(b, conversation, tokens, written)
+
+    async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> tuple[str, float]:
+        """Save the slot as `conversation`'s now, the caller holding every slot (a park or a checkpoint).
+        Returns once the server has written the file: the result and the seconds that took. The
+        checksum and the metadata follow in the background with the slot in use again."""
+        if b.saving:
+            self.metrics.kv_saves.labels(b.backend.name, "skipped").inc()
+            return "skipped", 0.0
         t0 = time.monotonic()
+        written = await self._write(b, conversation)
+        took = time.monotonic() - t0
+        if written is None:
+            return "failed", took
+        self._spawn(self._finish(b, conversation, tokens, written), f"kv-keep:{b.backend.name}")
+        return "saved", took
+
+    async def _write(self, b: BackendSaves, conversation: Conversation) -> _Written | None:
+        """The server writes the slot to a file, `saving` set from here until `_finish` ends."""
+        b.saving = True
+        written = None
+        try:
+            written = await self._save(b, conversation.key)
+        finally:
+            if written is None:
+                b.saving = False
+                self.metrics.kv_saves.labels(b.backend.name, "failed").inc()
+        return written
+
+    async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written) -> str:
+        """Checksum and metadata of a written save, taken with the slot free again (seconds for
+        gigabytes: a request arriving now is not kept waiting by it); `saving` keeps a second save out."""
+        backend = b.backend.name
         generation = b.generation
         try:
-            try:
-                written = await self._save(b, key)
-            finally:
-                for lease in leases:
-                    lease.release()
-            # The checksum (seconds for gigabytes) is taken with the slot free again: a request
-            # arriving now is not kept waiting by it. `saving` still keeps a second save out.
-            result = "failed" if written is None else await self._keep(b, key, tokens, *written)
+            result = await self._keep(b, conversation, tokens, *written)
         finally:
             b.saving = False
         self.metrics.kv_saves.labels(backend, result).inc()
         if result == "saved":
-            self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - t0)
+            self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - written.started)
         if b.generation != generation:
             # A request finished meanwhile, and its own save found this one running.
             self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{backend}")
         return result
 
-    async def _save(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any], ServerId] | None:
-        """The slot written to a new file by the server: (file name, its answer, its identity)."""
+    async def _save(self, b: BackendSaves, key: str) -> _Written | None:
+        """The slot written to a new file by the server: (file name, its answer, its identity, start)."""
         name = b.backend.name
         server = await server_id(self.upstream, b.backend)
         if server is None:
             log.warning("backend %s: /props unreadable; no KV save", name)
             return None
+        started = time.monotonic()
         filename = f"{key}-{int(time.time() * 1000)}.bin"
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
             answer = await self._slot_action(b, "save", filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
-            _remove(b.folder / filename)
+            remove(b.folder / filename)
             return None
-        return filename, answer, server
+        return _Written(filename, answer, server, started)
 
-    async def _keep(self, b: BackendSaves, key: str, tokens: int, filename: str, answer: dict[str, Any],
-                    server: ServerId) -> str:
+    async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int, filename: str,
+                    answer: dict[str, Any], server: ServerId, started: float) -> str:
         """The save's metadata written beside it (its checksum, its server), the folder bounded."""
-        name = b.backend.name
+        name, key = b.backend.name, conversation.key
         path = b.folder / filename
         try:
             size = path.stat().st_size
@@ -199,15 +258,16 @@ class KvPersistence:
             hashed = time.monotonic() - t0
             n_saved = int(answer.get("n_saved") or 0)
             meta = {"key": key, "file": filename, "bytes": size, "sha256": digest, "n_tokens": n_saved,
-                    "time": time.time(), **server.fields(), "slot": SLOT}
-            old = _read_meta(b.folder / f"{key}.json")
-            _write_atomic(b.folder / f"{key}.json", json.dumps(meta))
+                    "time": time.time(), **server.fields(), "slot": SLOT,
+                    "prefix": conversation.prefix[:PREFIX_BLOCKS]}
+            old = read_meta(b.folder / f"{key}.json")
+            write_atomic(b.folder / f"{key}.json", json.dumps(meta))
         except (OSError, ValueError, TypeError) as e:
             log.warning("backend %s: KV save of %s not kept (%s)", name, filename, _why(e))
-            _remove(path)
+            remove(path)
             return "failed"
         if old and old.get("file") != filename:
-            _remove(b.folder / str(old.get("file")))
+            remove(b.folder / str(old.get("file")))
         b.saved[key] = tokens
         took = answer.get("timings", {}).get("save_ms") if isinstance(answer.get("timings"), dict) else None
         log.info("backend %s: saved %d tokens of conversation %s (%s bytes%s, checksum %.0f ms)", name, n_saved,
@@ -219,19 +279,19 @@ class KvPersistence:
     def _bound(self, b: BackendSaves) -> None:
         """Keep the folder under its byte budget: oldest saves dropped first, the newest always kept;
         files no save names (a save cut off by a crash) dropped at once."""
-        saves = sorted(_saves(b.folder), key=lambda m: m.get("time", 0), reverse=True)
+        saves = sorted(saved_files(b.folder), key=lambda m: m.get("time", 0), reverse=True)
         named = {m.get("file") for m in saves}
         for f in b.folder.glob("*.bin"):
             if f.name not in named:
-                _remove(f)
+                remove(f)
         total = 0
         for i, m in enumerate(saves):
             total += int(m.get("bytes") or 0)
             if i > 0 and total > b.backend.kv_save_max_bytes:
                 log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",
                          b.backend.name, str(m.get("key"))[:8], b.backend.kv_save_max_bytes)
-                _remove(b.folder / str(m.get("file")))
-                _remove(b.folder / f"{m.get('key')}.json")
+                remove(b.folder / str(m.get("file")))
+                remove(b.folder / f"{m.get('key')}.json")
                 b.saved.pop(str(m.get("key")), None)
                 total -= int(m.get("bytes") or 0)
         self.metrics.kv_disk_bytes.labels(b.backend.name).set(total)
@@ -263,9 +323,9 @@ class KvPersistence:
 
     async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
         name = b.backend.name
-        if await self._slot_tokens(b) > 0:
+        if await self.slot_tokens(b) > 0:
             return "warm", {}  # its cache survived (the gateway restarted, not the server)
-        saves = [m for m in _saves(b.folder) if m.get("slot", SLOT) == SLOT]
+        saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
         if not saves:
             return "none", {}
         server = await server_id(self.upstream, b.backend)
@@ -277,8 +337,27 @@ class KvPersistence:
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
             return "refused", {"error": why}
-        wanted = b.waiting[min(b.waiting)].key if b.waiting else None
-        pick = next((m for m in fitting if m.get("key") == wanted), None) or max(fitting, key=lambda m: m["time"])
+        first = b.waiting[min(b.waiting)] if b.waiting else None
+        pick = for_waiter(fitting, first.key, first.prefix) if first else max(fitting, key=lambda m: m["time"])
+        if pick is None:
+            return "none", {}
+        result, note = await self._restore_file(b, pick)
+        if result == "restored":
+            b.saved[str(pick["key"])] = -1  # the slot holds it again; the next finished turn saves anew
+            b.holder, b.holder_whole = str(pick["key"]), False
+        return result, note
+
+    async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:
+        """Restore `key`'s save now, the caller holding the slot (an unpark); "none": no save of it fits."""
+        server = await server_id(self.upstream, b.backend)
+        meta = read_meta(b.folder / f"{key}.json")
+        if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
+            return "none", {}
+        return await self._restore_file(b, meta)
+
+    async def _restore_file(self, b: BackendSaves, pick: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Restore one save. A failed one leaves the slot empty (llama-server clears it): cold, not wrong."""
+        name = b.backend.name
         path = b.folder / str(pick.get("file"))
         size = path.stat().st_size if path.exists() else -1
         if size != pick.get("bytes"):
@@ -289,8 +368,8 @@ class KvPersistence:
         if digest != pick.get("sha256"):
             log.warning("backend %s: KV save %s does not match its checksum (damaged on disk, or written "
                         "without one); removed, it starts cold", name, path.name)
-            _remove(path)
-            _remove(b.folder / f"{pick['key']}.json")
+            remove(path)
+            remove(b.folder / f"{pick['key']}.json")
             return "failed", {"error": "save file does not match its checksum"}
         try:
             answer = await self._slot_action(b, "restore", path.name, RESTORE_TIMEOUT)
@@ -298,9 +377,7 @@ class KvPersistence:
             log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
             return "failed", {"error": _why(e)}
         n = int(answer.get("n_restored") or 0)
-        b.saved[str(pick["key"])] = -1  # the slot holds it again; the next finished turn saves anew
-        log.info("backend %s: restored %d tokens of conversation %s before reopening its queue", name, n,
-                 str(pick["key"])[:8])
+        log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
         return "restored", {"n_tokens": n, "key": pick["key"]}
 
     # ---- llama-server ----------------------------------------------------------------------
@@ -320,7 +397,7 @@ class KvPersistence:
             raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
         return answer
 
-    async def _slot_tokens(self, b: BackendSaves) -> int:
+    async def slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
         try:
             status, slots = await self.upstream.get_json(b.backend, "/slots", timeout=PROPS_TIMEOUT)
@@ -332,74 +409,6 @@ class KvPersistence:
             if isinstance(s, dict) and s.get("id") == SLOT and isinstance(s.get("n_prompt_tokens"), int):
                 return s["n_prompt_tokens"]
         return 0
-
-
-class _Waiting:
-    """Registers a waiting request's conversation for the length of a `with` block."""
-
-    def __init__(self, b: BackendSaves, seq: int, conversation: Conversation) -> None:
-        self.b, self.seq, self.conversation = b, seq, conversation
-
-    def __enter__(self) -> None:
-        self.b.waiting[self.seq] = self.conversation
-
-    def __exit__(self, *exc) -> None:
-        self.b.waiting.pop(self.seq, None)
-
-
-# ---- the folder ----------------------------------------------------------------------------
-
-def _saves(folder: Path) -> Iterator[dict[str, Any]]:
-    """Every readable save's metadata; an unreadable one is skipped (its file goes with the bound)."""
-    try:
-        metas = list(folder.glob("*.json"))
-    except OSError:
-        return
-    for p in metas:
-        meta = _read_meta(p)
-        if meta is not None:
-            yield meta
-        else:
-            log.warning("KV save metadata %s is unreadable; ignored", p)
-
-
-# The only names the gateway writes: a conversation key (affinity.conversation_key, 32 hex digits)
-# and its save file KEY-MILLISECONDS.bin. Metadata naming anything else ("../../x", an absolute
-# path) was not written here, and is never followed: it could make the gateway delete any file.
-_KEY = re.compile(r"[0-9a-f]{32}")
-_FILE = re.compile(r"([0-9a-f]{32})-[0-9]{1,20}\.bin")
-
-
-def _read_meta(path: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    key, file, size = meta.get("key"), meta.get("file"), meta.get("bytes")
-    ok = (isinstance(key, str) and _KEY.fullmatch(key) is not None and path.name == f"{key}.json"
-          and isinstance(file, str) and (m := _FILE.fullmatch(file)) is not None and m.group(1) == key
-          # A negative size would lift the byte budget; bool is an int to Python.
-          and isinstance(size, int) and not isinstance(size, bool) and size >= 0
-          and isinstance(meta.get("time"), (int, float)))
-    return meta if ok else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
 
 
 def _why(e: BaseException) -> str:

@@ -31,6 +31,11 @@ ROUTE_REASONS = {"synthetic": (*_HOUSEKEEPING, "count_probe"),
 REQUESTER_KINDS = ("main", "agent", "anonymous")
 KV_SAVE_RESULTS = ("saved", "unchanged", "busy", "failed")
 KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
+PARK_ACTIONS = ("park", "checkpoint", "unpark")  # parking.py
+PARK_RESULTS = ("ok", "failed", "too_slow")
+# Why a main or agent turn computed prompt tokens (cachemiss.py); prefix_changed also by block kind.
+CACHE_REASONS = ("hit", "new", "switched", "unparked", "evicted", "prefix_changed")
+BLOCK_KINDS = ("system", "tools", "messages", "other")
 
 # A synthetic answer takes a millisecond; a first-turn prefill of 25k tokens on
 # a 225 GB model, or a wait behind one, takes minutes.
@@ -92,6 +97,19 @@ class Metrics:
                                             "queue held", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.kv_restored_tokens = Counter("orchestrator_kv_restored_tokens", "Prompt tokens a restore put back "
                                           "in the cache (saved from prefill)", ["backend"], registry=r)
+        self.kv_parks = Counter("orchestrator_kv_parks", "Saves and restores before a granted request's send, "
+                                "by action (park, checkpoint, unpark) and result (ok, failed, too_slow: skipped)",
+                                ["backend", "action", "result"], registry=r)
+        self.kv_park_seconds = Histogram("orchestrator_kv_park_seconds", "Delay a park, checkpoint or unpark "
+                                         "added to the granted request", ["backend", "action"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_turns = Counter("orchestrator_cache_turns", "Main and agent turns by why prompt tokens were "
+                                   "computed: " + ", ".join(CACHE_REASONS), ["backend", "reason"], registry=r)
+        self.cache_computed = Counter("orchestrator_cache_computed_tokens", "Prompt tokens computed (not read "
+                                      "from cache), by the turn's reason", ["backend", "reason"], registry=r)
+        self.cache_prefix_changes = Counter("orchestrator_cache_prefix_changes", "Turns whose prompt differed "
+                                            "from the conversation's previous turn before its end, by the kind "
+                                            "of content found there", ["backend", "kind"], registry=r)
         self.background_answers = Counter("orchestrator_background_answers",
                                           "Title and topic requests sent to the background model, by result: "
                                           "model (its answer, valid, sent), invalid, timeout, failed, busy "
@@ -163,6 +181,11 @@ class Metrics:
         """Series of a backend in a pool (several backends for one model), at zero before the first."""
         for decision in AFFINITY_DECISIONS:
             self.affinity.labels(name, decision)
+        for reason in CACHE_REASONS:
+            self.cache_turns.labels(name, reason)
+            self.cache_computed.labels(name, reason)
+        for kind in BLOCK_KINDS:
+            self.cache_prefix_changes.labels(name, kind)
 
     def add_kv_backend(self, name: str) -> None:
         """Series of a backend that saves its KV cache, at zero before its first save."""
@@ -175,6 +198,10 @@ class Metrics:
         self.kv_saved_bytes.labels(name)
         self.kv_disk_bytes.labels(name)
         self.kv_restored_tokens.labels(name)
+        for action in PARK_ACTIONS:
+            self.kv_park_seconds.labels(name, action)
+            for result in PARK_RESULTS:
+                self.kv_parks.labels(name, action, result)
 
     def watch_queue(self, name: str, slots: int, depth: Callable[[], float], busy: Callable[[], float]) -> None:
         """Gauges read at scrape time, so they can never drift from the queue."""

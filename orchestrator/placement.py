@@ -5,8 +5,10 @@ the least busy. A request waiting for a backend that goes down (or fails for
 good) moves to another backend of its group that is up, and one waiting while
 its backend is down moves when another comes back. While it waits, its
 conversation is registered with the backend's KV saves, so a restore after a
-restart brings back the first waiter's conversation. When an answer ended
-whole, the conversation's home and its save follow (`served`).
+restart brings back the first waiter's conversation. Once granted, and before
+its send, the slot's conversation may be parked and the request's unparked
+(`prepare`, parking.py). When an answer ended whole, the conversation's home and
+its save follow, and why its prompt missed the cache is recorded (`served`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 from .accounting import Outcome
 from .affinity import Conversation
 from .errors import Overloaded
-from .gateway import Backend, Gateway
+from .gateway import Backend, Call, Gateway
+from .parking import SlotTurn, answered, before_send
 from .slots import Lease, Priority, pick_queue
 
 
@@ -45,9 +48,19 @@ async def place(gw: Gateway, group: list[Backend], priority: Priority, conversat
     return backend, lease
 
 
+async def prepare(gw: Gateway, backend: Backend, conversation: Conversation, call: Call) -> SlotTurn:
+    """In the granted slot, before the send: park the slot's conversation, unpark this one."""
+    return await before_send(gw, backend, conversation, call)
+
+
 def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Conversation,
-           outcome: Outcome) -> None:
+           outcome: Outcome, turn: SlotTurn | None = None) -> None:
     """A whole answer: its conversation lives on `backend` now, and may be saved there."""
+    answered(backend, conversation)
+    if gw.misses is not None and outcome.prompt_tokens > 0:
+        turn = turn or SlotTurn()
+        gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how, outcome.prompt_tokens,
+                          outcome.cache_read_tokens, turn.seconds)
     if pooled(gw, group):
         gw.pool.served(conversation.key, backend.name, time.monotonic() - outcome.granted)
     if backend.kv is not None:

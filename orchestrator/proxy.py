@@ -118,6 +118,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
         outcome.reset(granted=time.monotonic())
         try:
             with in_slot(gw, backend, lease) as call:
+                turn = await placement.prepare(gw, backend, conversation, call)
                 rewrite = functools.partial(forwarded_body, body, raw, strip_billing=strip,
                                             max_output_tokens=backend.config.max_output_tokens)
                 # A rewrite that cannot splice re-serialises the body: a large one off the event loop.
@@ -126,7 +127,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 response = await _exchange(gw, backend, request.path_qs, data, headers, client, outcome,
                                            body.get("model"), call)
                 if call.complete and outcome.status != "stream_error":
-                    placement.served(gw, group, backend, conversation, outcome)
+                    placement.served(gw, group, backend, conversation, outcome, turn)
                 return response
         except _Retry as r:
             last_error = r.cause

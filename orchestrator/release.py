@@ -90,10 +90,29 @@ def in_slot(gw: Gateway, backend: Backend, lease: Lease) -> Iterator[Call]:
         yield call
     finally:
         backend.live.discard(call)
-        if call.abandoned:
+        if call.admin is not None and not call.admin.done():
+            after_admin(gw, backend, lease, call)
+        elif call.abandoned:
             release_when_idle(gw, backend, lease, call)
         else:
             lease.release()
+
+
+def after_admin(gw: Gateway, backend: Backend, lease: Lease, call: Call) -> None:
+    """The client left while the gateway's own work held its slot (a park or unpark): llama-server
+    goes on with a slot action once asked, so the slot stays held until that work has ended."""
+    async def hold() -> None:
+        try:
+            await asyncio.wait([call.admin])
+        finally:
+            if call.abandoned:
+                release_when_idle(gw, backend, lease, call)
+            else:
+                lease.release()
+
+    task = asyncio.create_task(hold(), name=f"admin-hold:{backend.name}")
+    backend.held.add(task)
+    task.add_done_callback(backend.held.discard)
 
 
 def release_when_idle(gw: Gateway, backend: Backend, lease: Lease, call: Call) -> None:

@@ -374,6 +374,13 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
         else:
             out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}"
                        + (f": {r['error']}" if r.get("error") else "") + ")")
+    for b in health.get("backends", []):
+        cache = b.get("cache") or {}
+        if cache.get("turns"):  # why turns missed the cache (cachemiss.py), and the last one
+            last = (cache.get("recent") or [{}])[-1]
+            at = f" at token {last['at_token']} ({last['at_block']})" if last.get("at_block") else ""
+            out.append(f"prompt cache: {b['name']} turns {_counts(cache['turns'])}; last {last.get('reason')}{at}, "
+                       f"{last.get('cached', 0):,}/{last.get('prompt', 0):,} from cache")
     return out
 
 

@@ -16,9 +16,9 @@ LAYERS = [
     {"app"},
     {"handlers"},
     {"proxy", "background"},
-    {"placement", "relay", "release", "accounting"},
+    {"placement", "parking", "relay", "release", "accounting"},
     {"gateway"},
-    {"health", "kvsave", "affinity", "counting", "slots", "upstream", "metrics"},
+    {"health", "kvsave", "affinity", "cachemiss", "counting", "slots", "upstream", "metrics", "prefixes"},
     {"config", "errors", "sse"},
 ]
 MAX_LINES = 420  # "about 400"

@@ -1,0 +1,96 @@
+"""A request's prompt as a list of content blocks, each hashed: where two turns of a conversation
+first differ, and which saved conversation shares the longest prefix with a request.
+
+The blocks come in the order the chat template renders them (system blocks, tools, then each
+message's content blocks), so the first block that differs is where the prompt cache stops
+matching. Pure; a hash is 8 bytes, and a turn keeps at most MAX_BLOCKS of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator
+
+# A conversation of 4,096 content blocks is far past any context; the rest are not hashed.
+MAX_BLOCKS = 4096
+
+
+def _digest(value: Any) -> str:
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    system = body.get("system")
+    if isinstance(system, list):
+        for i, block in enumerate(system):
+            yield f"system[{i}]", block
+    elif system is not None:
+        yield "system", system
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for i, tool in enumerate(tools):
+            name = tool.get("name") if isinstance(tool, dict) else None
+            yield f"tools[{name if isinstance(name, str) else i}]"[:80], tool
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                yield f"messages[{i}]", m
+                continue
+            role, content = m.get("role"), m.get("content")
+            if isinstance(content, list):
+                for j, block in enumerate(content):
+                    kind = block.get("type") if isinstance(block, dict) else None
+                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, block]
+            else:
+                yield f"messages[{i}].{role}"[:80], [role, content]
+
+
+def blocks(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, hash) of each content block of the prompt, in rendering order, at most MAX_BLOCKS."""
+    out = []
+    for where, value in _walk(body):
+        if len(out) >= MAX_BLOCKS:
+            break
+        out.append((where, _digest(value)))
+    return out
+
+
+def shared(a: list[str], b: list[str]) -> int:
+    """How many leading block hashes `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def kind(where: str) -> str:
+    """The bounded label for a block's place: system, tools or messages."""
+    return where.split("[", 1)[0].split(".", 1)[0] or "other"
+
+
+def longest_shared(saves: list[dict[str, Any]], wanted: list[str]) -> dict[str, Any] | None:
+    """The save (metadata with a `prefix` list of block hashes) sharing the most leading blocks
+    with `wanted`, or None when none shares even its first block: an unrelated conversation."""
+    best, best_n = None, 0
+    for meta in saves:
+        prefix = meta.get("prefix")
+        if not isinstance(prefix, list):
+            continue
+        n = shared(prefix, wanted)
+        if n > best_n or (n == best_n and best is not None and n and meta.get("time", 0) > best.get("time", 0)):
+            best, best_n = meta, n
+    return best if best_n > 0 else None
+
+
+def for_waiter(saves: list[dict[str, Any]], key: str, prefix: list[str]) -> dict[str, Any] | None:
+    """The save to restore for a waiting request: its conversation's own, else the one sharing its
+    longest prefix (the same system prompt and tools), else None: never an unrelated conversation."""
+    return next((m for m in saves if m.get("key") == key), None) or longest_shared(saves, prefix)

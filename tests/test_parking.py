@@ -1,0 +1,215 @@
+"""Parking (issue 19): the slot's conversation saved before another takes the slot, the incoming one
+restored, a busy one checkpointed; never beside a generation, cold (never wrong) when it fails.
+A fake llama-server that records its /slots actions and crashes on any overlap; the real one in
+tests/test_real_parking.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from test_kvsave import SlotsUpstream, _metric, _post, _until, main_body
+
+from orchestrator import prefixes
+from orchestrator.affinity import Conversation, conversation_key
+from orchestrator.cachemiss import CacheMisses
+from orchestrator.gateway import GATEWAY
+from orchestrator.health import State
+from orchestrator.metrics import Metrics
+
+
+class ParkingUpstream(SlotsUpstream):
+    """Like llama-server: the slot holds the last prompt; a restore, like a save, is slot work that
+    must never overlap a generation; `die_on` closes the connection mid-action, like a crash."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.restore_delay = 0.0
+        self.die_on = ""
+        self.order: list[str] = []
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        self.order.append("generate")
+        self.slot_tokens = 100
+        return await super().messages(request)
+
+    async def slot_action(self, request: web.Request) -> web.Response:
+        action = request.query["action"]
+        self.order.append(action)
+        if self.die_on == action:
+            self.slot_tokens = 0
+            request.transport.close()
+            return web.Response()
+        if action == "restore":
+            self.saving = True  # a generation arriving now would overlap it: the base crashes
+            try:
+                await asyncio.sleep(self.restore_delay)
+            finally:
+                self.saving = False
+        answer = await super().slot_action(request)
+        if answer.status == 200 and action == "restore":
+            # Every answer here counts 18 tokens (10 + 3 cached + 5 out); a real conversation grows
+            # by a turn, so what comes back is less than the slot holds after the next turn.
+            return web.json_response({"id_slot": 0, "n_restored": 10, "n_read": self.save_bytes})
+        return answer
+
+
+@pytest.fixture
+async def park_stack(serve_app, gateway, tmp_path):
+    async def make(**backend_keys):
+        fake = ParkingUpstream(tmp_path)
+        url = await serve_app(fake.app())
+        base, app = await gateway({"backends": [{
+            "name": "primary", "url": url, "kv_save_dir": str(tmp_path), "kv_park_min_tokens": 0,
+            # No idle save in the way: what is saved here, parking saved.
+            "kv_save_idle_seconds": 3600, **backend_keys}]})
+        gw = app[GATEWAY]
+        await _until(lambda: gw.backends["primary"].health.state is State.READY)
+        return fake, base, gw
+    return make
+
+
+def _key(first: str) -> str:
+    return conversation_key(main_body(first))
+
+
+def _actions(fake) -> list[tuple[str, str]]:
+    return [(a, name.split("-")[0][:8]) for a, name in fake.actions]
+
+
+async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming(park_stack, http):
+    fake, base, gw = await park_stack()
+    for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1)):
+        assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+    one, two = _key("one")[:8], _key("two")[:8]
+    assert _actions(fake) == [("save", one), ("save", two), ("restore", one), ("save", one), ("restore", two)]
+    assert fake.order == ["generate", "save", "generate", "save", "restore", "generate", "save", "restore", "generate"]
+    assert not fake.crashed and fake.max_in_flight == 1
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="unpark", result="ok") == 2
+    cache = gw.misses.snapshot("primary")["turns"]
+    assert cache == {"new": 2, "unparked": 2}
+
+
+async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
+    fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
+    for turn in range(3):
+        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+    # The fake answers every turn with 18 tokens: the first checkpoint saves them all, the next
+    # finds nothing new on the slot and leaves it; the slot was never restored (it held the turn).
+    assert [a for a, _ in fake.actions] == ["save"]
+    assert fake.order == ["generate", "save", "generate", "generate"]
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="ok") == 1
+    assert _metric(gw, "orchestrator_kv_park_seconds_count", backend="primary", action="checkpoint") == 1
+
+
+async def test_a_checkpoint_expected_to_hold_a_waiter_too_long_is_skipped(park_stack, http):
+    fake, base, gw = await park_stack(kv_park_max_seconds=0.0)
+    gw.backends["primary"].kv.save_pace = 1.0  # a second per token: 18 s expected
+    for turn in range(2):
+        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+    assert fake.actions == []
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="too_slow") == 1
+
+
+async def test_a_vanished_client_never_lets_a_park_run_beside_a_generation(park_stack, http):
+    fake, base, gw = await park_stack()
+    fake.save_delay = 0.4
+    assert (await _post(http, base, main_body("one")))[0] == 200
+    # Conversation two's request parks one; its client leaves in the middle of the save.
+    leaving = asyncio.create_task(_post(http, base, main_body("two")))
+    await _until(lambda: fake.saving)
+    leaving.cancel()
+    # A third conversation comes at once: it must wait for the save to end.
+    status, _ = await _post(http, base, main_body("three"))
+    assert status == 200
+    assert not fake.crashed and fake.max_in_flight == 1
+    assert fake.order[:3] == ["generate", "save", "generate"]
+    assert gw.backends["primary"].queue.busy == 0
+
+
+@pytest.mark.parametrize("action", ["save", "restore"])
+async def test_a_crash_during_a_park_or_an_unpark_leaves_the_conversation_cold_not_wrong(park_stack, http, tmp_path,
+                                                                                       action):
+    fake, base, gw = await park_stack()
+    for first in ("one", "two"):
+        assert (await _post(http, base, main_body(first)))[0] == 200
+    fake.die_on = action
+    # "save": two's park dies, so it has no save; "restore": one's unpark dies, the slot empty.
+    status, _ = await _post(http, base, main_body("one", turn=1))
+    assert status == 200 and not fake.crashed
+    assert fake.order[-1] == "generate"
+    kv = gw.backends["primary"].kv
+    if action == "save":
+        assert not (tmp_path / f"{_key('two')}.json").exists()
+        assert not [p for p in tmp_path.glob(f"{_key('two')}*.bin")]
+    else:
+        assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="unpark", result="failed") == 1
+        assert gw.misses.snapshot("primary")["recent"][-1]["reason"] == "switched"
+    assert kv.holder == _key("one")
+    # The next turn goes on as usual.
+    fake.die_on = ""
+    assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
+
+
+async def test_a_backend_with_several_slots_never_parks(park_stack, http):
+    fake, base, gw = await park_stack(slots=2)
+    fake.capacity = 2
+    for first in ("one", "two", "one"):
+        assert (await _post(http, base, main_body(first)))[0] == 200
+    assert fake.actions == []
+
+
+# ---- after a restart: the waiter's own save, else the longest shared prefix, else nothing -------
+
+def test_a_waiter_without_a_save_gets_the_longest_shared_prefix_never_an_unrelated_one():
+    def body(system: str, first: str) -> dict:
+        return {"system": [{"type": "text", "text": system}], "messages": [{"role": "user", "content": first}]}
+    saves = [{"key": "a", "time": 1, "prefix": Conversation(body("agent", "x")).prefix},
+             {"key": "b", "time": 2, "prefix": Conversation(body("main", "y")).prefix}]
+    waiter = Conversation(body("main", "z"))
+    assert prefixes.for_waiter(saves, waiter.key, waiter.prefix)["key"] == "b"
+    assert prefixes.for_waiter(saves, "a", waiter.prefix)["key"] == "a"
+    stranger = Conversation(body("other", "z"))
+    assert prefixes.for_waiter(saves, stranger.key, stranger.prefix) is None
+
+
+# ---- why the cache missed ------------------------------------------------------------------------
+
+def test_each_turn_says_why_its_prompt_was_computed():
+    misses = CacheMisses(Metrics(CollectorRegistry(), ["b"]))
+
+    def turn(system: str, n: int, how: str, prompt: int, cached: int) -> dict:
+        body = {"system": [{"type": "text", "text": system}],
+                "messages": [{"role": "user", "content": f"m{i}"} for i in range(n)]}
+        c = Conversation({**body, "messages": body["messages"][:1]})
+        return misses.observe("b", c.key, Conversation(body).blocks, how, prompt, cached)
+
+    assert turn("s", 1, "empty", 100, 0)["reason"] == "new"
+    assert turn("s", 2, "same", 120, 100)["reason"] == "hit"
+    assert turn("s", 3, "same", 140, 20)["reason"] == "evicted"
+    assert turn("s", 4, "unparked", 160, 140)["reason"] == "unparked"
+    assert turn("s", 5, "switched", 180, 10)["reason"] == "switched"
+    first_other = turn("t", 1, "same", 100, 0)  # another system prompt: another conversation
+    assert first_other["reason"] == "new"
+    # Same conversation key (first message), but its second message changed: the prefix parts there.
+    body = {"system": [{"type": "text", "text": "s"}],
+            "messages": [{"role": "user", "content": "m0"}, {"role": "user", "content": "CHANGED"}]}
+    c = Conversation({**body, "messages": body["messages"][:1]})
+    changed = misses.observe("b", c.key, Conversation(body).blocks, "same", 60, 40)
+    assert changed["reason"] == "prefix_changed"
+    assert changed["at_block"] == "messages[1].user" and changed["at_token"] == 40
+    reg = misses.metrics.registry
+    assert reg.get_sample_value("orchestrator_cache_prefix_changes_total", {"backend": "b", "kind": "messages"}) == 1
+    assert reg.get_sample_value("orchestrator_cache_turns_total", {"backend": "b", "reason": "evicted"}) == 1
+    assert reg.get_sample_value("orchestrator_cache_computed_tokens_total", {"backend": "b", "reason": "switched"}) == 170
+
+
+def test_make_status_says_why_the_cache_missed():
+    from orchestrator.status_view import kv_lines
+
+    health = {"backends": [{"name": "primary", "cache": {"turns": {"new": 1, "prefix_changed": 1}, "recent": [
+        {"reason": "prefix_changed", "at_token": 512, "at_block": "system[1]", "cached": 512, "prompt": 1600}]}}]}
+    assert kv_lines(health, 0.0) == ["prompt cache: primary turns new 1, prefix_changed 1; last prefix_changed "
+                                     "at token 512 (system[1]), 512/1,600 from cache"]
