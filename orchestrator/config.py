@@ -122,6 +122,14 @@ class QueueConfig:
                                       check=_positive, why="a positive number")
     retry_after_seconds: int = setting(10, "the retry-after header sent with a 529", check=_positive,
                                        why="a positive integer")
+    # A tool loop's next turn often finds another conversation's turn waiting; taking it first spares
+    # a switch of the slot's cache (a park and an unpark: 50-75 ms a turn on SmolLM2, seconds for a
+    # big model's gigabytes; a re-prefill without saves). Bounded so that nobody starves.
+    cache_preference_max_passes: int = setting(3, "a waiter of the conversation a slot holds may go before an "
+                                               "earlier waiter of its priority at most this many times; 0: off",
+                                               check=_non_negative, why="a non-negative integer")
+    cache_preference_max_seconds: float = setting(60.0, "... and only while that earlier waiter has waited less "
+                                                  "than this", check=_non_negative, why="a non-negative number")
     # Claude Code retries a main call for about 3 minutes.
     down_grace_seconds: float = setting(300.0, "requests wait this long for a backend that is down, then 529",
                                         check=_positive, why="a positive number")

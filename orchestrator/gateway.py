@@ -114,7 +114,10 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     q = config.queue
     for b in config.backends:
         queue = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_bytes=q.max_bytes,
-                          max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds)
+                          max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds,
+                          prefer_max_passes=q.cache_preference_max_passes,
+                          prefer_max_seconds=q.cache_preference_max_seconds,
+                          on_preferred=metrics.cache_preferred.labels(b.name).inc)
         saves = gw.kv.attach(b, queue)
         watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
 

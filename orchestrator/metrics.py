@@ -51,6 +51,9 @@ class Metrics:
                                 ["route", "backend", "status"], registry=r)
         self.queue_wait = Histogram("orchestrator_queue_wait_seconds", "Arrival to slot grant",
                                     ["backend", "priority"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_preferred = Counter("orchestrator_cache_preferred_grants", "Slots given to a waiter of the "
+                                       "conversation the slot holds ahead of an earlier waiter (slots.py)",
+                                       ["backend"], registry=r)
         self.ttft = Histogram("orchestrator_ttft_seconds",
                               "Arrival at the gateway to the first content event sent to the client",
                               ["backend", "route"], buckets=LATENCY_BUCKETS, registry=r)
@@ -161,6 +164,7 @@ class Metrics:
         self.backend_up.labels(name)
         for prio in PRIORITIES:
             self.queue_wait.labels(name, prio)
+        self.cache_preferred.labels(name)
         self.upstream_ttft.labels(name)
         for result in RELEASE_RESULTS:
             self.release_wait.labels(name, result)

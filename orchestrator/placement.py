@@ -22,7 +22,7 @@ from .affinity import Conversation
 from .errors import Overloaded
 from .gateway import Backend, Call, Gateway
 from .parking import SlotTurn, answered, before_send
-from .slots import Lease, Priority, pick_queue
+from .slots import Lease, Priority, Tag, pick_queue
 
 
 def pooled(gw: Gateway, group: list[Backend]) -> bool:
@@ -84,16 +84,22 @@ async def _acquire(gw: Gateway, group: list[Backend], backend: Backend, priority
     while True:
         with gw.kv.waiting(backend.kv, conversation) if backend.kv is not None else contextlib.nullcontext():
             if not pooled(gw, group):
-                return backend, await backend.queue.acquire(priority, front=front, size=size)
-            lease = await _acquire_unless_down(group, backend, priority, front, size)
+                return backend, await backend.queue.acquire(priority, front=front, size=size,
+                                                            tag=_tag(conversation))
+            lease = await _acquire_unless_down(group, backend, priority, front, size, _tag(conversation))
         if lease is not None:
             return backend, lease
         # Moved: it waited already, so it goes ahead of the newcomers of its class there.
         backend, front = pick(gw, group, conversation), True
 
 
+def _tag(conversation: Conversation) -> Tag:
+    """The queue's name for the conversation (slots.py): its key, computed only if asked for."""
+    return lambda: conversation.key
+
+
 async def _acquire_unless_down(group: list[Backend], backend: Backend, priority: Priority, front: bool,
-                               size: int) -> Lease | None:
+                               size: int, tag: Tag) -> Lease | None:
     """`queue.acquire`, or None (move) once its backend is down or failed while another backend of
     the group is up: when it goes down, or when another one comes back while it is down."""
     me = asyncio.current_task()
@@ -125,7 +131,7 @@ async def _acquire_unless_down(group: list[Backend], backend: Backend, priority:
     # next request picks: its pick sees this one waiting.
     watcher = asyncio.create_task(watch(), name=f"move-watch:{queue.name}")
     try:
-        return await queue.acquire(priority, front=front, size=size)
+        return await queue.acquire(priority, front=front, size=size, tag=tag)
     except asyncio.CancelledError:
         # Ours alone (no other cancellation pending, e.g. the client leaving): move.
         if moved and me.uncancel() == 0:

@@ -1,5 +1,13 @@
 """`SlotQueue`: at most N requests in flight per backend, the rest wait in order.
 
+The order is priority, then arrival, with one exception made for the prompt
+cache: among waiters of the best waiting priority, one of a conversation a slot
+was last given (its `tag`) goes first, so a tool loop's next turn does not pay a
+switch of the slot's cache (a park and an unpark, or a re-prefill). Bounded: the
+waiter it passes keeps its place once it has been passed `prefer_max_passes`
+times or has waited `prefer_max_seconds`, and a request sent again after a failure
+(`front`) is never passed.
+
 Pure asyncio, no aiohttp: the invariants (never more than N in flight, every
 slot released exactly once, priority order, bounded depth, bytes and wait) are
 tested with plain tasks and randomised cancellations.
@@ -8,8 +16,10 @@ tested with plain tasks and randomised cancellations.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
+import time
 from enum import IntEnum
 from typing import Callable, Iterable, Sequence
 
@@ -60,10 +70,19 @@ class Lease:
 DEFAULT_MAX_DEPTH = 256
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
+# A waiter: [priority, seq, future, size, tag, enqueued, passed]; the heap orders by (priority, seq),
+# seq being unique. `tag` names its conversation (a callable, asked only when the order is in
+# question: a conversation's key costs a serialisation of its prefix); `passed`: how often a
+# waiter of the slot's conversation went before it.
+PRIORITY, SEQ, FUTURE, SIZE, TAG, ENQUEUED, PASSED = range(7)
+Tag = Callable[[], str]
+
 
 class SlotQueue:
     def __init__(self, name: str, slots: int, *, max_depth: int = DEFAULT_MAX_DEPTH,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_wait: float = 600.0, retry_after: int = 10) -> None:
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_wait: float = 600.0, retry_after: int = 10,
+                 prefer_max_passes: int = 0, prefer_max_seconds: float = 0.0,
+                 on_preferred: Callable[[], None] | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.name = name
@@ -75,7 +94,12 @@ class SlotQueue:
         self._busy = 0
         self._open = True
         self._failure: Callable[[], Exception] | None = None
-        self._waiters: list[list] = []  # heap of [priority, seq, future, size]
+        self.prefer_max_passes = prefer_max_passes
+        self.prefer_max_seconds = prefer_max_seconds
+        self._on_preferred = on_preferred
+        self._waiters: list[list] = []  # heap of waiters (PRIORITY, SEQ, ... above)
+        # The conversations the slots were last given, newest last: what their caches hold.
+        self._given: collections.deque[Tag] = collections.deque(maxlen=slots)
         self._waiting_bytes = 0  # the sizes of the entries in _waiters
         self._seq = itertools.count()
         # Counted for the invariant tests and /health.
@@ -102,14 +126,16 @@ class SlotQueue:
     def has_free_slot(self) -> bool:
         return self._open and self._busy < self.slots and not self._waiters
 
-    async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False, size: int = 0) -> Lease:
+    async def acquire(self, priority: Priority = Priority.MAIN, *, front: bool = False, size: int = 0,
+                      tag: Tag | None = None) -> Lease:
         """Wait for a slot. `size`: the request's body in bytes, counted against `max_bytes` while it
         waits (a request alone in the queue is never refused for its size: the body limit bounds it).
         `front` puts a request that already waited once (a retry after a backend failure) ahead of its
-        class, past both bounds."""
+        class, past both bounds. `tag`: the request's conversation, for the cache preference."""
         if self._failure is not None:
             raise self._failure()
         if self.has_free_slot():
+            self._given.append(tag or _untagged)
             return self._grant_now()
         if not front and len(self._waiters) >= self.max_depth:
             raise QueueFull(f"backend {self.name!r}: queue is full ({self.max_depth} waiting); retry later",
@@ -120,7 +146,7 @@ class SlotQueue:
                                  f"{self.max_bytes / 1e6:.0f} MB); retry later", retry_after=self.retry_after)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         seq = next(self._seq) - (1 << 62) if front else next(self._seq)
-        entry = [int(priority), seq, fut, size]
+        entry = [int(priority), seq, fut, size, tag, time.monotonic(), 0]
         heapq.heappush(self._waiters, entry)
         self._waiting_bytes += size
         try:
@@ -161,7 +187,8 @@ class SlotQueue:
         self._failure = error
         waiters, self._waiters = self._waiters, []
         self._waiting_bytes = 0
-        for _, _, fut, _ in waiters:
+        for entry in waiters:
+            fut = entry[FUTURE]
             if not fut.done():
                 fut.set_exception(error())
 
@@ -182,18 +209,50 @@ class SlotQueue:
             self._waiters.remove(entry)
         except ValueError:
             return
-        self._waiting_bytes -= entry[3]
+        self._waiting_bytes -= entry[SIZE]
         heapq.heapify(self._waiters)
 
     def _wake(self) -> None:
         while self._open and self._busy < self.slots and self._waiters:
-            _, _, fut, size = heapq.heappop(self._waiters)
-            self._waiting_bytes -= size
-            if fut.done():
+            entry = self._preferred() or heapq.heappop(self._waiters)
+            self._waiting_bytes -= entry[SIZE]
+            if entry[FUTURE].done():
                 continue
             self._busy += 1
             self.acquired_total += 1
-            fut.set_result(None)
+            self._given.append(entry[TAG] or _untagged)
+            entry[FUTURE].set_result(None)
+
+    def _preferred(self) -> list | None:
+        """The first waiter of a conversation a slot holds, taken out of the heap, when it may pass
+        the head of its priority class; None: the head goes first."""
+        head = self._waiters[0]
+        if (self.prefer_max_passes <= 0 or head[SEQ] < 0 or head[PASSED] >= self.prefer_max_passes
+                or time.monotonic() - head[ENQUEUED] >= self.prefer_max_seconds
+                or head[TAG] is None or not self._given):
+            return None
+        held = {given() for given in self._given}
+        held.discard("")
+        if head[TAG]() in held:
+            return None
+        same_class = sorted((e for e in self._waiters if e[PRIORITY] == head[PRIORITY]), key=lambda e: e[SEQ])
+        pick = next((e for e in same_class if e[TAG] is not None and not e[FUTURE].done() and e[TAG]() in held),
+                    None)
+        if pick is None:
+            return None
+        for e in same_class:
+            if e[SEQ] >= pick[SEQ]:
+                break
+            e[PASSED] += 1
+        self._waiters.remove(pick)
+        heapq.heapify(self._waiters)
+        if self._on_preferred is not None:
+            self._on_preferred()
+        return pick
+
+
+def _untagged() -> str:
+    return ""
 
 
 def pick_queue(queues: Sequence[SlotQueue]) -> SlotQueue:

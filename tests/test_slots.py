@@ -161,7 +161,8 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     rng = random.Random(seed)
     slots = rng.randint(1, 3)
     q = SlotQueue("b", slots, max_depth=rng.randint(3, 40), max_bytes=rng.randint(1, 4000),
-                  max_wait=rng.uniform(0.01, 0.2))
+                  max_wait=rng.uniform(0.01, 0.2), prefer_max_passes=rng.choice([0, 1, 3]),
+                  prefer_max_seconds=rng.choice([0.005, 10.0]))
     in_flight = 0
     peak = 0
     outcomes = {"done": 0, "full": 0, "timeout": 0, "cancelled": 0, "failed": 0}
@@ -170,7 +171,9 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
         nonlocal in_flight, peak
         prio = rng.choice(list(Priority))
         try:
-            lease = await q.acquire(prio, front=rng.random() < 0.1, size=rng.randint(0, 500))
+            tag = rng.choice([None, "a", "b", "c"])
+            lease = await q.acquire(prio, front=rng.random() < 0.1, size=rng.randint(0, 500),
+                                    tag=None if tag is None else (lambda: tag))
         except QueueFull:
             outcomes["full"] += 1
             return
@@ -316,3 +319,76 @@ async def test_default_bounds_admit_five_claude_code_sessions_starting_at_once()
             w.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
     running.release()
+
+
+# ---- the cache preference: the conversation a slot holds goes first, within bounds ----------------
+
+def _tagged(name: str):
+    return lambda: name
+
+
+async def _grant_order(q: SlotQueue, holder: str, waiters: list[tuple[str, Priority]], *, front: str = "",
+                       turns: int = 0, hold: float = 0.0) -> list[str]:
+    """`holder` has the slot; `waiters` queue in order. On each grant the granted conversation's next
+    turn arrives at once (a tool loop) while `turns` remain: the order in which slots were given."""
+    lease = await q.acquire(tag=_tagged(holder))
+    order: list[str] = []
+    left = turns
+
+    async def want(name: str, prio: Priority, is_front: bool = False):
+        nonlocal left
+        async with await q.acquire(prio, tag=_tagged(name), front=is_front):
+            order.append(name)
+            if name == holder and left > 0:
+                left -= 1
+                tasks.append(asyncio.create_task(want(name, prio)))
+                await asyncio.sleep(0)
+            await asyncio.sleep(hold)
+
+    tasks = [asyncio.create_task(want(n, p, n == front)) for n, p in waiters]
+    await asyncio.sleep(0)
+    if hold:
+        await asyncio.sleep(hold)
+    lease.release()
+    while not all(t.done() for t in tasks):
+        await asyncio.gather(*tasks)
+    return order
+
+
+async def test_a_waiter_of_the_slots_conversation_goes_before_an_earlier_one_of_its_class():
+    preferred = []
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60, on_preferred=lambda: preferred.append(1))
+    order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)])
+    assert order == ["main", "agent"] and preferred == [1]
+
+
+async def test_without_the_preference_the_order_is_arrival():
+    q = SlotQueue("b", 1)
+    assert await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)]) == ["agent", "main"]
+
+
+async def test_the_preference_never_crosses_a_priority_class():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order = await _grant_order(q, "title", [("main", Priority.MAIN), ("title", Priority.BACKGROUND)])
+    assert order == ["main", "title"]
+
+
+async def test_a_retry_sent_to_the_front_is_never_passed():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], front="agent")
+    assert order == ["agent", "main"]
+
+
+async def test_a_waiter_is_passed_at_most_max_passes_times():
+    # The holder's tool loop keeps sending turns; the agent waits through 2 of them, not more.
+    q = SlotQueue("b", 1, prefer_max_passes=2, prefer_max_seconds=60)
+    order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], turns=5)
+    assert order[:4] == ["main", "main", "agent", "main"], order
+    assert order.count("main") == 6
+
+
+async def test_a_waiter_is_passed_only_while_it_has_waited_less_than_max_seconds():
+    q = SlotQueue("b", 1, prefer_max_passes=100, prefer_max_seconds=0.05)
+    order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], turns=50, hold=0.02)
+    # Each grant holds 20 ms: the agent, waiting since the start, goes once it has waited 50 ms.
+    assert 1 <= order.index("agent") <= 4, order
