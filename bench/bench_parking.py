@@ -14,6 +14,11 @@ the model's real answer and a new question. Side by side in one run:
   parked+ram one server, llama-server's default host-memory prompt cache (8 GiB), parking on
   own        three servers, each conversation on its own: the time the sequence should take
 
+Then the queue's order (slots.py): the three as tool loops at once, each sending its next turn as soon
+as its last one ended, so they contend for the slot; with the default preference for the conversation
+the slot holds (queue.cache_preference_max_passes) and in arrival order. Per order: slot switches
+(each a park and an unpark), the whole run, and the longest turn (its wait included: the fairness cost).
+
 Per turn: prompt tokens read from cache (usage.cache_read_input_tokens), time to first token at the
 client, and the time the gateway spent parking, checkpointing and unparking before the send (what
 cachemiss.py records), with its reason. Figures on a shared machine are noisy: compare the columns
@@ -147,13 +152,47 @@ async def session(http, bases: dict[str, str], apps: dict[str, object], turns: i
     return rows
 
 
-def gateway_config(url: str, folder: Path | None, park: bool) -> dict:
+def gateway_config(url: str, folder: Path | None, park: bool, prefer: bool = True) -> dict:
     backend = {"name": "primary", "url": url, "slots": 1}
     if folder is not None:
         backend |= {"kv_save_dir": str(folder), "kv_park": park, "kv_save_idle_seconds": 3600}
     else:
         backend |= {"kv_save": False}
-    return {"backends": [backend], "gateway": {"health_interval_seconds": 0.5}}
+    return {"backends": [backend], "gateway": {"health_interval_seconds": 0.5},
+            "queue": {} if prefer else {"cache_preference_max_passes": 0}}
+
+
+@dataclass
+class Loops:
+    """The three conversations as tool loops at once on one slot."""
+
+    rows: list[Turn]
+    seconds: float    # the whole run
+    switches: int     # turns whose slot held another conversation (unparked, switched or evicted)
+    preferred: int    # slots given out of arrival order for the cache (slots.py)
+
+
+async def loops(http, base: str, app, turns: int) -> Loops:
+    """Each conversation sends its next turn as soon as its last one ended (a tool loop with instant
+    tools): they contend for the slot, and the queue's order decides how often the slot switches."""
+    from orchestrator.gateway import GATEWAY
+
+    gw = app[GATEWAY]
+    rows: list[Turn] = []
+
+    async def loop(c: Conversation) -> None:
+        answer = None
+        for _ in range(turns):
+            prompt, cached, ttft, wall, answer = await send(http, base, c.next(answer))
+            rows.append(Turn(f"{c.name} {c.turns}", prompt, cached, ttft, wall))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(Conversation(i, name)) for i, name in enumerate(ROLES)))
+    seconds = time.perf_counter() - t0
+    reasons = gw.misses.snapshot("primary")["turns"]
+    preferred = gw.metrics.registry.get_sample_value("orchestrator_cache_preferred_grants_total",
+                                                     {"backend": "primary"}) or 0
+    return Loops(rows, seconds, sum(reasons.get(r, 0) for r in ("unparked", "switched", "evicted")), int(preferred))
 
 
 class Bench:
@@ -192,6 +231,15 @@ class Bench:
         try:
             base, app = await self.gateway(gateway_config(s.url, slots, park))
             return await session(http, {n: base for n in ROLES}, {n: app for n in ROLES}, turns)
+        finally:
+            s.stop()
+
+    async def loops(self, http, turns: int, prefer: bool, *extra: str) -> Loops:
+        slots = Path(tempfile.mkdtemp(dir=self.tmp))
+        s = self.server(*extra, slots_folder=slots)
+        try:
+            base, app = await self.gateway(gateway_config(s.url, slots, True, prefer))
+            return await loops(http, base, app, turns)
         finally:
             s.stop()
 
@@ -240,15 +288,29 @@ def table(columns: dict[str, list[Turn]]) -> list[str]:
     return out
 
 
-async def run(turns: int) -> dict[str, list[Turn]]:
+def loops_table(runs: dict[str, Loops]) -> list[str]:
+    out = ["| order | whole run | slot switches | given out of order | longest turn (wait included) "
+           "| later turns from cache |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        later = later_turns(r.rows)
+        out.append(f"| {name} | {r.seconds:.1f} s | {r.switches} of {len(r.rows)} turns | {r.preferred} "
+                   f"| {max(t.wall for t in r.rows):.1f} s | >= {min((t.share for t in later), default=0):.0%} |")
+    return out
+
+
+async def run(turns: int) -> tuple[dict[str, list[Turn]], dict[str, Loops]]:
     with tempfile.TemporaryDirectory(prefix="bench-parking-") as tmp:
         bench = Bench(Path(tmp))
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
-                return {"parked": await bench.one_server(http, turns, True, "--cache-ram", "0"),
-                        "own": await bench.own_servers(http, turns, "--cache-ram", "0"),
-                        "unparked": await bench.one_server(http, turns, False, "--cache-ram", "0"),
-                        "parked+ram": await bench.one_server(http, turns, True)}
+                columns = {"parked": await bench.one_server(http, turns, True, "--cache-ram", "0"),
+                           "own": await bench.own_servers(http, turns, "--cache-ram", "0"),
+                           "unparked": await bench.one_server(http, turns, False, "--cache-ram", "0"),
+                           "parked+ram": await bench.one_server(http, turns, True)}
+                contended = {"the slot's conversation first (default)":
+                             await bench.loops(http, turns, True, "--cache-ram", "0"),
+                             "arrival order": await bench.loops(http, turns, False, "--cache-ram", "0")}
+                return columns, contended
         finally:
             await bench.close()
 
@@ -259,10 +321,13 @@ def main() -> None:
     args = parser.parse_args()
     print(machine())
     t0 = time.monotonic()
-    columns = asyncio.run(run(args.turns))
+    columns, contended = asyncio.run(run(args.turns))
     print("\nA main conversation and two agents interleaved on one single-slot llama-server (SmolLM2-135M): "
           "prompt tokens from cache, reason, time to first token, parking time")
     print("\n".join(table(columns)))
+    print("\nThe same three as tool loops at once (each turn sent as its last one ends), parked, --cache-ram 0: "
+          "the queue's order")
+    print("\n".join(loops_table(contended)))
     print(f"\n(bench took {time.monotonic() - t0:.0f} s)")
 
 

@@ -26,6 +26,8 @@ class Outcome:
     input_tokens: int = 0
     cache_read_tokens: int = 0
     output_tokens: int = 0
+    # Why its prompt missed the cache (cachemiss.py), once its answer ended whole.
+    cache_reason: str | None = None
 
     def reset(self, granted: float) -> None:
         """A new send: forget what a failed one saw."""

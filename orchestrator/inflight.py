@@ -80,6 +80,7 @@ class Entry:
             "ttft": round(first - self.arrived, 2) if first is not None else None,
             "computed": getattr(o, "input_tokens", 0), "cached": getattr(o, "cache_read_tokens", 0),
             "output": out_tokens, "tps": tps, "status": self.status, "cancelled": self.cancelled,
+            "cache": getattr(o, "cache_reason", None),
         }
 
 

@@ -59,8 +59,9 @@ def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Co
     answered(backend, conversation)
     if gw.misses is not None and outcome.prompt_tokens > 0:
         turn = turn or SlotTurn()
-        gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how, outcome.prompt_tokens,
-                          outcome.cache_read_tokens, turn.seconds)
+        seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how,
+                                 outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds)
+        outcome.cache_reason = seen["reason"] + (f" at {seen['at_block']}" if "at_block" in seen else "")
     if pooled(gw, group):
         gw.pool.served(conversation.key, backend.name, time.monotonic() - outcome.granted)
     if backend.kv is not None:

@@ -95,6 +95,9 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
             await browser.until(f"{_page_number('total-requests')} === {want_requests} && "
                                 f"{_page_number('total-output')} === {want_output}")
             assert await browser.eval("document.querySelectorAll('#recent tbody tr').length") == 1
+            # Why its prompt was computed (cachemiss.py): the conversation's first turn.
+            assert "new" in await browser.eval("[...document.querySelectorAll('#recent tbody td')]"
+                                               ".map(t => t.textContent)")
 
             # ---- it changes while a request runs; markup in a header shows as text -------------------
             long = asyncio.create_task(http.post(base + "/v1/messages", json=LONG,

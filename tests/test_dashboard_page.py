@@ -185,6 +185,7 @@ async def test_finished_requests_feed_recent_history_and_totals(gateway, fake, h
     done = s["recent"][0]
     assert done["route"] == "main" and done["backend"] == "primary" and done["status"] == "200"
     assert (done["computed"], done["cached"], done["output"]) == (10, 3, 5)
+    assert done["cache"] == "new"  # why its prompt was computed: the conversation's first turn
     assert s["totals"]["requests"]["200"] == 1 and s["totals"]["prompt"] == {"hit": 3, "miss": 10}
     assert s["history"]["points"][-1]["requests"] == 1
     assert s["backends"][0]["llama_slots"] is not None

@@ -136,9 +136,9 @@ function renderTables(s) {
                                           [r.agent || "–", "text"], num(r.computed), num(r.cached), num(r.output),
                                           r.tps ?? "–", cancelButton(r.id)])), 11, "nothing runs");
   fill("recent", s.recent.map((r) => row([r.id, r.route, r.backend || "gateway", [r.status, statusClass(r.status)],
-                                          secs(r.ttft), num(r.cached), num(r.computed), num(r.output),
-                                          r.tps ?? "–", secs(r.age), [r.session || "–", "text"]])),
-       11, "no request yet");
+                                          secs(r.ttft), num(r.cached), num(r.computed), [r.cache || "–", "text"],
+                                          num(r.output), r.tps ?? "–", secs(r.age), [r.session || "–", "text"]])),
+       12, "no request yet");
 }
 
 function chart(id, points, key, scale, color, floor) {
