@@ -20,18 +20,22 @@ from enum import Enum
 from typing import Any, Callable, Sequence
 
 from .errors import GatewayError
-from .prefixes import blocks as prompt_blocks
+from .prefixes import blocks as prompt_blocks, without_cache_control
 from .routing import strip_billing_header, utf8_json
 from .slots import SlotQueue
 
 
 def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:
     """A conversation's identity: system prompt, tools and first user message as forwarded
-    (the per-request billing line dropped), so every turn of it has the same key."""
+    (the per-request billing line and the first message's cache mark dropped), so every turn of it
+    has the same key."""
     if strip_billing:
         body = strip_billing_header(body) or body
     messages = body.get("messages") if isinstance(body.get("messages"), list) else []
     first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if first is not None and isinstance(first.get("content"), list):
+        # Its cache_control mark is gone once it is no longer the last message (prefixes.py).
+        first = {**first, "content": without_cache_control(first["content"])}
     try:
         text = utf8_json([body.get("system"), body.get("tools"), first])
     except GatewayError:

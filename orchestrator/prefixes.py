@@ -16,7 +16,19 @@ from typing import Any, Iterator
 MAX_BLOCKS = 4096
 
 
+def without_cache_control(value: Any) -> Any:
+    """`value` with the `cache_control` marks of its blocks (and of [role, block] pairs) dropped.
+    Claude Code marks the last block of the last message, so a turn's mark moves on with the next
+    turn; the prompt a server computes is the same either way (llama-server ignores the mark)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "cache_control"} if "cache_control" in value else value
+    if isinstance(value, list):
+        return [without_cache_control(v) for v in value]
+    return value
+
+
 def _digest(value: Any) -> str:
+    value = without_cache_control(value)
     try:
         text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError):

@@ -318,3 +318,46 @@ async def test_interactive_two_turns_in_tmux(llama_short, gateway, http, claude_
     assert await _metric(http, base, "orchestrator_synthetic_responses_total", kind="title") >= 1
     assert await _metric(http, base, "orchestrator_requests_total", route="background") == 0
     assert seen and max(p + d for p, d in seen) <= 1
+
+
+# ---- a session resumed later is the same conversation to the gateway --------------------------
+
+class TextFake(ToolFake):
+    """Answers every request with text: no tool is asked for."""
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(text_stream(body["model"], "Hello again."))
+        await resp.write_eof()
+        return resp
+
+
+@pytest.mark.parametrize("version", [None, NEWER])
+async def test_a_resumed_session_keeps_its_conversation_key(gateway, serve_app, http, claude_home, version):
+    """`claude --resume` sends the session's id again and its history: its turn has the conversation key
+    of the session's earlier turns, so its KV save (parking, a crash's restore) is found again."""
+    home, project = claude_home
+    fake = TextFake()
+    url = await serve_app(fake.app())
+    base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
+    env = claude_env_for(config, health, home)
+    code, out, err = await run_claude(["-p", "Say hi", "--output-format", "json"], env, project, timeout=300,
+                                      version=version)
+    assert code == 0, (out, err)
+    session = json.loads(out)["session_id"]
+    first = gw.misses.snapshot("primary")["recent"]
+    code, out, err = await run_claude(["-p", "--resume", session, "Say hi again"], env, project, timeout=300,
+                                      version=version)
+    assert code == 0, (out, err)
+    turns = gw.misses.snapshot("primary")["recent"]
+    assert len(first) >= 1 and len(turns) > len(first), turns
+    assert turns[-1]["conversation"] == first[0]["conversation"], turns
+    assert turns[-1]["reason"] != "new", turns
+    # A session of its own (a new `claude -p`) is another conversation.
+    code, out, err = await run_claude(["-p", "Say hi"], env, project, timeout=300, version=version)
+    assert code == 0, (out, err)
+    other = gw.misses.snapshot("primary")["recent"][-1]
+    assert other["conversation"] != first[0]["conversation"] and other["reason"] == "new"

@@ -206,6 +206,26 @@ def test_each_turn_says_why_its_prompt_was_computed():
     assert reg.get_sample_value("orchestrator_cache_computed_tokens_total", {"backend": "b", "reason": "switched"}) == 170
 
 
+def test_the_cache_mark_moving_to_the_next_turn_changes_neither_the_key_nor_the_prefix():
+    """Claude Code marks the last message's last block with cache_control: on turn 1 that is the first
+    message, on turn 2 it is not. Found with the real CLI (`--resume`, test_claude_code.py)."""
+    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    task = {"type": "text", "text": "Say hi"}
+    marked = {**task, "cache_control": {"type": "ephemeral"}}
+    one = {"system": system, "messages": [{"role": "user", "content": [marked]}]}
+    two = {"system": system, "messages": [
+        {"role": "user", "content": [task]}, {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        {"role": "user", "content": [{"type": "text", "text": "again", "cache_control": {"type": "ephemeral"}}]}]}
+    assert conversation_key(one) == conversation_key(two)
+    assert Conversation(one).prefix == Conversation(two).prefix[:2]
+    misses = CacheMisses(Metrics(CollectorRegistry(), ["b"]))
+    misses.observe("b", Conversation(one).key, Conversation(one).blocks, "same", 30, 0)
+    assert misses.observe("b", Conversation(two).key, Conversation(two).blocks, "same", 40, 30)["reason"] == "hit"
+    # Another first message is still another conversation.
+    other = {**one, "messages": [{"role": "user", "content": [{**task, "text": "Say bye"}]}]}
+    assert conversation_key(other) != conversation_key(one)
+
+
 def test_make_status_says_why_the_cache_missed():
     from orchestrator.status_view import kv_lines
 
