@@ -16,7 +16,9 @@ the model's real answer and a new question. Side by side in one run:
 
 Then the queue's order (slots.py): the three as tool loops at once, each sending its next turn as soon
 as its last one ended, so they contend for the slot; with the default preference for the conversation
-the slot holds (queue.cache_preference_max_passes) and in arrival order. Per order: slot switches
+the slot holds (queue.cache_preference_max_passes, the slot kept for a tool loop's next turn) and in
+arrival order. SmolLM2 cannot call tools: a pass-through gives its answers' "max_tokens" stop as
+"tool_use" (ToolLoopProxy); everything else is the real server's. Per order: slot switches
 (each a park and an unpark), the whole run, and the longest turn (its wait included: the fairness cost).
 
 Per turn: prompt tokens read from cache (usage.cache_read_input_tokens), time to first token at the
@@ -159,7 +161,7 @@ def gateway_config(url: str, folder: Path | None, park: bool, prefer: bool = Tru
     else:
         backend |= {"kv_save": False}
     return {"backends": [backend], "gateway": {"health_interval_seconds": 0.5},
-            "queue": {} if prefer else {"cache_preference_max_passes": 0}}
+            "queue": {} if prefer else {"cache_preference_max_passes": 0, "cache_preference_keep_seconds": 0}}
 
 
 @dataclass
@@ -170,6 +172,39 @@ class Loops:
     seconds: float    # the whole run
     switches: int     # turns whose slot held another conversation (unparked, switched or evicted)
     preferred: int    # slots given out of arrival order for the cache (slots.py)
+
+
+class ToolLoopProxy:
+    """Between the gateway and the real llama-server, everything passed through as it is, except that an
+    answer's `stop_reason` "max_tokens" is given as "tool_use": SmolLM2 cannot call a tool, and a tool
+    loop is what these turns stand for (the client sends the next turn once the tool ran). Time, cache
+    and slot work all stay the real server's."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+
+    def app(self):
+        from aiohttp import web
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            async with aiohttp.ClientSession() as http, \
+                    http.request(request.method, self.upstream + request.path_qs, data=body,
+                                 headers={k: v for k, v in request.headers.items()
+                                          if k.lower() in ("content-type", "accept")}) as r:
+                out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers.get(
+                    "Content-Type", "application/octet-stream")})
+                await out.prepare(request)
+                async for line in r.content:
+                    if line.startswith(b"data:") and b'"stop_reason":"max_tokens"' in line:
+                        line = line.replace(b'"stop_reason":"max_tokens"', b'"stop_reason":"tool_use"')
+                    await out.write(line)
+                await out.write_eof()
+                return out
+
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", relay)
+        return app
 
 
 async def loops(http, base: str, app, turns: int) -> Loops:
@@ -235,10 +270,18 @@ class Bench:
             s.stop()
 
     async def loops(self, http, turns: int, prefer: bool, *extra: str) -> Loops:
+        from aiohttp import web
+
         slots = Path(tempfile.mkdtemp(dir=self.tmp))
         s = self.server(*extra, slots_folder=slots)
+        runner = web.AppRunner(ToolLoopProxy(s.url).app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
         try:
-            base, app = await self.gateway(gateway_config(s.url, slots, True, prefer))
+            host, port = runner.addresses[0][:2]
+            base, app = await self.gateway(gateway_config(f"http://{host}:{port}", slots, True, prefer))
             return await loops(http, base, app, turns)
         finally:
             s.stop()
@@ -298,15 +341,16 @@ def loops_table(runs: dict[str, Loops]) -> list[str]:
     return out
 
 
-async def run(turns: int) -> tuple[dict[str, list[Turn]], dict[str, Loops]]:
+async def run(turns: int, loops_only: bool = False) -> tuple[dict[str, list[Turn]], dict[str, Loops]]:
     with tempfile.TemporaryDirectory(prefix="bench-parking-") as tmp:
         bench = Bench(Path(tmp))
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
-                columns = {"parked": await bench.one_server(http, turns, True, "--cache-ram", "0"),
-                           "own": await bench.own_servers(http, turns, "--cache-ram", "0"),
-                           "unparked": await bench.one_server(http, turns, False, "--cache-ram", "0"),
-                           "parked+ram": await bench.one_server(http, turns, True)}
+                columns = {} if loops_only else {
+                    "parked": await bench.one_server(http, turns, True, "--cache-ram", "0"),
+                    "own": await bench.own_servers(http, turns, "--cache-ram", "0"),
+                    "unparked": await bench.one_server(http, turns, False, "--cache-ram", "0"),
+                    "parked+ram": await bench.one_server(http, turns, True)}
                 contended = {"the slot's conversation first (default)":
                              await bench.loops(http, turns, True, "--cache-ram", "0"),
                              "arrival order": await bench.loops(http, turns, False, "--cache-ram", "0")}
@@ -318,13 +362,15 @@ async def run(turns: int) -> tuple[dict[str, list[Turn]], dict[str, Loops]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=TURNS)
+    parser.add_argument("--loops-only", action="store_true", help="only the queue's order")
     args = parser.parse_args()
     print(machine())
     t0 = time.monotonic()
-    columns, contended = asyncio.run(run(args.turns))
-    print("\nA main conversation and two agents interleaved on one single-slot llama-server (SmolLM2-135M): "
-          "prompt tokens from cache, reason, time to first token, parking time")
-    print("\n".join(table(columns)))
+    columns, contended = asyncio.run(run(args.turns, args.loops_only))
+    if columns:
+        print("\nA main conversation and two agents interleaved on one single-slot llama-server (SmolLM2-135M): "
+              "prompt tokens from cache, reason, time to first token, parking time")
+        print("\n".join(table(columns)))
     print("\nThe same three as tool loops at once (each turn sent as its last one ends), parked, --cache-ram 0: "
           "the queue's order")
     print("\n".join(loops_table(contended)))

@@ -28,11 +28,14 @@ class Outcome:
     output_tokens: int = 0
     # Why its prompt missed the cache (cachemiss.py), once its answer ended whole.
     cache_reason: str | None = None
+    # "tool_use": the client runs a tool and sends the conversation's next turn at once.
+    stop_reason: str | None = None
 
     def reset(self, granted: float) -> None:
         """A new send: forget what a failed one saw."""
         self.granted, self.first_content = granted, None
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
+        self.stop_reason = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,6 +60,7 @@ class Outcome:
             self.take_usage(msg.get("usage") if isinstance(msg, dict) else None)
         elif kind == "message_delta":
             self.take_usage(data.get("usage"))
+            self._take_stop(data.get("delta"))
 
     def observe_message(self, raw: bytes) -> Any:
         """A whole (non-streaming) answer: its JSON, or None, with its usage taken."""
@@ -66,7 +70,12 @@ class Outcome:
             return None
         if isinstance(message, dict):
             self.take_usage(message.get("usage"))
+            self._take_stop(message)
         return message
+
+    def _take_stop(self, holder: Any) -> None:
+        if isinstance(holder, dict) and isinstance(holder.get("stop_reason"), str):
+            self.stop_reason = holder["stop_reason"][:32]
 
 
 def record(gw: Gateway, route: str, outcome: Outcome, arrived: float, *, count_tokens: bool = True) -> None:

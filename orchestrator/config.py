@@ -130,6 +130,13 @@ class QueueConfig:
                                                check=_non_negative, why="a non-negative integer")
     cache_preference_max_seconds: float = setting(60.0, "... and only while that earlier waiter has waited less "
                                                   "than this", check=_non_negative, why="a non-negative number")
+    # The next turn of a tool loop is sent once the last answer has ended and the tool has run: a
+    # read takes milliseconds, Claude Code's own work between turns tens of them.
+    cache_preference_keep_seconds: float = setting(0.5, "a one-slot backend's slot, released by an answer asking "
+                                                   "for a tool while others wait, is kept for that conversation's next turn "
+                                                   "at most this long (and no longer than a switch would cost: a "
+                                                   "park and an unpark at the measured pace); 0: never",
+                                                   check=_non_negative, why="a non-negative number")
     # Claude Code retries a main call for about 3 minutes.
     down_grace_seconds: float = setting(300.0, "requests wait this long for a backend that is down, then 529",
                                         check=_positive, why="a positive number")

@@ -38,6 +38,8 @@ class Call:
     # The gateway's own work on the slot before the send (a park, an unpark: parking.py); the slot
     # is not free before it ends, even if the client left during it.
     admin: asyncio.Task | None = None
+    # Its answer ended whole: keep the slot this long for the conversation's next turn (slots.py).
+    keep_for: tuple[str, float] | None = None
 
     @property
     def abandoned(self) -> bool:

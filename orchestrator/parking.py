@@ -70,6 +70,18 @@ async def before_send(gw: Gateway, backend: Backend, conversation: Conversation,
     return turn
 
 
+def keep_seconds(backend: Backend, tokens: int, cap: float) -> float:
+    """How long a one-slot backend's slot may wait for its conversation's next turn while others wait:
+    what a change of conversation would cost it, at most `cap`. With parking, that is a save and a
+    later restore of its `tokens` at the last save's measured pace (a restore is faster: an upper
+    bound); without a measured pace, or without parking (a switch costs a re-prefill), the cap."""
+    if backend.config.slots != 1 or cap <= 0:
+        return 0.0
+    if parks(backend) and backend.kv.save_pace > 0:
+        return min(cap, 2 * backend.kv.save_pace * tokens)
+    return cap
+
+
 def answered(backend: Backend, conversation: Conversation) -> None:
     """The slot's request ended whole: it holds that conversation's prompt and answer."""
     if backend.kv is not None and backend.kv.holder == conversation.key:

@@ -21,7 +21,7 @@ from .accounting import Outcome
 from .affinity import Conversation
 from .errors import Overloaded
 from .gateway import Backend, Call, Gateway
-from .parking import SlotTurn, answered, before_send
+from .parking import SlotTurn, answered, before_send, keep_seconds
 from .slots import Lease, Priority, Tag, pick_queue
 
 
@@ -54,9 +54,15 @@ async def prepare(gw: Gateway, backend: Backend, conversation: Conversation, cal
 
 
 def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Conversation,
-           outcome: Outcome, turn: SlotTurn | None = None) -> None:
-    """A whole answer: its conversation lives on `backend` now, and may be saved there."""
+           outcome: Outcome, call: Call, turn: SlotTurn | None = None) -> None:
+    """A whole answer: its conversation lives on `backend` now, and may be saved there. An answer that
+    asks for a tool has the conversation's next turn coming as soon as the tool ran: its slot is
+    kept for it a moment (slots.py) when a switch would cost."""
     answered(backend, conversation)
+    seconds = keep_seconds(backend, outcome.prompt_tokens + outcome.output_tokens,
+                           gw.config.queue.cache_preference_keep_seconds)
+    if seconds > 0 and outcome.stop_reason == "tool_use":
+        call.keep_for = (conversation.key, seconds)
     if gw.misses is not None and outcome.prompt_tokens > 0:
         turn = turn or SlotTurn()
         seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how,

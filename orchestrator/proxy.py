@@ -127,7 +127,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 response = await _exchange(gw, backend, request.path_qs, data, headers, client, outcome,
                                            body.get("model"), call)
                 if call.complete and outcome.status != "stream_error":
-                    placement.served(gw, group, backend, conversation, outcome, turn)
+                    placement.served(gw, group, backend, conversation, outcome, call, turn)
                 return response
         except _Retry as r:
             last_error = r.cause

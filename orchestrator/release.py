@@ -94,6 +94,8 @@ def in_slot(gw: Gateway, backend: Backend, lease: Lease) -> Iterator[Call]:
             after_admin(gw, backend, lease, call)
         elif call.abandoned:
             release_when_idle(gw, backend, lease, call)
+        elif call.keep_for is not None:
+            lease.keep_for(*call.keep_for)
         else:
             lease.release()
 

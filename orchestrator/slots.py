@@ -59,6 +59,13 @@ class Lease:
             self._released = True
             self._queue._release()
 
+    def keep_for(self, tag: str, seconds: float) -> None:
+        """Release; but while others wait, the slot is kept up to `seconds` for the next request of
+        conversation `tag` (within the preference's bounds), and goes on to the waiters after that."""
+        if not self._released:
+            self._released = True
+            self._queue._release(tag, seconds)
+
     async def __aenter__(self) -> "Lease":
         return self
 
@@ -100,6 +107,8 @@ class SlotQueue:
         self._waiters: list[list] = []  # heap of waiters (PRIORITY, SEQ, ... above)
         # The conversations the slots were last given, newest last: what their caches hold.
         self._given: collections.deque[Tag] = collections.deque(maxlen=slots)
+        # A released slot kept for its conversation's next request: (its tag, the timer ending it).
+        self._kept: tuple[str, asyncio.TimerHandle] | None = None
         self._waiting_bytes = 0  # the sizes of the entries in _waiters
         self._seq = itertools.count()
         # Counted for the invariant tests and /health.
@@ -134,6 +143,8 @@ class SlotQueue:
         class, past both bounds. `tag`: the request's conversation, for the cache preference."""
         if self._failure is not None:
             raise self._failure()
+        if self._kept is not None and tag is not None and self._open and tag() == self._kept[0]:
+            return self._take_kept(tag)
         if self.has_free_slot():
             self._given.append(tag or _untagged)
             return self._grant_now()
@@ -174,6 +185,7 @@ class SlotQueue:
     def hold(self) -> None:
         """Stop granting slots (backend down); waiters stay queued."""
         self._open = False
+        self._unkeep()
 
     def open(self) -> None:
         self._open = True
@@ -185,6 +197,7 @@ class SlotQueue:
         grace): answer every waiter, and every newcomer until `open()`, with `error()`."""
         self._open = False
         self._failure = error
+        self._unkeep()
         waiters, self._waiters = self._waiters, []
         self._waiting_bytes = 0
         for entry in waiters:
@@ -197,12 +210,49 @@ class SlotQueue:
         self.acquired_total += 1
         return Lease(self)
 
-    def _release(self) -> None:
+    def _release(self, keep_for: str | None = None, seconds: float = 0.0) -> None:
         if self._busy <= 0:
             raise RuntimeError(f"slot queue {self.name!r}: release without acquire")
-        self._busy -= 1
         self.released_total += 1
+        if keep_for and seconds > 0 and self._kept is None and self._may_pass(lambda t: t == keep_for):
+            # Still counted busy: nobody else is granted it until its conversation comes or time is up.
+            timer = asyncio.get_running_loop().call_later(seconds, self._unkeep)
+            self._kept = (keep_for, timer)
+            return
+        self._busy -= 1
         self._wake()
+
+    def _take_kept(self, tag: Tag) -> Lease:
+        """The kept slot, to its conversation's next request: it passes every waiter of the head's class."""
+        self._kept[1].cancel()
+        self._kept = None
+        self.acquired_total += 1
+        head = self._waiters[0] if self._waiters else None
+        for e in self._waiters:
+            if head is not None and e[PRIORITY] == head[PRIORITY]:
+                e[PASSED] += 1
+        self._given.append(tag)
+        if self._on_preferred is not None:
+            self._on_preferred()
+        return Lease(self)
+
+    def _unkeep(self) -> None:
+        """The kept slot goes to the waiters (time is up, or the backend went down)."""
+        if self._kept is None:
+            return
+        self._kept[1].cancel()
+        self._kept = None
+        self._busy -= 1
+        self._wake()
+
+    def _may_pass(self, holds: Callable[[str], bool]) -> bool:
+        """Whether a request of a conversation for which `holds` is true may go before the head waiter:
+        someone waits, the head is of another conversation, was not sent again, and is within bounds."""
+        if not (self._open and self._waiters) or self.prefer_max_passes <= 0:
+            return False
+        head = self._waiters[0]
+        return not (head[SEQ] < 0 or head[PASSED] >= self.prefer_max_passes or head[TAG] is None
+                    or time.monotonic() - head[ENQUEUED] >= self.prefer_max_seconds or holds(head[TAG]()))
 
     def _remove(self, entry: list) -> None:
         try:
@@ -226,15 +276,13 @@ class SlotQueue:
     def _preferred(self) -> list | None:
         """The first waiter of a conversation a slot holds, taken out of the heap, when it may pass
         the head of its priority class; None: the head goes first."""
-        head = self._waiters[0]
-        if (self.prefer_max_passes <= 0 or head[SEQ] < 0 or head[PASSED] >= self.prefer_max_passes
-                or time.monotonic() - head[ENQUEUED] >= self.prefer_max_seconds
-                or head[TAG] is None or not self._given):
+        if not self._given:
             return None
         held = {given() for given in self._given}
         held.discard("")
-        if head[TAG]() in held:
+        if not self._may_pass(held.__contains__):
             return None
+        head = self._waiters[0]
         same_class = sorted((e for e in self._waiters if e[PRIORITY] == head[PRIORITY]), key=lambda e: e[SEQ])
         pick = next((e for e in same_class if e[TAG] is not None and not e[FUTURE].done() and e[TAG]() in held),
                     None)

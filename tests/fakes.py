@@ -12,7 +12,8 @@ from aiohttp import web
 from orchestrator import sse
 
 
-def sse_message(text_parts: list[str], model: str = "fake-model", input_tokens: int = 10) -> list[bytes]:
+def sse_message(text_parts: list[str], model: str = "fake-model", input_tokens: int = 10,
+                stop_reason: str = "end_turn") -> list[bytes]:
     """A complete Anthropic SSE answer, one bytes object per event."""
     msg = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
            "stop_reason": None, "stop_sequence": None,
@@ -24,7 +25,7 @@ def sse_message(text_parts: list[str], model: str = "fake-model", input_tokens: 
         out.append(sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                       "delta": {"type": "text_delta", "text": t}}))
     out += [sse.encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+            sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason,
                                                                             "stop_sequence": None},
                                          "usage": {"output_tokens": len(text_parts)}}),
             sse.encode("message_stop", {"type": "message_stop"})]
@@ -161,14 +162,15 @@ class FakeUpstream:
             if mode == "stall":
                 await asyncio.sleep(3600)
             model = self.answer_model or body.get("model", "")
-            events = sse_message([f"w{i} " for i in range(self.parts)], model=model)
+            stop = str(knob(request, body, "stop_reason", "end_turn"))
+            events = sse_message([f"w{i} " for i in range(self.parts)], model=model, stop_reason=stop)
             if not body.get("stream"):
                 await asyncio.sleep(self.chunk_delay * self.parts)
                 self.generations_finished += 1
                 return web.json_response({
                     "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                     "content": [{"type": "text", "text": "".join(f"w{i} " for i in range(self.parts))}],
-                    "stop_reason": "end_turn", "stop_sequence": None,
+                    "stop_reason": stop, "stop_sequence": None,
                     "usage": {"input_tokens": 10, "output_tokens": self.parts, "cache_read_input_tokens": 3}})
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)

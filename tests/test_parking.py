@@ -92,6 +92,42 @@ async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming
     assert cache == {"new": 2, "unparked": 2}
 
 
+@pytest.mark.parametrize("keep,stop", [(0.5, "tool_use"), (0.0, "tool_use"), (0.5, "end_turn")],
+                         ids=["kept", "keep-off", "no-tool-asked"])
+async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gateway, serve_app, tmp_path, http, keep,
+                                                                 stop):
+    """Conversation one runs a tool loop (each turn sent as its last answer ends) while two waits: the
+    slot is kept for one's next turn, so the slot does not switch (park, unpark) twice; two goes after.
+    An answer that ends the turn (`end_turn`: the user types next) keeps nothing."""
+    fake = ParkingUpstream(tmp_path, prefill_delay=0.1)
+    # A save costs something (the keep lasts no longer than a save and a restore: ~0.2 s here).
+    fake.save_delay = 0.1
+    url = await serve_app(fake.app())
+    base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(tmp_path),
+                                             "kv_park_min_tokens": 0, "kv_save_idle_seconds": 3600}],
+                               "queue": {"cache_preference_keep_seconds": keep}})
+    gw = app[GATEWAY]
+    await _until(lambda: gw.backends["primary"].health.state is State.READY)
+
+    async def loop():
+        for turn in range(3):
+            # Each answer asks for a tool, but the last: the loop's next turn follows at once.
+            body = {**main_body("one", turn=turn), "metadata": {"x_fake_stop_reason": stop if turn < 2
+                                                                else "end_turn"}}
+            assert (await _post(http, base, body))[0] == 200
+
+    one = asyncio.create_task(loop())
+    await _until(lambda: gw.backends["primary"].queue.busy == 1)
+    assert (await _post(http, base, main_body("two")))[0] == 200
+    await one
+    order = [t["conversation"] for t in gw.misses.snapshot("primary")["recent"]]
+    a, b = _key("one")[:8], _key("two")[:8]
+    kept = keep and stop == "tool_use"
+    assert order == ([a, a, a, b] if kept else [a, b, a, a]), order
+    assert _metric(gw, "orchestrator_cache_preferred_grants_total", backend="primary") == (2 if kept else 0)
+    assert not fake.crashed and fake.max_in_flight == 1
+
+
 async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(3):
@@ -224,6 +260,23 @@ def test_the_cache_mark_moving_to_the_next_turn_changes_neither_the_key_nor_the_
     # Another first message is still another conversation.
     other = {**one, "messages": [{"role": "user", "content": [{**task, "text": "Say bye"}]}]}
     assert conversation_key(other) != conversation_key(one)
+
+
+def test_a_slot_is_kept_no_longer_than_a_switch_would_cost():
+    from types import SimpleNamespace
+
+    from orchestrator.parking import keep_seconds
+
+    def backend(slots=1, pace=0.0, park=True):
+        kv = SimpleNamespace(save_pace=pace)
+        return SimpleNamespace(config=SimpleNamespace(slots=slots, kv_park=park), kv=kv)
+
+    assert keep_seconds(backend(pace=1e-5), 10_000, 0.5) == pytest.approx(0.2)  # a save and a restore
+    assert keep_seconds(backend(pace=1e-3), 10_000, 0.5) == 0.5                 # at most the cap
+    assert keep_seconds(backend(pace=0.0), 10_000, 0.5) == 0.5                  # no pace measured yet
+    assert keep_seconds(backend(park=False), 10_000, 0.5) == 0.5                # a switch re-prefills
+    assert keep_seconds(backend(slots=2, pace=1e-5), 10_000, 0.5) == 0.0        # several slots: no keep
+    assert keep_seconds(backend(pace=1e-5), 10_000, 0.0) == 0.0                 # off
 
 
 def test_make_status_says_why_the_cache_missed():

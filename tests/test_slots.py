@@ -190,6 +190,8 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
                     raise ValueError("upstream error")
                 if rng.random() < 0.3:
                     lease.release()  # released early, then again by the context manager
+                elif tag is not None and rng.random() < 0.3:
+                    lease.keep_for(tag, rng.uniform(0, 0.01))  # kept for its next turn a moment
             outcomes["done"] += 1
         except ValueError:
             outcomes["failed"] += 1
@@ -216,6 +218,7 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     results = await asyncio.gather(*tasks, return_exceptions=True)
     await chaos_task
     q.open()
+    await asyncio.sleep(0.02)  # a slot kept for a next turn that never came is free again
     outcomes["cancelled"] = sum(isinstance(r, asyncio.CancelledError) for r in results)
     assert q.busy == 0, outcomes
     assert q.depth == 0
@@ -392,3 +395,78 @@ async def test_a_waiter_is_passed_only_while_it_has_waited_less_than_max_seconds
     order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], turns=50, hold=0.02)
     # Each grant holds 20 ms: the agent, waiting since the start, goes once it has waited 50 ms.
     assert 1 <= order.index("agent") <= 4, order
+
+
+async def _waiting(q: SlotQueue, name: str, order: list[str]) -> asyncio.Task:
+    async def want():
+        async with await q.acquire(tag=_tagged(name)):
+            order.append(name)
+    task = asyncio.create_task(want())
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_slot_is_kept_for_its_conversations_next_turn_while_others_wait():
+    preferred = []
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60, on_preferred=lambda: preferred.append(1))
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 0.5)
+    assert q.busy == 1 and not agent.done()  # kept: the agent is not granted yet
+    await asyncio.sleep(0.01)  # the tool ran; the next turn comes
+    nxt = await q.acquire(tag=_tagged("main"))
+    assert preferred == [1] and not agent.done()
+    nxt.release()
+    await agent
+    assert order == ["agent"] and q.busy == 0 and q.acquired_total == q.released_total
+
+
+async def test_a_kept_slot_goes_to_the_waiters_when_the_next_turn_does_not_come():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    started = asyncio.get_running_loop().time()
+    lease.keep_for("main", 0.1)
+    await agent
+    assert 0.09 <= asyncio.get_running_loop().time() - started < 1.0
+    # Another conversation is not let in by the keep.
+    assert order == ["agent"] and q.busy == 0
+
+
+async def test_nobody_waiting_frees_the_slot_at_once_and_bounds_stop_the_keep():
+    q = SlotQueue("b", 1, prefer_max_passes=1, prefer_max_seconds=60)
+    lease = await q.acquire(tag=_tagged("main"))
+    lease.keep_for("main", 10)
+    assert q.has_free_slot()  # nobody waited: nothing to keep it from
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+    lease = await q.acquire(tag=_tagged("main"))  # passes the agent once: the bound
+    lease.keep_for("main", 10)
+    await asyncio.wait_for(agent, 1)  # not kept again: the agent goes
+    assert order == ["agent"]
+
+
+async def test_a_backend_going_down_ends_a_keep():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+    q.hold()
+    assert q.busy == 0
+    q.open()
+    await asyncio.wait_for(agent, 1)
+    assert order == ["agent"]
+
+
+async def test_without_the_preference_a_slot_is_never_kept():
+    q = SlotQueue("b", 1)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+    await asyncio.wait_for(agent, 1)
