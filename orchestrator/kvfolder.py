@@ -66,3 +66,23 @@ def remove(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
+
+
+def bound(folder: Path, max_bytes: int, pending: set[str]) -> tuple[int, list[str]]:
+    """Keep the folder under `max_bytes`: oldest saves dropped first, the newest always kept; files no
+    save names (a save cut off by a crash) dropped at once, but for `pending` ones (written, their
+    metadata not yet). The bytes kept and the keys dropped."""
+    found = sorted(saves(folder), key=lambda m: m.get("time", 0), reverse=True)
+    named = {m.get("file") for m in found}
+    for f in folder.glob("*.bin"):
+        if f.name not in named and f.name not in pending:
+            remove(f)
+    total, dropped = 0, []
+    for i, m in enumerate(found):
+        total += int(m.get("bytes") or 0)
+        if i > 0 and total > max_bytes:
+            remove(folder / str(m.get("file")))
+            remove(folder / f"{m.get('key')}.json")
+            dropped.append(str(m.get("key")))
+            total -= int(m.get("bytes") or 0)
+    return total, dropped

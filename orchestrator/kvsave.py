@@ -22,6 +22,7 @@ a failed request is one warning line and a count, and the backend goes on cold.
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import json
 import logging
@@ -29,13 +30,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .affinity import Conversation
 from .config import BackendConfig, Config
 from .errors import GatewayError
 from .kv_identity import ServerId, checksum, server_id
-from .kvfolder import read_meta, remove, saves as saved_files, write_atomic
+from .kvfolder import bound, read_meta, remove, saves as saved_files, write_atomic
 from .metrics import Metrics
 from .prefixes import for_waiter
 from .slots import Lease, SlotQueue
@@ -57,7 +58,6 @@ MAX_ACTION_ANSWER_BYTES = 64 * 1024
 
 class _Written(NamedTuple):
     """A slot the server has written to a file, not yet checksummed and named in its metadata."""
-
     filename: str
     answer: dict[str, Any]
     server: ServerId
@@ -75,7 +75,9 @@ class BackendSaves:
     saved: dict[str, int] = field(default_factory=dict)  # conversation key -> tokens at its last save
     generation: int = 0                          # bumped by every finished request
     waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
-    saving: bool = False
+    saving: int = 0  # saves under way, from the slot's write to their metadata: the idle save waits
+    pending: set[str] = field(default_factory=set)  # files written, their metadata not yet: kept by _bound
+    keeping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one save's metadata at a time, in order
     # The conversation the slot was last given (parking.py); only once it ended whole is it `latest`.
     holder: str | None = None
     holder_whole: bool = False
@@ -188,38 +190,50 @@ class KvPersistence:
         """Save the slot as `conversation`'s now, the caller holding every slot (a park or a checkpoint).
         Returns once the server has written the file: the result and the seconds that took. The
         checksum and the metadata follow in the background with the slot in use again."""
-        if b.saving:
-            self.metrics.kv_saves.labels(b.backend.name, "skipped").inc()
-            return "skipped", 0.0
+        # No check of `saving`: the caller's slot keeps any other slot write out; an earlier save's
+        # checksum may still be under way, and this conversation must not go unsaved for it.
         t0 = time.monotonic()
         written = await self._write(b, conversation)
         took = time.monotonic() - t0
         if written is None:
             return "failed", took
-        self._spawn(self._finish(b, conversation, tokens, written), f"kv-keep:{b.backend.name}")
+        # Counted as saved from now, so the next turn does not checkpoint it again while its checksum
+        # runs; undone if its metadata cannot be written.
+        key, before = conversation.key, b.saved.get(conversation.key, 0)
+        b.saved[key] = tokens
+        undo = functools.partial(b.saved.__setitem__, key, before)
+        self._spawn(self._finish(b, conversation, tokens, written, undo), f"kv-keep:{b.backend.name}")
         return "saved", took
 
     async def _write(self, b: BackendSaves, conversation: Conversation) -> _Written | None:
-        """The server writes the slot to a file, `saving` set from here until `_finish` ends."""
-        b.saving = True
+        """The server writes the slot to a file, counted in `saving` from here until `_finish` ends."""
+        b.saving += 1
         written = None
         try:
             written = await self._save(b, conversation.key)
         finally:
             if written is None:
-                b.saving = False
+                b.saving -= 1
                 self.metrics.kv_saves.labels(b.backend.name, "failed").inc()
+            else:
+                b.pending.add(written.filename)
         return written
 
-    async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written) -> str:
+    async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written,
+                      undo: Callable[[], None] | None = None) -> str:
         """Checksum and metadata of a written save, taken with the slot free again (seconds for
-        gigabytes: a request arriving now is not kept waiting by it); `saving` keeps a second save out."""
+        gigabytes: a request arriving now is not kept waiting by it), one save at a time in the order
+        written, so the newest save of a conversation is the one its metadata names."""
         backend = b.backend.name
         generation = b.generation
         try:
-            result = await self._keep(b, conversation, tokens, *written)
+            async with b.keeping:
+                result = await self._keep(b, conversation, tokens, *written)
         finally:
-            b.saving = False
+            b.pending.discard(written.filename)
+            b.saving -= 1
+        if result != "saved" and undo is not None:
+            undo()
         self.metrics.kv_saves.labels(backend, result).inc()
         if result == "saved":
             self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - written.started)
@@ -277,26 +291,13 @@ class KvPersistence:
         return "saved"
 
     def _bound(self, b: BackendSaves) -> None:
-        """Keep the folder under its byte budget: oldest saves dropped first, the newest always kept;
-        files no save names (a save cut off by a crash) dropped at once."""
-        saves = sorted(saved_files(b.folder), key=lambda m: m.get("time", 0), reverse=True)
-        named = {m.get("file") for m in saves}
-        for f in b.folder.glob("*.bin"):
-            if f.name not in named:
-                remove(f)
-        total = 0
-        for i, m in enumerate(saves):
-            total += int(m.get("bytes") or 0)
-            if i > 0 and total > b.backend.kv_save_max_bytes:
-                log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",
-                         b.backend.name, str(m.get("key"))[:8], b.backend.kv_save_max_bytes)
-                remove(b.folder / str(m.get("file")))
-                remove(b.folder / f"{m.get('key')}.json")
-                b.saved.pop(str(m.get("key")), None)
-                total -= int(m.get("bytes") or 0)
+        """Keep the folder under its byte budget (kvfolder.bound)."""
+        total, dropped = bound(b.folder, b.backend.kv_save_max_bytes, b.pending)
+        for key in dropped:
+            log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",
+                     b.backend.name, key[:8], b.backend.kv_save_max_bytes)
+            b.saved.pop(key, None)
         self.metrics.kv_disk_bytes.labels(b.backend.name).set(total)
-
-    # ---- restoring -------------------------------------------------------------------------
 
     async def restore(self, b: BackendSaves) -> dict[str, Any] | None:
         """Before the backend's queue reopens: restore the save that fits into its empty slot.
@@ -349,6 +350,11 @@ class KvPersistence:
 
     async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:
         """Restore `key`'s save now, the caller holding the slot (an unpark); "none": no save of it fits."""
+        if any(name.startswith(f"{key}-") for name in b.pending):
+            # Its park was just written and its checksum is under way (in order, behind the lock):
+            # waiting for it costs far less than the prefill going cold would.
+            async with b.keeping:
+                pass
         server = await server_id(self.upstream, b.backend)
         meta = read_meta(b.folder / f"{key}.json")
         if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
@@ -379,8 +385,6 @@ class KvPersistence:
         n = int(answer.get("n_restored") or 0)
         log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
         return "restored", {"n_tokens": n, "key": pick["key"]}
-
-    # ---- llama-server ----------------------------------------------------------------------
 
     async def _slot_action(self, b: BackendSaves, action: str, filename: str, timeout: float) -> dict[str, Any]:
         """POST /slots/0?action=...; its JSON answer, or a GatewayError saying why not."""

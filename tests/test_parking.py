@@ -128,6 +128,29 @@ async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gat
     assert not fake.crashed and fake.max_in_flight == 1
 
 
+async def test_a_park_is_not_skipped_while_an_earlier_saves_checksum_runs(park_stack, http, tmp_path, monkeypatch):
+    """The checksum of a save (seconds for gigabytes) runs after its slot is in use again: the next
+    switch parks all the same, and every save's metadata names its file once all are done."""
+    from orchestrator import kvsave
+
+    def slow_checksum(path):
+        import time
+        time.sleep(0.3)
+        return kvsave_checksum(path)
+
+    kvsave_checksum = kvsave.checksum
+    monkeypatch.setattr(kvsave, "checksum", slow_checksum)
+    fake, base, gw = await park_stack()
+    for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1)):
+        assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+    one, two = _key("one")[:8], _key("two")[:8]
+    assert _actions(fake) == [("save", one), ("save", two), ("restore", one), ("save", one), ("restore", two)]
+    b = gw.backends["primary"].kv
+    await _until(lambda: b.saving == 0)
+    named = {m["file"] for m in kvsave.saved_files(tmp_path)}
+    assert named == {p.name for p in tmp_path.glob("*.bin")} and len(named) == 2
+
+
 async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(3):
