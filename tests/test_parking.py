@@ -160,6 +160,7 @@ async def test_the_save_restored_after_a_restart_is_neither_restored_again_nor_s
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(2):  # turn 1's checkpoint saves turn 0's 18 tokens
         assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+    await _until(lambda: not gw.backends["primary"].kv.saving)  # its checksum and metadata written
     fake.actions.clear()
     fake.order.clear()
     status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
