@@ -79,3 +79,5 @@ bench: install
 	$(BIN)/python bench/bench_pool.py
 	$(BIN)/python bench/bench_dashboard.py
 	$(BIN)/python bench/bench_parking.py
+	@deploy/install-claude-code.sh >/dev/null
+	$(BIN)/python bench/bench_crash.py --cli 8

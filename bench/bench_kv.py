@@ -45,7 +45,8 @@ DELAYS = (0.0, 0.005, 0.01, 0.02)  # after IDLE: aims at a save in progress (it 
 
 
 class Stack:
-    def __init__(self, root: Path, binary: str, kv: bool) -> None:
+    def __init__(self, root: Path, binary: str, kv: bool, idle: float = IDLE, settings: str = "") -> None:
+        """`settings`: more lines for the backend's table (bench_crash.py's variants)."""
         root.mkdir()
         self.gw_port, self.llama_port = free_port(), free_port()
         self.config_path = root / "orchestrator.toml"
@@ -62,7 +63,8 @@ command = "{{llama_server}} --model {{default_model}} --host {{host}} --port {{p
 start_seconds = 1
 start_retries = 3
 kv_save = {'true' if kv else 'false'}
-kv_save_idle_seconds = {IDLE}
+kv_save_idle_seconds = {idle}
+{settings}
 """)
         self.config = load_config(self.config_path)
         self.paths = supervise.StackPaths(root)

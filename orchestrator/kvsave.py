@@ -82,6 +82,7 @@ class BackendSaves:
     holder: str | None = None
     holder_whole: bool = False
     save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
+    restored: str | None = None  # put back by the restart's restore (/slots then shows no tokens)
 
 
 # A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
@@ -324,6 +325,7 @@ class KvPersistence:
 
     async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
         name = b.backend.name
+        b.restored = None  # the server restarted: whatever an earlier restore put in its slot is gone
         if await self.slot_tokens(b) > 0:
             return "warm", {}  # its cache survived (the gateway restarted, not the server)
         saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
@@ -344,8 +346,10 @@ class KvPersistence:
             return "none", {}
         result, note = await self._restore_file(b, pick)
         if result == "restored":
-            b.saved[str(pick["key"])] = -1  # the slot holds it again; the next finished turn saves anew
-            b.holder, b.holder_whole = str(pick["key"]), False
+            # What its file holds, as after an unpark: no checkpoint of all of it again at once.
+            b.saved[str(pick["key"])] = int(note.get("n_tokens", 0))
+            b.holder = b.restored = str(pick["key"])
+            b.holder_whole = False
         return result, note
 
     async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:

@@ -98,7 +98,7 @@ async def _prepare(gw: Gateway, backend: Backend, conversation: Conversation, tu
         b.holder = None
     finally:
         # From here the slot is given to this conversation, whatever it held.
-        b.holder, b.holder_whole = conversation.key, False
+        b.holder, b.holder_whole, b.restored = conversation.key, False, None
 
 
 async def _save_outgoing(gw: Gateway, backend: Backend, key: str, turn: SlotTurn) -> None:
@@ -127,6 +127,11 @@ async def _save_outgoing(gw: Gateway, backend: Backend, key: str, turn: SlotTurn
 async def _unpark(gw: Gateway, backend: Backend, key: str, turn: SlotTurn) -> None:
     b = backend.kv
     if b.holder == key:
+        if b.restored == key:
+            # The restart's restore put it back for this waiter; /slots cannot tell (it shows no
+            # tokens after a restore), and restoring it again would only repeat the restore's time.
+            turn.how = "unparked"
+            return
         # The slot was last given this conversation; the server says whether it still holds it.
         if await gw.kv.slot_tokens(b) > 0:
             turn.how = "same"

@@ -81,7 +81,7 @@ class SlotsUpstream(FakeUpstream):
                                       "timings": {"save_ms": 1.0}})
         if self.restore_error or not (self.folder / name).exists():
             return web.json_response({"error": {"code": 400, "message": self.restore_error or "no file"}}, status=400)
-        self.slot_tokens = 123
+        # Like llama-server, whose /slots shows no prompt tokens after a restore (checked on the real one).
         return web.json_response({"id_slot": 0, "filename": name, "n_restored": 123, "n_read": self.save_bytes})
 
 

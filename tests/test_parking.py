@@ -10,7 +10,7 @@ import asyncio
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from test_kvsave import SlotsUpstream, _metric, _post, _until, main_body
+from test_kvsave import SlotsUpstream, _crash_and_queue, _metric, _post, _until, main_body
 
 from orchestrator import prefixes
 from orchestrator.affinity import Conversation, conversation_key
@@ -210,6 +210,24 @@ async def test_a_crash_during_a_park_or_an_unpark_leaves_the_conversation_cold_n
     # The next turn goes on as usual.
     fake.die_on = ""
     assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
+
+
+async def test_the_save_restored_after_a_restart_is_neither_restored_again_nor_saved_again_at_once(park_stack, http):
+    """A crash in a busy session: the restart's restore puts the waiter's checkpoint back. llama-server's
+    /slots shows no tokens after a restore, which once made the waiter's unpark restore it a second
+    time on the crash-hit turn's path, and the turn after it checkpoint the whole conversation again."""
+    fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
+    for turn in range(2):  # turn 1's checkpoint saves turn 0's 18 tokens
+        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+    await _until(lambda: not gw.backends["primary"].kv.saving)  # its checksum and metadata written
+    fake.actions.clear()
+    fake.order.clear()
+    status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
+    assert status == 200
+    assert fake.order == ["restore", "generate"]
+    # 18 tokens now, 10 of them in the restored save: under half of it unsaved, no checkpoint yet.
+    assert (await _post(http, base, main_body("one", turn=3)))[0] == 200
+    assert fake.order == ["restore", "generate", "generate"] and not fake.crashed
 
 
 async def test_a_backend_with_several_slots_never_parks(park_stack, http):
