@@ -41,19 +41,15 @@ from .metrics import Metrics
 from .prefixes import for_waiter
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
-from .upstream import UpstreamClient, read_whole
+from .kvslot import SLOT, slot_action, slot_tokens
+from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
-# Only slot 0 is saved and restored: a workstation runs --parallel 1.
-SLOT = 0
 # Writing or reading gigabytes takes seconds; a server that takes longer is stuck,
 # and the backend must not stay closed because of it.
 SAVE_TIMEOUT = 120.0
 RESTORE_TIMEOUT = 120.0
-PROPS_TIMEOUT = 5.0
-# llama-server answers a slot action with a small JSON object.
-MAX_ACTION_ANSWER_BYTES = 64 * 1024
 
 
 class _Written(NamedTuple):
@@ -391,32 +387,11 @@ class KvPersistence:
         return "restored", {"n_tokens": n, "key": pick["key"]}
 
     async def _slot_action(self, b: BackendSaves, action: str, filename: str, timeout: float) -> dict[str, Any]:
-        """POST /slots/0?action=...; its JSON answer, or a GatewayError saying why not."""
-        data = json.dumps({"filename": filename}).encode()
-        async with self.upstream.post(b.backend, f"/slots/{SLOT}?action={action}", data,
-                                      {"Content-Type": "application/json"}, timeout=timeout) as resp:
-            raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, b.backend)
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = {}
-        if resp.status != 200 or not isinstance(answer, dict):
-            message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
-            raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
-        return answer
+        return await slot_action(self.upstream, b.backend, action, filename, timeout)
 
     async def slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
-        try:
-            status, slots = await self.upstream.get_json(b.backend, "/slots", timeout=PROPS_TIMEOUT)
-        except GatewayError:
-            return 0
-        if status != 200 or not isinstance(slots, list):
-            return 0
-        for s in slots:
-            if isinstance(s, dict) and s.get("id") == SLOT and isinstance(s.get("n_prompt_tokens"), int):
-                return s["n_prompt_tokens"]
-        return 0
+        return await slot_tokens(self.upstream, b.backend)
 
 
 def _why(e: BaseException) -> str:
