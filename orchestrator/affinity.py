@@ -21,21 +21,28 @@ from typing import Any, Callable, Sequence
 
 from .errors import GatewayError
 from .prefixes import blocks as prompt_blocks
+from .prefixes import plain
 from .routing import strip_billing_header, utf8_json
 from .slots import SlotQueue
 
 
 def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:
     """A conversation's identity: system prompt, tools and first user message as forwarded
-    (the per-request billing line dropped), so every turn of it has the same key."""
+    (the per-request billing line dropped, and the cache markers that move every turn:
+    prefixes.plain), so every turn of it has the same key."""
     if strip_billing:
         body = strip_billing_header(body) or body
     messages = body.get("messages") if isinstance(body.get("messages"), list) else []
     first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+    if isinstance(first, dict) and isinstance(first.get("content"), list):
+        first = {**first, "content": [plain(b) for b in first["content"]]}
+    system, tools = body.get("system"), body.get("tools")
+    system = [plain(b) for b in system] if isinstance(system, list) else system
+    tools = [plain(t) for t in tools] if isinstance(tools, list) else tools
     try:
-        text = utf8_json([body.get("system"), body.get("tools"), first])
+        text = utf8_json([system, tools, first])
     except GatewayError:
-        text = repr([body.get("system"), body.get("tools"), first]).encode()
+        text = repr([system, tools, first]).encode()
     return hashlib.sha256(text).hexdigest()[:32]
 
 

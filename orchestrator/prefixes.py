@@ -24,18 +24,31 @@ def _digest(value: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
+def plain(block: Any) -> Any:
+    """A content block (or tool) as the model reads it: without `cache_control`, which is no part of
+    the prompt, and which Claude Code moves to each turn's last message. Left in, the block that
+    carried it last turn differs this turn, so a conversation's key would change from its first turn
+    to its second, and every turn would seem to change its prefix where the previous one ended."""
+    if not isinstance(block, dict) or not ("cache_control" in block or isinstance(block.get("content"), list)):
+        return block
+    out = {k: v for k, v in block.items() if k != "cache_control"}
+    if isinstance(out.get("content"), list):  # a tool_result's own blocks
+        out["content"] = [plain(b) for b in out["content"]]
+    return out
+
+
 def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     system = body.get("system")
     if isinstance(system, list):
         for i, block in enumerate(system):
-            yield f"system[{i}]", block
+            yield f"system[{i}]", plain(block)
     elif system is not None:
         yield "system", system
     tools = body.get("tools")
     if isinstance(tools, list):
         for i, tool in enumerate(tools):
             name = tool.get("name") if isinstance(tool, dict) else None
-            yield f"tools[{name if isinstance(name, str) else i}]"[:80], tool
+            yield f"tools[{name if isinstance(name, str) else i}]"[:80], plain(tool)
     messages = body.get("messages")
     if isinstance(messages, list):
         for i, m in enumerate(messages):
@@ -46,7 +59,7 @@ def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(content, list):
                 for j, block in enumerate(content):
                     kind = block.get("type") if isinstance(block, dict) else None
-                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, block]
+                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, plain(block)]
             else:
                 yield f"messages[{i}].{role}"[:80], [role, content]
 

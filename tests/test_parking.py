@@ -92,6 +92,27 @@ async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming
     assert cache == {"new": 2, "unparked": 2}
 
 
+def claude_turn(first: str, turn: int) -> dict:
+    """Like Claude Code: the cache marker on the last message's last block, so it moves every turn."""
+    body = main_body(first)
+    body["system"][1]["cache_control"] = {"type": "ephemeral"}
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": t}]}
+                        for t in [first] + [f"turn {n}" for n in range(1, turn + 1)]]
+    body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    return body
+
+
+async def test_a_conversation_whose_cache_marker_moved_is_unparked_as_the_same_one(park_stack, http):
+    """Found with the real CLI (test_claude_code_parking.py): the marker on turn 1's first message
+    made turn 2 a new conversation, so its save was never restored and its prefix seemed changed."""
+    assert conversation_key(claude_turn("one", 0)) == conversation_key(claude_turn("one", 2))
+    fake, base, gw = await park_stack()
+    for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1), ("one", 2)):
+        assert (await _post(http, base, claude_turn(first, turn)))[0] == 200
+    assert [a for a, _ in fake.actions] == ["save", "save", "restore", "save", "restore", "save", "restore"]
+    assert gw.misses.snapshot("primary")["turns"] == {"new": 2, "unparked": 3}
+
+
 async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(3):
