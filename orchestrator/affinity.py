@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import GatewayError
 from .prefixes import blocks as prompt_blocks
-from .prefixes import plain
+from .prefixes import plain, plain_content
 from .routing import strip_billing_header, utf8_json
 from .slots import SlotQueue
 
@@ -34,8 +34,8 @@ def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:
         body = strip_billing_header(body) or body
     messages = body.get("messages") if isinstance(body.get("messages"), list) else []
     first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    if isinstance(first, dict) and isinstance(first.get("content"), list):
-        first = {**first, "content": [plain(b) for b in first["content"]]}
+    if isinstance(first, dict):
+        first = {**first, "content": plain_content(first.get("content"))}
     system, tools = body.get("system"), body.get("tools")
     system = [plain(b) for b in system] if isinstance(system, list) else system
     tools = [plain(t) for t in tools] if isinstance(tools, list) else tools

@@ -37,6 +37,14 @@ def plain(block: Any) -> Any:
     return out
 
 
+def plain_content(content: Any) -> Any:
+    """A message's content as the model reads it: a string as the one text block it is, which is
+    how Claude Code sends the last message (to carry the marker) and a string once it is not."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [plain(b) for b in content] if isinstance(content, list) else content
+
+
 def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     system = body.get("system")
     if isinstance(system, list):
@@ -55,11 +63,11 @@ def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if not isinstance(m, dict):
                 yield f"messages[{i}]", m
                 continue
-            role, content = m.get("role"), m.get("content")
+            role, content = m.get("role"), plain_content(m.get("content"))
             if isinstance(content, list):
                 for j, block in enumerate(content):
                     kind = block.get("type") if isinstance(block, dict) else None
-                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, plain(block)]
+                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, block]
             else:
                 yield f"messages[{i}].{role}"[:80], [role, content]
 

@@ -93,18 +93,23 @@ async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming
 
 
 def claude_turn(first: str, turn: int) -> dict:
-    """Like Claude Code: the cache marker on the last message's last block, so it moves every turn."""
+    """Like Claude Code: the cache marker on the last message's last block, so it moves every turn,
+    and a message sent as a string once it is not the last (the last one is a list, for the marker)."""
     body = main_body(first)
     body["system"][1]["cache_control"] = {"type": "ephemeral"}
-    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": t}]}
-                        for t in [first] + [f"turn {n}" for n in range(1, turn + 1)]]
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": first}]}]
+    body["messages"] += [{"role": "user", "content": f"turn {n}"} for n in range(1, turn + 1)]
+    last = body["messages"][-1]
+    if isinstance(last["content"], str):
+        last["content"] = [{"type": "text", "text": last["content"]}]
     body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
     return body
 
 
 async def test_a_conversation_whose_cache_marker_moved_is_unparked_as_the_same_one(park_stack, http):
     """Found with the real CLI (test_claude_code_parking.py): the marker on turn 1's first message
-    made turn 2 a new conversation, so its save was never restored and its prefix seemed changed."""
+    made turn 2 a new conversation, so its save was never restored, and the last message's change of
+    form made a turn's prefix seem changed where the previous turn ended."""
     assert conversation_key(claude_turn("one", 0)) == conversation_key(claude_turn("one", 2))
     fake, base, gw = await park_stack()
     for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1), ("one", 2)):
@@ -220,7 +225,7 @@ def test_each_turn_says_why_its_prompt_was_computed():
     c = Conversation({**body, "messages": body["messages"][:1]})
     changed = misses.observe("b", c.key, Conversation(body).blocks, "same", 60, 40)
     assert changed["reason"] == "prefix_changed"
-    assert changed["at_block"] == "messages[1].user" and changed["at_token"] == 40
+    assert changed["at_block"] == "messages[1].user[0]:text" and changed["at_token"] == 40
     reg = misses.metrics.registry
     assert reg.get_sample_value("orchestrator_cache_prefix_changes_total", {"backend": "b", "kind": "messages"}) == 1
     assert reg.get_sample_value("orchestrator_cache_turns_total", {"backend": "b", "reason": "evicted"}) == 1
