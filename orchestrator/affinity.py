@@ -20,26 +20,26 @@ from enum import Enum
 from typing import Any, Callable, Sequence
 
 from .errors import GatewayError
-from .prefixes import blocks as prompt_blocks, without_cache_control
+from .prefixes import as_blocks, blocks as prompt_blocks, without_cache_control
 from .routing import strip_billing_header, utf8_json
 from .slots import SlotQueue
 
 
 def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:
     """A conversation's identity: system prompt, tools and first user message as forwarded
-    (the per-request billing line and the first message's cache mark dropped), so every turn of it
-    has the same key."""
+    (the per-request billing line dropped, and the cache marks Claude Code moves every turn, and
+    the first message's content as blocks: prefixes.py), so every turn of it has the same key."""
     if strip_billing:
         body = strip_billing_header(body) or body
     messages = body.get("messages") if isinstance(body.get("messages"), list) else []
     first = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-    if first is not None and isinstance(first.get("content"), list):
-        # Its cache_control mark is gone once it is no longer the last message (prefixes.py).
-        first = {**first, "content": without_cache_control(first["content"])}
+    if first is not None:
+        first = {**first, "content": as_blocks(first.get("content"))}
+    system, tools, first = without_cache_control([body.get("system"), body.get("tools"), first])
     try:
-        text = utf8_json([body.get("system"), body.get("tools"), first])
+        text = utf8_json([system, tools, first])
     except GatewayError:
-        text = repr([body.get("system"), body.get("tools"), first]).encode()
+        text = repr([system, tools, first]).encode()
     return hashlib.sha256(text).hexdigest()[:32]
 
 

@@ -17,11 +17,17 @@ MAX_BLOCKS = 4096
 
 
 def without_cache_control(value: Any) -> Any:
-    """`value` with the `cache_control` marks of its blocks (and of [role, block] pairs) dropped.
+    """`value` with the `cache_control` marks of its blocks (of [role, block] pairs, of a message's
+    or a tool_result's content) dropped.
     Claude Code marks the last block of the last message, so a turn's mark moves on with the next
     turn; the prompt a server computes is the same either way (llama-server ignores the mark)."""
     if isinstance(value, dict):
-        return {k: v for k, v in value.items() if k != "cache_control"} if "cache_control" in value else value
+        if "cache_control" not in value and not isinstance(value.get("content"), list):
+            return value
+        out = {k: v for k, v in value.items() if k != "cache_control"}
+        if isinstance(out.get("content"), list):  # a message's blocks, a tool_result's own blocks
+            out["content"] = without_cache_control(out["content"])
+        return out
     if isinstance(value, list):
         return [without_cache_control(v) for v in value]
     return value
@@ -34,6 +40,13 @@ def _digest(value: Any) -> str:
     except (TypeError, ValueError, RecursionError):
         text = repr(value)
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def as_blocks(content: Any) -> Any:
+    """A message's content as the model reads it: a string is the one text block it is. Claude Code
+    sends the last message as a list (to carry the cache mark) and as a string once it is not, so
+    left as sent, every turn would seem to change its prefix where the previous turn ended."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -54,7 +67,7 @@ def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if not isinstance(m, dict):
                 yield f"messages[{i}]", m
                 continue
-            role, content = m.get("role"), m.get("content")
+            role, content = m.get("role"), as_blocks(m.get("content"))
             if isinstance(content, list):
                 for j, block in enumerate(content):
                     kind = block.get("type") if isinstance(block, dict) else None

@@ -151,6 +151,32 @@ async def test_a_park_is_not_skipped_while_an_earlier_saves_checksum_runs(park_s
     assert named == {p.name for p in tmp_path.glob("*.bin")} and len(named) == 2
 
 
+def claude_turn(first: str, turn: int) -> dict:
+    """Like Claude Code: the cache marker on the last message's last block, so it moves every turn,
+    and a message sent as a string once it is not the last (the last one is a list, for the marker)."""
+    body = main_body(first)
+    body["system"][1]["cache_control"] = {"type": "ephemeral"}
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": first}]}]
+    body["messages"] += [{"role": "user", "content": f"turn {n}"} for n in range(1, turn + 1)]
+    last = body["messages"][-1]
+    if isinstance(last["content"], str):
+        last["content"] = [{"type": "text", "text": last["content"]}]
+    body["messages"][-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    return body
+
+
+async def test_a_conversation_whose_cache_marker_moved_is_unparked_as_the_same_one(park_stack, http):
+    """Found with the real CLI (test_claude_code_parking.py): the marker on turn 1's first message
+    made turn 2 a new conversation, so its save was never restored, and the last message's change of
+    form made a turn's prefix seem changed where the previous turn ended."""
+    assert conversation_key(claude_turn("one", 0)) == conversation_key(claude_turn("one", 2))
+    fake, base, gw = await park_stack()
+    for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1), ("one", 2)):
+        assert (await _post(http, base, claude_turn(first, turn)))[0] == 200
+    assert [a for a, _ in fake.actions] == ["save", "save", "restore", "save", "restore", "save", "restore"]
+    assert gw.misses.snapshot("primary")["turns"] == {"new": 2, "unparked": 3}
+
+
 async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(3):
@@ -276,7 +302,7 @@ def test_each_turn_says_why_its_prompt_was_computed():
     c = Conversation({**body, "messages": body["messages"][:1]})
     changed = misses.observe("b", c.key, Conversation(body).blocks, "same", 60, 40)
     assert changed["reason"] == "prefix_changed"
-    assert changed["at_block"] == "messages[1].user" and changed["at_token"] == 40
+    assert changed["at_block"] == "messages[1].user[0]:text" and changed["at_token"] == 40
     reg = misses.metrics.registry
     assert reg.get_sample_value("orchestrator_cache_prefix_changes_total", {"backend": "b", "kind": "messages"}) == 1
     assert reg.get_sample_value("orchestrator_cache_turns_total", {"backend": "b", "reason": "evicted"}) == 1
