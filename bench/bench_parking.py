@@ -19,7 +19,9 @@ as its last one ended, so they contend for the slot; with the default preference
 the slot holds (queue.cache_preference_max_passes, the slot kept for a tool loop's next turn) and in
 arrival order. SmolLM2 cannot call tools: a pass-through gives its answers' "max_tokens" stop as
 "tool_use" (ToolLoopProxy); everything else is the real server's. Per order: slot switches
-(each a park and an unpark), the whole run, and the longest turn (its wait included: the fairness cost).
+(each a park and an unpark), the whole run, the mean turn of the session and of its agents, and the
+longest turn (waits included: the fairness cost). A third order, which the gateway does not take, is
+measured beside them: the session's turns before its agents' (rank_session_first).
 
 Per turn: prompt tokens read from cache (usage.cache_read_input_tokens), time to first token at the
 client, and the time the gateway spent parking, checkpointing and unparking before the send (what
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -187,6 +190,13 @@ class ToolLoopProxy:
         from aiohttp import web
 
         async def relay(request: web.Request) -> web.StreamResponse:
+            try:
+                return await passed_on(request)
+            except aiohttp.ClientConnectorError as e:
+                # The server is not up yet (the gateway's first health checks): what a dead server gives.
+                return web.Response(status=502, text=f"relay: {e}")
+
+        async def passed_on(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             async with aiohttp.ClientSession() as http, \
                     http.request(request.method, self.upstream + request.path_qs, data=body,
@@ -230,6 +240,26 @@ async def loops(http, base: str, app, turns: int) -> Loops:
     return Loops(rows, seconds, sum(reasons.get(r, 0) for r in ("unparked", "switched", "evicted")), int(preferred))
 
 
+def rank_session_first(app) -> None:
+    """The order the gateway does not take, measured beside it: the session's turns before its agents'
+    (the agents' requests queued one class lower), the preference for the slot's conversation kept
+    within each class. Done here, on the bench's own gateway, by wrapping its queue's acquire."""
+    from orchestrator.affinity import conversation_key
+    from orchestrator.gateway import GATEWAY
+    from orchestrator.slots import Priority
+
+    session = conversation_key(Conversation(0, "main").next(None))
+    queue = app[GATEWAY].backends["primary"].queue
+    acquire = queue.acquire
+
+    async def ranked(priority=Priority.MAIN, *, tag=None, **kw):
+        if priority == Priority.MAIN and tag is not None and tag() != session:
+            priority = Priority.BACKGROUND
+        return await acquire(priority, tag=tag, **kw)
+
+    queue.acquire = ranked
+
+
 class Bench:
     """Real llama-servers and in-process gateways, all stopped at the end."""
 
@@ -269,7 +299,7 @@ class Bench:
         finally:
             s.stop()
 
-    async def loops(self, http, turns: int, prefer: bool, *extra: str) -> Loops:
+    async def loops(self, http, turns: int, prefer: bool, *extra: str, session_first: bool = False) -> Loops:
         from aiohttp import web
 
         slots = Path(tempfile.mkdtemp(dir=self.tmp))
@@ -282,6 +312,8 @@ class Bench:
         try:
             host, port = runner.addresses[0][:2]
             base, app = await self.gateway(gateway_config(f"http://{host}:{port}", slots, True, prefer))
+            if session_first:
+                rank_session_first(app)
             return await loops(http, base, app, turns)
         finally:
             s.stop()
@@ -332,12 +364,19 @@ def table(columns: dict[str, list[Turn]]) -> list[str]:
 
 
 def loops_table(runs: dict[str, Loops]) -> list[str]:
-    out = ["| order | whole run | slot switches | given out of order | longest turn (wait included) "
-           "| later turns from cache |", "|---|---|---|---|---|---|"]
+    out = ["| order | whole run | slot switches | given out of order | session's turns, mean | agents' turns, mean "
+           "| longest turn | later turns from cache |", "|---|---|---|---|---|---|---|---|"]
+
+    def mean(rows: list[Turn]) -> float:
+        return statistics.mean(t.wall for t in rows) if rows else 0.0
+
     for name, r in runs.items():
         later = later_turns(r.rows)
+        session = [t for t in r.rows if t.label.startswith("main ")]
+        agents = [t for t in r.rows if not t.label.startswith("main ")]
         out.append(f"| {name} | {r.seconds:.1f} s | {r.switches} of {len(r.rows)} turns | {r.preferred} "
-                   f"| {max(t.wall for t in r.rows):.1f} s | >= {min((t.share for t in later), default=0):.0%} |")
+                   f"| {mean(session):.1f} s | {mean(agents):.1f} s | {max(t.wall for t in r.rows):.1f} s "
+                   f"| >= {min((t.share for t in later), default=0):.0%} |")
     return out
 
 
@@ -353,7 +392,9 @@ async def run(turns: int, loops_only: bool = False) -> tuple[dict[str, list[Turn
                     "parked+ram": await bench.one_server(http, turns, True)}
                 contended = {"the slot's conversation first (default)":
                              await bench.loops(http, turns, True, "--cache-ram", "0"),
-                             "arrival order": await bench.loops(http, turns, False, "--cache-ram", "0")}
+                             "arrival order": await bench.loops(http, turns, False, "--cache-ram", "0"),
+                             "the session before its agents": await bench.loops(http, turns, True, "--cache-ram", "0",
+                                                                                session_first=True)}
                 return columns, contended
         finally:
             await bench.close()

@@ -208,9 +208,10 @@ class BackendConfig:
     kv_park_min_tokens: int = setting(64, "park, unpark or checkpoint only a conversation of at least this many "
                                           "tokens (measured break-even: ~10 on SmolLM2)",
                                       check=_non_negative, why="a non-negative integer")
-    kv_checkpoint_share: float = setting(0.05, "save a busy conversation before its next turn when the tokens not "
-                                               "on disk are more than this share of it (a save costs ~2% of the "
-                                               "prefill of the same tokens, measured); 0: every turn",
+    kv_checkpoint_share: float = setting(0.05, "the most of a busy conversation a crash may lose: it is saved before "
+                                               "its next turn when the tokens not on disk pass this share of it, "
+                                               "and earlier when computing them again would cost more than the "
+                                               "save (both paces measured on the backend); 0: every turn",
                                          check=_non_negative, why="a non-negative number")
     kv_park_max_seconds: float = setting(10.0, "a park or checkpoint expected (from the last save's pace) to hold "
                                                "a waiting request longer than this is skipped",

@@ -78,6 +78,7 @@ class BackendSaves:
     holder: str | None = None
     holder_whole: bool = False
     save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
+    prefill_pace: float = 0.0  # seconds per computed prompt token, last measured (parking.answered)
     restored: str | None = None  # put back by the restart's restore (/slots then shows no tokens)
 
 

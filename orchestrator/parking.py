@@ -5,7 +5,8 @@ host-memory prompt cache (`--cache-ram`) keeps the old one only while it fits. S
 request is sent, holding its lease (no generation can overlap):
 
 - the slot's conversation is saved when another conversation takes the slot (a park), or when the
-  same one goes on and the tokens not yet on disk are more than `kv_checkpoint_share` of it (a
+  same one goes on and the tokens not yet on disk would cost more to compute again than the save
+  costs, at the paces measured on this backend, or are more than `kv_checkpoint_share` of it (a
   checkpoint: a busy tool loop is never idle long enough for the idle save, and a crash would lose
   it all). A save costs ~2% of the prefill it spares (measured, config.py), so it pays from
   `kv_park_min_tokens` up; one expected to take longer than `kv_park_max_seconds` is left to the
@@ -26,10 +27,15 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .accounting import Outcome
 from .affinity import Conversation
 from .gateway import Backend, Call, Gateway
+from .kvsave import BackendSaves
 
 log = logging.getLogger(__name__)
+
+# A turn computing fewer prompt tokens says more of the fixed cost of a request than of the prefill.
+PACE_MIN_TOKENS = 32
 
 
 @dataclass
@@ -82,10 +88,27 @@ def keep_seconds(backend: Backend, tokens: int, cap: float) -> float:
     return cap
 
 
-def answered(backend: Backend, conversation: Conversation) -> None:
-    """The slot's request ended whole: it holds that conversation's prompt and answer."""
-    if backend.kv is not None and backend.kv.holder == conversation.key:
-        backend.kv.holder_whole = True
+def answered(backend: Backend, conversation: Conversation, outcome: Outcome, turn: SlotTurn) -> None:
+    """The slot's request ended whole: it holds that conversation's prompt and answer. A streamed
+    turn that computed enough of its prompt measures the backend's prefill pace (to its first
+    content, less the parking before its send): what a checkpoint's unsaved tokens would cost."""
+    b = backend.kv
+    if b is None:
+        return
+    if b.holder == conversation.key:
+        b.holder_whole = True
+    if outcome.first_content is not None and outcome.granted is not None and outcome.input_tokens >= PACE_MIN_TOKENS:
+        b.prefill_pace = max(0.0, outcome.first_content - outcome.granted - turn.seconds) / outcome.input_tokens
+
+
+def checkpoint_pays(b: BackendSaves, share: float, unsaved: int, tokens: int) -> bool:
+    """Whether to save a busy conversation before its next turn: the tokens not on disk would cost
+    more to compute again after a crash than saving it all costs now (both paces measured on this
+    backend), or they pass `share` of it (the bound on what a crash can lose, and the rule until
+    both paces are measured)."""
+    if unsaved > share * tokens:
+        return True
+    return b.prefill_pace > 0 and b.save_pace > 0 and unsaved * b.prefill_pace > tokens * b.save_pace
 
 
 async def _prepare(gw: Gateway, backend: Backend, conversation: Conversation, turn: SlotTurn) -> None:
@@ -110,7 +133,7 @@ async def _save_outgoing(gw: Gateway, backend: Backend, key: str, turn: SlotTurn
     if tokens < cfg.kv_park_min_tokens or unsaved <= 0:
         return
     action = "park" if b.holder != key else "checkpoint"
-    if action == "checkpoint" and unsaved <= cfg.kv_checkpoint_share * tokens:
+    if action == "checkpoint" and not checkpoint_pays(b, cfg.kv_checkpoint_share, unsaved, tokens):
         return
     expected = b.save_pace * tokens
     if expected > cfg.kv_park_max_seconds:

@@ -58,13 +58,13 @@ def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Co
     """A whole answer: its conversation lives on `backend` now, and may be saved there. An answer that
     asks for a tool has the conversation's next turn coming as soon as the tool ran: its slot is
     kept for it a moment (slots.py) when a switch would cost."""
-    answered(backend, conversation)
+    turn = turn or SlotTurn()
+    answered(backend, conversation, outcome, turn)
     seconds = keep_seconds(backend, outcome.prompt_tokens + outcome.output_tokens,
                            gw.config.queue.cache_preference_keep_seconds)
     if seconds > 0 and outcome.stop_reason == "tool_use":
         call.keep_for = (conversation.key, seconds)
     if gw.misses is not None and outcome.prompt_tokens > 0:
-        turn = turn or SlotTurn()
         seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how,
                                  outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds)
         outcome.cache_reason = seen["reason"] + (f" at {seen['at_block']}" if "at_block" in seen else "")

@@ -14,7 +14,9 @@ conversation's turns without the gateway's insides.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +27,20 @@ from orchestrator import sse
 
 # Hop-by-hop headers and the ones aiohttp sets itself: everything else passes as it came.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+
+@contextlib.asynccontextmanager
+async def passed_on(http: aiohttp.ClientSession, request: web.Request, url: str,
+                    raw: bytes) -> AsyncIterator[tuple[aiohttp.ClientResponse, web.StreamResponse]]:
+    """`request` (its body `raw`) sent on to `url` as it came: the upstream's response, and the
+    client's, prepared with the upstream's status and headers, ended when the block ends."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
+    async with http.request(request.method, url, data=raw, headers=headers) as up:
+        resp = web.StreamResponse(status=up.status, headers={k: v for k, v in up.headers.items()
+                                                             if k.lower() not in _DROP})
+        await resp.prepare(request)
+        yield up, resp
+        await resp.write_eof()
+
 
 # The script: given a request body, the content blocks to answer with (tool_use or text), or None to
 # let the real server answer.
@@ -82,12 +98,7 @@ class ScriptedProxy:
         return await self._forward(request, raw, None)
 
     async def _forward(self, request: web.Request, raw: bytes, turn: ProxyTurn | None) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP}
-        async with self.http.request(request.method, self.upstream + request.path_qs, data=raw,
-                                     headers=headers) as up:
-            resp = web.StreamResponse(status=up.status, headers={k: v for k, v in up.headers.items()
-                                                                 if k.lower() not in _DROP})
-            await resp.prepare(request)
+        async with passed_on(self.http, request, self.upstream + request.path_qs, raw) as (up, resp):
             parser = sse.SSEParser()
             whole = b""
             async for chunk in up.content.iter_any():
@@ -104,8 +115,7 @@ class ScriptedProxy:
                 turn.status = up.status
                 if whole:
                     _take_usage(turn, {"message": json.loads(whole)})
-            await resp.write_eof()
-            return resp
+        return resp
 
     async def _scripted(self, request: web.Request, body: dict, blocks: list[dict]) -> web.StreamResponse:
         turn = ProxyTurn(body, scripted=True)

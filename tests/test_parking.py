@@ -189,6 +189,49 @@ async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_
     assert _metric(gw, "orchestrator_kv_park_seconds_count", backend="primary", action="checkpoint") == 1
 
 
+async def test_a_checkpoint_under_the_share_is_taken_when_computing_again_would_cost_more_than_the_save(
+        park_stack, http):
+    """The measured rule (issue 19: weigh both in measured terms): with a save far cheaper than the
+    prefill of the tokens not on disk, a busy conversation is saved before its next turn although
+    those tokens are under kv_checkpoint_share of it; with the save dearer, it is not."""
+    fake, base, gw = await park_stack(kv_checkpoint_share=0.9)
+    b, key = gw.backends["primary"].kv, _key("one")
+    assert (await _post(http, base, main_body("one", turn=0)))[0] == 200
+    # The fake's every turn counts 18 tokens: as if 14 of them were on disk, 4 not (22%, under 0.9).
+    b.saved[key] = 14
+    b.prefill_pace, b.save_pace = 0.01, 0.0001  # 4 tokens again: 40 ms; a save of 18: 1.8 ms
+    assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
+    assert [a for a, _ in fake.actions] == ["save"]
+    b.saved[key] = 14
+    b.prefill_pace, b.save_pace = 0.0001, 0.01  # 0.4 ms against 180 ms: not worth it
+    assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
+    assert [a for a, _ in fake.actions] == ["save"]
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="ok") == 1
+
+
+def test_the_prefill_pace_is_measured_from_a_streamed_turn_that_computed_enough_of_its_prompt():
+    from types import SimpleNamespace
+
+    from orchestrator.accounting import Outcome
+    from orchestrator.parking import SlotTurn, answered, checkpoint_pays
+
+    kv = SimpleNamespace(holder="k", holder_whole=False, prefill_pace=0.0, save_pace=0.0)
+    backend = SimpleNamespace(kv=kv)
+    conversation = SimpleNamespace(key="k")
+    # 0.5 s to the first content, 0.1 s of it parking: 0.4 s for 100 computed tokens.
+    answered(backend, conversation, Outcome("p", first_content=10.5, granted=10.0, input_tokens=100),
+             SlotTurn(park=0.1))
+    assert kv.holder_whole and kv.prefill_pace == pytest.approx(0.004)
+    # A turn that computed a few tokens, or was not streamed, says nothing of the prefill.
+    answered(backend, conversation, Outcome("p", first_content=20.0, granted=10.0, input_tokens=5), SlotTurn())
+    answered(backend, conversation, Outcome("p", granted=10.0, input_tokens=500), SlotTurn())
+    assert kv.prefill_pace == pytest.approx(0.004)
+    # Before a save's pace is known, only the share decides.
+    assert not checkpoint_pays(kv, 0.05, 40, 1000) and checkpoint_pays(kv, 0.05, 60, 1000)
+    kv.save_pace = 0.0001  # a save of 1000 tokens: 0.1 s; computing 40 again: 0.16 s
+    assert checkpoint_pays(kv, 0.05, 40, 1000) and not checkpoint_pays(kv, 0.05, 20, 1000)
+
+
 async def test_a_checkpoint_expected_to_hold_a_waiter_too_long_is_skipped(park_stack, http):
     fake, base, gw = await park_stack(kv_park_max_seconds=0.0)
     gw.backends["primary"].kv.save_pace = 1.0  # a second per token: 18 s expected

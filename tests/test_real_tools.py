@@ -34,6 +34,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import ROOT, LlamaServer, gateway_with, sample
+from scripted_proxy import passed_on
 
 from orchestrator import sse
 
@@ -65,10 +66,6 @@ def tool_llama(request, tmp_path_factory):
     server.stop()
 
 
-# Per-connection headers: the pass-through's own connections carry their own.
-HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"})
-
-
 class Recorder:
     """An HTTP pass-through that keeps every /v1/messages exchange: the body the server got, and its
     answer's bytes exactly as they came (aiohttp undoes only the chunked transfer coding)."""
@@ -92,17 +89,11 @@ class Recorder:
         if self.session is None:
             self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=600))
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        async with self.session.request(request.method, self.upstream + request.path_qs, data=body,
-                                        headers=headers) as r:
-            resp = web.StreamResponse(status=r.status, headers={k: v for k, v in r.headers.items()
-                                                                if k.lower() not in HOP})
-            await resp.prepare(request)
+        async with passed_on(self.session, request, self.upstream + request.path_qs, body) as (r, resp):
             got = bytearray()
             async for chunk in r.content.iter_any():
                 got += chunk
                 await resp.write(chunk)
-            await resp.write_eof()
         if request.path == "/v1/messages":
             self.exchanges.append((json.loads(body), bytes(got)))
         return resp
