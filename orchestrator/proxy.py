@@ -98,9 +98,10 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     group = gw.group(route.backends)
     strip = gw.config.routing.strip_billing_header
     conversation = Conversation(body, strip, ident.session, ident.agent)
-    if placement.pooled(gw, group) and len(raw) > INLINE_BYTES:
-        # A pool's pick needs the key at once: a big body's is computed off the event loop.
-        await asyncio.to_thread(lambda: conversation.key)
+    if len(raw) > INLINE_BYTES:
+        # Its key (a pool's pick, parking, saves) and its prompt's block hashes (parking, why the cache
+        # missed) are asked for on the event loop later: a big body's cost ~4-8 ms a MB, so off it now.
+        await asyncio.to_thread(lambda: (conversation.key, conversation.blocks))
     last_error: UpstreamUnavailable | None = None
     for attempt in range(MAX_SENDS):
         # Placed again for a retry: the failed backend's queue is held now, so another backend
