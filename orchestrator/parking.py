@@ -135,8 +135,10 @@ async def _save_outgoing(gw: Gateway, backend: Backend, key: str, turn: SlotTurn
     action = "park" if b.holder != key else "checkpoint"
     if action == "checkpoint" and not checkpoint_pays(b, cfg.kv_checkpoint_share, unsaved, tokens):
         return
+    # Skipped when it would hold the waiting request too long, or (a park) longer than computing the
+    # conversation again would take it later: both at the paces measured on this backend.
     expected = b.save_pace * tokens
-    if expected > cfg.kv_park_max_seconds:
+    if expected > cfg.kv_park_max_seconds or (action == "park" and expected > b.prefill_pace * tokens > 0):
         gw.metrics.kv_parks.labels(backend.name, action, "too_slow").inc()
         return
     result, took = await gw.kv.save_held(b, conversation, tokens)

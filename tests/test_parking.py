@@ -241,6 +241,21 @@ async def test_a_checkpoint_expected_to_hold_a_waiter_too_long_is_skipped(park_s
     assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="too_slow") == 1
 
 
+async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(park_stack, http):
+    """A park is on the incoming request's path: at a save pace slower than the prefill pace (both as
+    measured), restoring later would not pay for it, so the switch goes on without it."""
+    fake, base, gw = await park_stack()
+    b = gw.backends["primary"].kv
+    assert (await _post(http, base, main_body("one")))[0] == 200
+    b.save_pace, b.prefill_pace = 0.02, 0.01  # 0.36 s to save 18 tokens, 0.18 s to compute them
+    assert (await _post(http, base, main_body("two")))[0] == 200
+    assert fake.actions == []
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="park", result="too_slow") == 1
+    b.save_pace, b.prefill_pace = 0.0001, 0.01
+    assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
+    assert [a for a, _ in fake.actions] == ["save"]
+
+
 async def test_a_vanished_client_never_lets_a_park_run_beside_a_generation(park_stack, http):
     fake, base, gw = await park_stack()
     fake.save_delay = 0.4
