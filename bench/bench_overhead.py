@@ -165,15 +165,16 @@ ANSWER = json.dumps({"id": "msg_bench", "type": "message", "role": "assistant", 
 
 
 def run_fake(port: int) -> None:
-    """Answers at once; `x-bench-stream: N` streams N deltas, one write each (as llama-server writes
-    tokens); `x-bench-hold` waits for POST /_gate/open (holds a slot, keeps streams open)."""
+    """Answers at once; `?bench_stream=N` streams N deltas, one write each (as llama-server writes
+    tokens); `?bench_hold=1` waits for POST /_gate/open (holds a slot, keeps streams open). In the
+    query, which the gateway passes on as it came (it forwards only the headers a backend needs)."""
     gate = asyncio.Event()
     gate.set()
 
     async def messages(request: web.Request) -> web.StreamResponse:
         await request.read()
-        hold = "x-bench-hold" in request.headers
-        n = request.headers.get("x-bench-stream")
+        hold = "bench_hold" in request.query
+        n = request.query.get("bench_stream")
         if n is None:
             if hold:
                 await gate.wait()
@@ -311,7 +312,7 @@ async def timed_post(http: aiohttp.ClientSession, url: str, data: bytes, headers
 
 async def first_event(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
     t0 = time.perf_counter()
-    async with http.post(url + "/v1/messages", data=data, headers={**JSON_HEADERS, "x-bench-stream": "3"}) as r:
+    async with http.post(url + "/v1/messages?bench_stream=3", data=data, headers=JSON_HEADERS) as r:
         buf = b""
         while b"event:" not in buf:
             chunk = await r.content.readany()
@@ -444,7 +445,6 @@ async def _queue_depth(http, gw: str, want: int, timeout: float = 120) -> None:
 
 async def table_scale(http, procs: Procs, fake: str) -> None:
     data = encode(padded_body(100_000))
-    hold = {**JSON_HEADERS, "x-bench-hold": "1"}
     rows = []
     for n in WAITERS:
         gw, proc = procs.gateway(fake, max_depth=max(WAITERS) + 10, max_connections=4 * max(WAITERS),
@@ -454,7 +454,7 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
         direct = [await timed_post(http, fake, data) for _ in range(min(n, 100))]
         async with http.post(fake + "/_gate/close"):
             pass
-        holder = asyncio.create_task(timed_post(http, gw, data, hold))
+        holder = asyncio.create_task(timed_post(http, gw, data, path="/v1/messages?bench_hold=1"))
         await _queue_depth(http, gw, 0)
         await asyncio.sleep(0.3)
         before = rss_mib(proc.pid)
@@ -485,8 +485,8 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
     started = asyncio.Queue()
 
     async def stream() -> None:
-        async with http.post(gw + "/v1/messages", data=body,
-                             headers={**hold, "x-bench-stream": "20"}) as r:
+        async with http.post(gw + "/v1/messages?bench_hold=1&bench_stream=20", data=body,
+                             headers=JSON_HEADERS) as r:
             buf = b""
             while b"message_start" not in buf:
                 buf += await r.content.readany()
@@ -542,12 +542,11 @@ async def table_throughput(http, fake: str, gw: str, gw_pid: int) -> None:
 
     n = 2000 if QUICK else 10000
     body = encode({**json.loads(SMALL), "stream": True})
-    headers = {**JSON_HEADERS, "x-bench-stream": str(n)}
     res = {"direct": [], "gateway": []}
     for _ in range(3):
         for name, url in (("direct", fake), ("gateway", gw)):
             t0 = time.perf_counter()
-            async with http.post(url + "/v1/messages", data=body, headers=headers) as r:
+            async with http.post(f"{url}/v1/messages?bench_stream={n}", data=body, headers=JSON_HEADERS) as r:
                 raw = await r.read()
             assert raw.count(b"content_block_delta") >= n, raw[-300:]
             res[name].append(n / (time.perf_counter() - t0))

@@ -98,10 +98,13 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
     group = gw.group(route.backends)
     strip = gw.config.routing.strip_billing_header
     conversation = Conversation(body, strip, ident.session, ident.agent)
-    if len(raw) > INLINE_BYTES:
-        # Its key (a pool's pick, parking, saves) and its prompt's block hashes (parking, why the cache
-        # missed) are asked for on the event loop later: a big body's cost ~4-8 ms a MB, so off it now.
-        await asyncio.to_thread(lambda: (conversation.key, conversation.blocks))
+    if placement.pooled(gw, group) and len(raw) > INLINE_BYTES:
+        # A pool's pick needs the key at once: a big body's is computed off the event loop.
+        await asyncio.to_thread(lambda: conversation.key)
+    # Its prompt's block hashes (why the cache missed, a save's prefix) cost ~8 ms a MB (bench_overhead):
+    # a big body's are hashed in a thread while it waits and is answered, off the event loop and its path.
+    # (Not cancelled if the request fails: a thread cannot be stopped, and it ends on its own.)
+    hashed = asyncio.ensure_future(asyncio.to_thread(lambda: conversation.blocks)) if len(raw) > INLINE_BYTES else None
     last_error: UpstreamUnavailable | None = None
     for attempt in range(MAX_SENDS):
         # Placed again for a retry: the failed backend's queue is held now, so another backend
@@ -128,6 +131,8 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 response = await _exchange(gw, backend, request.path_qs, data, headers, client, outcome,
                                            body.get("model"), call)
                 if call.complete and outcome.status != "stream_error":
+                    if hashed is not None:
+                        await hashed
                     placement.served(gw, group, backend, conversation, outcome, call, turn)
                 return response
         except _Retry as r:
