@@ -488,8 +488,8 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
     assert after["busy"] == 0 and after["held_after_client_left"] == 0
 
 
-async def test_a_big_bodys_key_and_prompt_blocks_are_hashed_off_the_event_loop(gateway, fake, http, monkeypatch):
-    """Hashing a conversation's prompt blocks costs ~4-8 ms a MB (31 ms for 8 MB, measured): for a
+async def test_a_big_bodys_prompt_blocks_are_hashed_off_the_event_loop(gateway, fake, http, monkeypatch):
+    """Hashing a conversation's prompt blocks costs ~7 ms a MB (31 ms for 8 MB, measured): for a
     body past INLINE_BYTES it runs in a thread, not on the loop that relays every other stream."""
     import threading
 
