@@ -13,7 +13,6 @@ aiohttp, tested with plain queues.
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 from dataclasses import dataclass
 from enum import Enum
@@ -53,16 +52,25 @@ class Conversation:
         self._body = body
         self._strip_billing = strip_billing
         self._session, self._agent = session, agent
+        # Kept once computed. Not functools.cached_property: on Python 3.11 it holds one lock for
+        # every instance while it computes, so a big body's hashing in a thread would stall the
+        # event loop asking for another request's key. Computed twice at worst, never wrong.
+        self._key: str | None = None
+        self._blocks: list[tuple[str, str]] | None = None
 
-    @functools.cached_property
+    @property
     def key(self) -> str:
-        return bound_key(conversation_key(self._body, self._strip_billing), self._session, self._agent)
+        if self._key is None:
+            self._key = bound_key(conversation_key(self._body, self._strip_billing), self._session, self._agent)
+        return self._key
 
-    @functools.cached_property
+    @property
     def blocks(self) -> list[tuple[str, str]]:
         """(where, hash) of each content block as forwarded (prefixes.py): where two turns part."""
-        body = (strip_billing_header(self._body) or self._body) if self._strip_billing else self._body
-        return prompt_blocks(body)
+        if self._blocks is None:
+            body = (strip_billing_header(self._body) or self._body) if self._strip_billing else self._body
+            self._blocks = prompt_blocks(body)
+        return self._blocks
 
     @property
     def prefix(self) -> list[str]:

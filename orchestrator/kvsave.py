@@ -79,6 +79,7 @@ class BackendSaves:
     holder_whole: bool = False
     save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
     prefill_pace: float = 0.0  # seconds per computed prompt token, last measured (parking.answered)
+    parks_skipped: int = 0  # parks skipped in a row as dearer than a prefill (parking.py)
     restored: str | None = None  # put back by the restart's restore (/slots then shows no tokens)
 
 

@@ -34,8 +34,12 @@ from .kvsave import BackendSaves
 
 log = logging.getLogger(__name__)
 
-# A turn computing fewer prompt tokens says more of the fixed cost of a request than of the prefill.
-PACE_MIN_TOKENS = 32
+# A turn computing fewer prompt tokens says more of a request's fixed cost (its template, its
+# tokenizing, its first token) than of the prefill's pace.
+PACE_MIN_TOKENS = 256
+# After this many parks skipped in a row as dearer than a prefill, one runs anyway: a save pace measured
+# on a small save (its fixed cost spread on few tokens) must not switch parking off for good.
+PARK_RETRY_AFTER = 8
 
 
 @dataclass
@@ -138,9 +142,12 @@ async def _save_outgoing(gw: Gateway, backend: Backend, key: str, turn: SlotTurn
     # Skipped when it would hold the waiting request too long, or (a park) longer than computing the
     # conversation again would take it later: both at the paces measured on this backend.
     expected = b.save_pace * tokens
-    if expected > cfg.kv_park_max_seconds or (action == "park" and expected > b.prefill_pace * tokens > 0):
+    dearer = action == "park" and expected > b.prefill_pace * tokens > 0
+    if expected > cfg.kv_park_max_seconds or (dearer and b.parks_skipped < PARK_RETRY_AFTER):
+        b.parks_skipped += dearer
         gw.metrics.kv_parks.labels(backend.name, action, "too_slow").inc()
         return
+    b.parks_skipped = 0
     result, took = await gw.kv.save_held(b, conversation, tokens)
     if result == "saved":
         b.save_pace = took / tokens

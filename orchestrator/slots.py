@@ -144,7 +144,10 @@ class SlotQueue:
         if self._failure is not None:
             raise self._failure()
         if self._kept is not None and tag is not None and self._open and tag() == self._kept[0]:
-            return self._take_kept(tag)
+            kept = self._kept[0]
+            if self._may_pass(lambda t: t == kept):
+                return self._take_kept(tag)
+            self._unkeep()  # the head may no longer be passed (a retry, its bounds): it goes first
         if self.has_free_slot():
             self._given.append(tag or _untagged)
             return self._grant_now()
@@ -160,6 +163,8 @@ class SlotQueue:
         entry = [int(priority), seq, fut, size, tag, time.monotonic(), 0]
         heapq.heappush(self._waiters, entry)
         self._waiting_bytes += size
+        if front:
+            self._unkeep()  # a retry is never kept waiting for another conversation's next turn
         try:
             async with asyncio.timeout(self.max_wait):
                 await fut
@@ -214,7 +219,9 @@ class SlotQueue:
         if self._busy <= 0:
             raise RuntimeError(f"slot queue {self.name!r}: release without acquire")
         self.released_total += 1
-        if keep_for and seconds > 0 and self._kept is None and self._may_pass(lambda t: t == keep_for):
+        if (keep_for and seconds > 0 and self._kept is None and self._may_pass(lambda t: t == keep_for)
+                and not any(e[TAG] is not None and e[TAG]() == keep_for for e in self._waiters)):
+            # (A turn of that conversation already waiting takes the slot now, by the preference.)
             # Still counted busy: nobody else is granted it until its conversation comes or time is up.
             timer = asyncio.get_running_loop().call_later(seconds, self._unkeep)
             self._kept = (keep_for, timer)

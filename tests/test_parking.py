@@ -218,14 +218,16 @@ def test_the_prefill_pace_is_measured_from_a_streamed_turn_that_computed_enough_
     kv = SimpleNamespace(holder="k", holder_whole=False, prefill_pace=0.0, save_pace=0.0)
     backend = SimpleNamespace(kv=kv)
     conversation = SimpleNamespace(key="k")
-    # 0.5 s to the first content, 0.1 s of it parking: 0.4 s for 100 computed tokens.
-    answered(backend, conversation, Outcome("p", first_content=10.5, granted=10.0, input_tokens=100),
+    # 0.5 s to the first content, 0.1 s of it parking: 0.4 s for 1000 computed tokens.
+    answered(backend, conversation, Outcome("p", first_content=10.5, granted=10.0, input_tokens=1000),
              SlotTurn(park=0.1))
-    assert kv.holder_whole and kv.prefill_pace == pytest.approx(0.004)
-    # A turn that computed a few tokens, or was not streamed, says nothing of the prefill.
-    answered(backend, conversation, Outcome("p", first_content=20.0, granted=10.0, input_tokens=5), SlotTurn())
-    answered(backend, conversation, Outcome("p", granted=10.0, input_tokens=500), SlotTurn())
-    assert kv.prefill_pace == pytest.approx(0.004)
+    assert kv.holder_whole and kv.prefill_pace == pytest.approx(0.0004)
+    # A turn that computed few tokens (its fixed cost would dominate), or was not streamed, says
+    # nothing of the prefill's pace.
+    answered(backend, conversation, Outcome("p", first_content=20.0, granted=10.0, input_tokens=100), SlotTurn())
+    answered(backend, conversation, Outcome("p", granted=10.0, input_tokens=5000), SlotTurn())
+    assert kv.prefill_pace == pytest.approx(0.0004)
+    kv.prefill_pace = 0.004
     # Before a save's pace is known, only the share decides.
     assert not checkpoint_pays(kv, 0.05, 40, 1000) and checkpoint_pays(kv, 0.05, 60, 1000)
     kv.save_pace = 0.0001  # a save of 1000 tokens: 0.1 s; computing 40 again: 0.16 s
@@ -254,6 +256,26 @@ async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(pa
     b.save_pace, b.prefill_pace = 0.0001, 0.01
     assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
+
+
+async def test_after_parks_skipped_in_a_row_as_dearer_one_runs_to_measure_the_save_again(park_stack, http):
+    """A save pace measured on a small save (its fixed cost spread on few tokens) must not switch
+    parking off for good: the PARK_RETRY_AFTER-th skipped park in a row runs, and its pace is new."""
+    from orchestrator.parking import PARK_RETRY_AFTER
+
+    fake, base, gw = await park_stack()
+    b = gw.backends["primary"].kv
+    paces = []
+    for turn in range(PARK_RETRY_AFTER + 1):
+        for first in ("one", "two"):
+            b.save_pace, b.prefill_pace = 0.02, 0.01  # 0.36 s to save 18 tokens, 0.18 s to compute them
+            assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+            paces.append(b.save_pace)
+    # 17 switches: 8 skipped, the 9th parked (its pace measured anew), 8 skipped again.
+    assert [a for a, _ in fake.actions if a == "save"] == ["save"]
+    assert sum(p != 0.02 for p in paces) == 1
+    assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="park",
+                   result="too_slow") == 2 * (PARK_RETRY_AFTER + 1) - 1 - 1
 
 
 async def test_a_vanished_client_never_lets_a_park_run_beside_a_generation(park_stack, http):

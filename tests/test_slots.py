@@ -450,6 +450,55 @@ async def test_nobody_waiting_frees_the_slot_at_once_and_bounds_stop_the_keep():
     assert order == ["agent"]
 
 
+async def test_a_retry_is_never_kept_waiting_for_another_conversations_next_turn():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+
+    async def retry():
+        async with await q.acquire(tag=_tagged("retried"), front=True):
+            order.append("retried")
+            await asyncio.sleep(0.05)
+
+    retried = asyncio.create_task(retry())
+    await asyncio.sleep(0.01)
+    assert order == ["retried"]  # the keep ended for it at once, not after 10 s
+    # The kept conversation's next turn does not pass the agent now either: the keep is over.
+    main = await _waiting(q, "main", order)
+    await asyncio.wait_for(asyncio.gather(retried, agent, main), 1)
+    assert order == ["retried", "main", "agent"] or order == ["retried", "agent", "main"]
+    assert q.busy == 0 and q.acquired_total == q.released_total
+
+
+async def test_a_kept_slot_is_not_taken_past_a_head_at_its_bound():
+    """The keep was granted within the preference's bounds; by the time its turn comes the head may
+    have reached them (here: passed once, the bound): the head goes first."""
+    q = SlotQueue("b", 1, prefer_max_passes=1, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+    q._waiters[0][6] = 1  # passed once since (by a preferred grant of the slot's conversation)
+    second = asyncio.create_task(q.acquire(tag=_tagged("main")))
+    await asyncio.wait_for(agent, 1)
+    assert order == ["agent"]
+    (await asyncio.wait_for(second, 1)).release()
+    assert q.busy == 0
+
+
+async def test_a_turn_of_the_kept_conversation_already_waiting_takes_the_slot_at_once():
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    main = await _waiting(q, "main", order)
+    lease.keep_for("main", 10)  # nothing to keep it for: main's turn is here
+    await asyncio.wait_for(asyncio.gather(agent, main), 1)
+    assert order == ["main", "agent"]
+
+
 async def test_a_backend_going_down_ends_a_keep():
     q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
     order: list[str] = []
