@@ -406,6 +406,16 @@ async def _waiting(q: SlotQueue, name: str, order: list[str]) -> asyncio.Task:
     return task
 
 
+async def _kept_while_the_agent_waits() -> tuple[SlotQueue, list[str], asyncio.Task]:
+    """Conversation main's slot, kept 10 s for its next turn while the agent waits."""
+    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    order: list[str] = []
+    lease = await q.acquire(tag=_tagged("main"))
+    agent = await _waiting(q, "agent", order)
+    lease.keep_for("main", 10)
+    return q, order, agent
+
+
 async def test_a_slot_is_kept_for_its_conversations_next_turn_while_others_wait():
     preferred = []
     q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60, on_preferred=lambda: preferred.append(1))
@@ -451,11 +461,7 @@ async def test_nobody_waiting_frees_the_slot_at_once_and_bounds_stop_the_keep():
 
 
 async def test_a_retry_is_never_kept_waiting_for_another_conversations_next_turn():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
-    order: list[str] = []
-    lease = await q.acquire(tag=_tagged("main"))
-    agent = await _waiting(q, "agent", order)
-    lease.keep_for("main", 10)
+    q, order, agent = await _kept_while_the_agent_waits()
 
     async def retry():
         async with await q.acquire(tag=_tagged("retried"), front=True):
@@ -500,11 +506,7 @@ async def test_a_turn_of_the_kept_conversation_already_waiting_takes_the_slot_at
 
 
 async def test_a_backend_going_down_ends_a_keep():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
-    order: list[str] = []
-    lease = await q.acquire(tag=_tagged("main"))
-    agent = await _waiting(q, "agent", order)
-    lease.keep_for("main", 10)
+    q, order, agent = await _kept_while_the_agent_waits()
     q.hold()
     assert q.busy == 0
     q.open()
