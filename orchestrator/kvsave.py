@@ -22,8 +22,8 @@ a failed request is one warning line and a count, and the backend goes on cold.
 from __future__ import annotations
 
 import asyncio
-import functools
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -37,11 +37,11 @@ from .config import BackendConfig, Config
 from .errors import GatewayError
 from .kv_identity import ServerId, checksum, server_id
 from .kvfolder import bound, read_meta, remove, saves as saved_files, write_atomic
+from .kvslot import SLOT, slot_action, slot_tokens
 from .metrics import Metrics
 from .prefixes import for_waiter
 from .slots import Lease, SlotQueue
 from .supervise import saves_slots, slot_dir
-from .kvslot import SLOT, slot_action, slot_tokens
 from .upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ RESTORE_TIMEOUT = 120.0
 
 class _Written(NamedTuple):
     """A slot the server has written to a file, not yet checksummed and named in its metadata."""
+
     filename: str
     answer: dict[str, Any]
     server: ServerId
@@ -252,7 +253,7 @@ class KvPersistence:
         filename = f"{key}-{int(time.time() * 1000)}.bin"
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
-            answer = await self._slot_action(b, "save", filename, SAVE_TIMEOUT)
+            answer = await slot_action(self.upstream, b.backend, "save", filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
             remove(b.folder / filename)
@@ -297,6 +298,8 @@ class KvPersistence:
                      b.backend.name, key[:8], b.backend.kv_save_max_bytes)
             b.saved.pop(key, None)
         self.metrics.kv_disk_bytes.labels(b.backend.name).set(total)
+
+    # ---- restoring -------------------------------------------------------------------------
 
     async def restore(self, b: BackendSaves) -> dict[str, Any] | None:
         """Before the backend's queue reopens: restore the save that fits into its empty slot.
@@ -380,7 +383,7 @@ class KvPersistence:
             remove(b.folder / f"{pick['key']}.json")
             return "failed", {"error": "save file does not match its checksum"}
         try:
-            answer = await self._slot_action(b, "restore", path.name, RESTORE_TIMEOUT)
+            answer = await slot_action(self.upstream, b.backend, "restore", path.name, RESTORE_TIMEOUT)
         except GatewayError as e:
             log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
             return "failed", {"error": _why(e)}
@@ -388,8 +391,7 @@ class KvPersistence:
         log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
         return "restored", {"n_tokens": n, "key": pick["key"]}
 
-    async def _slot_action(self, b: BackendSaves, action: str, filename: str, timeout: float) -> dict[str, Any]:
-        return await slot_action(self.upstream, b.backend, action, filename, timeout)
+    # ---- llama-server (kvslot) -------------------------------------------------------------
 
     async def slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
