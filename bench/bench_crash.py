@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kv import Stack  # noqa: E402
 from benchlib import claude_turn, machine  # noqa: E402
-from orchestrator import supervise  # noqa: E402
+
+from orchestrator.ops import supervise  # noqa: E402
 
 TURNS = 12
 EVERY = 4          # a crash in every 4th turn: every 30-60 s here (the issue's cadence: 2 minutes)
@@ -238,8 +239,8 @@ async def cli_play(s: Stack, http, binary: str, turns: int, rng: random.Random) 
     """`claude -p PROMPT --continue`, one CLI process a turn; a crash in every 4th, while its main
     request holds the slot."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from orchestrator import claude_env
     from orchestrator.configfile import load_config
+    from orchestrator.ops import claude_env
 
     home, project = Path(s.paths.root) / "home", Path(s.paths.root) / "project"
     home.mkdir(exist_ok=True)

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import llama_and_gateway, machine  # noqa: E402
-from orchestrator.supervise import find_llama_server  # noqa: E402
+
+from orchestrator.ops.supervise import find_llama_server  # noqa: E402
 
 SHORT = {"model": "smollm2", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
 

@@ -36,12 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kv  # noqa: E402
 from benchlib import SAMPLES, claude_turn, llama_and_gateway  # noqa: E402
-from orchestrator.supervise import find_llama_server  # noqa: E402
 
-
-
-
-
+from orchestrator.ops.supervise import find_llama_server  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import claude_turn, free_port  # noqa: E402
-from orchestrator import supervise  # noqa: E402
+
+from orchestrator.ops import supervise  # noqa: E402
 from orchestrator.configfile import load_config  # noqa: E402
 
 IDLE = 0.5            # kv_save_idle_seconds here (2 s by default): a shorter run, the same policy

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import free_port, machine, wait_http  # noqa: E402
+
 from orchestrator import sse  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -213,8 +214,8 @@ def run_fake(port: int) -> None:
 def run_gateway(config_path: str, port: int) -> None:
     """The gateway as `orchestrator serve --config` runs it, plus GET /_bench/lag: the longest the
     event loop was kept from running a 1 ms timer since the last read (ms)."""
-    from orchestrator.app import create_app, start
     from orchestrator.configfile import load_config, with_overrides
+    from orchestrator.http.app import create_app, start
 
     config = with_overrides(load_config(config_path, os.environ), port=port)
 
@@ -380,7 +381,7 @@ async def table_bodies(http, fake: str, gw: str) -> None:
 
 async def table_count_tokens(http, procs: Procs) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
-    from orchestrator.supervise import default_model, find_llama_server
+    from orchestrator.ops.supervise import default_model, find_llama_server
     binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or find_llama_server()
     if not binary:
         print("\n3. count_tokens burst: skipped (no llama-server; `make bench` builds one)")

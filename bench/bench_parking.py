@@ -141,7 +141,7 @@ async def send(http, base: str, body: dict) -> tuple[int, int, float, float, str
 
 async def session(http, bases: dict[str, str], apps: dict[str, object], turns: int) -> list[Turn]:
     """main, agent1, agent2, main, ... one at a time; `bases`: the gateway serving each conversation."""
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     convs = [Conversation(i, name) for i, name in enumerate(ROLES)]
     answers: dict[str, str | None] = {c.name: None for c in convs}
@@ -220,7 +220,7 @@ class ToolLoopProxy:
 async def loops(http, base: str, app, turns: int) -> Loops:
     """Each conversation sends its next turn as soon as its last one ended (a tool loop with instant
     tools): they contend for the slot, and the queue's order decides how often the slot switches."""
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     gw = app[GATEWAY]
     rows: list[Turn] = []
@@ -244,8 +244,8 @@ def rank_session_first(app) -> None:
     """The order the gateway does not take, measured beside it: the session's turns before its agents'
     (the agents' requests queued one class lower), the preference for the slot's conversation kept
     within each class. Done here, on the bench's own gateway, by wrapping its queue's acquire."""
-    from orchestrator.affinity import conversation_key
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
+    from orchestrator.conversation import conversation_key
     from orchestrator.slots import Priority
 
     session = conversation_key(Conversation(0, "main").next(None))
@@ -281,8 +281,8 @@ class Bench:
     async def gateway(self, raw: dict):
         from prometheus_client import CollectorRegistry
 
-        from orchestrator.app import create_app, start
         from orchestrator.configfile import config_from_dict
+        from orchestrator.http.app import create_app, start
 
         app = create_app(config_from_dict(raw), CollectorRegistry())
         runner = await start(app, "127.0.0.1", 0)

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import machine  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 from orchestrator.metrics import AFFINITY_DECISIONS
 
@@ -184,8 +185,8 @@ class Row:
 def served_by(app, before: dict[str, int], body: dict) -> str:
     """The backend that answered a request sent since `before` (each backend's slots granted so far):
     "a>b" when it was sent to a, failed there before answering and was sent again to b."""
-    from orchestrator.affinity import conversation_key
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
+    from orchestrator.conversation import conversation_key
 
     gw = app[GATEWAY]
     names = [n for n, q in ((b.name, b.queue) for b in gw.backends.values()) if q.acquired_total > before.get(n, 0)]
@@ -196,7 +197,7 @@ def served_by(app, before: dict[str, int], body: dict) -> str:
 
 
 def granted(app) -> dict[str, int]:
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     return {n: q.acquired_total for n, q in ((b.name, b.queue) for b in app[GATEWAY].backends.values())}
 
@@ -234,7 +235,7 @@ class Failover:
 
 
 def decisions(app) -> dict[str, dict[str, float]]:
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     metric = app[GATEWAY].metrics.affinity
     return {n: {d: metric.labels(n, d)._value.get() for d in AFFINITY_DECISIONS} for n in app[GATEWAY].backends}
@@ -250,7 +251,7 @@ async def failover(http, base: str, app, pids: dict[str, int],
     back and takes a new conversation c3 (the survivor is home to two); then the survivor is killed
     between turns, idle, and the next turns are sent at once, before a health check can notice:
     c1 and c2 move back, each paying one cold prefill, and their turn 6 and c3's turn 2 are warm."""
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     gw = app[GATEWAY]
     c1, c2 = Conversation(0), Conversation(1)
@@ -380,8 +381,8 @@ async def main(quick: bool) -> None:
     from conftest import LlamaServer
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.app import create_app, start
     from orchestrator.configfile import config_from_dict
+    from orchestrator.http.app import create_app, start
 
     if quick:
         TURNS = 2

@@ -19,7 +19,6 @@ from typing import Iterator
 
 import aiohttp
 
-
 SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
 
@@ -70,7 +69,7 @@ def machine() -> str:
 def llama_and_gateway(binary: str, *llama_flags: str) -> Iterator[tuple[str, str, int]]:
     """A llama-server (the default model, 1 slot, 2 threads, ctx 8192) and a gateway in front of it,
     both answering: (llama-server's URL, the gateway's URL, the gateway's pid). Both stopped after."""
-    from orchestrator.supervise import default_model
+    from orchestrator.ops.supervise import default_model
 
     lport, gport = free_port(), free_port()
     llama, gateway = f"http://127.0.0.1:{lport}", f"http://127.0.0.1:{gport}"

@@ -11,9 +11,17 @@ from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import (ENV_PREFIX, SYNTHETIC, TABLES, BackendConfig, Config, ConfigError, GatewayConfig,
-                     is_loopback_host, same_server_key)
-
+from .config import (
+    ENV_PREFIX,
+    SYNTHETIC,
+    TABLES,
+    BackendConfig,
+    Config,
+    ConfigError,
+    GatewayConfig,
+    is_loopback_host,
+    same_server_key,
+)
 
 # ---- reading, from the declarations ------------------------------------------------------------
 

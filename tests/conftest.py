@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from orchestrator.app import create_app, start  # noqa: E402
 from orchestrator.configfile import config_from_dict  # noqa: E402
+from orchestrator.http.app import create_app, start  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -95,7 +95,7 @@ async def fake(serve_app):
 
 async def gateway_with(start_gateway, url: str, **gateway_keys):
     """A gateway with one backend at `url` and these [gateway] keys: (base URL, its Gateway)."""
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     base, app = await start_gateway({"backends": [{"name": "primary", "url": url}], "gateway": gateway_keys})
     return base, app[GATEWAY]

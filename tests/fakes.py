@@ -101,7 +101,7 @@ class FakeUpstream:
         return web.json_response({"input_tokens": 1000 + len(json.dumps(body.get("messages")))})
 
     async def chat_completions(self, request: web.Request) -> web.Response:
-        from orchestrator.synthetic import instance_of
+        from orchestrator.request.synthetic import instance_of
 
         body = await request.json()
         self.requests.append(body)

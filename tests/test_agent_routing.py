@@ -7,8 +7,8 @@ from conftest import gateway_with, sample
 from fakes import FakeUpstream
 from multidict import CIMultiDict
 
-from orchestrator import identity
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends import identity
+from orchestrator.backends.gateway import GATEWAY
 
 
 async def _metric(http, base, name, **labels) -> float:
@@ -85,7 +85,7 @@ async def test_in_a_pool_two_agents_with_one_prefix_are_two_conversations(gatewa
     base, app = await gateway({"backends": [{"name": n, "url": u} for n, u in zip("ab", urls)]})
     gw = app[GATEWAY]
     body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "same task"}]}
-    caplog.set_level("INFO", logger="orchestrator.handlers")
+    caplog.set_level("INFO", logger="orchestrator.http.handlers")
     for turn in range(2):
         for agent in ("a1", "a2"):
             async with http.post(base + "/v1/messages", json=body,

@@ -8,9 +8,9 @@ import pytest
 from conftest import sample
 from fakes import FakeUpstream
 
-from orchestrator.background import TOPIC_SCHEMA, Reply, ask_for, check_reply
-from orchestrator.gateway import GATEWAY
-from orchestrator.routing import Shape
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.request.background import TOPIC_SCHEMA, Reply, ask_for, check_reply
+from orchestrator.request.routing import Shape
 from orchestrator.sse import events as sse_events
 
 TITLE = sample("title-2.1.332.json")["body"]

@@ -7,8 +7,8 @@ import time
 import pytest
 from conftest import gateway_with, sample
 
-from orchestrator.bodies import check_request, check_schema
 from orchestrator.errors import InvalidRequest
+from orchestrator.http.bodies import check_request, check_schema
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 

@@ -13,9 +13,10 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, free_port
 
-from orchestrator import claude_env, sse
+from orchestrator import sse
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.configfile import config_from_dict
-from orchestrator.gateway import GATEWAY
+from orchestrator.ops import claude_env
 
 pytestmark = pytest.mark.real
 

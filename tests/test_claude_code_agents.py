@@ -4,9 +4,16 @@ asked for is answered by the gateway itself."""
 
 import pytest
 from agent_fake import AGENTS, AgentFake, marker, user_texts
-from test_claude_code import NEWER, _metric, claude_env_for, claude_home, run_claude, start_for_claude  # noqa: F401
+from test_claude_code import (  # noqa: F401
+    NEWER,
+    _metric,
+    claude_env_for,
+    claude_home,
+    run_claude,
+    start_for_claude,
+)
 
-from orchestrator import identity
+from orchestrator.backends import identity
 
 pytestmark = pytest.mark.real
 

@@ -100,7 +100,7 @@ class CacheLog(logging.Handler):
 
 @pytest.fixture
 def cache_log():
-    handler, logger = CacheLog(), logging.getLogger("orchestrator.cachemiss")
+    handler, logger = CacheLog(), logging.getLogger("orchestrator.kv.cachemiss")
     old = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -21,9 +21,9 @@ import pytest
 from conftest import gateway_with, sample
 from fakes import FakeUpstream
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.engines.upstream import FORWARDED
 from orchestrator.sse import events as sse_events
-from orchestrator.upstream import FORWARDED
 
 # Claude Code's own framing, not part of what it says: aiohttp sets its own (and main and
 # warm-up were edited after capture, their home path anonymised, so their Content-Length is stale).

@@ -3,9 +3,9 @@ import asyncio
 from click.testing import CliRunner
 from fakes import FakeUpstream
 
-from orchestrator.claude_env import claude_environment
-from orchestrator.cli import _one_liner_config, main
 from orchestrator.configfile import config_from_dict
+from orchestrator.ops.claude_env import claude_environment
+from orchestrator.ops.cli import _one_liner_config, main
 
 
 def test_check_config_reports_every_problem(tmp_path):
@@ -101,8 +101,8 @@ async def test_env_and_status_work_with_a_key_from_the_environment(gateway, serv
 def test_dashboard_prints_a_login_link_that_the_gateway_takes(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
-    from orchestrator.dashboard_page import Dashboard
+    from orchestrator.http.page import Dashboard
+    from orchestrator.ops.cli import main
 
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)

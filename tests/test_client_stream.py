@@ -10,7 +10,7 @@ import time
 
 from fakes import FakeUpstream
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 
 MAIN = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 WRITE_TIMEOUT = 1.0

@@ -1,12 +1,16 @@
+import tomllib
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-import tomllib
-from dataclasses import fields
-
 from orchestrator.config import TABLES, BackendConfig, ConfigError
-from orchestrator.configfile import config_from_dict, describe, load_config, render_example
+from orchestrator.configfile import (
+    config_from_dict,
+    describe,
+    load_config,
+    render_example,
+)
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "orchestrator.example.toml"
 

@@ -20,9 +20,9 @@ from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.app import create_app, start
 from orchestrator.configfile import config_from_dict
-from orchestrator.dashboard_page import login_url
+from orchestrator.http.app import create_app, start
+from orchestrator.http.page import login_url
 
 pytestmark = pytest.mark.real
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from orchestrator import dashboard_page
-from orchestrator.dashboard_page import COOKIE, CSRF_HEADER, WEB, make_ticket
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.http import page as dashboard_page
+from orchestrator.http.page import COOKIE, CSRF_HEADER, WEB, make_ticket
 
 KEY = "k" * 32
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}

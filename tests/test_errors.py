@@ -2,7 +2,7 @@ import json
 import re
 
 from orchestrator.errors import Overloaded, from_upstream
-from orchestrator.relay import _as_anthropic_error
+from orchestrator.request.relay import _as_anthropic_error
 
 
 def test_llama_server_openai_error_becomes_anthropic_shape():

@@ -1,6 +1,6 @@
 import io
 
-from orchestrator import events
+from orchestrator.ops import events
 
 
 def frame(eventname: str, payload: str) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from aiohttp import web
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 30, "stream": True,

@@ -45,7 +45,7 @@ from fakes import FakeUpstream, sse_message
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 # The failing examples' bodies are large; hypothesis says so each time.

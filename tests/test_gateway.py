@@ -9,7 +9,7 @@ import pytest
 from conftest import sample
 from fakes import FakeUpstream
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
@@ -290,7 +290,7 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
 async def test_a_failed_backend_refuses_as_backend_failed_not_queue_full(gateway, fake, http):
     """A backend that will not come back (FATAL) refuses its waiters and newcomers with 529, counted
     under its own reason on the dashboard, not as a full queue."""
-    from orchestrator.health import State
+    from orchestrator.backends.health import State
 
     f, url = fake
     f.mode = "stall"
@@ -493,16 +493,16 @@ async def test_a_big_bodys_prompt_blocks_are_hashed_off_the_event_loop(gateway, 
     body past INLINE_BYTES it runs in a thread, not on the loop that relays every other stream."""
     import threading
 
-    from orchestrator import affinity
+    from orchestrator import conversation
 
     seen: list[bool] = []
-    hash_blocks = affinity.prompt_blocks
+    hash_blocks = conversation.blocks
 
     def recording(body):
         seen.append(threading.current_thread() is threading.main_thread())
         return hash_blocks(body)
 
-    monkeypatch.setattr(affinity, "prompt_blocks", recording)
+    monkeypatch.setattr(conversation, "blocks", recording)
     f, url = fake
     base, _ = await _start(gateway, url)
     small = {**MAIN, "messages": [{"role": "user", "content": "hello"}]}

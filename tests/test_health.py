@@ -3,11 +3,11 @@ import asyncio
 import pytest
 from test_supervise import stack  # noqa: F401 - the fixture
 
+from orchestrator.backends.health import BackendHealth, State
 from orchestrator.config import BackendConfig
+from orchestrator.engines.upstream import UpstreamClient
 from orchestrator.errors import Overloaded
-from orchestrator.health import BackendHealth, State
 from orchestrator.slots import SlotQueue
-from orchestrator.upstream import UpstreamClient
 
 
 class FakeWatch:
@@ -93,7 +93,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     from conftest import sample
     from fakes import FakeUpstream
 
-    from orchestrator.gateway import GATEWAY
+    from orchestrator.backends.gateway import GATEWAY
 
     title = sample("title-2.1.332.json")["body"]
     small = FakeUpstream(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s
@@ -130,7 +130,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
 @pytest.mark.real
 async def test_process_watch_restarts_a_supervised_server_through_supervisord(stack):  # noqa: F811
     """What mark_stuck calls for a wedged background server, against a real supervisord."""
-    from orchestrator.health import ProcessWatch
+    from orchestrator.backends.health import ProcessWatch
 
     s = stack()
     await asyncio.to_thread(s.up)

@@ -1,6 +1,6 @@
 """The dashboard's in-memory hour: bounded buckets, averages of what finished."""
 
-from orchestrator.history import History
+from orchestrator.http.history import History
 
 
 def _view(**kw):

@@ -1,9 +1,9 @@
 from conftest import sample
 from multidict import CIMultiDict
 
-from orchestrator import identity
-from orchestrator.affinity import conversation_key as prefix_key
-from orchestrator.identity import Identity, Tree, from_headers
+from orchestrator.backends import identity
+from orchestrator.backends.identity import Identity, Tree, from_headers
+from orchestrator.conversation import conversation_key as prefix_key
 
 SID = "295830f4-f4d5-4433-a1a6-583a30d4e917"
 

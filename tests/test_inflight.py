@@ -2,9 +2,9 @@
 
 import asyncio
 
-from orchestrator import inflight
-from orchestrator.inflight import Registry
-from orchestrator.accounting import Outcome
+from orchestrator.backends import inflight
+from orchestrator.backends.inflight import Registry
+from orchestrator.request.accounting import Outcome
 
 
 async def test_states_follow_the_outcome_and_end_in_recent():

@@ -7,10 +7,10 @@ import time
 import aiohttp
 import pytest
 from fakes import FakeUpstream
-
-from orchestrator.gateway import GATEWAY
-from orchestrator.sse import events as sse_events
 from test_gateway import until_free
+
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.sse import events as sse_events
 
 BODY = {"model": "big", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 INTERVAL = 0.1

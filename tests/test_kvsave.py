@@ -18,11 +18,12 @@ from conftest import sample
 from fakes import FakeUpstream
 from test_supervise import Stack, _wait_health, stack  # noqa: F401 - the fixture
 
-from orchestrator import kvsave, supervise
-from orchestrator.affinity import conversation_key
-from orchestrator.gateway import GATEWAY
-from orchestrator.health import State
-from orchestrator.kv_identity import checksum
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.backends.health import State
+from orchestrator.conversation import conversation_key
+from orchestrator.kv import store as kvsave
+from orchestrator.kv.server_id import checksum
+from orchestrator.ops import supervise
 
 PROPS = {"model_path": "/models/m.gguf", "build_info": "b1-abc", "default_generation_settings": {"n_ctx": 4096}}
 
@@ -131,8 +132,8 @@ def test_conversation_key_ignores_the_billing_line_and_later_turns():
 
 
 def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
-    from orchestrator import supervise
     from orchestrator.configfile import config_from_dict
+    from orchestrator.ops import supervise
 
     config = config_from_dict({"backends": [
         {"name": "primary", "url": "http://127.0.0.1:8080", "command": "{llama_server} --port {port}"},
@@ -144,7 +145,7 @@ def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
 
 
 def test_the_server_identity_covers_what_changes_the_kv(tmp_path):
-    from orchestrator.kv_identity import ServerId, file_identity, kv_args
+    from orchestrator.kv.server_id import ServerId, file_identity, kv_args
 
     line = ("{llama_server} --model m.gguf --port {port} --rope-freq-base 20000 -ctk q8_0 --threads 2 "
             "--lora-scaled a.gguf 0.5 --flash-attn on --rope-scaling=yarn --no-webui")
@@ -164,7 +165,7 @@ def test_the_server_identity_covers_what_changes_the_kv(tmp_path):
 
 
 def test_status_says_what_the_last_restore_spared():
-    from orchestrator.status_view import kv_lines
+    from orchestrator.ops.status import kv_lines
 
     at = time.mktime((2030, 1, 2, 14, 2, 0, 0, 0, -1))
     health = {"backends": [{"name": "primary", "kv_restore": {"result": "restored", "n_tokens": 4170, "seconds": 0.012,
@@ -288,7 +289,7 @@ async def test_a_save_from_another_model_is_refused_with_one_warning(kv_stack, h
     fake, base, gw = await _saved_conversations(kv_stack, http, tmp_path, "one")
     fake.actions.clear()
     fake.props = {**PROPS, "model_path": "/models/other.gguf"}
-    with caplog.at_level(logging.WARNING, logger="orchestrator.kvsave"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.kv.store"):
         status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
     assert status == 200 and not [a for a in fake.actions if a[0] == "restore"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -1,5 +1,7 @@
-"""The package's shape: imports point one way (no circles), the request path's layers in order, and
-no module much over 400 lines. Read from the source, so a change that breaks the shape fails here."""
+"""The package's shape, read from the source: its concerns as packages, stacked so imports point one
+way; every module named here with its package (a new one must be placed); no import circle among
+modules or among packages; none between tests/ and bench/; no file too long, no function taking
+too many arguments."""
 
 from __future__ import annotations
 
@@ -9,45 +11,77 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "orchestrator"
 BENCH = ROOT / "bench"
+TESTS = ROOT / "tests"
 
-# Top to bottom: a module may import from its own layer or a lower one, never a higher one.
-LAYERS = [
-    {"cli"},
-    {"app"},
-    {"handlers"},
-    {"proxy", "background"},
+# Top to bottom: a package may import from itself or a lower one, never a higher one. "" is the
+# package's top level: the core every package may use.
+PACKAGES = ["ops", "http", "request", "backends", "kv", "engines", ""]
+MODULES = {
+    "ops": {"cli", "supervise", "status", "events", "grafana", "claude_env"},
+    "http": {"app", "handlers", "listener", "access", "bodies", "schema_limits", "page", "history"},
+    "request": {"forward", "background", "placement", "parking", "relay", "release", "accounting",
+                "routing", "synthetic", "client_stream", "schemas"},
+    "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
+    "kv": {"store", "folder", "server_id", "cachemiss"},
+    "engines": {"upstream", "llama_server", "supervisord"},
+    "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "slots"},
+}
+# Inside `request`, one request's way runs down too: forward never imported by what it calls.
+REQUEST_LAYERS = [
+    {"forward", "background"},
     {"placement", "parking", "relay", "release", "accounting"},
-    {"gateway"},
-    {"health", "kvsave", "affinity", "cachemiss", "counting", "slots", "upstream", "metrics", "prefixes"},
-    {"config", "errors", "sse"},
+    {"routing", "synthetic", "client_stream", "schemas"},
 ]
-MAX_LINES = 420  # "about 400"
+MAX_TOP_LEVEL = 10
+MAX_LINES = 420
+MAX_PARAMETERS = 6
 
 
-def _imports(path: Path, siblings: set[str], package: str | None) -> set[str]:
-    """The sibling modules `path` imports (relative imports inside a package, plain ones in bench/)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if package and node.level == 1:
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(a.name for a in node.names)
-            elif node.level == 0 and node.module:
-                head = node.module.split(".")
-                if package and head[0] == package and len(head) > 1:
-                    found.add(head[1])
-                elif not package:
-                    found.add(head[0])
-        elif isinstance(node, ast.Import) and not package:
-            found.update(a.name.split(".")[0] for a in node.names)
-    return found & siblings
+def _modules() -> dict[str, Path]:
+    """Dotted name (within orchestrator) -> file, for every module but the packages' __init__."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        if rel.name != "__init__":
+            found[".".join(rel.parts)] = path
+    return found
 
 
-def _graph(folder: Path, package: str | None) -> dict[str, set[str]]:
-    names = {p.stem for p in folder.glob("*.py")}
-    return {p.stem: _imports(p, names, package) - {p.stem} for p in folder.glob("*.py")}
+def _resolve(module: str, node: ast.ImportFrom, known: set[str]) -> set[str]:
+    """The package modules an import names, `module` being the importer's dotted name."""
+    if node.level == 0:
+        if not node.module or not node.module.startswith("orchestrator"):
+            return set()
+        base = node.module.split(".")[1:]
+    else:
+        here = module.split(".")[:-1]
+        up = node.level - 1
+        base = here[: len(here) - up] if up else here
+        base = base + (node.module.split(".") if node.module else [])
+    dotted = ".".join(base)
+    if dotted in known:
+        return {dotted}
+    # `from . import a, b` or `from ..pkg import a`: the names are modules.
+    return {n for a in node.names if (n := ".".join([*base, a.name])) in known}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                deps |= _resolve(name, node, known)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("orchestrator.") for a in node.names} & known
+        graph[name] = deps - {name}
+    return graph
+
+
+def _package(module: str) -> str:
+    return module.rpartition(".")[0]
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -73,29 +107,103 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _flat_graph(folder: Path) -> dict[str, set[str]]:
+    """Plain imports among one folder's scripts (bench/, tests/)."""
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for p in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+        graph[p.stem] = (deps & names) - {p.stem}
+    return graph
+
+
 def test_cycle_finder_finds_one():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_no_import_circles_in_the_package_or_the_benchmarks():
-    assert _cycle(_graph(PACKAGE, "orchestrator")) is None
-    assert _cycle(_graph(BENCH, None)) is None
+def test_every_module_is_placed_and_the_top_level_is_small():
+    placed = {f"{p}.{m}" if p else m for p, mods in MODULES.items() for m in mods}
+    assert set(_modules()) == placed, "a module is not in MODULES (or MODULES names one that is gone)"
+    top = [p for p in PACKAGE.glob("*.py")]
+    assert len(top) <= MAX_TOP_LEVEL
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == \
+        {p for p in PACKAGES if p}
 
 
-def test_imports_point_down_the_request_path_layers():
-    layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
-    graph = _graph(PACKAGE, "orchestrator")
-    upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps
-              if a in layer and b in layer and layer[b] < layer[a]]
+def test_no_import_circle_among_modules_or_packages():
+    graph = _graph()
+    assert _cycle(graph) is None
+    packages: dict[str, set[str]] = {}
+    for a, deps in graph.items():
+        packages.setdefault(_package(a), set()).update(_package(b) for b in deps if _package(b) != _package(a))
+    assert _cycle(packages) is None
+
+
+def test_packages_import_only_downward():
+    rank = {p: i for i, p in enumerate(PACKAGES)}
+    upward = [f"{a} -> {b}" for a, deps in _graph().items() for b in deps
+              if rank[_package(b)] < rank[_package(a)]]
     assert upward == []
-    assert all(m in graph for m in layer), "a layer names a module that does not exist"
 
 
-def test_one_request_path_does_not_depend_on_another():
-    assert "proxy" not in _graph(PACKAGE, "orchestrator")["background"]
+def test_one_request_path_runs_down_and_does_not_depend_on_another():
+    rank = {m: i for i, mods in enumerate(REQUEST_LAYERS) for m in mods}
+    assert set(rank) == MODULES["request"]
+    graph = _graph()
+    upward = [f"{a} -> {b}" for a, deps in graph.items() if a.startswith("request.")
+              for b in deps if b.startswith("request.") and rank[b.split(".")[1]] < rank[a.split(".")[1]]]
+    assert upward == []
+    assert "request.forward" not in graph["request.background"]
 
 
-def test_no_module_much_over_400_lines():
-    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
-    assert long == {}
+def test_tests_and_bench_share_code_only_through_an_importable_module():
+    bench, tests = {p.stem for p in BENCH.glob("*.py")}, {p.stem for p in TESTS.rglob("*.py")}
+    assert _cycle(_flat_graph(BENCH)) is None
+    crossing = []
+    for folder, other in ((BENCH, tests), (TESTS, bench)):
+        for p in folder.rglob("*.py"):
+            if p == Path(__file__):
+                continue
+            text = p.read_text()
+            if "sys.path" in text:
+                crossing.append(f"{p.relative_to(ROOT)}: edits sys.path")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] in other - {"conftest"}:
+                    crossing.append(f"{p.relative_to(ROOT)}: imports {node.module}")
+    assert crossing == []
+
+
+def _long_files() -> dict[str, int]:
+    files = [*PACKAGE.rglob("*.py"), *BENCH.glob("*.py")]
+    return {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
+
+
+def test_no_module_or_bench_file_over_420_lines():
+    assert _long_files() == {}
+
+
+def _parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    return len([n for n in names if n not in ("self", "cls")])
+
+
+def _click_command(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    return any("command" in ast.unparse(d) or "option" in ast.unparse(d) for d in fn.decorator_list)
+
+
+def test_no_function_takes_more_than_six_parameters():
+    many = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _click_command(node) \
+                    and _parameters(node) > MAX_PARAMETERS:
+                many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_parameters(node)})")
+    assert many == []

@@ -24,8 +24,8 @@ import pytest
 from conftest import ROOT
 from fakes import FakeUpstream
 
-from orchestrator import cli, supervise
-from orchestrator.claude_env import find_claude
+from orchestrator.ops import cli, supervise
+from orchestrator.ops.claude_env import find_claude
 
 README = ROOT / "README.md"
 SECTIONS = ("Set-up", "A small model for background requests", "Claude Code", "Running the gateway alone")

@@ -18,9 +18,11 @@ import pytest
 from conftest import free_port, sample
 from prometheus_client import CollectorRegistry
 
-from orchestrator import dashboard, status_view, supervise
 from orchestrator.configfile import config_from_dict
 from orchestrator.metrics import Metrics
+from orchestrator.ops import grafana as dashboard
+from orchestrator.ops import status as status_view
+from orchestrator.ops import supervise
 
 ROOT = Path(__file__).parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -133,7 +135,7 @@ def test_grafana_container_spec_and_no_engine_path(monkeypatch):
 def test_dashboard_command_says_no_engine_in_one_line(monkeypatch):
     from click.testing import CliRunner
 
-    from orchestrator.cli import main
+    from orchestrator.ops.cli import main
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     monkeypatch.delenv("DISPLAY", raising=False)

@@ -10,13 +10,20 @@ import asyncio
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from test_kvsave import SlotsUpstream, _crash_and_queue, _metric, _post, _until, main_body
+from test_kvsave import (
+    SlotsUpstream,
+    _crash_and_queue,
+    _metric,
+    _post,
+    _until,
+    main_body,
+)
 
-from orchestrator import prefixes
-from orchestrator.affinity import Conversation, conversation_key
-from orchestrator.cachemiss import CacheMisses
-from orchestrator.gateway import GATEWAY
-from orchestrator.health import State
+from orchestrator import conversation as prefixes
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.backends.health import State
+from orchestrator.conversation import Conversation, conversation_key
+from orchestrator.kv.cachemiss import CacheMisses
 from orchestrator.metrics import Metrics
 
 
@@ -131,7 +138,7 @@ async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gat
 async def test_a_park_is_not_skipped_while_an_earlier_saves_checksum_runs(park_stack, http, tmp_path, monkeypatch):
     """The checksum of a save (seconds for gigabytes) runs after its slot is in use again: the next
     switch parks all the same, and every save's metadata names its file once all are done."""
-    from orchestrator import kvsave
+    from orchestrator.kv import store as kvsave
 
     def slow_checksum(path):
         import time
@@ -212,8 +219,8 @@ async def test_a_checkpoint_under_the_share_is_taken_when_computing_again_would_
 def test_the_prefill_pace_is_measured_from_a_streamed_turn_that_computed_enough_of_its_prompt():
     from types import SimpleNamespace
 
-    from orchestrator.accounting import Outcome
-    from orchestrator.parking import SlotTurn, answered, checkpoint_pays
+    from orchestrator.request.accounting import Outcome
+    from orchestrator.request.parking import SlotTurn, answered, checkpoint_pays
 
     kv = SimpleNamespace(holder="k", holder_whole=False, prefill_pace=0.0, save_pace=0.0)
     backend = SimpleNamespace(kv=kv)
@@ -261,7 +268,7 @@ async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(pa
 async def test_after_parks_skipped_in_a_row_as_dearer_one_runs_to_measure_the_save_again(park_stack, http):
     """A save pace measured on a small save (its fixed cost spread on few tokens) must not switch
     parking off for good: the PARK_RETRY_AFTER-th skipped park in a row runs, and its pace is new."""
-    from orchestrator.parking import PARK_RETRY_AFTER
+    from orchestrator.request.parking import PARK_RETRY_AFTER
 
     fake, base, gw = await park_stack()
     b = gw.backends["primary"].kv
@@ -412,7 +419,7 @@ def test_the_cache_mark_moving_to_the_next_turn_changes_neither_the_key_nor_the_
 def test_a_slot_is_kept_no_longer_than_a_switch_would_cost():
     from types import SimpleNamespace
 
-    from orchestrator.parking import keep_seconds
+    from orchestrator.request.parking import keep_seconds
 
     def backend(slots=1, pace=0.0, park=True):
         kv = SimpleNamespace(save_pace=pace)
@@ -427,7 +434,7 @@ def test_a_slot_is_kept_no_longer_than_a_switch_would_cost():
 
 
 def test_make_status_says_why_the_cache_missed():
-    from orchestrator.status_view import kv_lines
+    from orchestrator.ops.status import kv_lines
 
     health = {"backends": [{"name": "primary", "cache": {"turns": {"new": 1, "prefix_changed": 1}, "recent": [
         {"reason": "prefix_changed", "at_token": 512, "at_block": "system[1]", "cached": 512, "prompt": 1600}]}}]}

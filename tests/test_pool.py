@@ -5,9 +5,10 @@ import asyncio
 import pytest
 from fakes import FakeUpstream
 
-from orchestrator.affinity import AffinityMap, Decision, Pool, conversation_key
-from orchestrator.gateway import GATEWAY
-from orchestrator.health import State
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.backends.health import State
+from orchestrator.backends.pool import AffinityMap, Decision, Pool
+from orchestrator.conversation import conversation_key
 from orchestrator.metrics import AFFINITY_DECISIONS
 from orchestrator.slots import SlotQueue
 
@@ -203,9 +204,9 @@ def test_one_conversations_hashing_in_a_thread_never_holds_up_anothers(monkeypat
     import threading
     import time
 
-    from orchestrator import affinity
+    from orchestrator import conversation as affinity
 
-    hash_blocks = affinity.prompt_blocks
+    hash_blocks = affinity.blocks
     started = threading.Event()
 
     def slow_for_big(body):
@@ -214,7 +215,7 @@ def test_one_conversations_hashing_in_a_thread_never_holds_up_anothers(monkeypat
             time.sleep(0.5)
         return hash_blocks(body)
 
-    monkeypatch.setattr(affinity, "prompt_blocks", slow_for_big)
+    monkeypatch.setattr(affinity, "blocks", slow_for_big)
     big = affinity.Conversation({"messages": [{"role": "user", "content": "big"}]})
     small = affinity.Conversation({"messages": [{"role": "user", "content": "small"}]})
     thread = threading.Thread(target=lambda: big.blocks)

@@ -8,9 +8,9 @@ from conftest import free_port
 from fakes import FakeUpstream
 from test_pool import _post, turn
 
-from orchestrator.affinity import Decision, Pool
-from orchestrator.gateway import GATEWAY
-from orchestrator.health import State
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.backends.health import State
+from orchestrator.backends.pool import Decision, Pool
 from orchestrator.slots import SlotQueue
 
 

@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import sample
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 
 pytestmark = pytest.mark.real
 

@@ -36,12 +36,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
-from test_real_llama import _load as llama_requests_in_flight
 import pytest
 from conftest import ROOT, sample
+from test_real_llama import _load as llama_requests_in_flight
 
-from orchestrator import handlers
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.http import handlers
 from orchestrator.sse import events as sse_events
 
 pytestmark = pytest.mark.real

@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import sample
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 pytestmark = pytest.mark.real

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, LlamaServer
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_pool import (

@@ -8,7 +8,7 @@ import pytest
 from fakes import FakeUpstream, sse_message
 from test_gateway import until_free
 
-from orchestrator.gateway import GATEWAY
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}

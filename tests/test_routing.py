@@ -5,7 +5,7 @@ from conftest import FIXTURES, ROOT, sample
 
 from orchestrator.config import ConfigError
 from orchestrator.configfile import config_from_dict, load_config
-from orchestrator.routing import (
+from orchestrator.request.routing import (
     Reason,
     RouteKind,
     Shape,

@@ -8,10 +8,14 @@ import pytest
 from conftest import sample
 from fakes import FakeUpstream
 
-from orchestrator.bodies import check_schema
+from orchestrator.backends.gateway import GATEWAY
 from orchestrator.errors import InvalidRequest
-from orchestrator.gateway import GATEWAY
-from orchestrator.schema_limits import MAX_ENUM_VALUES, MAX_PROPERTIES, MAX_REF_CHAIN
+from orchestrator.http.bodies import check_schema
+from orchestrator.http.schema_limits import (
+    MAX_ENUM_VALUES,
+    MAX_PROPERTIES,
+    MAX_REF_CHAIN,
+)
 
 TITLE = sample("title-2.1.332.json")["body"]
 

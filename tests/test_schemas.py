@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.background import TOPIC_SCHEMA
-from orchestrator.schemas import MAX_STRING_CHARS, bounded, problem
+from orchestrator.request.background import TOPIC_SCHEMA
+from orchestrator.request.schemas import MAX_STRING_CHARS, bounded, problem
 
 TITLE = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"],
          "additionalProperties": False}

@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, free_port, llama_server_binary, sample
 from test_claude_code import claude_binary, claude_env_for, claude_home, tmux  # noqa: F401 (fixture)
 
-from orchestrator import supervise
 from orchestrator.configfile import load_config
+from orchestrator.ops import supervise
 
 pytestmark = pytest.mark.real
 

@@ -15,8 +15,10 @@ from conftest import sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import routing
-from orchestrator.routing import forwarded_body, splice, strip_billing_header, utf8_json
+from orchestrator.conversation import strip_billing_header
+from orchestrator.jsonvalues import utf8_json
+from orchestrator.request import routing
+from orchestrator.request.routing import forwarded_body, splice
 
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.7a0; cc_entrypoint=cli;"}
 WS = b" \t\n\r"

@@ -16,12 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
-from orchestrator import health as health_module
-from orchestrator import status_view, supervise
+from orchestrator.backends import health as health_module
+from orchestrator.backends.health import BackendHealth, State
 from orchestrator.config import BackendConfig
 from orchestrator.configfile import config_from_dict
-from orchestrator.health import BackendHealth, State
-from orchestrator.metrics import LATENCY_BUCKETS, ROUTES, TOKENS_PER_SECOND_BUCKETS, Metrics
+from orchestrator.metrics import (
+    LATENCY_BUCKETS,
+    ROUTES,
+    TOKENS_PER_SECOND_BUCKETS,
+    Metrics,
+)
+from orchestrator.ops import status as status_view
+from orchestrator.ops import supervise
 from orchestrator.slots import SlotQueue
 
 # ---- the raw exposition, parsed here without prometheus_client or status_view ------------------

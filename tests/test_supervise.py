@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 from conftest import free_port, llama_server_binary
 
-from orchestrator import status_view, supervise
 from orchestrator.configfile import config_from_dict, load_config
+from orchestrator.ops import status as status_view
+from orchestrator.ops import supervise
 from orchestrator.sse import events as sse_events
 
 ROOT = Path(__file__).parent.parent

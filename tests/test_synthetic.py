@@ -2,8 +2,8 @@ import json
 
 from conftest import sample
 
-from orchestrator import synthetic
-from orchestrator.routing import Shape
+from orchestrator.request import synthetic
+from orchestrator.request.routing import Shape
 from orchestrator.sse import events as sse_events
 
 

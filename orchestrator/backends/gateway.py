@@ -1,0 +1,134 @@
+"""The gateway's shared state: one `Backend` record per backend, and the `Gateway` that holds them.
+
+Every request path (proxy, background, synthetic answers, count_tokens) and every
+view of the state (/health, the status page) reads from here; nothing here
+knows about requests. Built once per process by `build_gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from ..config import BackendConfig, Config
+from ..engines.upstream import UpstreamClient
+from ..kv.cachemiss import CacheMisses
+from ..kv.store import BackendSaves, KvPersistence
+from ..metrics import Metrics
+from ..slots import SlotQueue
+from .counting import TokenCounter
+from .health import BackendHealth, watch_for
+from .identity import Tree
+from .pool import Pool
+
+
+@dataclass(eq=False)  # each send is its own: kept in sets by identity
+class Call:
+    """One send to a backend, as far as the backend's slot is concerned."""
+
+    sent: bool = False       # the request went out: the backend may be working on it
+    answered: bool = False   # the backend's answer began (it had the request in a slot)
+    complete: bool = False   # its answer was read to the end: the backend is done with it
+    # The gateway's own work on the slot before the send (a park, an unpark: parking.py); the slot
+    # is not free before it ends, even if the client left during it.
+    admin: asyncio.Task | None = None
+    # Its answer ended whole: keep the slot this long for the conversation's next turn (slots.py).
+    keep_for: tuple[str, float] | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return self.sent and not self.complete
+
+
+@dataclass(eq=False)
+class Backend:
+    """One backend and everything the gateway keeps about it."""
+
+    config: BackendConfig
+    queue: SlotQueue
+    health: BackendHealth
+    # Its KV saves (kvsave.py); None when its slot is not saved.
+    kv: BackendSaves | None = None
+    # The sends in progress whose clients are still there.
+    live: set[Call] = field(default_factory=set)
+    # Slots held after their client left, until the backend lets go (release.py).
+    held: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def slot_use(self) -> dict[str, int]:
+        """What holds its busy slots: sends in progress (client still there), and slots held after
+        their client left; the rest is the gateway's own work (a KV save or restore)."""
+        return {"sending": len(self.live), "held_after_client_left": len(self.held)}
+
+
+@dataclass
+class Gateway:
+    """Everything a handler needs; owned by the app, built once per process."""
+
+    config: Config
+    metrics: Metrics
+    upstream: UpstreamClient
+    counter: TokenCounter
+    kv: KvPersistence
+    backends: dict[str, Backend] = field(default_factory=dict)
+    # Conversation affinity for the groups of several backends (None: least busy, always).
+    pool: Pool | None = None
+    # Claude Code's sessions and agents, queued or running (bounded).
+    agents: Tree = field(default_factory=Tree)
+    # Why each main or agent turn's prompt missed the cache (cachemiss.py).
+    misses: CacheMisses | None = None
+    started: float = field(default_factory=time.time)
+
+    def group(self, names: Iterable[str]) -> list[Backend]:
+        return [self.backends[n] for n in names]
+
+    def held_slots(self) -> int:
+        """Slots held after their client left, over every backend."""
+        return sum(len(b.held) for b in self.backends.values())
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
+    metrics = Metrics(registry, [b.name for b in config.backends])
+    if config.background_backend is not None:
+        metrics.add_background_backend(config.background_backend.name)
+    upstream = UpstreamClient(connect_timeout=config.gateway.connect_timeout_seconds)
+    counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
+                           on_source=lambda source: metrics.count_tokens_source.labels(source).inc())
+    gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter,
+                 kv=KvPersistence(config, upstream, metrics), misses=CacheMisses(metrics))
+    r = config.routing
+    if r.affinity and len(config.main_backends) > 1:
+        gw.pool = Pool(max_entries=r.affinity_max_conversations, max_wait=r.affinity_max_wait_seconds)
+        for b in config.main_backends:
+            metrics.add_pool_backend(b.name)
+    q = config.queue
+    for b in config.backends:
+        queue = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_bytes=q.max_bytes,
+                          max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds,
+                          prefer_max_passes=q.cache_preference_max_passes,
+                          prefer_max_seconds=q.cache_preference_max_seconds,
+                          on_preferred=metrics.cache_preferred.labels(b.name).inc)
+        saves = gw.kv.attach(b, queue)
+        watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
+
+        health = BackendHealth(
+            b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
+            on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.backends[name].health.up else 0),
+            on_restart=lambda name: metrics.backend_restarts.labels(name).inc(),
+            restore=functools.partial(gw.kv.restore, saves) if saves is not None else None)
+        gw.backends[b.name] = Backend(b, queue, health, kv=saves)
+        metrics.backend_up.labels(b.name).set(1)
+        metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
+    return gw

@@ -1,0 +1,274 @@
+"""Each backend's state, from its /health, from supervisord, and from what requests to it meet.
+
+A backend that refuses a connection is marked down at once and its queue is
+held: queued requests wait for it to come back instead of each failing on its
+own. Polling reopens the queue as soon as /health answers 200 again. A backend
+down for longer than the grace, or FATAL in supervisord, fails its waiters
+with an error that names it and its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import xmlrpc.client
+from enum import Enum
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from ..config import BackendConfig
+from ..engines.llama_server import program_name
+from ..engines.supervisord import rpc_at
+from ..engines.upstream import UpstreamClient
+from ..errors import BackendFailed, GatewayError
+from ..jsonvalues import is_int
+from ..slots import SlotQueue
+
+log = logging.getLogger(__name__)
+
+
+class State(str, Enum):
+    UNKNOWN = "unknown"    # not yet checked; requests are let through
+    LOADING = "loading"    # answers 503 while it loads its model
+    READY = "ready"
+    DOWN = "down"          # refuses connections (crashed, restarting)
+    FAILED = "failed"      # FATAL in supervisord: will not come back by itself
+
+
+class ProcessWatch:
+    """Asks supervisord about one program: a new pid is a restart, FATAL is final."""
+
+    def __init__(self, socket: str, program: str) -> None:
+        self.socket = socket
+        self.program = program
+
+    def _info(self) -> dict[str, Any] | None:
+        try:
+            return rpc_at(self.socket).getProcessInfo(self.program)
+        except (OSError, xmlrpc.client.Error):
+            return None
+
+    async def info(self) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self._info)
+
+    def _restart(self) -> None:
+        rpc = rpc_at(self.socket)
+        # stopProcess waits for the exit (SIGTERM, SIGKILL after stopwaitsecs): a server wedged in
+        # a grammar does not answer SIGTERM between tokens.
+        try:
+            rpc.stopProcess(self.program, True)
+        except xmlrpc.client.Fault:
+            pass  # not running: start it all the same
+        rpc.startProcess(self.program, False)
+
+    async def restart(self) -> None:
+        await asyncio.to_thread(self._restart)
+
+
+class BackendHealth:
+    def __init__(self, backend: BackendConfig, queue: SlotQueue, *, grace: float = 300.0,
+                 watch: ProcessWatch | None = None, log_file: str = "",
+                 on_change: Callable[[str, State], None] | None = None,
+                 on_restart: Callable[[str], None] | None = None,
+                 restore: Callable[[], Awaitable[dict | None]] | None = None) -> None:
+        self.backend = backend
+        self.queue = queue
+        self.grace = grace
+        self.watch = watch
+        self.log_file = log_file
+        self.state = State.UNKNOWN
+        self.since = time.time()
+        self.last_error = ""
+        self.restarts = 0
+        self.last_restart: float | None = None
+        self.pid: int | None = None
+        self._pids: collections.deque[int] = collections.deque(maxlen=16)  # recent pids of its process
+        # The context a request may fill (llama-server's per-slot n_ctx), for
+        # `orchestrator env` to hand Claude Code; None when unknown.
+        self.n_ctx: int | None = None
+        self.process_state = ""
+        # Requests the gateway gave up on that still hold a slot past gateway.release_timeout_seconds
+        # (release_when_idle): a server wedged on one (a grammar it cannot build) says "ready" on
+        # /health all along, and would hold the slot forever.
+        self.stuck = 0
+        self._restarting: asyncio.Task | None = None
+        self.changed = asyncio.Event()
+        self._on_change = on_change or (lambda name, state: None)
+        self._on_restart = on_restart or (lambda name: None)
+        # KV persistence: awaited between "the server answers again" and "its queue reopens".
+        self._restore = restore
+        self.last_restore: dict | None = None
+        if restore is not None:
+            # Until the first check: a request let through now could run before the restore.
+            queue.hold()
+
+    @property
+    def up(self) -> bool:
+        return self.state in (State.READY, State.UNKNOWN)
+
+    @property
+    def serving(self) -> bool:
+        """Up, and no slot held past its bound: worth sending optional work (background) to."""
+        return self.up and not self.stuck
+
+    def mark_stuck(self, why: str) -> None:
+        """A slot is held past its bound by a request the gateway gave up on. A supervised background
+        server is restarted (a title is worth nothing a minute late); a main one keeps its cache and
+        is only shown as stuck, for its operator to judge."""
+        self.stuck += 1
+        self.last_error = why
+        if self.watch is not None and self.backend.role == "background" and self._restarting is None:
+            log.warning("backend %s: restarting it through supervisord: %s", self.backend.name, why)
+            self._restarting = asyncio.create_task(self._restart(), name=f"restart:{self.backend.name}")
+
+    def unstuck(self) -> None:
+        self.stuck = max(0, self.stuck - 1)
+
+    async def _restart(self) -> None:
+        try:
+            await self.watch.restart()
+        except (OSError, xmlrpc.client.Error) as e:
+            log.warning("backend %s: restart through supervisord failed: %s", self.backend.name, e)
+        finally:
+            self._restarting = None
+
+    def _where(self) -> str:
+        return f"; see {self.log_file}" if self.log_file else ""
+
+    def set(self, state: State, error: str = "") -> None:
+        if error:
+            self.last_error = error
+        if state is self.state:
+            return
+        log.info("backend %s: %s -> %s %s", self.backend.name, self.state.value, state.value, error)
+        self.state = state
+        self.since = time.time()
+        if self.up:
+            self.queue.open()
+        elif state is State.FAILED:
+            message = f"backend {self.backend.name!r} failed: {self.last_error}{self._where()}"
+            self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
+        else:
+            self.queue.hold()
+        self._on_change(self.backend.name, state)
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the poller: check again now."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def mark_down(self, error: str) -> None:
+        if self.state is not State.FAILED:
+            self.set(State.DOWN, error)
+
+    async def check(self, upstream: UpstreamClient, timeout: float) -> State:
+        if self.watch is not None and await self._check_process():
+            return self.state
+        try:
+            # No health endpoint at all (health_path ""): any HTTP answer from its root means up.
+            status, _ = await upstream.get_json(self.backend, self.backend.health_path or "/", timeout=timeout)
+        except GatewayError as e:
+            self.mark_down(e.message)
+            self._past_grace()
+            return self.state
+        # A remote API without /health answers 404: it answers, so it is up.
+        if status == 503:
+            self.set(State.LOADING, "loading model (HTTP 503)")
+            return self.state
+        if self.state is not State.READY:  # read once per (re)start, not on every poll
+            self.n_ctx = await self._context_size(upstream, timeout)
+            if self._restore is not None:
+                since, restarts = self.since, self.restarts
+                note = await self._restore()  # bounded; never raises
+                self.last_restore = note or self.last_restore
+                if (self.since, self.restarts) != (since, restarts):
+                    return self.state  # it went down (or FATAL) meanwhile: the next check decides
+        self.set(State.READY)
+        return self.state
+
+    async def _context_size(self, upstream: UpstreamClient, timeout: float) -> int | None:
+        """llama-server's per-slot n_ctx (/props); else vLLM's and SGLang's max_model_len (/v1/models)."""
+        try:
+            status, props = await upstream.get_json(self.backend, "/props", timeout=timeout)
+            settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+            n = settings.get("n_ctx") if status == 200 and isinstance(settings, dict) else None
+            if n is None:
+                status, models = await upstream.get_json(self.backend, "/v1/models", timeout=timeout)
+                data = models.get("data") if status == 200 and isinstance(models, dict) else None
+                first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+                n = first.get("max_model_len")
+        except GatewayError:
+            return None
+        return n if is_int(n) and n > 0 else None
+
+    async def _check_process(self) -> bool:
+        """True when supervisord's word settles the state (FATAL)."""
+        info = await self.watch.info()
+        if info is None:
+            return False
+        return self.observe_process(info.get("statename", ""), info.get("pid") or None)
+
+    def observe_process(self, state: str, pid: int | None) -> bool:
+        """What supervisord says of the backend's process, polled or from its events.
+        A new pid is a restart; FATAL is final until the process runs again."""
+        self.process_state = state
+        # Only a process that runs says which pid is current: an EXITED event
+        # may arrive after a poll has already seen the new process, still
+        # naming the old pid, and one crash must count as one restart.
+        if pid and state in ("STARTING", "RUNNING") and pid not in self._pids:
+            if self.pid:
+                self.restarts += 1
+                self.last_restart = time.time()
+                log.warning("backend %s: process restarted (pid %s -> %s)", self.backend.name, self.pid, pid)
+                self._on_restart(self.backend.name)
+            self.pid = pid
+            self._pids.append(pid)
+        if state == "FATAL":
+            self.set(State.FAILED, f"its process is FATAL in supervisord (could not start after "
+                                   f"{self.backend.start_retries} retries)")
+            return True
+        if state in ("EXITED", "BACKOFF", "STOPPED", "STOPPING"):
+            self.mark_down(f"its process is {state} in supervisord")
+        elif self.state is State.FAILED:
+            # Started again by hand (supervisorctl start): back to ordinary checks.
+            self.set(State.DOWN, "restarted after FATAL")
+        return False
+
+    def _past_grace(self) -> None:
+        down_for = time.time() - self.since
+        if self.state is State.DOWN and down_for > self.grace and self.queue.is_open is False:
+            message = (f"backend {self.backend.name!r} has been down for {down_for:.0f}s "
+                       f"(queue.down_grace_seconds = {self.grace:g}): {self.last_error}{self._where()}")
+            self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
+
+    async def poll(self, upstream: UpstreamClient, interval: float) -> None:
+        while True:
+            state = await self.check(upstream, timeout=max(interval, 1.0))
+            # Poll fast while down so a restarted server is used the moment it is ready.
+            delay = interval if state in (State.READY, State.FAILED) else min(interval, 0.25)
+            try:
+                async with asyncio.timeout(delay):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass
+
+    def snapshot(self) -> dict:
+        # "stuck": answering /health, but a slot is held past its bound (mark_stuck).
+        state = "stuck" if self.stuck and self.up else self.state.value
+        return {"name": self.backend.name, "url": self.backend.url, "role": self.backend.role,
+                "state": state, "since": self.since, "last_error": self.last_error,
+                "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
+                "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
+                "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
+                "kv_restore": self.last_restore}
+
+
+def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> tuple[ProcessWatch | None, str]:
+    """The supervisord watch and log file of a supervised backend; (None, "") otherwise."""
+    if not socket or not backend.command:
+        return None, ""
+    program = program_name(backend)
+    return ProcessWatch(socket, program), str(Path(log_dir) / f"{program}.log") if log_dir else ""

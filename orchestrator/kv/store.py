@@ -1,0 +1,401 @@
+"""KV persistence: a backend's slot saved to disk when idle, restored before its queue reopens.
+
+A crashed or stopped llama-server comes back with an empty prompt cache, and the
+next turn would re-process the whole conversation (minutes on a big model). So
+once a main request has finished and the slot has been idle for a moment with
+nobody waiting, the slot is saved (`POST /slots/0?action=save`) while the
+gateway holds every slot of the backend, so no generation overlaps the save.
+When the backend comes back, `health` awaits `restore` before it reopens the
+queue: the save of the first waiting request's conversation, else the one sharing
+its longest prefix (prefixes.py), else none. Parking (parking.py) uses the same
+store in a granted request's slot: `save_held` and `restore_key`.
+
+Each save is a pair in the backend's folder: `KEY-MS.bin`, llama-server's own
+file, and `KEY.json`, what identifies the server that wrote it (kv_identity:
+model file, context size, build, KV-changing options) and what the file must
+be (its size and SHA-256, checked before a restore). The pair is keyed by the
+conversation's prefix, so each conversation keeps its newest save. Nothing here
+ever raises into its caller: a missing, foreign or corrupt save, a full disk or
+a failed request is one warning line and a count, and the backend goes on cold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from ..config import BackendConfig, Config
+from ..conversation import Conversation, for_waiter
+from ..engines.llama_server import SLOT, saves_slots, slot_action, slot_dir, slot_tokens
+from ..engines.upstream import UpstreamClient
+from ..errors import GatewayError
+from ..metrics import Metrics
+from ..slots import Lease, SlotQueue
+from .folder import bound, read_meta, remove, write_atomic
+from .folder import saves as saved_files
+from .server_id import ServerId, checksum, server_id
+
+log = logging.getLogger(__name__)
+
+# Writing or reading gigabytes takes seconds; a server that takes longer is stuck,
+# and the backend must not stay closed because of it.
+SAVE_TIMEOUT = 120.0
+RESTORE_TIMEOUT = 120.0
+
+
+class _Written(NamedTuple):
+    """A slot the server has written to a file, not yet checksummed and named in its metadata."""
+
+    filename: str
+    answer: dict[str, Any]
+    server: ServerId
+    started: float
+
+
+@dataclass
+class BackendSaves:
+    """One backend's saving state and folder."""
+
+    backend: BackendConfig
+    queue: SlotQueue
+    folder: Path
+    latest: tuple[Conversation, int] | None = None  # the last finished request's conversation, tokens
+    saved: dict[str, int] = field(default_factory=dict)  # conversation key -> tokens at its last save
+    generation: int = 0                          # bumped by every finished request
+    waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
+    saving: int = 0  # saves under way, from the slot's write to their metadata: the idle save waits
+    pending: set[str] = field(default_factory=set)  # files written, their metadata not yet: kept by _bound
+    keeping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one save's metadata at a time, in order
+    # The conversation the slot was last given (parking.py); only once it ended whole is it `latest`.
+    holder: str | None = None
+    holder_whole: bool = False
+    save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
+    prefill_pace: float = 0.0  # seconds per computed prompt token, last measured (parking.answered)
+    parks_skipped: int = 0  # parks skipped in a row as dearer than a prefill (parking.py)
+    restored: str | None = None  # put back by the restart's restore (/slots then shows no tokens)
+
+
+# A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
+# save sharing its longest prefix (prefixes.py).
+PREFIX_BLOCKS = 256
+
+
+class KvPersistence:
+    """The saves of every backend that has them: each backend's state is a `BackendSaves`,
+    kept on the gateway's record of that backend and passed in."""
+
+    def __init__(self, config: Config, upstream: UpstreamClient, metrics: Metrics) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self._var = Path(config.supervisor.log_dir).parent if config.supervisor.log_dir else None
+        self._tasks: set[asyncio.Task] = set()
+        self._seq = 0
+
+    def attach(self, backend: BackendConfig, queue: SlotQueue) -> BackendSaves | None:
+        """The saving state of a main backend whose slot is saved, or None (nothing saved there)."""
+        if backend.role != "main" or not saves_slots(backend) or (not backend.kv_save_dir and self._var is None):
+            return None  # supervised, but run by hand without `up`: no folder known
+        self.metrics.add_kv_backend(backend.name)
+        return BackendSaves(backend, queue, slot_dir(self._var or Path("."), backend))
+
+    # ---- what placement tells it -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def waiting(self, b: BackendSaves, conversation: Conversation) -> Iterator[None]:
+        """Around a request's wait for a slot: a restore prefers the first waiter's conversation."""
+        seq = self._next()
+        b.waiting[seq] = conversation
+        try:
+            yield
+        finally:
+            b.waiting.pop(seq, None)
+
+    def finished(self, b: BackendSaves, conversation: Conversation, tokens: int) -> None:
+        """A main request ended whole on the backend: save once the slot has been idle a while."""
+        if tokens <= 0:
+            return
+        b.latest = (conversation, tokens)
+        b.generation += 1
+        self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{b.backend.name}")
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- saving ----------------------------------------------------------------------------
+
+    async def _save_when_idle(self, b: BackendSaves, generation: int) -> None:
+        await asyncio.sleep(b.backend.kv_save_idle_seconds)
+        if b.generation == generation:  # else a later request finished: its own timer saves
+            await self.save(b)
+
+    def _idle_leases(self, b: BackendSaves) -> list[Lease] | None:
+        """Every slot of the backend, taken at once, or None when any is busy or anyone waits:
+        a save must never sit in front of a request, nor run beside a generation."""
+        q = b.queue
+        if not (q.is_open and q.busy == 0 and q.depth == 0):
+            return None
+        leases = []
+        for _ in range(q.slots):
+            lease = q.try_acquire()
+            if lease is None:
+                for held in leases:
+                    held.release()
+                return None
+            leases.append(lease)
+        return leases
+
+    async def save(self, b: BackendSaves) -> str:
+        """Save the slot now if it is idle and changed since its last save; the result, as counted."""
+        if b.latest is None or b.saving:
+            return "skipped"
+        backend = b.backend.name
+        conversation, tokens = b.latest
+        if b.saved.get(conversation.key) == tokens:
+            self.metrics.kv_saves.labels(backend, "unchanged").inc()
+            return "unchanged"
+        leases = self._idle_leases(b)
+        if leases is None:
+            self.metrics.kv_saves.labels(backend, "busy").inc()
+            return "busy"  # the request that holds it saves when it finishes
+        try:
+            written = await self._write(b, conversation)
+        finally:
+            for lease in leases:
+                lease.release()
+        if written is None:
+            return "failed"
+        return await self._finish(b, conversation, tokens, written)
+
+    async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> tuple[str, float]:
+        """Save the slot as `conversation`'s now, the caller holding every slot (a park or a checkpoint).
+        Returns once the server has written the file: the result and the seconds that took. The
+        checksum and the metadata follow in the background with the slot in use again."""
+        # No check of `saving`: the caller's slot keeps any other slot write out; an earlier save's
+        # checksum may still be under way, and this conversation must not go unsaved for it.
+        t0 = time.monotonic()
+        written = await self._write(b, conversation)
+        took = time.monotonic() - t0
+        if written is None:
+            return "failed", took
+        # Counted as saved from now, so the next turn does not checkpoint it again while its checksum
+        # runs; undone if its metadata cannot be written.
+        key, before = conversation.key, b.saved.get(conversation.key, 0)
+        b.saved[key] = tokens
+        undo = functools.partial(b.saved.__setitem__, key, before)
+        self._spawn(self._finish(b, conversation, tokens, written, undo), f"kv-keep:{b.backend.name}")
+        return "saved", took
+
+    async def _write(self, b: BackendSaves, conversation: Conversation) -> _Written | None:
+        """The server writes the slot to a file, counted in `saving` from here until `_finish` ends."""
+        b.saving += 1
+        written = None
+        try:
+            written = await self._save(b, conversation.key)
+        finally:
+            if written is None:
+                b.saving -= 1
+                self.metrics.kv_saves.labels(b.backend.name, "failed").inc()
+            else:
+                b.pending.add(written.filename)
+        return written
+
+    async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written,
+                      undo: Callable[[], None] | None = None) -> str:
+        """Checksum and metadata of a written save, taken with the slot free again (seconds for
+        gigabytes: a request arriving now is not kept waiting by it), one save at a time in the order
+        written, so the newest save of a conversation is the one its metadata names."""
+        backend = b.backend.name
+        generation = b.generation
+        try:
+            async with b.keeping:
+                result = await self._keep(b, conversation, tokens, *written)
+        finally:
+            b.pending.discard(written.filename)
+            b.saving -= 1
+        if result != "saved" and undo is not None:
+            undo()
+        self.metrics.kv_saves.labels(backend, result).inc()
+        if result == "saved":
+            self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - written.started)
+        if b.generation != generation:
+            # A request finished meanwhile, and its own save found this one running.
+            self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{backend}")
+        return result
+
+    async def _save(self, b: BackendSaves, key: str) -> _Written | None:
+        """The slot written to a new file by the server: (file name, its answer, its identity, start)."""
+        name = b.backend.name
+        server = await server_id(self.upstream, b.backend)
+        if server is None:
+            log.warning("backend %s: /props unreadable; no KV save", name)
+            return None
+        started = time.monotonic()
+        filename = f"{key}-{int(time.time() * 1000)}.bin"
+        try:
+            b.folder.mkdir(parents=True, exist_ok=True)
+            answer = await slot_action(self.upstream, b.backend, "save", filename, SAVE_TIMEOUT)
+        except (GatewayError, OSError, TimeoutError) as e:
+            log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
+            remove(b.folder / filename)
+            return None
+        return _Written(filename, answer, server, started)
+
+    async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int, filename: str,
+                    answer: dict[str, Any], server: ServerId, started: float) -> str:
+        """The save's metadata written beside it (its checksum, its server), the folder bounded."""
+        name, key = b.backend.name, conversation.key
+        path = b.folder / filename
+        try:
+            size = path.stat().st_size
+            t0 = time.monotonic()
+            digest = await asyncio.to_thread(checksum, path)
+            hashed = time.monotonic() - t0
+            n_saved = int(answer.get("n_saved") or 0)
+            meta = {"key": key, "file": filename, "bytes": size, "sha256": digest, "n_tokens": n_saved,
+                    "time": time.time(), **server.fields(), "slot": SLOT,
+                    "prefix": conversation.prefix[:PREFIX_BLOCKS]}
+            old = read_meta(b.folder / f"{key}.json")
+            write_atomic(b.folder / f"{key}.json", json.dumps(meta))
+        except (OSError, ValueError, TypeError) as e:
+            log.warning("backend %s: KV save of %s not kept (%s)", name, filename, _why(e))
+            remove(path)
+            return "failed"
+        if old and old.get("file") != filename:
+            remove(b.folder / str(old.get("file")))
+        b.saved[key] = tokens
+        took = answer.get("timings", {}).get("save_ms") if isinstance(answer.get("timings"), dict) else None
+        log.info("backend %s: saved %d tokens of conversation %s (%s bytes%s, checksum %.0f ms)", name, n_saved,
+                 key[:8], f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "", hashed * 1000)
+        self.metrics.kv_saved_bytes.labels(name).inc(size)
+        self._bound(b)
+        return "saved"
+
+    def _bound(self, b: BackendSaves) -> None:
+        """Keep the folder under its byte budget (kvfolder.bound)."""
+        total, dropped = bound(b.folder, b.backend.kv_save_max_bytes, b.pending)
+        for key in dropped:
+            log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",
+                     b.backend.name, key[:8], b.backend.kv_save_max_bytes)
+            b.saved.pop(key, None)
+        self.metrics.kv_disk_bytes.labels(b.backend.name).set(total)
+
+    # ---- restoring -------------------------------------------------------------------------
+
+    async def restore(self, b: BackendSaves) -> dict[str, Any] | None:
+        """Before the backend's queue reopens: restore the save that fits into its empty slot.
+        What happened (for /health and `orchestrator status`), or None when nothing was to do."""
+        backend = b.backend.name
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(RESTORE_TIMEOUT):
+                result, note = await self._restore(b)
+        except TimeoutError:
+            result, note = "failed", {"error": f"no answer in {RESTORE_TIMEOUT:g}s"}
+            log.warning("backend %s: KV restore took over %gs; it starts cold", backend, RESTORE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - a restore must never keep a backend from serving
+            result, note = "failed", {"error": _why(e)}
+            log.warning("backend %s: KV restore failed (%s); it starts cold", backend, _why(e))
+        took = time.monotonic() - t0
+        self.metrics.kv_restores.labels(backend, result).inc()
+        if result == "warm":
+            return None
+        if result == "restored":
+            self.metrics.kv_restore_seconds.labels(backend).observe(took)
+            self.metrics.kv_restored_tokens.labels(backend).inc(note.get("n_tokens", 0))
+        return {"result": result, "time": time.time(), "seconds": round(took, 3), **note}
+
+    async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
+        name = b.backend.name
+        b.restored = None  # the server restarted: whatever an earlier restore put in its slot is gone
+        if await self.slot_tokens(b) > 0:
+            return "warm", {}  # its cache survived (the gateway restarted, not the server)
+        saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
+        if not saves:
+            return "none", {}
+        server = await server_id(self.upstream, b.backend)
+        if server is None:
+            return "failed", {"error": "no /props"}
+        fitting = [m for m in saves if not server.mismatch(m)]
+        if not fitting:
+            newest = max(saves, key=lambda m: m.get("time", 0))
+            why = server.mismatch(newest)
+            log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
+            return "refused", {"error": why}
+        first = b.waiting[min(b.waiting)] if b.waiting else None
+        pick = for_waiter(fitting, first.key, first.prefix) if first else max(fitting, key=lambda m: m["time"])
+        if pick is None:
+            return "none", {}
+        result, note = await self._restore_file(b, pick)
+        if result == "restored":
+            # What its file holds, as after an unpark: no checkpoint of all of it again at once.
+            b.saved[str(pick["key"])] = int(note.get("n_tokens", 0))
+            b.holder = b.restored = str(pick["key"])
+            b.holder_whole = False
+        return result, note
+
+    async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:
+        """Restore `key`'s save now, the caller holding the slot (an unpark); "none": no save of it fits."""
+        if any(name.startswith(f"{key}-") for name in b.pending):
+            # Its park was just written and its checksum is under way (in order, behind the lock):
+            # waiting for it costs far less than the prefill going cold would.
+            async with b.keeping:
+                pass
+        server = await server_id(self.upstream, b.backend)
+        meta = read_meta(b.folder / f"{key}.json")
+        if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
+            return "none", {}
+        return await self._restore_file(b, meta)
+
+    async def _restore_file(self, b: BackendSaves, pick: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Restore one save. A failed one leaves the slot empty (llama-server clears it): cold, not wrong."""
+        name = b.backend.name
+        path = b.folder / str(pick.get("file"))
+        size = path.stat().st_size if path.exists() else -1
+        if size != pick.get("bytes"):
+            log.warning("backend %s: KV save %s is %s (expected %s bytes); it starts cold", name, path.name,
+                        "missing" if size < 0 else f"{size} bytes", pick.get("bytes"))
+            return "failed", {"error": "save file missing or truncated"}
+        digest = await asyncio.to_thread(checksum, path)
+        if digest != pick.get("sha256"):
+            log.warning("backend %s: KV save %s does not match its checksum (damaged on disk, or written "
+                        "without one); removed, it starts cold", name, path.name)
+            remove(path)
+            remove(b.folder / f"{pick['key']}.json")
+            return "failed", {"error": "save file does not match its checksum"}
+        try:
+            answer = await slot_action(self.upstream, b.backend, "restore", path.name, RESTORE_TIMEOUT)
+        except GatewayError as e:
+            log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
+            return "failed", {"error": _why(e)}
+        n = int(answer.get("n_restored") or 0)
+        log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
+        return "restored", {"n_tokens": n, "key": pick["key"]}
+
+    # ---- llama-server (kvslot) -------------------------------------------------------------
+
+    async def slot_tokens(self, b: BackendSaves) -> int:
+        """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
+        return await slot_tokens(self.upstream, b.backend)
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "message", None) or f"{e.__class__.__name__}: {e}"

@@ -1,0 +1,122 @@
+"""The SSE relay: a backend's stream to the client, whole event by whole event, each in its own bytes.
+
+Exactly one terminal event reaches the client: the backend's `message_stop` or
+`error`, or, when the stream breaks a rule or ends without one, an `error` of
+ours. Nothing after the terminal event is forwarded. The only changes to what
+the backend sent: `message_start`'s model is set back to the client's name, and
+llama-server's OpenAI-shaped error event is put in Anthropic's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .. import sse
+from ..backends.gateway import Backend, Call
+from ..engines.upstream import chunks, drain
+from ..errors import (
+    GatewayError,
+    Overloaded,
+    UpstreamError,
+    UpstreamUnavailable,
+    from_upstream,
+)
+from .accounting import Outcome
+from .client_stream import ClientStream
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("message_stop", "error")
+# What follows a terminal event (normally nothing) is read this long, so the answer counts as
+# complete and the slot as free at once.
+DRAIN_SECONDS = 1.0
+
+
+async def relay_stream(client: ClientStream, backend: Backend, resp: aiohttp.ClientResponse, outcome: Outcome,
+                       model: Any, call: Call) -> web.StreamResponse:
+    """Forward the backend's stream to `client`; raises UpstreamUnavailable while nothing of the
+    answer was relayed (safe to send again), another GatewayError once it was."""
+    parser = sse.SSEParser()
+    rename = model if isinstance(model, str) else None
+    stream = chunks(resp, backend.config)
+    terminal: str | None = None
+    problem: str | None = None
+    eof = False
+    while terminal is None and problem is None and not eof:
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            chunk, eof = b"", True
+        except GatewayError as exc:  # reset, payload error: the backend is gone
+            why = exc.__cause__.__class__.__name__ if exc.__cause__ is not None else exc.message
+            if not call.answered:
+                raise UpstreamUnavailable(f"backend {backend.name!r} failed before its first event: {why}") from exc
+            backend.health.mark_down(f"stream broken: {why}")
+            outcome.status = "stream_error"
+            raise Overloaded(f"backend {backend.name!r} broke off its stream ({why}): did it crash?") from exc
+        try:
+            blocks = parser.feed(chunk, eof=eof)
+        except sse.EventTooLarge as e:
+            blocks, problem = [], f"backend {backend.name!r} sent {e}"
+        out: list[bytes] = []
+        for block in blocks:
+            ev = block.event
+            if ev is not None:
+                data = ev.json()
+                if not isinstance(data, dict):
+                    problem = (f"backend {backend.name!r} sent a {ev.event!r} event whose data is not a JSON "
+                               f"object: {ev.data[:200]!r}")
+                    break
+                outcome.observe_event(ev.event, data)
+                if ev.event == "message_start" and rename and _rename(data, rename):
+                    block = sse.Block(sse.encode(ev.event, data), ev)
+                elif ev.event == "error" and not is_anthropic_error(data):
+                    block = sse.Block(sse.encode("error", _as_anthropic_error(data)), ev)
+                call.answered = True
+            out.append(block.raw)
+            if ev is not None and ev.event in TERMINAL:
+                terminal = ev.event
+                break
+        if out:
+            await client.write(b"".join(out), resp.headers)
+    if terminal is None and problem is None and not call.answered:
+        # Nothing of the answer reached the client: safe to send again.
+        raise UpstreamUnavailable(f"backend {backend.name!r} closed the stream before its first event")
+    if terminal is not None:
+        if terminal == "error":
+            outcome.status = "stream_error"
+        call.complete = await drain(resp, DRAIN_SECONDS)
+        return await client.finish()
+    # The backend died mid-answer, ended without message_stop, or broke a rule: the client is told
+    # (an SSE error once its stream has begun); a truncated answer must not pass for a whole one.
+    outcome.status = "stream_error"
+    if problem is None:
+        backend.health.mark_down("stream ended without message_stop")
+        raise Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
+    log.warning("%s", problem)
+    raise UpstreamError(problem)
+
+
+def _rename(data: dict[str, Any], model: str) -> bool:
+    """Set message_start's model to the client's name (llama-server names its GGUF path); True if changed."""
+    msg = data.get("message")
+    if data.get("type") != "message_start" or not isinstance(msg, dict) or msg.get("model") == model:
+        return False
+    msg["model"] = model
+    return True
+
+
+def is_anthropic_error(data: dict[str, Any]) -> bool:
+    return data.get("type") == "error" and isinstance(data.get("error"), dict)
+
+
+def _as_anthropic_error(data: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's error event carries an OpenAI-shaped error; Claude Code reads Anthropic's."""
+    code = data.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return from_upstream(status, json.dumps({"error": data}).encode()).body()

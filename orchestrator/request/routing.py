@@ -1,0 +1,274 @@
+"""`choose_route`: which way a request goes, as a pure function of its body and the config.
+
+What a request is decides, not its model's name. Claude Code's housekeeping
+(titles, topic checks, warm-ups, count probes) has shapes the checks here
+recognise whatever name it carries, and answers the gateway knows: those never
+occupy the main model's slot. Everything else is work a user asked for, and a
+model answers it, even on a Haiku-like name: Claude Code's agents (`Explore`,
+any `model: "haiku"` agent) and WebFetch summaries run there, and an `OK` from
+the gateway would be their whole report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from ..config import Config
+from ..conversation import strip_billing_header
+from ..jsonvalues import reject_constant, utf8_json
+from ..slots import Priority
+
+
+class RouteKind(str, Enum):
+    MAIN = "main"
+    BACKGROUND = "background"
+    SYNTHETIC = "synthetic"
+    COUNT_TOKENS = "count_tokens"
+
+
+class Shape(str, Enum):
+    TITLE = "title"
+    TOPIC = "topic"
+    WARMUP = "warmup"
+    COUNT_PROBE = "count_probe"
+    OTHER = "other"
+
+
+class Reason(str, Enum):
+    """Why a request went where it went (a metric label: a closed set)."""
+
+    TITLE = "title"
+    TOPIC = "topic"
+    WARMUP = "warmup"
+    COUNT_PROBE = "count_probe"
+    WORK = "work"                          # main work on a main model name
+    BACKGROUND_NAME_WORK = "background_name_work"  # work carried under a background (Haiku) name
+
+
+REASONS = tuple(r.value for r in Reason)
+# The shapes the gateway (or the background model) answers: housekeeping whose answer it knows.
+HOUSEKEEPING = (Shape.TITLE, Shape.TOPIC, Shape.WARMUP)
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    shape: Shape
+    backends: tuple[str, ...] = ()
+    priority: Priority = Priority.MAIN
+    reason: Reason = Reason.WORK
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's or system prompt's content, string or blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content
+                         if isinstance(b, dict) and isinstance(b.get("text"), str))
+    return ""
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    name = name.lower()
+    return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
+
+
+def classify_shape(body: dict[str, Any]) -> Shape:
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
+    if (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not body.get("tools")
+            and "title" in ((fmt.get("schema") or {}).get("properties") or {})):
+        return Shape.TITLE
+    if last.get("role") == "assistant" and text_of(last.get("content")).strip() == "{" \
+            and "isNewTopic" in text_of(body.get("system")):
+        return Shape.TOPIC
+    if len(messages) == 1 and last.get("role") == "user" and text_of(last.get("content")).strip() == "Warmup":
+        return Shape.WARMUP
+    if body.get("max_tokens") == 1 and not body.get("stream"):
+        return Shape.COUNT_PROBE
+    return Shape.OTHER
+
+
+def backends_for_model(model: str, config: Config) -> tuple[str, ...]:
+    """The main backends whose patterns match; a name that matches none goes to the default primary."""
+    group = tuple(b.name for b in config.main_backends if _matches(model, b.models))
+    return group or (config.main_backends[0].name,)
+
+
+def choose_route(body: dict[str, Any], config: Config, *, background_up: bool) -> Route:
+    model = body.get("model") if isinstance(body.get("model"), str) else ""
+    shape = classify_shape(body)
+    if shape is Shape.COUNT_PROBE and config.routing.count_probes == "count_tokens":
+        return Route(RouteKind.SYNTHETIC, shape, reason=Reason.COUNT_PROBE)
+    bg = config.background_backend
+    if shape in HOUSEKEEPING:
+        reason = Reason(shape.value)
+        if bg is not None and background_up:
+            return Route(RouteKind.BACKGROUND, shape, (bg.name,), Priority.BACKGROUND, reason)
+        return Route(RouteKind.SYNTHETIC, shape, reason=reason)
+    # Work. An agent's turn is main work whatever its name: the conversation that launched it is
+    # often waiting for it, so it goes at main priority (housekeeping stays below it).
+    reason = Reason.COUNT_PROBE if shape is Shape.COUNT_PROBE else (
+        Reason.BACKGROUND_NAME_WORK if _matches(model, config.routing.background_models) else Reason.WORK)
+    if reason is Reason.BACKGROUND_NAME_WORK and config.routing.background_work and bg is not None \
+            and bg.work_capable and background_up:
+        return Route(RouteKind.BACKGROUND, shape, (bg.name,), Priority.MAIN, reason)
+    return Route(RouteKind.MAIN, shape, backends_for_model(model, config), Priority.MAIN, reason)
+
+
+def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int) -> bytes:
+    """The bytes to send a backend: the client's own, unless a documented rewrite applies; then the
+    client's own with the rewritten member spliced, or, when the splice cannot be proven safe, `out` anew."""
+    out = body
+    if strip_billing:
+        out = strip_billing_header(out) or out
+    mt = out.get("max_tokens")
+    if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
+        out = {**out, "max_tokens": max_output_tokens}
+    if out is body:
+        return raw
+    spliced = splice(body, out, raw)
+    return spliced if spliced is not None else utf8_json(out)
+
+
+# ---- splicing a rewrite into the client's bytes -------------------------------------------------
+# Re-serialising a whole body to drop one system block costs as much as parsing it (60 ms for 8 MB,
+# holding the interpreter, so the event loop, most of that time), and a long conversation grows every
+# turn. The members rewritten (`system`, `max_tokens`) come after the conversation in Claude Code's
+# bodies, so they are found from the end, and proven top-level by reading only what follows them.
+
+# Past this many bytes from the member to the end (or half the body, if more), proving costs about
+# what re-serialising does: re-serialise.
+SPLICE_TAIL_BYTES = 256 * 1024
+# Occurrences of the key nested deeper (a tool schema's property named "system") tried, last first.
+SPLICE_CANDIDATES = 16
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+_DECODER = json.JSONDecoder(parse_constant=reject_constant)
+
+
+def _value_end(text: str, i: int) -> int:
+    """The end of the JSON value at `i` (ValueError if none)."""
+    return _DECODER.raw_decode(text, i)[1]
+
+
+def _escaped(raw: bytes, at: int) -> bool:
+    """Whether the quote at `at` is escaped (an odd run of backslashes before it)."""
+    n = 0
+    while at - n > 0 and raw[at - n - 1] == 0x5C:
+        n += 1
+    return n % 2 == 1
+
+
+def _effective_member(text: str, key: str, i: int) -> tuple[int, int] | None:
+    """(start, end) of the value at `i` in `text` (`text` starts at the member's opening quote) if the
+    member is the top-level one that json.loads keeps, else None.
+
+    Proof: the quote that opens `text` is unescaped (checked by the caller), so it opens a string (a
+    closing one would be followed by `key`, not JSON) and we are outside any string. Then if what
+    follows the value is `,"k":v` pairs with no other `key` and a `}` with only whitespace after it,
+    that `}` is the document's last, which closes the top-level object: the member is at depth 1,
+    and the last of its name."""
+    vs = _WS.match(text, i).end()
+    ve = j = _value_end(text, vs)
+    while True:
+        j = _WS.match(text, j).end()
+        c = text[j:j + 1]
+        if c == "}":
+            return (vs, ve) if not text[j + 1:].strip(" \t\n\r") else None
+        if c != ",":
+            return None
+        j = _WS.match(text, j + 1).end()
+        name, j = _DECODER.raw_decode(text, j)
+        if not isinstance(name, str) or name == key:
+            return None
+        j = _WS.match(text, j).end()
+        if text[j:j + 1] != ":":
+            return None
+        j = _value_end(text, _WS.match(text, j + 1).end())
+
+
+def _find_member(raw: bytes, key: str) -> tuple[int, str, int, int] | None:
+    """(offset, text, value start, value end) of the top-level `key` json.loads keeps, written
+    `"key":` in `raw`; `text` is raw[offset:] decoded as Latin-1, so its offsets are byte offsets
+    (a UTF-8 sequence has no byte below 0x80: no JSON structure is misread). None if not proven."""
+    needle = json.dumps(key).encode() + b":"
+    end = len(raw)
+    for _ in range(SPLICE_CANDIDATES):
+        at = raw.rfind(needle, 0, end)
+        if at < 0 or len(raw) - at > max(SPLICE_TAIL_BYTES, len(raw) // 2):
+            return None
+        end = at
+        if _escaped(raw, at):
+            continue  # the end of a longer key: `"...\"system":`
+        text = raw[at:].decode("latin-1")
+        try:
+            span = _effective_member(text, key, len(needle))
+        except (ValueError, RecursionError):
+            span = None
+        if span is not None:
+            return at, text, *span
+    return None
+
+
+def splice(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> bytes | None:
+    """`raw` (the bytes `body` was parsed from) with `out`'s rewrites of `system` (its first block
+    dropped, or its first line) and `max_tokens` spliced in, every other byte as the client sent it;
+    None when that cannot be proven right."""
+    edits: list[tuple[int, int, bytes]] = []
+    if out.get("system") is not body.get("system"):
+        found = _find_member(raw, "system")
+        if found is None:
+            return None
+        at, text, vs, ve = found
+        system, new = body.get("system"), out.get("system")
+        if isinstance(system, list) and isinstance(new, list) and new == system[1:] and text[vs] == "[":
+            # Cut the first element, the comma after it and the whitespace before the next one.
+            es = _WS.match(text, vs + 1).end()
+            try:
+                ee = _value_end(text, es)
+                first = json.loads(raw[at + es:at + ee].decode("utf-8"))
+            except (ValueError, RecursionError):
+                return None
+            if first != system[0]:
+                return None
+            k = _WS.match(text, ee).end()
+            cut_end = _WS.match(text, k + 1).end() if text[k] == "," else k
+            edits.append((at + es, at + cut_end, b""))
+        elif isinstance(new, str):
+            edits.append((at + vs, at + ve, utf8_json(new)))
+        else:
+            return None
+    if out.get("max_tokens") != body.get("max_tokens"):
+        found = _find_member(raw, "max_tokens")
+        new_mt = out.get("max_tokens")
+        if found is None or not isinstance(new_mt, int):
+            return None
+        at, text, vs, ve = found
+        try:
+            value = json.loads(text[vs:ve])
+        except ValueError:
+            return None
+        if value != body.get("max_tokens") or isinstance(value, bool):
+            return None
+        edits.append((at + vs, at + ve, str(new_mt).encode()))
+    edits.sort()
+    whole = memoryview(raw)  # slices without copies: the join below is the one copy of the body
+    pieces, pos = [], 0
+    for start, stop, new_bytes in edits:
+        if start < pos:
+            return None  # overlapping edits: never in a JSON object, but not ours to guess
+        pieces += [whole[pos:start], new_bytes]
+        pos = stop
+    pieces.append(whole[pos:])
+    return b"".join(pieces)
+
+
