@@ -31,6 +31,11 @@ test: install
 	ORCHESTRATOR_CLAUDE="$$(deploy/install-claude-code.sh)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The whole suite RUNS times (3) beside BURNERS (2) busy loops: what a loaded CI machine does to it.
+.PHONY: test-busy
+test-busy: install
+	deploy/test-busy.sh
+
 # Unit tests only: no llama-server needed.
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not real' $(PYTEST_ARGS)
