@@ -17,6 +17,7 @@ from test_claude_code import (
 )
 
 from orchestrator import sse
+from orchestrator.backends.gateway import GATEWAY
 
 pytestmark = pytest.mark.real
 
@@ -35,8 +36,10 @@ async def test_overflow_is_prompt_too_long_streaming_or_not(llama_short, gateway
     """Both ways llama-server's refusal reaches a client: an HTTP 400 (it refuses before its first event,
     streaming or not), and an SSE `error` event when the gateway had already sent the client's
     headers (a request that waited in the queue with pings)."""
-    base, _ = await gateway({"gateway": {"ping_interval_seconds": 0.02},
-                               "backends": [{"name": "primary", "url": llama_short.url, "max_output_tokens": 64}]})
+    # Pings at their default 10 s: the refusal of a 9k-token prompt comes well within that even on a
+    # busy machine, so no ping goes out first. (At 20 ms a busy machine's refusal came after a ping,
+    # and a 400 could no longer be sent: issue 25.)
+    base, _ = await gateway({"backends": [{"name": "primary", "url": llama_short.url, "max_output_tokens": 64}]})
     big = {"model": "local-model", "max_tokens": 64, "messages": [{"role": "user", "content": pasted_log("x", 400)}]}
     async with http.post(llama_short.url + "/v1/messages/count_tokens", json=big) as r:
         n = (await r.json())["input_tokens"]
@@ -49,24 +52,32 @@ async def test_overflow_is_prompt_too_long_streaming_or_not(llama_short, gateway
             error = (await r.json())["error"]
         assert error == {"type": "invalid_request_error", "message": f"prompt is too long: {n} tokens > 8192 maximum"}
         assert CLAUDE_CODE_PTL.search(error["message"]).groups() == (str(n), "8192")
+    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="400") == 2
 
-    # The slot busy (a prompt of ~1,800 tokens to prefill: a second or more, far longer than the
-    # 20 ms ping interval, even on an idle machine): the overflowing stream waits in the queue, gets
-    # its headers and pings, and then llama-server's refusal can only be an SSE error event.
-    short = {"model": "local-model", "max_tokens": 64, "stream": True,
-             "messages": [{"role": "user", "content": pasted_log("busy", 80)}]}
-    async with http.post(base + "/v1/messages", json=short) as busy:
-        assert busy.status == 200
+    # The slot taken (held here, as a request in it would hold it, until the waiting stream has had
+    # its headers and a ping: no race with how long a request in the slot takes): the overflowing
+    # stream waits in the queue, gets its headers and pings, and then llama-server's refusal can
+    # only be an SSE error event.
+    base, app = await gateway({"gateway": {"ping_interval_seconds": 0.02},
+                               "backends": [{"name": "primary", "url": llama_short.url, "max_output_tokens": 64}]})
+    queue = app[GATEWAY].backends["primary"].queue
+    lease = await queue.acquire()
+    try:
         async with http.post(base + "/v1/messages", json={**big, "stream": True}) as r:
             assert r.status == 200 and r.content_type == "text/event-stream"
-            raw = await r.read()
-        await busy.read()
+            raw = await r.content.readuntil(b"\n\n")  # the first event, whenever it comes
+            assert raw.startswith(b"event: ping"), raw
+            lease.release()
+            raw += await r.read()
+    finally:
+        lease.release()
     events = [(b.event.event, b.event.json()) for b in sse.SSEParser().feed(raw, eof=True) if b.event is not None]
     assert events[0][0] == "ping" and events[-1][0] == "error", events
     assert events[-1][1]["error"] == {"type": "invalid_request_error",
                                       "message": f"prompt is too long: {n} tokens > 8192 maximum"}
-    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="400") == 2
+    assert await _metric(http, base, "orchestrator_requests_total", route="main", status="400") == 0
     assert await _metric(http, base, "orchestrator_requests_total", route="main", status="stream_error") == 1
+    assert queue.busy == 0
 
 
 async def test_claude_code_compacts_when_the_context_fills(llama_short, gateway, http, claude_home):  # noqa: F811
