@@ -375,7 +375,8 @@ async def test_count_tokens_burst_never_takes_a_slot(gateway, fake, http):
     t0 = asyncio.get_running_loop().time()
     results = await asyncio.gather(*[_post(http, base, b, path="/v1/messages/count_tokens?beta=true")
                                      for b in bodies])
-    assert asyncio.get_running_loop().time() - t0 < 2
+    # Not behind the stalled slot (an hour): a bound wide enough for any loaded machine.
+    assert asyncio.get_running_loop().time() - t0 < 30
     assert all(s == 200 and json.loads(r)["input_tokens"] > 0 for s, r, _ in results)
     assert f.count_calls == 5  # the same content was counted once
     assert gw.backends["primary"].queue.depth == 0

@@ -57,13 +57,15 @@ async def test_a_slowloris_is_dropped_and_others_are_served_meanwhile(gateway, f
     for _ in range(5):
         async with http.post(base + "/v1/messages", json=MAIN) as r:
             assert r.status == 200
-    async with asyncio.timeout(5):
+    # A deadline renewed by each byte would let it drip forever: the bounds only tell that from
+    # the 0.5 s deadline, with room for a loaded machine.
+    async with asyncio.timeout(60):
         data = await reader.read()
     elapsed = time.monotonic() - started
     dripping.cancel()
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 ") and b"header_timeout_seconds" in data
-    assert 0.4 < elapsed < 3
+    assert 0.4 < elapsed < 30
 
 
 async def test_a_connection_that_sends_nothing_is_closed_too(gateway, fake):

@@ -82,6 +82,13 @@ async def _post(http, base, body):
         return r.status, await r.read()
 
 
+async def until(pred, seconds: float = 30.0) -> None:
+    """Wait for a condition, not for a clock: polled, with a bound only a broken gateway reaches."""
+    async with asyncio.timeout(seconds):
+        while not pred():
+            await asyncio.sleep(0.01)
+
+
 def _decisions(gw, backend):
     return {d: gw.metrics.affinity.labels(backend, d)._value.get() for d in AFFINITY_DECISIONS}
 
@@ -142,12 +149,12 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
     fakes[home].prefill_delay = 1.0
     # Turn 2 holds the home's slot; turn 3 (a retry, a second window: anything) waits behind it.
     slow = asyncio.create_task(_post(http, base, turn("one", 2)))
-    await asyncio.sleep(0.2)
+    await until(lambda: fakes[home].in_flight == 1)  # in its 1 s prefill
     waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
-    await asyncio.sleep(0.2)
-    assert gw.backends[home].queue.depth == 1 and not waiting.done()
+    await until(lambda: gw.backends[home].queue.depth == 1)
+    assert not waiting.done()
     gw.backends[home].health.set(State.DOWN, "test: it died")
-    status, raw = await asyncio.wait_for(waiting, 5)
+    status, raw = await asyncio.wait_for(waiting, 30)  # moved at once, not after the 300 s down grace
     assert status == 200 and b"event: message_stop" in raw
     assert gw.backends[home].queue.depth == 0  # it left the dead backend's line
     assert [r["messages"][-1]["content"] for r in fakes[other].requests] == ["more 2"]
@@ -185,11 +192,12 @@ async def test_a_busy_home_is_left_only_past_the_wait_bound(gateway, serve_app, 
     home = "a" if a.requests else "b"
     fakes[home].prefill_delay = 0.5
     await _post(http, base, turn("one", 2))  # holds its slot 0.5 s: the mean hold time rises
+    sent = len(a.requests) + len(b.requests)
     busy = asyncio.create_task(_post(http, base, turn("other", 1)))  # new: the free backend...
-    await asyncio.sleep(0.05)
+    await until(lambda: len(a.requests) + len(b.requests) == sent + 1)
     # ... so make the home busy with a turn of its own conversation, then send the next turn.
     first = asyncio.create_task(_post(http, base, turn("one", 3)))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(a.requests) + len(b.requests) == sent + 2)
     status, _ = await _post(http, base, turn("one", 4))
     await asyncio.gather(busy, first)
     assert status == 200
@@ -207,12 +215,12 @@ def test_one_conversations_hashing_in_a_thread_never_holds_up_anothers(monkeypat
     from orchestrator import conversation as affinity
 
     hash_blocks = affinity.blocks
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow_for_big(body):
         if body["messages"][0]["content"] == "big":
             started.set()
-            time.sleep(0.5)
+            release.wait(60)  # held until the small one is done (or a broken lock made it wait 60 s)
         return hash_blocks(body)
 
     monkeypatch.setattr(affinity, "blocks", slow_for_big)
@@ -220,9 +228,14 @@ def test_one_conversations_hashing_in_a_thread_never_holds_up_anothers(monkeypat
     small = affinity.Conversation({"messages": [{"role": "user", "content": "small"}]})
     thread = threading.Thread(target=lambda: big.blocks)
     thread.start()
-    assert started.wait(2)
-    t0 = time.perf_counter()
-    assert small.blocks and small.key
-    assert time.perf_counter() - t0 < 0.2
+    try:
+        assert started.wait(30)
+        # An event, not a clock: the small one's blocks and key come while the big one's hashing is
+        # still held, so they waited for none of it, however slow the machine.
+        t0 = time.perf_counter()
+        assert small.blocks and small.key
+        assert not release.is_set() and time.perf_counter() - t0 < 30
+    finally:
+        release.set()
     thread.join()
     assert big.blocks == hash_blocks({"messages": [{"role": "user", "content": "big"}]})
