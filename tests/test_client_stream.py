@@ -38,7 +38,7 @@ async def test_a_client_that_stops_reading_loses_its_slot_after_the_write_deadli
     gw = app[GATEWAY]
     stalled = _stalled_client(base)
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             while fake.generations_started == 0:
                 await asyncio.sleep(0.01)
         t0 = time.monotonic()
@@ -49,13 +49,15 @@ async def test_a_client_that_stops_reading_loses_its_slot_after_the_write_deadli
                 await r.read()
                 return r.status
 
-        async with asyncio.timeout(WRITE_TIMEOUT + 5):
+        # Without the deadline the stalled client would hold the slot forever: the bounds tell only
+        # that from the 1 s deadline, with room for a loaded machine's slow polls of /slots.
+        async with asyncio.timeout(WRITE_TIMEOUT + 60):
             status = await ask()
         waited = time.monotonic() - t0
         assert status == 200
         # Within the deadline plus the backend's letting go (its /slots polled), never two at once.
         print(f"second client served {waited:.2f} s after the stall began (write deadline {WRITE_TIMEOUT} s)")
-        assert waited < WRITE_TIMEOUT + 2, waited
+        assert waited < WRITE_TIMEOUT + 30, waited
         assert fake.max_in_flight == 1 and not fake.crashed
         assert gw.metrics.registry.get_sample_value("orchestrator_client_disconnects_total",
                                                     {"stage": "in_slot"}) >= 1

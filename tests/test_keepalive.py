@@ -14,15 +14,18 @@ from orchestrator.sse import events as sse_events
 
 BODY = {"model": "big", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 INTERVAL = 0.1
+# The longest silence a stream may see between pings: 10 intervals, room for a loaded machine's
+# late timers, and still a third of the shortest wait below, which no ping at all would leave silent.
+MAX_GAP = 10 * INTERVAL
 
 
 @pytest.fixture
 async def setup(gateway, serve_app):
-    async def make(**fake_knobs):
+    async def make(ping_interval: float = INTERVAL, max_wait: float = 1.5, **fake_knobs):
         f = FakeUpstream(**fake_knobs)
         url = await serve_app(f.app())
-        base, app = await gateway({"gateway": {"ping_interval_seconds": INTERVAL},
-                                   "queue": {"max_wait_seconds": 1.5},
+        base, app = await gateway({"gateway": {"ping_interval_seconds": ping_interval},
+                                   "queue": {"max_wait_seconds": max_wait},
                                    "backends": [{"name": "primary", "url": url}]})
         return f, base, app[GATEWAY]
     return make
@@ -46,36 +49,39 @@ def max_gap(chunks):
 
 
 async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setup):
-    f, base, gw = await setup(prefill_delay=1.2)
+    f, base, gw = await setup(prefill_delay=3.0)
     status, chunks, raw = await timed_read(base)
     events = sse_events(raw)
     kinds = [e.event for e in events]
     assert status == 200
-    assert kinds.count("ping") >= 8 and kinds.index("message_start") > kinds.index("ping")
+    # 30 intervals of prefill: pings repeat (at least one per MAX_GAP), before any answer byte.
+    assert kinds.count("ping") >= 3 and kinds.index("message_start") > kinds.index("ping")
     assert all(k == "ping" for k in kinds[:kinds.index("message_start")])
     assert kinds[-1] == "message_stop"
-    assert max_gap(chunks) < INTERVAL + 0.15, max_gap(chunks)
+    assert max_gap(chunks) < MAX_GAP, max_gap(chunks)
 
 
 async def test_queued_stream_gets_pings_then_its_answer(setup):
-    f, base, gw = await setup()
+    f, base, gw = await setup(max_wait=60)
     q = gw.backends["primary"].queue
     blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
         await asyncio.sleep(0.01)
     waiting = asyncio.create_task(timed_read(base))
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(2 * MAX_GAP)  # queued 20 intervals: pings, whatever the machine's speed
     blocker.cancel()
     status, chunks, raw = await waiting
     kinds = [e.event for e in sse_events(raw)]
     assert status == 200 and "ping" in kinds and kinds[-1] == "message_stop"
-    assert max_gap(chunks) < INTERVAL + 0.15
+    assert max_gap(chunks) < MAX_GAP, max_gap(chunks)
 
 
 async def test_failure_after_pings_is_an_sse_error_event(setup):
-    f, base, gw = await setup(prefill_delay=0.5)
+    # Pings at their default 10 s here: a 100 ms one could beat a loaded machine's immediate error.
+    f, base, gw = await setup(ping_interval=10.0)
     status, _, raw = await timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "error500"}})
     assert status == 500  # an immediate error is still a plain HTTP error
+    f, base, gw = await setup(prefill_delay=0.5)
     q = gw.backends["primary"].queue
     blocker = asyncio.create_task(timed_read(base, body={**BODY, "metadata": {"x_fake_mode": "stall"}}))
     while q.busy == 0:
