@@ -24,7 +24,7 @@ async def _state(http, base, **kw):
         return r.status, (await r.json()) if r.status == 200 else await r.read()
 
 
-async def _until(pred, timeout=5.0):
+async def _until(pred, timeout=30.0):  # polled: the bound only for a page that never gets there
     for _ in range(int(timeout / 0.05)):
         v = await pred()
         if v:

@@ -135,7 +135,7 @@ def assert_anthropic_error_event(b: Blk) -> dict:
     return data
 
 
-async def until_free(gw, timeout: float = 5.0) -> None:
+async def until_free(gw, timeout: float = 30.0) -> None:  # polled: only a stuck slot reaches it
     q = gw.backends["primary"].queue
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

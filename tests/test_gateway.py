@@ -25,8 +25,9 @@ def _events(raw: bytes):
     return sse_events(raw)
 
 
-async def until_free(queue, timeout: float = 5.0) -> None:
-    """A slot whose client or backend went away is free once the backend let go (release.py)."""
+async def until_free(queue, timeout: float = 30.0) -> None:
+    """A slot whose client or backend went away is free once the backend let go (release.py). Polled:
+    the bound is reached only by a slot that is never freed."""
     for _ in range(int(timeout / 0.02)):
         if queue.busy == 0:
             return

@@ -108,5 +108,6 @@ def test_a_catastrophic_pattern_is_checked_in_linear_time():
     t0 = time.monotonic()
     assert problem("a" * 100_000 + "!", {"type": "string", "pattern": "^(a+)+$"}) is not None
     assert problem("a" * 100_000, {"type": "string", "pattern": "^(a+)+$"}) is None
-    # Python's re takes 4.6 s at 27 characters here, twice as long with each more.
-    assert time.monotonic() - t0 < 0.5
+    # Python's re takes 4.6 s at 27 characters here, twice as long with each more: at 100,000, forever.
+    # RE2 takes milliseconds; the bound leaves a loaded machine room.
+    assert time.monotonic() - t0 < 10
