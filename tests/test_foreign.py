@@ -201,8 +201,9 @@ async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gatew
     url = await serve_app(bare)
     base, app = await gateway({"backends": [{"name": "bare", "url": url, "health_path": ""}]})
     gw = app[GATEWAY]
-    await asyncio.sleep(0.5)
-    assert gw.backends["bare"].health.up
+    async with asyncio.timeout(30):  # up once a health poll (every 0.2 s) found it: waited for, not timed
+        while not gw.backends["bare"].health.up:
+            await asyncio.sleep(0.05)
     async with http.post(base + "/v1/messages", json=BODY) as r:
         assert r.status == 200 and b"message_stop" in await r.read()
 

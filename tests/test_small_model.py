@@ -201,8 +201,9 @@ async def test_main_requests_never_wait_behind_a_busy_small_model(small_stack, h
     status, _ = await post(main)
     assert status == 200
     m = await _metrics(http, s.url)
-    # The main request was granted the primary's slot at once (the first queue-wait bucket, 1 ms).
-    assert _sum(m, "orchestrator_queue_wait_seconds_bucket", backend="primary", priority="main", le="0.001") == 1
+    # The main request was granted the primary's slot at once: within 0.1 s (microseconds here, room for a
+    # loaded machine's pauses; the 1 ms bucket was a race with them), not after a title on the small model.
+    assert _sum(m, "orchestrator_queue_wait_seconds_bucket", backend="primary", priority="main", le="0.1") == 1
     assert _sum(m, "orchestrator_queue_depth", backend="small") >= 1  # the titles were still waiting meanwhile
     schema = title["output_config"]["format"]["schema"]
     for t in titles:
