@@ -74,7 +74,7 @@ kv_save_idle_seconds = {idle}
         self.slots = self.paths.slots(self.config.backends[0])
 
     def up(self) -> None:
-        supervise.up(self.config, self.config_path, self.paths, llama_server=self.binary, timeout=60)
+        supervise.up(self.config, self.config_path, self.paths, supervise.Programs(self.binary), timeout=60)
 
     def down(self) -> None:
         pids = [p["pid"] for p in supervise.processes(self.paths) if p["pid"]] if supervise.running(self.paths) else []

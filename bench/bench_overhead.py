@@ -217,7 +217,7 @@ def run_gateway(config_path: str, port: int) -> None:
     from orchestrator.configfile import load_config, with_overrides
     from orchestrator.http.app import create_app, start
 
-    config = with_overrides(load_config(config_path, os.environ), port=port)
+    config = with_overrides(load_config(config_path, os.environ), {"port": port})
 
     async def main() -> None:
         worst = [0.0]

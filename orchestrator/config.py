@@ -28,17 +28,25 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
-def setting(default: Any, doc: str, *, check: Callable[[Any], bool] | None = None, why: str = "",
-            example: Any = None, secret: bool = False, env: str | None = None,
-            normalize: Callable[[Any], Any] | None = None) -> Any:
+@dataclass(frozen=True)
+class Check:
+    """What a key's value must be: `test` passes, else the problem says it must be `why`; `normalize`,
+    if given, is applied to a value that passed (a URL's trailing "/")."""
+
+    test: Callable[[Any], bool]
+    why: str
+    normalize: Callable[[Any], Any] | None = None
+
+
+def setting(default: Any, doc: str, *, check: Check | None = None, example: Any = None, secret: bool = False,
+            env: str | None = None) -> Any:
     """One configuration key: its default (MISSING: required), a one-line description, and its limits.
 
-    `check`/`why`: a value must pass `check`, else the problem says it must be `why`.
-    `example`: shown in the example file for a key without a useful default.
-    `secret`: never in repr nor in check-config's report. `env`: an extra environment name.
+    `check`: what a value must be (Check). `example`: shown in the example file for a key without a
+    useful default. `secret`: never in repr nor in check-config's report. `env`: an extra environment name.
     """
-    meta = {"doc": doc, "check": check, "why": why, "example": example, "secret": secret, "env": env,
-            "normalize": normalize}
+    meta = {"doc": doc, "check": check and check.test, "why": check.why if check else "", "example": example,
+            "secret": secret, "env": env, "normalize": check and check.normalize}
     return field(default=default, repr=not secret, metadata=meta)
 
 
@@ -66,39 +74,40 @@ def _url_ok(v: str) -> bool:
 @dataclass(frozen=True)
 class GatewayConfig:
     host: str = setting("127.0.0.1", "address to listen on; any but loopback needs api_key (or open)",
-                        check=bool, why="a host name")
-    port: int = setting(9090, "point ANTHROPIC_BASE_URL here", check=lambda v: 0 <= v < 65536, why="a port (0-65535)")
+                        check=Check(bool, "a host name"))
+    port: int = setting(9090, "point ANTHROPIC_BASE_URL here",
+                        check=Check(lambda v: 0 <= v < 65536, "a port (0-65535)"))
     # Claude Code's main requests are 30-90 KB; a long session with pasted files
     # reaches megabytes. Far beyond that is a mistake, not a prompt.
     max_body_bytes: int = setting(32 * 1024 * 1024, "largest request body (32 MiB); past it: 413",
-                                  check=_positive, why="a positive integer")
+                                  check=Check(_positive, "a positive integer"))
     # /context fires up to 25 count_tokens calls at once and waits for all.
     count_tokens_timeout_seconds: float = setting(2.0, "then count_tokens answers with a local estimate",
-                                                  check=_positive, why="a positive number")
+                                                  check=Check(_positive, "a positive number"))
     connect_timeout_seconds: float = setting(5.0, "a backend's TCP connect; past it the backend counts as down",
-                                             check=_positive, why="a positive number")
+                                             check=Check(_positive, "a positive number"))
     health_interval_seconds: float = setting(2.0, "backend health polling (every 0.25 s while one is down)",
-                                             check=_positive, why="a positive number")
+                                             check=Check(_positive, "a positive number"))
     ping_interval_seconds: float = setting(10.0, "SSE pings while a streaming request waits in silence; 0: never",
-                                           check=_non_negative, why="a non-negative number")
+                                           check=Check(_non_negative, "a non-negative number"))
     api_key: str | None = setting(None, "clients must send it (x-api-key or Bearer); required off loopback",
-                                  check=lambda v: len(v) >= 8, why="a key of at least 8 characters",
+                                  check=Check(lambda v: len(v) >= 8, "a key of at least 8 characters"),
                                   example="a-long-random-string", secret=True, env="ORCHESTRATOR_API_KEY")
     open: bool = setting(False, "serve without a key off loopback (said in the log and /health)")
     allowed_origins: tuple[str, ...] = setting((), "web origins allowed besides the gateway's own (browser protection)")
     allowed_hosts: tuple[str, ...] = setting((), "Host names allowed besides loopback, the bind address, this machine")
     header_timeout_seconds: float = setting(30.0, "request headers must arrive within this; past it: 408 and close",
-                                            check=_positive, why="a positive number")
+                                            check=Check(_positive, "a positive number"))
     body_timeout_seconds: float = setting(120.0, "the request body within this; past it: 408",
-                                          check=_positive, why="a positive number")
+                                          check=Check(_positive, "a positive number"))
     max_connections: int = setting(512, "open connections at once; past it: 503 and close",
-                                   check=_positive, why="a positive integer")
+                                   check=Check(_positive, "a positive integer"))
     write_timeout_seconds: float = setting(30.0, "a streaming client that takes none of its answer for this long "
                                                  "counts as gone (its slot is freed once the backend lets go)",
-                                           check=_positive, why="a positive number")
+                                           check=Check(_positive, "a positive number"))
     release_timeout_seconds: float = setting(30.0, "a vanished client's request still on the backend: warn "
                                                    "(its slot stays busy until the backend lets go)",
-                                             check=_positive, why="a positive number")
+                                             check=Check(_positive, "a positive number"))
 
     @property
     def url(self) -> str:
@@ -111,52 +120,53 @@ class GatewayConfig:
 class QueueConfig:
     # Five Claude Code sessions starting at once, a /context each, put about 70 requests on one slot.
     max_depth: int = setting(256, "waiting requests per backend; past it: 529 overloaded_error",
-                             check=_non_negative, why="a non-negative integer")
+                             check=Check(_non_negative, "a non-negative integer"))
     # A waiting request holds its body and its parsed form, about 3x its size (bench_overhead.py):
     # 512 MiB admits 70 waiting requests of 7 MB (a long session) for about 1.6 GB resident.
     max_bytes: int = setting(512 * 1024 * 1024, "request bodies waiting per backend, in bytes (512 MiB); past it: "
                              "529 overloaded_error (a request alone is never refused for its size)",
-                             check=_positive, why="a positive integer")
+                             check=Check(_positive, "a positive integer"))
     # Claude Code's own timeout is 600 s per attempt (X-Stainless-Timeout).
     max_wait_seconds: float = setting(600.0, "longest wait for a slot; past it: 529 overloaded_error",
-                                      check=_positive, why="a positive number")
-    retry_after_seconds: int = setting(10, "the retry-after header sent with a 529", check=_positive,
-                                       why="a positive integer")
+                                      check=Check(_positive, "a positive number"))
+    retry_after_seconds: int = setting(10, "the retry-after header sent with a 529", check=Check(_positive,
+                                       "a positive integer"))
     # A tool loop's next turn often finds another conversation's turn waiting; taking it first spares
     # a switch of the slot's cache (a park and an unpark: 50-75 ms a turn on SmolLM2, seconds for a
     # big model's gigabytes; a re-prefill without saves). Bounded so that nobody starves.
     cache_preference_max_passes: int = setting(3, "a waiter of the conversation a slot holds may go before an "
                                                "earlier waiter of its priority at most this many times; 0: off",
-                                               check=_non_negative, why="a non-negative integer")
+                                               check=Check(_non_negative, "a non-negative integer"))
     cache_preference_max_seconds: float = setting(60.0, "... and only while that earlier waiter has waited less "
-                                                  "than this", check=_non_negative, why="a non-negative number")
+                                                  "than this", check=Check(_non_negative, "a non-negative number"))
     # The next turn of a tool loop is sent once the last answer has ended and the tool has run: a
     # read takes milliseconds, Claude Code's own work between turns tens of them.
     cache_preference_keep_seconds: float = setting(0.5, "a one-slot backend's slot, released by an answer asking "
                                                    "for a tool while others wait, is kept for that conversation's next turn "
                                                    "at most this long (and no longer than a switch would cost: a "
                                                    "park and an unpark at the measured pace); 0: never",
-                                                   check=_non_negative, why="a non-negative number")
+                                                   check=Check(_non_negative, "a non-negative number"))
     # Claude Code retries a main call for about 3 minutes.
     down_grace_seconds: float = setting(300.0, "requests wait this long for a backend that is down, then 529",
-                                        check=_positive, why="a positive number")
+                                        check=Check(_positive, "a positive number"))
 
 
 @dataclass(frozen=True)
 class BackendConfig:
     name: str = setting(MISSING, "the backend's name, in metrics, logs and routing.background",
-                        check=lambda v: bool(v) and v != SYNTHETIC, why='a non-empty name other than "synthetic"',
+                        check=Check(lambda v: bool(v) and v != SYNTHETIC, 'a non-empty name other than "synthetic"'),
                         example="primary")
-    url: str = setting(MISSING, "the server's base URL", check=_url_ok, why="an http(s) URL",
-                       example="http://127.0.0.1:8080", normalize=lambda v: v.rstrip("/"))
-    slots: int = setting(1, "requests it may run at once: llama-server's --parallel", check=lambda v: v >= 1,
-                         why="a positive integer")
+    url: str = setting(MISSING, "the server's base URL",
+                       check=Check(_url_ok, "an http(s) URL", normalize=lambda v: v.rstrip("/")),
+                       example="http://127.0.0.1:8080")
+    slots: int = setting(1, "requests it may run at once: llama-server's --parallel", check=Check(lambda v: v >= 1,
+                         "a positive integer"))
     models: tuple[str, ...] = setting(("*",), "model-name patterns (fnmatch, case-insensitive) routed here",
-                                      check=lambda v: len(v) > 0, why="a non-empty list of patterns")
+                                      check=Check(lambda v: len(v) > 0, "a non-empty list of patterns"))
     work_capable: bool = setting(False, 'a role = "background" backend that can do agents\' work (tools, '
                                  "long tasks), for routing.background_work; a title model cannot")
     role: str = setting("main", '"main", or "background" for routing.background',
-                        check=lambda v: v in ("main", "background"), why='"main" or "background"')
+                        check=Check(lambda v: v in ("main", "background"), '"main" or "background"'))
     # The client's own key is never forwarded unless asked: Claude Code sends a
     # real Anthropic key when a person has one configured.
     api_key: str | None = setting(None, "sent to the backend as x-api-key and Bearer (remote backends)",
@@ -165,30 +175,30 @@ class BackendConfig:
     health_path: str = setting("/health", 'polled for health; any answer but 503 counts as up (a 404: an API '
                                'without one); "" for a server with no health endpoint at all: its root is '
                                'polled, and any HTTP answer means up',
-                               check=lambda v: v == "" or v.startswith("/"), why='a path starting with "/", or ""')
+                               check=Check(lambda v: v == "" or v.startswith("/"), 'a path starting with "/", or ""'))
     # A remote backend: its own CA, and timers a local server must not have.
     ca_file: str = setting("", "a PEM bundle of the CA that signs this https backend's certificate; empty: the "
                            "system's", example="/etc/ssl/private-ca.pem",
-                           check=lambda v: not v or _ca_bundle_ok(v), why="a readable PEM file of CA certificates")
+                           check=Check(lambda v: not v or _ca_bundle_ok(v), "a readable PEM file of CA certificates"))
     connect_timeout_seconds: float = setting(0.0, "its TCP (and TLS) connect; 0: gateway.connect_timeout_seconds",
-                                             check=_non_negative, why="a non-negative number of seconds")
+                                             check=Check(_non_negative, "a non-negative number of seconds"))
     read_timeout_seconds: float = setting(0.0, "the longest silence while its answer is read; past it the request "
                                           "fails (504 before its answer began, an SSE error after; never sent "
                                           "again: the backend may still be working on it). 0: none (a big "
-                                          "model's first prefill is silent for minutes)", check=_non_negative,
-                                          why="a non-negative number of seconds")
+                                          "model's first prefill is silent for minutes)", check=Check(_non_negative,
+                                          "a non-negative number of seconds"))
     command: str | None = setting(None, "the process supervisord runs; placeholders {llama_server} "
                                         "{default_model} {host} {port}",
-                                  check=lambda v: bool(v.strip()), why="a non-empty command line",
+                                  check=Check(lambda v: bool(v.strip()), "a non-empty command line"),
                                   example="{llama_server} --model /models/m.gguf --host {host} --port {port} "
                                           "--parallel 1 --metrics")
     start_seconds: int = setting(5, "supervisord: seconds it must stay up to count as started",
-                                 check=_non_negative, why="a non-negative integer")
-    start_retries: int = setting(3, "supervisord: start attempts before it is FATAL", check=_non_negative,
-                                 why="a non-negative integer")
+                                 check=Check(_non_negative, "a non-negative integer"))
+    start_retries: int = setting(3, "supervisord: start attempts before it is FATAL", check=Check(_non_negative,
+                                 "a non-negative integer"))
     # Claude Code asks for 32000; a small model that never stops would fill its context.
     max_output_tokens: int = setting(0, "clamp the request's max_tokens to this; 0: no clamp",
-                                     check=_non_negative, why="a non-negative integer")
+                                     check=Check(_non_negative, "a non-negative integer"))
     # A crash or `make down` otherwise costs a re-prefill of the whole conversation (minutes on a big model).
     kv_save: bool = setting(True, "save the slot's KV cache when idle, restore it after a restart (supervised, "
                                   "or with kv_save_dir)")
@@ -196,10 +206,10 @@ class BackendConfig:
                                    "var/slots/NAME when supervised, else no saving")
     # A save of 100k tokens of a big model is gigabytes; each conversation keeps its newest save.
     kv_save_max_bytes: int = setting(16 * 1024 ** 3, "saves kept on disk for this backend (16 GiB); the oldest "
-                                                     "dropped past it", check=_positive, why="a positive integer")
+                                                     "dropped past it", check=Check(_positive, "a positive integer"))
     # Claude Code's tool loop sends the next turn within a tool's run time; a save waits for a pause.
     kv_save_idle_seconds: float = setting(2.0, "the slot idle this long, nobody waiting: then save",
-                                          check=_non_negative, why="a non-negative number")
+                                          check=Check(_non_negative, "a non-negative number"))
     # Measured on SmolLM2-135M, 2 cores, --cache-ram 0 (issue 19): a prefill costs 5.6-7.1 s per 1k
     # tokens, a save 15-100 ms per 1k and a restore 6-11 ms per 1k (each with a fixed ~5 ms), so a
     # save and a restore cost under 2% of the prefill they spare; below ~10 tokens the fixed part wins.
@@ -207,15 +217,15 @@ class BackendConfig:
                                   "the slot (park), restore a conversation's save before its turn (unpark)")
     kv_park_min_tokens: int = setting(64, "park, unpark or checkpoint only a conversation of at least this many "
                                           "tokens (measured break-even: ~10 on SmolLM2)",
-                                      check=_non_negative, why="a non-negative integer")
+                                      check=Check(_non_negative, "a non-negative integer"))
     kv_checkpoint_share: float = setting(0.05, "the most of a busy conversation a crash may lose: it is saved before "
                                                "its next turn when the tokens not on disk pass this share of it, "
                                                "and earlier when computing them again would cost more than the "
                                                "save (both paces measured on the backend); 0: every turn",
-                                         check=_non_negative, why="a non-negative number")
+                                         check=Check(_non_negative, "a non-negative number"))
     kv_park_max_seconds: float = setting(10.0, "a park or checkpoint expected (from the last save's pace) to hold "
                                                "a waiting request longer than this is skipped",
-                                         check=_non_negative, why="a non-negative number")
+                                         check=Check(_non_negative, "a non-negative number"))
 
 
 @dataclass(frozen=True)
@@ -229,28 +239,28 @@ class RoutingConfig:
                                     "declared work_capable; otherwise it goes to the main backends")
     background: str = setting(SYNTHETIC, '"synthetic", or the name of a role = "background" backend')
     count_probes: str = setting("count_tokens", 'max_tokens=1 probes: answered from "count_tokens", or "forward"',
-                                check=lambda v: v in ("count_tokens", "forward"), why='"count_tokens" or "forward"')
+                                check=Check(lambda v: v in ("count_tokens", "forward"), '"count_tokens" or "forward"'))
     strip_billing_header: bool = setting(True, "drop the per-request billing line that defeats the prompt cache")
     # A title or topic answer is small; a background model that takes longer (busy, slow, stuck) is
     # not worth waiting for when the gateway can answer at once.
     background_timeout_seconds: float = setting(
         20.0, "a title or topic answer from the background backend, its queue wait included; "
-        "after it, the synthetic answer", check=_positive, why="a positive number of seconds")
+        "after it, the synthetic answer", check=Check(_positive, "a positive number of seconds"))
     # Several backends for one model form a pool. "Least busy" would send a conversation's next
     # turn to a server whose cache never saw its prefix: a cold prefill of minutes on a big model.
     affinity: bool = setting(True, "in a pool, send each conversation back to the backend that served it "
                              "last (its prompt cache), unless that one is down or too busy")
     affinity_max_wait_seconds: float = setting(
         120.0, "a conversation moves to another backend of its pool when its own one's expected wait is "
-        "longer than this (roughly: what a cold prefill of it costs elsewhere)", check=_positive,
-        why="a positive number of seconds")
+        "longer than this (roughly: what a cold prefill of it costs elsewhere)", check=Check(_positive,
+        "a positive number of seconds"))
     affinity_max_conversations: int = setting(10_000, "conversations remembered (least recently used "
-                                              "forgotten first)", check=_positive, why="a positive integer")
+                                              "forgotten first)", check=Check(_positive, "a positive integer"))
     background_format: str = setting(
         "json_schema", 'how title and topic requests ask the background backend for JSON: "json_schema" '
         "(llama-server's /v1/chat/completions, the schema enforced as a grammar) or \"messages\" (sent to "
         "/v1/messages as they are); either way the answer is checked against the schema",
-        check=lambda v: v in ("json_schema", "messages"), why='"json_schema" or "messages"')
+        check=Check(lambda v: v in ("json_schema", "messages"), '"json_schema" or "messages"'))
 
 
 @dataclass(frozen=True)
@@ -268,13 +278,13 @@ class SupervisorConfig:
 class ClaudeConfig:
     """What `orchestrator claude` and `orchestrator env` tell Claude Code."""
 
-    model: str = setting("local-model", "the name Claude Code sends for main requests", check=bool,
-                         why="a model name")
+    model: str = setting("local-model", "the name Claude Code sends for main requests", check=Check(bool,
+                         "a model name"))
     small_model: str = setting("local-haiku", "its background model name; must match routing.background_models",
-                               check=bool, why="a model name")
+                               check=Check(bool, "a model name"))
     # A first turn on a big model (25k tokens of prefill) takes minutes.
-    api_timeout_ms: int = setting(3_600_000, "Claude Code's API_TIMEOUT_MS", check=_positive,
-                                  why="a positive integer")
+    api_timeout_ms: int = setting(3_600_000, "Claude Code's API_TIMEOUT_MS", check=Check(_positive,
+                                  "a positive integer"))
 
 
 TABLES: dict[str, type] = {"gateway": GatewayConfig, "queue": QueueConfig, "routing": RoutingConfig,

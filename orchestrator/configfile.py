@@ -268,30 +268,18 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     return config_from_dict(raw, str(path), env)
 
 
-def with_overrides(config: Config, *, host: str | None = None, port: int | None = None,
-                   supervisor_socket: str | None = None, log_dir: str | None = None,
-                   api_key: str | None = None, open: bool | None = None,
-                   events_secret_file: str | None = None) -> Config:
-    """The config with command-line and environment values on top; checked again as a whole."""
-    gateway = config.gateway
-    if host is not None:
-        gateway = replace(gateway, host=host)
-    if port is not None:
-        gateway = replace(gateway, port=port)
-    if api_key:
-        if len(api_key) < 8:
-            raise ConfigError(["api key: must be at least 8 characters"], "command line")
-        gateway = replace(gateway, api_key=api_key)
-    if open is not None:
-        gateway = replace(gateway, open=open)
-    exposed = exposure_problem(gateway)
+def with_overrides(config: Config, gateway: Mapping[str, Any] | None = None,
+                   supervisor: Mapping[str, Any] | None = None) -> Config:
+    """The config with command-line and environment values on top, by table (`[gateway]`'s host, port,
+    api_key and open; `[supervisor]`'s socket, log_dir and events_secret_file); a None value (and an
+    empty api key) is one not given. Checked again as a whole."""
+    given = {k: v for k, v in (gateway or {}).items() if v is not None and (v or k != "api_key")}
+    if len(given.get("api_key", "12345678")) < 8:
+        raise ConfigError(["api key: must be at least 8 characters"], "command line")
+    gateway_config = replace(config.gateway, **given)
+    exposed = exposure_problem(gateway_config)
     if exposed:
         raise ConfigError([exposed], "command line")
-    supervisor = config.supervisor
-    if supervisor_socket is not None:
-        supervisor = replace(supervisor, socket=supervisor_socket)
-    if log_dir is not None:
-        supervisor = replace(supervisor, log_dir=log_dir)
-    if events_secret_file is not None:
-        supervisor = replace(supervisor, events_secret_file=events_secret_file)
-    return replace(config, gateway=gateway, supervisor=supervisor)
+    supervisor_config = replace(config.supervisor,
+                                **{k: v for k, v in (supervisor or {}).items() if v is not None})
+    return replace(config, gateway=gateway_config, supervisor=supervisor_config)

@@ -20,6 +20,7 @@ import collections
 import heapq
 import itertools
 import time
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Callable, Iterable, Sequence
 
@@ -77,6 +78,25 @@ class Lease:
 DEFAULT_MAX_DEPTH = 256
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 
+@dataclass(frozen=True)
+class Limits:
+    """A queue's bounds (config.queue's): the waiters' depth, bytes and wait, the retry-after sent past
+    them, and how far the cache preference may pass a waiter (0 passes: no preference)."""
+
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_wait: float = 600.0
+    retry_after: int = 10
+    prefer_max_passes: int = 0
+    prefer_max_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, queue) -> "Limits":
+        """From config.queue (a QueueConfig)."""
+        return cls(queue.max_depth, queue.max_bytes, queue.max_wait_seconds, queue.retry_after_seconds,
+                   queue.cache_preference_max_passes, queue.cache_preference_max_seconds)
+
+
 # A waiter: [priority, seq, future, size, tag, enqueued, passed]; the heap orders by (priority, seq),
 # seq being unique. `tag` names its conversation (a callable, asked only when the order is in
 # question: a conversation's key costs a serialisation of its prefix); `passed`: how often a
@@ -86,23 +106,21 @@ Tag = Callable[[], str]
 
 
 class SlotQueue:
-    def __init__(self, name: str, slots: int, *, max_depth: int = DEFAULT_MAX_DEPTH,
-                 max_bytes: int = DEFAULT_MAX_BYTES, max_wait: float = 600.0, retry_after: int = 10,
-                 prefer_max_passes: int = 0, prefer_max_seconds: float = 0.0,
+    def __init__(self, name: str, slots: int, limits: Limits = Limits(), *,
                  on_preferred: Callable[[], None] | None = None) -> None:
         if slots < 1:
             raise ValueError("slots must be >= 1")
         self.name = name
         self.slots = slots
-        self.max_depth = max_depth
-        self.max_bytes = max_bytes
-        self.max_wait = max_wait
-        self.retry_after = retry_after
+        self.max_depth = limits.max_depth
+        self.max_bytes = limits.max_bytes
+        self.max_wait = limits.max_wait
+        self.retry_after = limits.retry_after
         self._busy = 0
         self._open = True
         self._failure: Callable[[], Exception] | None = None
-        self.prefer_max_passes = prefer_max_passes
-        self.prefer_max_seconds = prefer_max_seconds
+        self.prefer_max_passes = limits.prefer_max_passes
+        self.prefer_max_seconds = limits.prefer_max_seconds
         self._on_preferred = on_preferred
         self._waiters: list[list] = []  # heap of waiters (PRIORITY, SEQ, ... above)
         # The conversations the slots were last given, newest last: what their caches hold.

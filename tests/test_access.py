@@ -85,11 +85,11 @@ def test_off_loopback_needs_a_key_or_open():
     config = config_from_dict({})
     for host in ("0.0.0.0", "192.168.1.5", "::"):
         with pytest.raises(ConfigError, match="gateway.api_key"):
-            with_overrides(config, host=host)
-        assert with_overrides(config, host=host, api_key=KEY).gateway.api_key == KEY
-        assert with_overrides(config, host=host, open=True).gateway.open
+            with_overrides(config, {"host": host})
+        assert with_overrides(config, {"host": host, "api_key": KEY}).gateway.api_key == KEY
+        assert with_overrides(config, {"host": host, "open": True}).gateway.open
     for host in ("127.0.0.1", "localhost", "::1"):
-        with_overrides(config, host=host)
+        with_overrides(config, {"host": host})
     with pytest.raises(ConfigError, match="at least 8"):
         config_from_dict({"gateway": {"api_key": "short"}})
 

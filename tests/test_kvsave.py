@@ -139,7 +139,7 @@ def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
         {"name": "primary", "url": "http://127.0.0.1:8080", "command": "{llama_server} --port {port}"},
         {"name": "own", "url": "http://127.0.0.1:8081", "command": "x --slot-save-path /mine", "role": "main"},
         {"name": "off", "url": "http://127.0.0.1:8082", "command": "y", "kv_save": False}]})
-    text = supervise.render(config, tmp_path / "o.toml", supervise.StackPaths(tmp_path), llama_server="/ls")
+    text = supervise.render(config, tmp_path / "o.toml", supervise.StackPaths(tmp_path), supervise.Programs("/ls"))
     assert f"--port 8080 --slot-save-path {tmp_path}/var/slots/primary" in text
     assert text.count("--slot-save-path") == 2  # "own" keeps its own; "off" gets none
 

@@ -7,6 +7,7 @@ from conftest import sample
 
 from orchestrator.configfile import config_from_dict
 from orchestrator.slots import (
+    Limits,
     Priority,
     QueueBytesFull,
     QueueFull,
@@ -54,7 +55,7 @@ async def test_main_before_background_and_fifo_within_class():
 
 
 async def test_front_goes_ahead_of_its_class_and_past_depth_bound():
-    q = SlotQueue("b", 1, max_depth=1)
+    q = SlotQueue("b", 1, Limits(max_depth=1))
     held = await q.acquire()
     order = []
 
@@ -76,7 +77,7 @@ async def test_front_goes_ahead_of_its_class_and_past_depth_bound():
 
 
 async def test_queue_full_is_529_with_retry_after():
-    q = SlotQueue("primary", 1, max_depth=0, retry_after=7)
+    q = SlotQueue("primary", 1, Limits(max_depth=0, retry_after=7))
     await q.acquire()
     with pytest.raises(QueueFull) as e:
         await q.acquire()
@@ -86,7 +87,7 @@ async def test_queue_full_is_529_with_retry_after():
 
 
 async def test_wait_bound_times_out_and_leaves_queue():
-    q = SlotQueue("b", 1, max_wait=0.05)
+    q = SlotQueue("b", 1, Limits(max_wait=0.05))
     lease = await q.acquire()
     with pytest.raises(QueueTimeout):
         await q.acquire()
@@ -160,9 +161,9 @@ async def test_randomised_interleavings_keep_every_invariant(seed):
     never more than `slots` in flight, every grant released exactly once, nothing stuck."""
     rng = random.Random(seed)
     slots = rng.randint(1, 3)
-    q = SlotQueue("b", slots, max_depth=rng.randint(3, 40), max_bytes=rng.randint(1, 4000),
-                  max_wait=rng.uniform(0.01, 0.2), prefer_max_passes=rng.choice([0, 1, 3]),
-                  prefer_max_seconds=rng.choice([0.005, 10.0]))
+    q = SlotQueue("b", slots, Limits(max_depth=rng.randint(3, 40), max_bytes=rng.randint(1, 4000),
+                                     max_wait=rng.uniform(0.01, 0.2), prefer_max_passes=rng.choice([0, 1, 3]),
+                                     prefer_max_seconds=rng.choice([0.005, 10.0])))
     in_flight = 0
     peak = 0
     outcomes = {"done": 0, "full": 0, "timeout": 0, "cancelled": 0, "failed": 0}
@@ -251,7 +252,7 @@ async def test_fail_answers_waiters_and_newcomers_until_open():
 
 
 async def test_bytes_bound_counts_the_bodies_of_waiting_requests():
-    q = SlotQueue("primary", 1, max_bytes=100, retry_after=3)
+    q = SlotQueue("primary", 1, Limits(max_bytes=100, retry_after=3))
     running = await q.acquire(size=1000)  # granted at once: a running request is not waiting
     first = asyncio.create_task(q.acquire(size=60))
     await asyncio.sleep(0)
@@ -276,7 +277,7 @@ async def test_bytes_bound_counts_the_bodies_of_waiting_requests():
 
 
 async def test_a_request_alone_is_never_refused_for_its_size_and_a_retry_passes_the_bound():
-    q = SlotQueue("b", 1, max_bytes=10)
+    q = SlotQueue("b", 1, Limits(max_bytes=10))
     running = await q.acquire()
     alone = asyncio.create_task(q.acquire(size=1000))
     await asyncio.sleep(0)
@@ -293,7 +294,7 @@ async def test_a_request_alone_is_never_refused_for_its_size_and_a_retry_passes_
 async def test_bytes_leave_with_a_timeout_and_a_failure():
     from orchestrator.errors import Overloaded
 
-    q = SlotQueue("b", 1, max_wait=0.02)
+    q = SlotQueue("b", 1, Limits(max_wait=0.02))
     running = await q.acquire()
     with pytest.raises(QueueTimeout):
         await q.acquire(size=500)
@@ -311,7 +312,7 @@ async def test_default_bounds_admit_five_claude_code_sessions_starting_at_once()
     """Five sessions, each a main request and a /context burst: about 70 requests on one slot, Claude
     Code's real main body (56 KB) each, and as many of a long session's 7 MB: not one 529."""
     cfg = config_from_dict({}).queue
-    q = SlotQueue("primary", 1, max_depth=cfg.max_depth, max_bytes=cfg.max_bytes)
+    q = SlotQueue("primary", 1, Limits(max_depth=cfg.max_depth, max_bytes=cfg.max_bytes))
     assert (q.max_depth, q.max_bytes) == (SlotQueue("x", 1).max_depth, SlotQueue("x", 1).max_bytes)
     running = await q.acquire()
     for size in (len(json.dumps(sample("main-2.1.332.json")["body"])), 7 * 1024 * 1024):
@@ -360,7 +361,8 @@ async def _grant_order(q: SlotQueue, holder: str, waiters: list[tuple[str, Prior
 
 async def test_a_waiter_of_the_slots_conversation_goes_before_an_earlier_one_of_its_class():
     preferred = []
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60, on_preferred=lambda: preferred.append(1))
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60),
+                  on_preferred=lambda: preferred.append(1))
     order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)])
     assert order == ["main", "agent"] and preferred == [1]
 
@@ -371,27 +373,27 @@ async def test_without_the_preference_the_order_is_arrival():
 
 
 async def test_the_preference_never_crosses_a_priority_class():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60))
     order = await _grant_order(q, "title", [("main", Priority.MAIN), ("title", Priority.BACKGROUND)])
     assert order == ["main", "title"]
 
 
 async def test_a_retry_sent_to_the_front_is_never_passed():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60))
     order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], front="agent")
     assert order == ["agent", "main"]
 
 
 async def test_a_waiter_is_passed_at_most_max_passes_times():
     # The holder's tool loop keeps sending turns; the agent waits through 2 of them, not more.
-    q = SlotQueue("b", 1, prefer_max_passes=2, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=2, prefer_max_seconds=60))
     order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], turns=5)
     assert order[:4] == ["main", "main", "agent", "main"], order
     assert order.count("main") == 6
 
 
 async def test_a_waiter_is_passed_only_while_it_has_waited_less_than_max_seconds():
-    q = SlotQueue("b", 1, prefer_max_passes=100, prefer_max_seconds=0.5)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=100, prefer_max_seconds=0.5))
     order = await _grant_order(q, "main", [("agent", Priority.MAIN), ("main", Priority.MAIN)], turns=50, hold=0.02)
     # Each grant holds at least 20 ms: the agent, waiting since the start, goes once it has waited
     # 0.5 s, so after at most 25 grants however fast the machine; passed at least once, as the first
@@ -410,7 +412,7 @@ async def _waiting(q: SlotQueue, name: str, order: list[str]) -> asyncio.Task:
 
 async def _kept_while_the_agent_waits() -> tuple[SlotQueue, list[str], asyncio.Task]:
     """Conversation main's slot, kept 10 s for its next turn while the agent waits."""
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60))
     order: list[str] = []
     lease = await q.acquire(tag=_tagged("main"))
     agent = await _waiting(q, "agent", order)
@@ -420,7 +422,8 @@ async def _kept_while_the_agent_waits() -> tuple[SlotQueue, list[str], asyncio.T
 
 async def test_a_slot_is_kept_for_its_conversations_next_turn_while_others_wait():
     preferred = []
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60, on_preferred=lambda: preferred.append(1))
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60),
+                  on_preferred=lambda: preferred.append(1))
     order: list[str] = []
     lease = await q.acquire(tag=_tagged("main"))
     agent = await _waiting(q, "agent", order)
@@ -435,7 +438,7 @@ async def test_a_slot_is_kept_for_its_conversations_next_turn_while_others_wait(
 
 
 async def test_a_kept_slot_goes_to_the_waiters_when_the_next_turn_does_not_come():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60))
     order: list[str] = []
     lease = await q.acquire(tag=_tagged("main"))
     agent = await _waiting(q, "agent", order)
@@ -448,7 +451,7 @@ async def test_a_kept_slot_goes_to_the_waiters_when_the_next_turn_does_not_come(
 
 
 async def test_nobody_waiting_frees_the_slot_at_once_and_bounds_stop_the_keep():
-    q = SlotQueue("b", 1, prefer_max_passes=1, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=1, prefer_max_seconds=60))
     lease = await q.acquire(tag=_tagged("main"))
     lease.keep_for("main", 10)
     assert q.has_free_slot()  # nobody waited: nothing to keep it from
@@ -484,7 +487,7 @@ async def test_a_retry_is_never_kept_waiting_for_another_conversations_next_turn
 async def test_a_kept_slot_is_not_taken_past_a_head_at_its_bound():
     """The keep was granted within the preference's bounds; by the time its turn comes the head may
     have reached them (here: passed once, the bound): the head goes first."""
-    q = SlotQueue("b", 1, prefer_max_passes=1, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=1, prefer_max_seconds=60))
     order: list[str] = []
     lease = await q.acquire(tag=_tagged("main"))
     agent = await _waiting(q, "agent", order)
@@ -498,7 +501,7 @@ async def test_a_kept_slot_is_not_taken_past_a_head_at_its_bound():
 
 
 async def test_a_turn_of_the_kept_conversation_already_waiting_takes_the_slot_at_once():
-    q = SlotQueue("b", 1, prefer_max_passes=3, prefer_max_seconds=60)
+    q = SlotQueue("b", 1, Limits(prefer_max_passes=3, prefer_max_seconds=60))
     order: list[str] = []
     lease = await q.acquire(tag=_tagged("main"))
     agent = await _waiting(q, "agent", order)

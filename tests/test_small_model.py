@@ -45,8 +45,8 @@ class SmallStack:
     def up(self) -> str:
         prometheus = shutil.which("prometheus")
         assert prometheus, "prometheus is not installed: deploy/ensure-tools.sh (run by make test) installs it"
-        return supervise.up(self.config, self.config_path, self.paths, llama_server=llama_server_binary(),
-                            prometheus=prometheus, timeout=90)
+        return supervise.up(self.config, self.config_path, self.paths,
+                            supervise.Programs(llama_server_binary(), prometheus), timeout=90)
 
     def down(self) -> None:
         supervise.down(self.paths)

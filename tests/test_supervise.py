@@ -25,7 +25,7 @@ def test_render_has_every_program_with_restart_policy_and_absolute_paths(tmp_pat
          "command": "{llama_server} --model /m/GLM-5.gguf --port {port} --ctx-size 65536 --parallel 1"},
         {"name": "remote", "url": "https://api.example.test"}]})
     paths = supervise.StackPaths(tmp_path)
-    text = supervise.render(config, tmp_path / "o.toml", paths, llama_server="/opt/llama server")
+    text = supervise.render(config, tmp_path / "o.toml", paths, supervise.Programs("/opt/llama server"))
     assert "[program:llama-primary]" in text and "[program:gateway]" in text
     assert "[program:llama-remote]" not in text  # not ours to run
     assert "command='/opt/llama server' --model /m/GLM-5.gguf --port 8080 --ctx-size 65536" in text
@@ -41,16 +41,16 @@ def test_render_has_every_program_with_restart_policy_and_absolute_paths(tmp_pat
 def test_render_escapes_percent_and_names_unknown_placeholders(tmp_path):
     ok = config_from_dict({"backends": [{"name": "p", "url": "http://h:1", "command": "x --fmt 100%"}]})
     assert "command=x --fmt 100%%" in supervise.render(ok, tmp_path / "c", supervise.StackPaths(tmp_path),
-                                                        llama_server=None)
+                                                        supervise.Programs(None))
     bad = config_from_dict({"backends": [{"name": "p", "url": "http://h:1", "command": "{nope} x"}]})
     with pytest.raises(supervise.SuperviseError, match="unknown placeholder"):
-        supervise.render(bad, tmp_path / "c", supervise.StackPaths(tmp_path), llama_server=None)
+        supervise.render(bad, tmp_path / "c", supervise.StackPaths(tmp_path), supervise.Programs(None))
 
 
 def test_default_stack_config_is_valid_and_renders():
     config = load_config(ROOT / "deploy" / "orchestrator.toml")
     text = supervise.render(config, ROOT / "deploy" / "orchestrator.toml",
-                            supervise.StackPaths(ROOT), llama_server="/bin/llama-server")
+                            supervise.StackPaths(ROOT), supervise.Programs("/bin/llama-server"))
     assert supervise.default_model() in text and "--port 8080" in text
 
 
@@ -80,7 +80,7 @@ start_retries = {retries}
         self.url = f"http://127.0.0.1:{self.gw_port}"
 
     def up(self) -> str:
-        return supervise.up(self.config, self.config_path, self.paths, llama_server=llama_server_binary(),
+        return supervise.up(self.config, self.config_path, self.paths, supervise.Programs(llama_server_binary()),
                             timeout=60)
 
     def pid(self, program: str) -> int:

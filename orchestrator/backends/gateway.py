@@ -21,7 +21,7 @@ from ..engines.upstream import UpstreamClient
 from ..kv.cachemiss import CacheMisses
 from ..kv.store import BackendSaves, KvPersistence
 from ..metrics import Metrics
-from ..slots import SlotQueue
+from ..slots import Limits, SlotQueue
 from .counting import TokenCounter
 from .health import BackendHealth, watch_for
 from .identity import Tree
@@ -115,11 +115,7 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
             metrics.add_pool_backend(b.name)
     q = config.queue
     for b in config.backends:
-        queue = SlotQueue(b.name, b.slots, max_depth=q.max_depth, max_bytes=q.max_bytes,
-                          max_wait=q.max_wait_seconds, retry_after=q.retry_after_seconds,
-                          prefer_max_passes=q.cache_preference_max_passes,
-                          prefer_max_seconds=q.cache_preference_max_seconds,
-                          on_preferred=metrics.cache_preferred.labels(b.name).inc)
+        queue = SlotQueue(b.name, b.slots, Limits.of(q), on_preferred=metrics.cache_preferred.labels(b.name).inc)
         saves = gw.kv.attach(b, queue)
         watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
 

@@ -69,8 +69,9 @@ def serve(config_path, host, port, primary_url, slots, background, log_level, ap
     try:
         config = (load_config(config_path, os.environ) if config_path
                   else _one_liner_config(primary_url, slots, background))
-        config = with_overrides(config, host=host, port=port, supervisor_socket=supervisor_socket, log_dir=log_dir,
-                                api_key=api_key, open=run_open, events_secret_file=events_secret_file)
+        config = with_overrides(config, {"host": host, "port": port, "api_key": api_key, "open": run_open},
+                                {"socket": supervisor_socket, "log_dir": log_dir,
+                                 "events_secret_file": events_secret_file})
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     from ..http.app import serve as run
@@ -138,7 +139,7 @@ def up(config_path, llama_server, timeout) -> None:
     if config.supervisor.prometheus_listen and not prometheus:
         click.echo("prometheus: not on PATH, not run (Debian: apt-get install prometheus; make up does it)")
     try:
-        action = supervise.up(config, path, paths, llama_server=binary, prometheus=prometheus, timeout=timeout)
+        action = supervise.up(config, path, paths, supervise.Programs(binary, prometheus), timeout=timeout)
     except supervise.SuperviseError as e:
         raise click.ClickException(f"{e}\n  logs: {paths.log_dir}") from None
     click.echo(f"stack {action}: supervisord.conf in {paths.root}")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -166,11 +166,22 @@ def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: P
     return "\n".join(lines) + "\n"
 
 
-def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server: str | None,
-           prometheus: str | None = None, prometheus_config: Path | None = None,
-           orchestrator_bin: str | None = None) -> str:
+@dataclass(frozen=True)
+class Programs:
+    """What the stack's programs run: the llama-server binary for `{llama_server}` (None: a backend
+    command must name its own), Prometheus and its config (None: not run), and the `orchestrator`
+    command (None: the one beside this Python)."""
+
+    llama_server: str | None
+    prometheus: str | None = None
+    prometheus_config: Path | None = None
+    orchestrator: str | None = None
+
+
+def render(config: Config, config_path: Path, paths: StackPaths, programs: Programs) -> str:
     """supervisord.conf for the stack; every path in it is absolute."""
-    orchestrator_bin = orchestrator_bin or str(Path(sys.executable).parent / "orchestrator")
+    orchestrator_bin = programs.orchestrator or str(Path(sys.executable).parent / "orchestrator")
+    prometheus, prometheus_config = programs.prometheus, programs.prometheus_config
     log = paths.log_dir
     lines = [
         "; Rendered by `orchestrator up` from " + str(config_path) + "; edit that file, not this one.",
@@ -221,7 +232,7 @@ def render(config: Config, config_path: Path, paths: StackPaths, *, llama_server
 
     for b in config.backends:
         if b.command:
-            command = backend_command(b, llama_server)
+            command = backend_command(b, programs.llama_server)
             if saves_slots(b) and "--slot-save-path" not in command:
                 command += f" --slot-save-path {shlex.quote(str(paths.slots(b)))}"
             program(program_name(b), command, startsecs=b.start_seconds,
@@ -267,9 +278,7 @@ def processes(paths: StackPaths) -> list[dict[str, Any]]:
     return rpc(paths).getAllProcessInfo()
 
 
-def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: str | None,
-       prometheus: str | None = None, prometheus_config: Path | None = None,
-       orchestrator_bin: str | None = None, timeout: float = 180.0) -> str:
+def up(config: Config, config_path: Path, paths: StackPaths, programs: Programs, *, timeout: float = 180.0) -> str:
     """Render, start or update supervisord, wait for every program. Idempotent:
     with nothing changed, nothing running is touched. Returns what it did."""
     for d in (paths.log_dir, paths.run_dir):
@@ -280,11 +289,10 @@ def up(config: Config, config_path: Path, paths: StackPaths, *, llama_server: st
     _ensure_secret(paths.events_secret)
     if config.gateway.api_key:
         _write_if_changed(paths.gateway_key, config.gateway.api_key)
-    if prometheus and prometheus_config is None:
-        prometheus_config = paths.var / "prometheus.yml"
-        _write_if_changed(prometheus_config, render_prometheus(config, key_file=paths.gateway_key))
-    text = render(config, config_path, paths, llama_server=llama_server, prometheus=prometheus,
-                  prometheus_config=prometheus_config, orchestrator_bin=orchestrator_bin)
+    if programs.prometheus and programs.prometheus_config is None:
+        programs = replace(programs, prometheus_config=paths.var / "prometheus.yml")
+        _write_if_changed(programs.prometheus_config, render_prometheus(config, key_file=paths.gateway_key))
+    text = render(config, config_path, paths, programs)
     changed = _write_if_changed(paths.conf, text)
     if running(paths):
         if changed:
