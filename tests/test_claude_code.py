@@ -76,12 +76,15 @@ async def start_for_claude(gateway, http, raw: dict):
     base, app = await gateway(raw)
     host, port = base.removeprefix("http://").split(":")
     config = config_from_dict({**raw, "gateway": {**raw.get("gateway", {}), "host": host, "port": int(port)}})
-    for _ in range(100):  # until the first health check (and its /props read) is done
-        async with http.get(base + "/health", headers=key_headers(config)) as r:
-            health = await r.json()
-        if health["backends"][0]["state"] == "ready":
-            break
-        await asyncio.sleep(0.05)
+    # Until the first health check (and its /props read, which Claude Code's environment is made from)
+    # is done: waited for, not 100 polls of 50 ms that a loaded machine could outlast.
+    async with asyncio.timeout(60):
+        while True:
+            async with http.get(base + "/health", headers=key_headers(config)) as r:
+                health = await r.json()
+            if health["backends"][0]["state"] == "ready":
+                break
+            await asyncio.sleep(0.05)
     return base, app[GATEWAY], config, health
 
 

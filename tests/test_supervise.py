@@ -233,9 +233,11 @@ async def test_backend_with_missing_model_is_fatal_and_named(stack, http):
 
 @pytest.mark.real
 async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
-    """With health polling every 60 s, only supervisord's events can tell the gateway
+    """With health polling every 600 s, only supervisord's events can tell the gateway
     within a second that its idle backend died, and that it runs again."""
-    s = stack(health_interval=60)
+    # 600 s, not 60: the bound below leaves a loaded machine's restart room (40 s) and still can only
+    # be met through the events, whenever the last poll happened.
+    s = stack(health_interval=600)
     s.up()
     health = await _wait_health(http, s.url)
     async with asyncio.timeout(30):
@@ -247,7 +249,7 @@ async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
     os.kill(old_pid, signal.SIGKILL)
     t0 = time.monotonic()
     states = []
-    async with asyncio.timeout(20):
+    async with asyncio.timeout(60):
         while True:
             b = (await _wait_health(http, s.url))["backends"][0]
             states.append(b["state"])
@@ -255,5 +257,5 @@ async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
                 break
             await asyncio.sleep(0.05)
     assert "down" in states or "loading" in states  # it was seen gone
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 40
     assert await s.metric(http, "orchestrator_backend_restarts_total") == 1
