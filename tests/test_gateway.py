@@ -271,7 +271,9 @@ async def test_client_disconnect_while_queued_leaves_queue(gateway, fake, http):
 async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     f, url = fake
     f.mode = "stall"
-    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 0.3,
+    # The waiter must still wait when the third request comes: 2 s leave a loaded machine room (0.3 s
+    # was a race with sending it).
+    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 2,
                                                  "retry_after_seconds": 4})
     q = gw.backends["primary"].queue
     running = asyncio.create_task(_post(http, base, MAIN))
@@ -321,9 +323,11 @@ async def test_background_goes_to_small_model_never_to_primary(gateway, serve_ap
     base, app = await gateway({"backends": [{"name": "primary", "url": big_url},
                                            {"name": "small", "url": small_url, "role": "background"}],
                               "routing": {"background": "small"}})
-    big.prefill_delay = 0.3
+    big.prefill_delay = 5  # the background answers below take milliseconds: room for a loaded machine
     main = asyncio.create_task(_post(http, base, {**MAIN, "stream": True}))
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(30):  # the main request is in the primary's prefill
+        while big.generations_started == 0:
+            await asyncio.sleep(0.01)
     for name in ("title-2.1.332.json", "topic-2.0.77.json", "warmup-2.0.77.json"):
         status, raw, _ = await _post(http, base, sample(name)["body"])
         assert status == 200 and _events(raw)[-1].event == "message_stop"
@@ -472,7 +476,7 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
     """A client that left mid-answer: its slot stays busy until the backend lets go, and /health
     says so (held_after_client_left), apart from sends in progress."""
     f, url = fake
-    f.chunk_delay, f.linger = 0.2, 1.5
+    f.chunk_delay, f.linger = 0.2, 5
     base, app = await _start(gateway, url)
     async with aiohttp.ClientSession() as s:
         async with s.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
@@ -480,9 +484,14 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
             async with http.get(base + "/health") as h:
                 during = (await h.json())["backends"][0]
     assert during["busy"] == 1 and during["sending"] == 1 and during["held_after_client_left"] == 0
-    await asyncio.sleep(0.3)
-    async with http.get(base + "/health") as h:
-        held = (await h.json())["backends"][0]
+    # Waited for (the gateway sees the client gone), within the backend's 5 s of lingering.
+    async with asyncio.timeout(4):
+        while True:
+            async with http.get(base + "/health") as h:
+                held = (await h.json())["backends"][0]
+            if held["held_after_client_left"] == 1:
+                break
+            await asyncio.sleep(0.05)
     assert held["busy"] == 1 and held["sending"] == 0 and held["held_after_client_left"] == 1
     await until_free(app.backends["primary"].queue)
     async with http.get(base + "/health") as h:
