@@ -197,10 +197,9 @@ async def test_every_shape_on_the_real_server_while_main_2_1_332_holds_its_slot(
     gw = app[GATEWAY]
     queue = gw.backends["primary"].queue
     main = asyncio.create_task(replay(http, base, "main-2.1.332.json", timeout=600))
-    for _ in range(500):
-        if queue.busy == 1:
-            break
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(60):  # polled: the bound only for a request that never takes the slot
+        while queue.busy != 1:
+            await asyncio.sleep(0.01)
     assert queue.busy == 1, "the main request never took the slot"
 
     # Meanwhile: every other shape, each as sent.
