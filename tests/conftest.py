@@ -41,7 +41,9 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+    # A bound only for a request that never ends: the real server's prefill of Claude Code's 4k-token
+    # request took 138 s (30 tokens/s) on 2 cores shared with four other suites, past the 120 s this was.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900),
                                      connector=aiohttp.TCPConnector(force_close=True)) as s:
         yield s
 
