@@ -22,6 +22,7 @@ from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
 from orchestrator.conversation import conversation_key
 from orchestrator.kv import store as kvsave
+from orchestrator.kv.results import RestoreResult, SaveResult
 from orchestrator.kv.server_id import checksum
 from orchestrator.ops import supervise
 
@@ -186,7 +187,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
     meta = json.loads((tmp_path / f"{key}.json").read_text())
     assert meta["model"] == "/models/m.gguf" and meta["n_ctx"] == 4096 and meta["build"] == "b1-abc"
     assert meta["bytes"] == 1000 and meta["n_tokens"] == 123 and (tmp_path / meta["file"]).exists()
-    assert await gw.kv.save(gw.backends["primary"].kv) == "unchanged"
+    assert await gw.kv.save(gw.backends["primary"].kv) is SaveResult.UNCHANGED
     # The next turn of the same conversation (more tokens) replaces its save.
     fake.parts = 7
     assert (await _post(http, base, main_body(turn=1)))[0] == 200
@@ -376,10 +377,10 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
     old = kvsave.RESTORE_TIMEOUT
     kvsave.RESTORE_TIMEOUT = 0.1
     try:
-        note = await kv.restore(saves)
+        done = await kv.restore(saves)
     finally:
         kvsave.RESTORE_TIMEOUT = old
-    assert note["result"] == "failed"
+    assert done.result is RestoreResult.FAILED
 
 
 # ---- the real llama-server under supervisord ------------------------------------------------------
