@@ -214,8 +214,6 @@ class KvPersistence:
             if written is None:
                 b.saving -= 1
                 self.metrics.kv_saves.labels(b.backend.name, SaveResult.FAILED.value).inc()
-            else:
-                b.pending.add(written.filename)
         return written
 
     async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written,
@@ -250,14 +248,20 @@ class KvPersistence:
             return None
         started = time.monotonic()
         filename = f"{key}-{int(time.time() * 1000)}.bin"
+        # Pending from before the server writes it: the file is on disk before its answer comes, and
+        # another save's bound (in its metadata step, meanwhile) would sweep it as named by no save.
+        b.pending.add(filename)
+        answer = None
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
             answer = await slot_action(self.upstream, b.backend, "save", filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
             remove(b.folder / filename)
-            return None
-        return _Written(filename, answer, server, started)
+        finally:
+            if answer is None:  # failed or cancelled: a file left behind is the bound's to sweep
+                b.pending.discard(filename)
+        return _Written(filename, answer, server, started) if answer is not None else None
 
     async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int,
                     written: _Written) -> SaveResult:
