@@ -22,7 +22,7 @@ MODULES = {
     "request": {"forward", "background", "placement", "parking", "relay", "release", "accounting",
                 "routing", "synthetic", "client_stream", "schemas"},
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
-    "kv": {"store", "folder", "server_id", "cachemiss"},
+    "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results"},
     "engines": {"upstream", "llama_server", "supervisord"},
     "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "slots"},
 }

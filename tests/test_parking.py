@@ -23,7 +23,8 @@ from orchestrator import conversation as prefixes
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
 from orchestrator.conversation import Conversation, conversation_key
-from orchestrator.kv.cachemiss import CacheMisses
+from orchestrator.kv.cachemiss import CacheMisses, ServedTurn
+from orchestrator.kv.parking import SlotFound
 from orchestrator.metrics import Metrics
 
 
@@ -202,15 +203,15 @@ async def test_a_checkpoint_under_the_share_is_taken_when_computing_again_would_
     prefill of the tokens not on disk, a busy conversation is saved before its next turn although
     those tokens are under kv_checkpoint_share of it; with the save dearer, it is not."""
     fake, base, gw = await park_stack(kv_checkpoint_share=0.9)
-    b, key = gw.backends["primary"].kv, _key("one")
+    b, p, key = gw.backends["primary"].kv, gw.backends["primary"].parking, _key("one")
     assert (await _post(http, base, main_body("one", turn=0)))[0] == 200
     # The fake's every turn counts 18 tokens: as if 14 of them were on disk, 4 not (22%, under 0.9).
     b.saved[key] = 14
-    b.prefill_pace, b.save_pace = 0.01, 0.0001  # 4 tokens again: 40 ms; a save of 18: 1.8 ms
+    p.prefill_pace, p.save_pace = 0.01, 0.0001  # 4 tokens again: 40 ms; a save of 18: 1.8 ms
     assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
     b.saved[key] = 14
-    b.prefill_pace, b.save_pace = 0.0001, 0.01  # 0.4 ms against 180 ms: not worth it
+    p.prefill_pace, p.save_pace = 0.0001, 0.01  # 0.4 ms against 180 ms: not worth it
     assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
     assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="ok") == 1
@@ -219,31 +220,32 @@ async def test_a_checkpoint_under_the_share_is_taken_when_computing_again_would_
 def test_the_prefill_pace_is_measured_from_a_streamed_turn_that_computed_enough_of_its_prompt():
     from types import SimpleNamespace
 
+    from orchestrator.kv.parking import Parking
     from orchestrator.request.accounting import Outcome
-    from orchestrator.request.parking import SlotTurn, answered, checkpoint_pays
+    from orchestrator.request.parking import SlotTurn, answered
 
-    kv = SimpleNamespace(holder="k", holder_whole=False, prefill_pace=0.0, save_pace=0.0)
-    backend = SimpleNamespace(kv=kv)
+    parking = Parking(holder="k")
+    backend = SimpleNamespace(parking=parking)
     conversation = SimpleNamespace(key="k")
     # 0.5 s to the first content, 0.1 s of it parking: 0.4 s for 1000 computed tokens.
     answered(backend, conversation, Outcome("p", first_content=10.5, granted=10.0, input_tokens=1000),
              SlotTurn(park=0.1))
-    assert kv.holder_whole and kv.prefill_pace == pytest.approx(0.0004)
+    assert parking.holder_whole and parking.prefill_pace == pytest.approx(0.0004)
     # A turn that computed few tokens (its fixed cost would dominate), or was not streamed, says
     # nothing of the prefill's pace.
     answered(backend, conversation, Outcome("p", first_content=20.0, granted=10.0, input_tokens=100), SlotTurn())
     answered(backend, conversation, Outcome("p", granted=10.0, input_tokens=5000), SlotTurn())
-    assert kv.prefill_pace == pytest.approx(0.0004)
-    kv.prefill_pace = 0.004
+    assert parking.prefill_pace == pytest.approx(0.0004)
+    parking.prefill_pace = 0.004
     # Before a save's pace is known, only the share decides.
-    assert not checkpoint_pays(kv, 0.05, 40, 1000) and checkpoint_pays(kv, 0.05, 60, 1000)
-    kv.save_pace = 0.0001  # a save of 1000 tokens: 0.1 s; computing 40 again: 0.16 s
-    assert checkpoint_pays(kv, 0.05, 40, 1000) and not checkpoint_pays(kv, 0.05, 20, 1000)
+    assert not parking.checkpoint_pays(0.05, 40, 1000) and parking.checkpoint_pays(0.05, 60, 1000)
+    parking.save_pace = 0.0001  # a save of 1000 tokens: 0.1 s; computing 40 again: 0.16 s
+    assert parking.checkpoint_pays(0.05, 40, 1000) and not parking.checkpoint_pays(0.05, 20, 1000)
 
 
 async def test_a_checkpoint_expected_to_hold_a_waiter_too_long_is_skipped(park_stack, http):
     fake, base, gw = await park_stack(kv_park_max_seconds=0.0)
-    gw.backends["primary"].kv.save_pace = 1.0  # a second per token: 18 s expected
+    gw.backends["primary"].parking.save_pace = 1.0  # a second per token: 18 s expected
     for turn in range(2):
         assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
     assert fake.actions == []
@@ -254,7 +256,7 @@ async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(pa
     """A park is on the incoming request's path: at a save pace slower than the prefill pace (both as
     measured), restoring later would not pay for it, so the switch goes on without it."""
     fake, base, gw = await park_stack()
-    b = gw.backends["primary"].kv
+    b = gw.backends["primary"].parking
     assert (await _post(http, base, main_body("one")))[0] == 200
     b.save_pace, b.prefill_pace = 0.02, 0.01  # 0.36 s to save 18 tokens, 0.18 s to compute them
     assert (await _post(http, base, main_body("two")))[0] == 200
@@ -268,10 +270,10 @@ async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(pa
 async def test_after_parks_skipped_in_a_row_as_dearer_one_runs_to_measure_the_save_again(park_stack, http):
     """A save pace measured on a small save (its fixed cost spread on few tokens) must not switch
     parking off for good: the PARK_RETRY_AFTER-th skipped park in a row runs, and its pace is new."""
-    from orchestrator.request.parking import PARK_RETRY_AFTER
+    from orchestrator.kv.parking import PARK_RETRY_AFTER
 
     fake, base, gw = await park_stack()
-    b = gw.backends["primary"].kv
+    b = gw.backends["primary"].parking
     paces = []
     for turn in range(PARK_RETRY_AFTER + 1):
         for first in ("one", "two"):
@@ -312,14 +314,14 @@ async def test_a_crash_during_a_park_or_an_unpark_leaves_the_conversation_cold_n
     status, _ = await _post(http, base, main_body("one", turn=1))
     assert status == 200 and not fake.crashed
     assert fake.order[-1] == "generate"
-    kv = gw.backends["primary"].kv
+    parking = gw.backends["primary"].parking
     if action == "save":
         assert not (tmp_path / f"{_key('two')}.json").exists()
         assert not [p for p in tmp_path.glob(f"{_key('two')}*.bin")]
     else:
         assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="unpark", result="failed") == 1
         assert gw.misses.snapshot("primary")["recent"][-1]["reason"] == "switched"
-    assert kv.holder == _key("one")
+    assert parking.holder == _key("one")
     # The next turn goes on as usual.
     fake.die_on = ""
     assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
@@ -374,7 +376,7 @@ def test_each_turn_says_why_its_prompt_was_computed():
         body = {"system": [{"type": "text", "text": system}],
                 "messages": [{"role": "user", "content": f"m{i}"} for i in range(n)]}
         c = Conversation({**body, "messages": body["messages"][:1]})
-        return misses.observe("b", c.key, Conversation(body).blocks, how, prompt, cached)
+        return misses.observe("b", c.key, Conversation(body).blocks, ServedTurn(SlotFound(how), prompt, cached))
 
     assert turn("s", 1, "empty", 100, 0)["reason"] == "new"
     assert turn("s", 2, "same", 120, 100)["reason"] == "hit"
@@ -387,7 +389,7 @@ def test_each_turn_says_why_its_prompt_was_computed():
     body = {"system": [{"type": "text", "text": "s"}],
             "messages": [{"role": "user", "content": "m0"}, {"role": "user", "content": "CHANGED"}]}
     c = Conversation({**body, "messages": body["messages"][:1]})
-    changed = misses.observe("b", c.key, Conversation(body).blocks, "same", 60, 40)
+    changed = misses.observe("b", c.key, Conversation(body).blocks, ServedTurn(SlotFound.SAME, 60, 40))
     assert changed["reason"] == "prefix_changed"
     assert changed["at_block"] == "messages[1].user[0]:text" and changed["at_token"] == 40
     reg = misses.metrics.registry
@@ -409,8 +411,9 @@ def test_the_cache_mark_moving_to_the_next_turn_changes_neither_the_key_nor_the_
     assert conversation_key(one) == conversation_key(two)
     assert Conversation(one).prefix == Conversation(two).prefix[:2]
     misses = CacheMisses(Metrics(CollectorRegistry(), ["b"]))
-    misses.observe("b", Conversation(one).key, Conversation(one).blocks, "same", 30, 0)
-    assert misses.observe("b", Conversation(two).key, Conversation(two).blocks, "same", 40, 30)["reason"] == "hit"
+    misses.observe("b", Conversation(one).key, Conversation(one).blocks, ServedTurn(SlotFound.SAME, 30, 0))
+    seen = misses.observe("b", Conversation(two).key, Conversation(two).blocks, ServedTurn(SlotFound.SAME, 40, 30))
+    assert seen["reason"] == "hit"
     # Another first message is still another conversation.
     other = {**one, "messages": [{"role": "user", "content": [{**task, "text": "Say bye"}]}]}
     assert conversation_key(other) != conversation_key(one)
@@ -419,11 +422,12 @@ def test_the_cache_mark_moving_to_the_next_turn_changes_neither_the_key_nor_the_
 def test_a_slot_is_kept_no_longer_than_a_switch_would_cost():
     from types import SimpleNamespace
 
+    from orchestrator.kv.parking import Parking
     from orchestrator.request.parking import keep_seconds
 
     def backend(slots=1, pace=0.0, park=True):
-        kv = SimpleNamespace(save_pace=pace)
-        return SimpleNamespace(config=SimpleNamespace(slots=slots, kv_park=park), kv=kv)
+        return SimpleNamespace(config=SimpleNamespace(slots=slots, kv_park=park), kv=object(),
+                               parking=Parking(save_pace=pace))
 
     assert keep_seconds(backend(pace=1e-5), 10_000, 0.5) == pytest.approx(0.2)  # a save and a restore
     assert keep_seconds(backend(pace=1e-3), 10_000, 0.5) == 0.5                 # at most the cap

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from ..config import BackendConfig, Config
 from ..engines.upstream import UpstreamClient
 from ..kv.cachemiss import CacheMisses
+from ..kv.parking import Parking
 from ..kv.store import BackendSaves, KvPersistence
 from ..metrics import Metrics
 from ..slots import Limits, SlotQueue
@@ -53,8 +54,10 @@ class Backend:
     config: BackendConfig
     queue: SlotQueue
     health: BackendHealth
-    # Its KV saves (kvsave.py); None when its slot is not saved.
+    # Its KV saves (kv/store.py) and what parking knows of its slot (kv/parking.py); None when its
+    # slot is not saved.
     kv: BackendSaves | None = None
+    parking: Parking | None = None
     # The sends in progress whose clients are still there.
     live: set[Call] = field(default_factory=set)
     # Slots held after their client left, until the backend lets go (release.py).
@@ -117,14 +120,23 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     for b in config.backends:
         queue = SlotQueue(b.name, b.slots, Limits.of(q), on_preferred=metrics.cache_preferred.labels(b.name).inc)
         saves = gw.kv.attach(b, queue)
+        parking = Parking() if saves is not None else None
         watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
 
         health = BackendHealth(
             b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
             on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.backends[name].health.up else 0),
             on_restart=lambda name: metrics.backend_restarts.labels(name).inc(),
-            restore=functools.partial(gw.kv.restore, saves) if saves is not None else None)
-        gw.backends[b.name] = Backend(b, queue, health, kv=saves)
+            restore=functools.partial(_restore, gw.kv, saves, parking) if saves is not None else None)
+        gw.backends[b.name] = Backend(b, queue, health, kv=saves, parking=parking)
         metrics.backend_up.labels(b.name).set(1)
         metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
     return gw
+
+
+async def _restore(kv: KvPersistence, saves: BackendSaves, parking: Parking) -> dict | None:
+    """The restart's restore, before the backend's queue reopens: parking is told what the slot holds
+    now; /health is given what it shows (None: the slot was warm, nothing to do)."""
+    done = await kv.restore(saves)
+    parking.restarted(done.key)  # only a restored save names one
+    return done.view()

@@ -106,7 +106,7 @@ class Registry:
 
     def end(self, entry: Entry, status: str) -> None:
         entry.ended = time.monotonic()
-        entry.status = getattr(entry.outcome, "status", None) or status
+        entry.status = getattr(entry.outcome, "label", None) or status
         if entry.cancelled:
             entry.status = "cancelled"
         if entry.route == "pending":

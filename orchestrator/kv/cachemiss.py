@@ -27,6 +27,7 @@ from typing import Any
 
 from ..conversation import kind
 from ..metrics import Metrics
+from .parking import SlotFound
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,16 @@ MAX_CONVERSATIONS = 512
 RECENT = 20
 # Reading less than this share of the previous turn's prompt means the cache lost it.
 EVICTED_BELOW = 0.9
+
+
+@dataclass(frozen=True)
+class ServedTurn:
+    """A whole turn as the cache saw it: what parking found in the slot, and its prompt's tokens."""
+
+    how: SlotFound
+    prompt: int              # the whole prompt, cached tokens included
+    cached: int              # read from cache
+    slot_seconds: float = 0.0  # parking's work in the slot before its send
 
 
 @dataclass
@@ -49,9 +60,9 @@ class CacheMisses:
         self._recent: dict[str, collections.deque] = {}
         self._totals: dict[str, collections.Counter] = {}
 
-    def observe(self, backend: str, key: str, blocks: list[tuple[str, str]], how: str, prompt: int,
-                cached: int, slot_seconds: float = 0.0) -> dict[str, Any]:
-        """One whole turn of conversation `key`; `how`: what parking found in the slot (SlotTurn.how)."""
+    def observe(self, backend: str, key: str, blocks: list[tuple[str, str]], turn: ServedTurn) -> dict[str, Any]:
+        """One whole turn of conversation `key`, whose prompt's blocks are `blocks`."""
+        how, prompt, cached, slot_seconds = turn.how, turn.prompt, turn.cached, turn.slot_seconds
         prefix = [h for _, h in blocks]
         last = self._last.get(key)
         at = ""
@@ -65,9 +76,9 @@ class CacheMisses:
                 n += 1
             if n < len(last.prefix) and n < len(prefix):
                 reason, at = "prefix_changed", blocks[n][0]
-            elif how == "unparked":
+            elif how is SlotFound.UNPARKED:
                 reason = "unparked"
-            elif how == "switched":
+            elif how is SlotFound.SWITCHED:
                 reason = "switched"
             elif cached < EVICTED_BELOW * last.prompt:
                 reason = "evicted"
@@ -84,16 +95,16 @@ class CacheMisses:
             k = kind(at)
             self.metrics.cache_prefix_changes.labels(backend, k if k in ("system", "tools", "messages")
                                                      else "other").inc()
-        turn = {"time": time.time(), "conversation": key[:8], "reason": reason, "prompt": prompt,
+        seen = {"time": time.time(), "conversation": key[:8], "reason": reason, "prompt": prompt,
                 "cached": cached, "computed": computed, "slot_seconds": round(slot_seconds, 3)}
         if at:
-            turn["at_token"], turn["at_block"] = cached, at
-        self._recent.setdefault(backend, collections.deque(maxlen=RECENT)).append(turn)
+            seen["at_token"], seen["at_block"] = cached, at
+        self._recent.setdefault(backend, collections.deque(maxlen=RECENT)).append(seen)
         self._totals.setdefault(backend, collections.Counter())[reason] += 1
         log.info("cache %s conversation %s: %s, %d of %d prompt tokens from cache, %d computed%s%s", backend,
                  key[:8], reason, cached, prompt, computed, f", prefix changed at token {cached} ({at})" if at else "",
                  f", {slot_seconds * 1000:.0f} ms parking" if slot_seconds else "")
-        return turn
+        return seen
 
     def snapshot(self, backend: str) -> dict[str, Any]:
         """For /health and `make status`: turns by reason, and the last few."""

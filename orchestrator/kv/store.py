@@ -7,8 +7,9 @@ nobody waiting, the slot is saved (`POST /slots/0?action=save`) while the
 gateway holds every slot of the backend, so no generation overlaps the save.
 When the backend comes back, `health` awaits `restore` before it reopens the
 queue: the save of the first waiting request's conversation, else the one sharing
-its longest prefix (prefixes.py), else none. Parking (parking.py) uses the same
-store in a granted request's slot: `save_held` and `restore_key`.
+its longest prefix (prefixes.py), else none. Parking (request/parking.py) uses the
+same store in a granted request's slot: `save_held` and `restore_key`. What each comes to is an
+enum or a small record (results.py).
 
 Each save is a pair in the backend's folder: `KEY-MS.bin`, llama-server's own
 file, and `KEY.json`, what identifies the server that wrote it (kv_identity:
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -41,6 +43,7 @@ from ..metrics import Metrics
 from ..slots import Lease, SlotQueue
 from .folder import bound, read_meta, remove, write_atomic
 from .folder import saves as saved_files
+from .results import HeldSave, Restore, RestoreResult, SaveResult
 from .server_id import ServerId, checksum, server_id
 
 log = logging.getLogger(__name__)
@@ -74,13 +77,10 @@ class BackendSaves:
     saving: int = 0  # saves under way, from the slot's write to their metadata: the idle save waits
     pending: set[str] = field(default_factory=set)  # files written, their metadata not yet: kept by _bound
     keeping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one save's metadata at a time, in order
-    # The conversation the slot was last given (parking.py); only once it ended whole is it `latest`.
-    holder: str | None = None
-    holder_whole: bool = False
-    save_pace: float = 0.0  # seconds per token of the last save: what a park would hold the slot
-    prefill_pace: float = 0.0  # seconds per computed prompt token, last measured (parking.answered)
-    parks_skipped: int = 0  # parks skipped in a row as dearer than a prefill (parking.py)
-    restored: str | None = None  # put back by the restart's restore (/slots then shows no tokens)
+
+    def tokens_saved(self, key: str) -> int:
+        """Tokens of conversation `key` on disk at its last save (0: none)."""
+        return max(self.saved.get(key, 0), 0)
 
 
 # A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
@@ -163,29 +163,29 @@ class KvPersistence:
             leases.append(lease)
         return leases
 
-    async def save(self, b: BackendSaves) -> str:
+    async def save(self, b: BackendSaves) -> SaveResult:
         """Save the slot now if it is idle and changed since its last save; the result, as counted."""
         if b.latest is None or b.saving:
-            return "skipped"
+            return SaveResult.SKIPPED
         backend = b.backend.name
         conversation, tokens = b.latest
         if b.saved.get(conversation.key) == tokens:
-            self.metrics.kv_saves.labels(backend, "unchanged").inc()
-            return "unchanged"
+            self.metrics.kv_saves.labels(backend, SaveResult.UNCHANGED.value).inc()
+            return SaveResult.UNCHANGED
         leases = self._idle_leases(b)
         if leases is None:
-            self.metrics.kv_saves.labels(backend, "busy").inc()
-            return "busy"  # the request that holds it saves when it finishes
+            self.metrics.kv_saves.labels(backend, SaveResult.BUSY.value).inc()
+            return SaveResult.BUSY  # the request that holds it saves when it finishes
         try:
             written = await self._write(b, conversation)
         finally:
             for lease in leases:
                 lease.release()
         if written is None:
-            return "failed"
+            return SaveResult.FAILED
         return await self._finish(b, conversation, tokens, written)
 
-    async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> tuple[str, float]:
+    async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> HeldSave:
         """Save the slot as `conversation`'s now, the caller holding every slot (a park or a checkpoint).
         Returns once the server has written the file: the result and the seconds that took. The
         checksum and the metadata follow in the background with the slot in use again."""
@@ -195,14 +195,14 @@ class KvPersistence:
         written = await self._write(b, conversation)
         took = time.monotonic() - t0
         if written is None:
-            return "failed", took
+            return HeldSave(SaveResult.FAILED, took)
         # Counted as saved from now, so the next turn does not checkpoint it again while its checksum
         # runs; undone if its metadata cannot be written.
         key, before = conversation.key, b.saved.get(conversation.key, 0)
         b.saved[key] = tokens
         undo = functools.partial(b.saved.__setitem__, key, before)
         self._spawn(self._finish(b, conversation, tokens, written, undo), f"kv-keep:{b.backend.name}")
-        return "saved", took
+        return HeldSave(SaveResult.SAVED, took)
 
     async def _write(self, b: BackendSaves, conversation: Conversation) -> _Written | None:
         """The server writes the slot to a file, counted in `saving` from here until `_finish` ends."""
@@ -213,13 +213,11 @@ class KvPersistence:
         finally:
             if written is None:
                 b.saving -= 1
-                self.metrics.kv_saves.labels(b.backend.name, "failed").inc()
-            else:
-                b.pending.add(written.filename)
+                self.metrics.kv_saves.labels(b.backend.name, SaveResult.FAILED.value).inc()
         return written
 
     async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written,
-                      undo: Callable[[], None] | None = None) -> str:
+                      undo: Callable[[], None] | None = None) -> SaveResult:
         """Checksum and metadata of a written save, taken with the slot free again (seconds for
         gigabytes: a request arriving now is not kept waiting by it), one save at a time in the order
         written, so the newest save of a conversation is the one its metadata names."""
@@ -227,14 +225,14 @@ class KvPersistence:
         generation = b.generation
         try:
             async with b.keeping:
-                result = await self._keep(b, conversation, tokens, *written)
+                result = await self._keep(b, conversation, tokens, written)
         finally:
             b.pending.discard(written.filename)
             b.saving -= 1
-        if result != "saved" and undo is not None:
+        if result is not SaveResult.SAVED and undo is not None:
             undo()
-        self.metrics.kv_saves.labels(backend, result).inc()
-        if result == "saved":
+        self.metrics.kv_saves.labels(backend, result.value).inc()
+        if result is SaveResult.SAVED:
             self.metrics.kv_save_seconds.labels(backend).observe(time.monotonic() - written.started)
         if b.generation != generation:
             # A request finished meanwhile, and its own save found this one running.
@@ -250,19 +248,26 @@ class KvPersistence:
             return None
         started = time.monotonic()
         filename = f"{key}-{int(time.time() * 1000)}.bin"
+        # Pending from before the server writes it: the file is on disk before its answer comes, and
+        # another save's bound (in its metadata step, meanwhile) would sweep it as named by no save.
+        b.pending.add(filename)
+        answer = None
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
             answer = await slot_action(self.upstream, b.backend, "save", filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
             remove(b.folder / filename)
-            return None
-        return _Written(filename, answer, server, started)
+        finally:
+            if answer is None:  # failed or cancelled: a file left behind is the bound's to sweep
+                b.pending.discard(filename)
+        return _Written(filename, answer, server, started) if answer is not None else None
 
-    async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int, filename: str,
-                    answer: dict[str, Any], server: ServerId, started: float) -> str:
+    async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int,
+                    written: _Written) -> SaveResult:
         """The save's metadata written beside it (its checksum, its server), the folder bounded."""
         name, key = b.backend.name, conversation.key
+        filename, answer, server = written.filename, written.answer, written.server
         path = b.folder / filename
         try:
             size = path.stat().st_size
@@ -278,7 +283,7 @@ class KvPersistence:
         except (OSError, ValueError, TypeError) as e:
             log.warning("backend %s: KV save of %s not kept (%s)", name, filename, _why(e))
             remove(path)
-            return "failed"
+            return SaveResult.FAILED
         if old and old.get("file") != filename:
             remove(b.folder / str(old.get("file")))
         b.saved[key] = tokens
@@ -287,7 +292,7 @@ class KvPersistence:
                  key[:8], f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "", hashed * 1000)
         self.metrics.kv_saved_bytes.labels(name).inc(size)
         self._bound(b)
-        return "saved"
+        return SaveResult.SAVED
 
     def _bound(self, b: BackendSaves) -> None:
         """Keep the folder under its byte budget (kvfolder.bound)."""
@@ -300,60 +305,51 @@ class KvPersistence:
 
     # ---- restoring -------------------------------------------------------------------------
 
-    async def restore(self, b: BackendSaves) -> dict[str, Any] | None:
-        """Before the backend's queue reopens: restore the save that fits into its empty slot.
-        What happened (for /health and `orchestrator status`), or None when nothing was to do."""
+    async def restore(self, b: BackendSaves) -> Restore:
+        """Before the backend's queue reopens: restore the save that fits into its empty slot. What
+        happened, timed (its `view` is what /health and `orchestrator status` show)."""
         backend = b.backend.name
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(RESTORE_TIMEOUT):
-                result, note = await self._restore(b)
+                done = await self._restore(b)
         except TimeoutError:
-            result, note = "failed", {"error": f"no answer in {RESTORE_TIMEOUT:g}s"}
+            done = Restore(RestoreResult.FAILED, error=f"no answer in {RESTORE_TIMEOUT:g}s")
             log.warning("backend %s: KV restore took over %gs; it starts cold", backend, RESTORE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - a restore must never keep a backend from serving
-            result, note = "failed", {"error": _why(e)}
+            done = Restore(RestoreResult.FAILED, error=_why(e))
             log.warning("backend %s: KV restore failed (%s); it starts cold", backend, _why(e))
         took = time.monotonic() - t0
-        self.metrics.kv_restores.labels(backend, result).inc()
-        if result == "warm":
-            return None
-        if result == "restored":
+        self.metrics.kv_restores.labels(backend, done.result.value).inc()
+        if done.result is RestoreResult.RESTORED:
             self.metrics.kv_restore_seconds.labels(backend).observe(took)
-            self.metrics.kv_restored_tokens.labels(backend).inc(note.get("n_tokens", 0))
-        return {"result": result, "time": time.time(), "seconds": round(took, 3), **note}
+            self.metrics.kv_restored_tokens.labels(backend).inc(done.tokens)
+        return dataclasses.replace(done, seconds=took, at=time.time())
 
-    async def _restore(self, b: BackendSaves) -> tuple[str, dict[str, Any]]:
+    async def _restore(self, b: BackendSaves) -> Restore:
         name = b.backend.name
-        b.restored = None  # the server restarted: whatever an earlier restore put in its slot is gone
         if await self.slot_tokens(b) > 0:
-            return "warm", {}  # its cache survived (the gateway restarted, not the server)
+            return Restore(RestoreResult.WARM)  # its cache survived (the gateway restarted, not the server)
         saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
         if not saves:
-            return "none", {}
+            return Restore(RestoreResult.NONE)
         server = await server_id(self.upstream, b.backend)
         if server is None:
-            return "failed", {"error": "no /props"}
+            return Restore(RestoreResult.FAILED, error="no /props")
         fitting = [m for m in saves if not server.mismatch(m)]
         if not fitting:
             newest = max(saves, key=lambda m: m.get("time", 0))
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
-            return "refused", {"error": why}
+            return Restore(RestoreResult.REFUSED, error=why)
         first = b.waiting[min(b.waiting)] if b.waiting else None
         pick = for_waiter(fitting, first.key, first.prefix) if first else max(fitting, key=lambda m: m["time"])
         if pick is None:
-            return "none", {}
-        result, note = await self._restore_file(b, pick)
-        if result == "restored":
-            # What its file holds, as after an unpark: no checkpoint of all of it again at once.
-            b.saved[str(pick["key"])] = int(note.get("n_tokens", 0))
-            b.holder = b.restored = str(pick["key"])
-            b.holder_whole = False
-        return result, note
+            return Restore(RestoreResult.NONE)
+        return await self._restore_file(b, pick)
 
-    async def restore_key(self, b: BackendSaves, key: str) -> tuple[str, dict[str, Any]]:
-        """Restore `key`'s save now, the caller holding the slot (an unpark); "none": no save of it fits."""
+    async def restore_key(self, b: BackendSaves, key: str) -> Restore:
+        """Restore `key`'s save now, the caller holding the slot (an unpark); NONE: no save of it fits."""
         if any(name.startswith(f"{key}-") for name in b.pending):
             # Its park was just written and its checksum is under way (in order, behind the lock):
             # waiting for it costs far less than the prefill going cold would.
@@ -362,33 +358,35 @@ class KvPersistence:
         server = await server_id(self.upstream, b.backend)
         meta = read_meta(b.folder / f"{key}.json")
         if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
-            return "none", {}
+            return Restore(RestoreResult.NONE)
         return await self._restore_file(b, meta)
 
-    async def _restore_file(self, b: BackendSaves, pick: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Restore one save. A failed one leaves the slot empty (llama-server clears it): cold, not wrong."""
+    async def _restore_file(self, b: BackendSaves, pick: dict[str, Any]) -> Restore:
+        """Restore one save. A failed one leaves the slot empty (llama-server clears it): cold, not wrong.
+        A restored one counts as saved with what its file holds: no checkpoint of all of it again at once."""
         name = b.backend.name
         path = b.folder / str(pick.get("file"))
         size = path.stat().st_size if path.exists() else -1
         if size != pick.get("bytes"):
             log.warning("backend %s: KV save %s is %s (expected %s bytes); it starts cold", name, path.name,
                         "missing" if size < 0 else f"{size} bytes", pick.get("bytes"))
-            return "failed", {"error": "save file missing or truncated"}
+            return Restore(RestoreResult.FAILED, error="save file missing or truncated")
         digest = await asyncio.to_thread(checksum, path)
         if digest != pick.get("sha256"):
             log.warning("backend %s: KV save %s does not match its checksum (damaged on disk, or written "
                         "without one); removed, it starts cold", name, path.name)
             remove(path)
             remove(b.folder / f"{pick['key']}.json")
-            return "failed", {"error": "save file does not match its checksum"}
+            return Restore(RestoreResult.FAILED, error="save file does not match its checksum")
         try:
             answer = await slot_action(self.upstream, b.backend, "restore", path.name, RESTORE_TIMEOUT)
         except GatewayError as e:
             log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
-            return "failed", {"error": _why(e)}
-        n = int(answer.get("n_restored") or 0)
-        log.info("backend %s: restored %d tokens of conversation %s", name, n, str(pick["key"])[:8])
-        return "restored", {"n_tokens": n, "key": pick["key"]}
+            return Restore(RestoreResult.FAILED, error=_why(e))
+        n, key = int(answer.get("n_restored") or 0), str(pick["key"])
+        log.info("backend %s: restored %d tokens of conversation %s", name, n, key[:8])
+        b.saved[key] = n
+        return Restore(RestoreResult.RESTORED, tokens=n, key=key)
 
     # ---- llama-server (kvslot) -------------------------------------------------------------
 

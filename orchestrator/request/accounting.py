@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -15,12 +16,20 @@ from ..jsonvalues import is_int
 log = logging.getLogger(__name__)
 
 
+class Ended(enum.StrEnum):
+    """How a request ended when no HTTP status of its own says it."""
+
+    CLIENT_GONE = "client_gone"    # the client left before its answer ended
+    STREAM_ERROR = "stream_error"  # its stream had begun: the error went as an SSE event
+
+
 @dataclass
 class Outcome:
     """What the answer said of itself, for metrics and for the request's log line."""
 
     backend: str
-    status: str = "200"
+    # The HTTP status the client got (200: answered), or how it ended without one.
+    status: int | Ended = 200
     first_content: float | None = None
     granted: float | None = None
     input_tokens: int = 0
@@ -36,6 +45,12 @@ class Outcome:
         self.granted, self.first_content = granted, None
         self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
         self.stop_reason = None
+
+    @property
+    def label(self) -> str:
+        """Its status as the `requests` metric's label and the log line give it: "200", "529",
+        "client_gone", "stream_error"."""
+        return str(self.status)
 
     @property
     def prompt_tokens(self) -> int:
@@ -84,9 +99,9 @@ def record(gw: Gateway, route: str, outcome: Outcome, arrived: float, *, count_t
     m, b = gw.metrics, outcome.backend
     end = time.monotonic()
     ttft = f"{outcome.first_content - arrived:.2f}s" if outcome.first_content is not None else "-"
-    log.info("%s %s %s in %.2fs (ttft %s; prompt %d + %d cached, output %d)", route, b, outcome.status,
+    log.info("%s %s %s in %.2fs (ttft %s; prompt %d + %d cached, output %d)", route, b, outcome.label,
              end - arrived, ttft, outcome.input_tokens, outcome.cache_read_tokens, outcome.output_tokens)
-    m.requests.labels(route, b, outcome.status).inc()
+    m.requests.labels(route, b, outcome.label).inc()
     m.duration.labels(b, route).observe(end - arrived)
     if outcome.first_content is not None:
         m.ttft.labels(b, route).observe(outcome.first_content - arrived)

@@ -163,7 +163,7 @@ async def ask(gw: Gateway, body: dict[str, Any], route: Route,
     fmt = gw.config.routing.background_format
     request = ask_for(body, route.shape, fmt, backend.max_output_tokens)
     answers = gw.metrics.background_answers
-    outcome = Outcome(backend.name, status="200")
+    outcome = Outcome(backend.name, status=200)
     try:
         async with asyncio.timeout(gw.config.routing.background_timeout_seconds):
             raw = await _exchange(gw, route, request, outcome)

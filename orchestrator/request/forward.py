@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..jsonvalues import INLINE_BYTES, utf8_json
 from . import placement
-from .accounting import Outcome, record
+from .accounting import Ended, Outcome, record
 from .client_stream import ClientGone, ClientStream
 from .relay import is_anthropic_error, relay_stream
 from .release import in_slot
@@ -66,7 +66,7 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
     """Send through the backend placement chooses; account the outcome on every path. `ident`: who
     asks (Claude Code's session and agent), part of the conversation's key; `track`: its place in the
     agent tree, told when it runs."""
-    outcome = Outcome(route.backends[0], status="client_gone")
+    outcome = Outcome(route.backends[0], status=Ended.CLIENT_GONE)
     inflight.attach(outcome, route.kind.value, route.priority.name.lower())  # the dashboard follows it
     g = gw.config.gateway
     client = (ClientStream(request, g.ping_interval_seconds, g.write_timeout_seconds)
@@ -75,19 +75,19 @@ async def forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw: 
         if client is not None:
             client.keep_alive()
         response = await _forward(request, gw, body, raw, route, outcome, client, ident, track)
-        if outcome.status == "client_gone":
-            outcome.status = "200"
+        if outcome.status is Ended.CLIENT_GONE:
+            outcome.status = 200
         return response
     except ClientGone as gone:
         gw.metrics.disconnects.labels("in_slot").inc()
-        outcome.status = "client_gone"
+        outcome.status = Ended.CLIENT_GONE
         return gone.response or web.Response(status=499)
     except GatewayError as e:
         if client is None or not client.started:
-            outcome.status = str(e.status)
+            outcome.status = e.status
             raise
         # Headers and pings went out already: the error can only be an event.
-        outcome.status = "stream_error"
+        outcome.status = Ended.STREAM_ERROR
         try:
             await client.write(sse.encode("error", e.body()))
             return await client.finish()
@@ -138,7 +138,7 @@ async def _forward(request: web.Request, gw: Gateway, body: dict[str, Any], raw:
                 headers = request_headers(request.headers, backend.config, gw.config.gateway.api_key)
                 response = await _exchange(gw, backend, request.path_qs, data, headers, client, outcome,
                                            body.get("model"), call)
-                if call.complete and outcome.status != "stream_error":
+                if call.complete and outcome.status is not Ended.STREAM_ERROR:
                     if hashed is not None:
                         await hashed
                     placement.served(gw, group, backend, conversation, outcome, call, turn)

@@ -20,6 +20,7 @@ import time
 from ..backends.gateway import Backend, Call, Gateway
 from ..conversation import Conversation
 from ..errors import Overloaded
+from ..kv.cachemiss import ServedTurn
 from ..slots import Lease, Priority, Tag, pick_queue
 from .accounting import Outcome
 from .parking import SlotTurn, answered, before_send, keep_seconds
@@ -65,8 +66,8 @@ def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Co
     if seconds > 0 and outcome.stop_reason == "tool_use":
         call.keep_for = (conversation.key, seconds)
     if gw.misses is not None and outcome.prompt_tokens > 0:
-        seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks, turn.how,
-                                 outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds)
+        seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks,
+                                 ServedTurn(turn.how, outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds))
         outcome.cache_reason = seen["reason"] + (f" at {seen['at_block']}" if "at_block" in seen else "")
     if pooled(gw, group):
         gw.pool.served(conversation.key, backend.name, time.monotonic() - outcome.granted)

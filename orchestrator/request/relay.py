@@ -26,7 +26,7 @@ from ..errors import (
     UpstreamUnavailable,
     from_upstream,
 )
-from .accounting import Outcome
+from .accounting import Ended, Outcome
 from .client_stream import ClientStream
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ async def relay_stream(client: ClientStream, backend: Backend, resp: aiohttp.Cli
             if not call.answered:
                 raise UpstreamUnavailable(f"backend {backend.name!r} failed before its first event: {why}") from exc
             backend.health.mark_down(f"stream broken: {why}")
-            outcome.status = "stream_error"
+            outcome.status = Ended.STREAM_ERROR
             raise Overloaded(f"backend {backend.name!r} broke off its stream ({why}): did it crash?") from exc
         try:
             blocks = parser.feed(chunk, eof=eof)
@@ -89,12 +89,12 @@ async def relay_stream(client: ClientStream, backend: Backend, resp: aiohttp.Cli
         raise UpstreamUnavailable(f"backend {backend.name!r} closed the stream before its first event")
     if terminal is not None:
         if terminal == "error":
-            outcome.status = "stream_error"
+            outcome.status = Ended.STREAM_ERROR
         call.complete = await drain(resp, DRAIN_SECONDS)
         return await client.finish()
     # The backend died mid-answer, ended without message_stop, or broke a rule: the client is told
     # (an SSE error once its stream has begun); a truncated answer must not pass for a whole one.
-    outcome.status = "stream_error"
+    outcome.status = Ended.STREAM_ERROR
     if problem is None:
         backend.health.mark_down("stream ended without message_stop")
         raise Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
