@@ -2,7 +2,8 @@ from conftest import sample
 from multidict import CIMultiDict
 
 from orchestrator.backends import identity
-from orchestrator.backends.identity import Identity, Tree, from_headers
+from orchestrator.backends.identity import Identity, from_headers
+from orchestrator.backends.inflight import Entry, InFlight
 from orchestrator.conversation import conversation_key as prefix_key
 
 SID = "295830f4-f4d5-4433-a1a6-583a30d4e917"
@@ -45,30 +46,39 @@ def test_the_key_binds_the_header_identity_to_the_prefix():
     assert identity.conversation_key(later, True, Identity(SID)) == mine
 
 
+def _forwarded(tracker: InFlight, ident: Identity) -> Entry:
+    entry = tracker.begin(ident, None)
+    tracker.forwarded(entry, None, "main", "main")
+    return entry
+
+
 def test_tree_tracks_queued_then_running_and_lets_go():
-    tree = Tree()
-    agent = Identity(SID, "a1", None)
-    with tree.track(Identity(SID)) as main:
-        with tree.track(agent) as t:
-            assert tree.in_flight() == {("main", "queued"): 1, ("main", "running"): 0,
-                                        ("agent", "queued"): 1, ("agent", "running"): 0}
-            t.granted("primary")
-            t.granted("primary2")  # a retry elsewhere: still one running, on the new backend
-            snap = tree.snapshot()["sessions"][0]
-            assert snap["agents"][0]["running"] == 1 and snap["agents"][0]["backend"] == "primary2"
-            assert snap["main"]["queued"] == 1 and snap["id"] == SID[:8]
-        main.granted("primary")
+    tracker = InFlight()
+    tree = tracker.agents
+    main = _forwarded(tracker, Identity(SID))
+    t = _forwarded(tracker, Identity(SID, "a1", None))
+    assert tree.in_flight() == {("main", "queued"): 1, ("main", "running"): 0,
+                                ("agent", "queued"): 1, ("agent", "running"): 0}
+    tracker.granted(t, "primary")
+    tracker.granted(t, "primary2")  # a retry elsewhere: still one running, on the new backend
+    snap = tree.snapshot()["sessions"][0]
+    assert snap["agents"][0]["running"] == 1 and snap["agents"][0]["backend"] == "primary2"
+    assert snap["main"]["queued"] == 1 and snap["id"] == SID[:8]
+    tracker.end(t, "200")
+    tracker.granted(main, "primary")
+    tracker.end(main, "200")
     assert set(tree.in_flight().values()) == {0}
-    with tree.track(Identity()) as anon:  # anonymous requests are not in the tree
-        anon.granted("primary")
+    anon = _forwarded(tracker, Identity())  # anonymous requests are not in the tree
+    tracker.granted(anon, "primary")
+    tracker.end(anon, "200")
     assert len(tree) == 1
 
 
 def test_tree_is_bounded_whatever_ids_clients_send():
-    tree = Tree(max_sessions=3, max_agents=2)
+    tracker = InFlight(max_sessions=3, max_agents=2)
+    tree = tracker.agents
     for i in range(1000):
-        with tree.track(Identity(f"s{i % 50}", f"a{i}")):
-            pass
+        tracker.end(_forwarded(tracker, Identity(f"s{i % 50}", f"a{i}")), "200")
     snap = tree.snapshot()
     assert len(tree) == 3 and snap["sessions_known"] == 3
     assert all(len(s["agents"]) <= 2 for s in snap["sessions"]) and snap["forgotten"] > 0

@@ -1,20 +1,23 @@
-"""The in-flight registry: bounded, states derived from the live outcome, cancel cancels the task."""
+"""The tracker of what runs: bounded, states derived from the live outcome, cancel cancels the task,
+the agent tree and the sends views of it."""
 
 import asyncio
 
-from orchestrator.backends import inflight
-from orchestrator.backends.inflight import Registry
+from orchestrator.backends import identity
+from orchestrator.backends.identity import Identity, from_headers
+from orchestrator.backends.inflight import InFlight
 from orchestrator.request.accounting import Outcome
 
 
 async def test_states_follow_the_outcome_and_end_in_recent():
-    reg = Registry(max_recent=2)
+    reg = InFlight(max_recent=2)
 
     async def request():
-        entry = reg.begin({"X-Claude-Code-Session-Id": "s\x00" + "x" * 500}, asyncio.current_task())
+        forged = from_headers({identity.SESSION: "s\x00" + "x" * 500})
+        entry = reg.begin(forged, asyncio.current_task())
         assert entry.state == "parsing"
         outcome = Outcome("primary")
-        inflight.attach(outcome, "main", "main")
+        reg.forwarded(entry, outcome, "main", "main")
         assert entry.state == "queued"
         outcome.reset(granted=entry.arrived + 1)
         assert entry.state == "prefill"
@@ -23,21 +26,32 @@ async def test_states_follow_the_outcome_and_end_in_recent():
         return entry
 
     entry = await asyncio.create_task(request())
-    assert len(entry.session) == inflight.HEADER_CHARS - 1 and "\x00" not in entry.session
+    shown = reg.snapshot()["inflight"][0]["session"]  # shown cleaned, though it names no one
+    assert len(shown) == identity.SHOWN_CHARS - 1 and "\x00" not in shown and entry.identity == Identity()
     reg.end(entry, "200")
     assert reg.snapshot()["inflight"] == [] and reg.snapshot()["recent"][0]["wait"] == 1.0
 
 
 async def test_bounded_and_cancel_only_what_runs():
-    reg = Registry(max_inflight=1, max_recent=1)
+    reg = InFlight(max_inflight=1, max_recent=1)
     task = asyncio.create_task(asyncio.sleep(10))
-    entry = reg.begin({}, task)
-    assert reg.begin({}, task) is None  # past the bound: untracked
+    entry = reg.begin(Identity(), task)
+    past = reg.begin(Identity(), None)
+    assert [e["id"] for e in reg.snapshot()["inflight"]] == [entry.id]  # past the bound: not listed
     assert reg.cancel(entry.id) and not reg.cancel(entry.id) and not reg.cancel(999)
     await asyncio.gather(task, return_exceptions=True)
     assert task.cancelled()
     reg.end(entry, "client_gone")
     assert reg.snapshot()["recent"][0]["status"] == "cancelled"
-    other = reg.begin({}, None)
+    reg.end(past, "200")
+    other = reg.begin(Identity(), None)
     reg.end(other, "200")
     assert [r["id"] for r in reg.snapshot()["recent"]] == [other.id]
+
+
+def test_sends_are_counted_per_backend_while_they_run():
+    reg = InFlight()
+    call = reg.start_send("primary")
+    assert reg.sends("primary") == {call} and reg.sends("small") == set()
+    reg.end_send("primary", call)
+    assert reg.sends("primary") == set()

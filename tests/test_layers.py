@@ -19,7 +19,7 @@ PACKAGES = ["ops", "http", "request", "backends", "kv", "engines", ""]
 MODULES = {
     "ops": {"cli", "supervise", "status", "events", "grafana", "claude_env"},
     "http": {"app", "handlers", "listener", "access", "bodies", "schema_limits", "page", "history"},
-    "request": {"forward", "background", "placement", "parking", "relay", "release", "accounting",
+    "request": {"exchange", "forward", "background", "placement", "parking", "relay", "release", "accounting",
                 "routing", "synthetic", "client_stream", "schemas"},
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
     "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results"},
@@ -29,7 +29,7 @@ MODULES = {
 # Inside `request`, one request's way runs down too: forward never imported by what it calls.
 REQUEST_LAYERS = [
     {"forward", "background"},
-    {"placement", "parking", "relay", "release", "accounting"},
+    {"exchange", "placement", "parking", "relay", "release", "accounting"},
     {"routing", "synthetic", "client_stream", "schemas"},
 ]
 MAX_TOP_LEVEL = 10

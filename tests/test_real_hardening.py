@@ -491,12 +491,12 @@ def instrument(monkeypatch, queue, by_id: dict[str, "Client"]) -> None:
     and when the slot queue granted it a slot."""
     forward = handlers.forward
 
-    async def tagged_forward(request, *args, **kwargs):
-        cid = request.headers.get("x-storm-client")
+    async def tagged_forward(gw, ex):
+        cid = ex.request.headers.get("x-storm-client")
         _CLIENT.set(cid)
         if cid in by_id:
             by_id[cid].entered.set()
-        return await forward(request, *args, **kwargs)
+        return await forward(gw, ex)
 
     monkeypatch.setattr(handlers, "forward", tagged_forward)
     acquire = queue.acquire

@@ -1,8 +1,8 @@
 """The gateway's shared state: one `Backend` record per backend, and the `Gateway` that holds them.
 
-Every request path (proxy, background, synthetic answers, count_tokens) and every
-view of the state (/health, the status page) reads from here; nothing here
-knows about requests. Built once per process by `build_gateway`.
+Every request path (forward, background, synthetic answers, count_tokens) and every
+view of the state (/health, the status page) reads from here; what runs is the
+tracker's (inflight.py), which the Gateway holds. Built once per process by `build_gateway`.
 """
 
 from __future__ import annotations
@@ -25,26 +25,8 @@ from ..metrics import Metrics
 from ..slots import Limits, SlotQueue
 from .counting import TokenCounter
 from .health import BackendHealth, watch_for
-from .identity import Tree
+from .inflight import InFlight, Tree
 from .pool import Pool
-
-
-@dataclass(eq=False)  # each send is its own: kept in sets by identity
-class Call:
-    """One send to a backend, as far as the backend's slot is concerned."""
-
-    sent: bool = False       # the request went out: the backend may be working on it
-    answered: bool = False   # the backend's answer began (it had the request in a slot)
-    complete: bool = False   # its answer was read to the end: the backend is done with it
-    # The gateway's own work on the slot before the send (a park, an unpark: parking.py); the slot
-    # is not free before it ends, even if the client left during it.
-    admin: asyncio.Task | None = None
-    # Its answer ended whole: keep the slot this long for the conversation's next turn (slots.py).
-    keep_for: tuple[str, float] | None = None
-
-    @property
-    def abandoned(self) -> bool:
-        return self.sent and not self.complete
 
 
 @dataclass(eq=False)
@@ -58,19 +40,12 @@ class Backend:
     # slot is not saved.
     kv: BackendSaves | None = None
     parking: Parking | None = None
-    # The sends in progress whose clients are still there.
-    live: set[Call] = field(default_factory=set)
     # Slots held after their client left, until the backend lets go (release.py).
     held: set[asyncio.Task] = field(default_factory=set)
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    def slot_use(self) -> dict[str, int]:
-        """What holds its busy slots: sends in progress (client still there), and slots held after
-        their client left; the rest is the gateway's own work (a KV save or restore)."""
-        return {"sending": len(self.live), "held_after_client_left": len(self.held)}
 
 
 @dataclass
@@ -85,14 +60,24 @@ class Gateway:
     backends: dict[str, Backend] = field(default_factory=dict)
     # Conversation affinity for the groups of several backends (None: least busy, always).
     pool: Pool | None = None
-    # Claude Code's sessions and agents, queued or running (bounded).
-    agents: Tree = field(default_factory=Tree)
+    # What runs: every request and send in flight, the one tracker (inflight.py).
+    inflight: InFlight = field(default_factory=InFlight)
     # Why each main or agent turn's prompt missed the cache (cachemiss.py).
     misses: CacheMisses | None = None
     started: float = field(default_factory=time.time)
 
     def group(self, names: Iterable[str]) -> list[Backend]:
         return [self.backends[n] for n in names]
+
+    @property
+    def agents(self) -> Tree:
+        """Claude Code's sessions and agents, queued or running (bounded): a view of what runs."""
+        return self.inflight.agents
+
+    def slot_use(self, backend: Backend) -> dict[str, int]:
+        """What holds a backend's busy slots: sends in progress (client still there), and slots held
+        after their client left; the rest is the gateway's own work (a KV save or restore)."""
+        return {"sending": len(self.inflight.sends(backend.name)), "held_after_client_left": len(backend.held)}
 
     def held_slots(self) -> int:
         """Slots held after their client left, over every backend."""

@@ -1,10 +1,20 @@
-"""The requests in the gateway now, and the last ones it finished: what the dashboard shows and cancels.
+"""What runs: the one tracker of the gateway's requests and of their sends, and the views read from it.
 
-One `Entry` per `/v1/messages` request, made by the dashboard's middleware before the handler runs and
-reachable from the request path through a context variable (`attach`), so the request path needs no
-argument for it. An entry reads the request's live `Outcome` (backend, grant, first token, usage): its
-state is derived, never copied. Both collections are bounded: in flight by `max_inflight` (a request
-past it runs, untracked), recent by `max_recent`.
+One `Entry` per `/v1/messages` request, begun by the page's middleware (http/page.py) before the
+handler runs, with the request's identity (Claude Code's headers, parsed once: identity.py). The
+request's Exchange carries the entry down the request path, which tells the tracker what happens to
+it: `forwarded` (from then the entry reads the request's live `Outcome`: backend, grant, first token,
+usage, so its state is derived, never copied; and its requester joins the agent tree), `granted` (it
+runs on a backend), `end`. Each send in a granted slot is a `Call`, begun and ended by
+release.in_slot. `InFlight` is the one writer of all of it; the rest reads views of it:
+
+- `snapshot()`: the dashboard's in-flight and recent lists (listed in flight: at most
+  `max_inflight`, a request past it runs and counts everywhere else, unlisted; recent: `max_recent`);
+- `agents` (`Tree`): Claude Code's sessions and agents, bounded, least recently seen first out, each
+  node's queued and running requests counted from the live entries (/health's "agents", the
+  requesters-in-flight metrics);
+- `sends(backend)`: the sends in progress on a backend whose clients are still there (/health's
+  "sending", and what else release.py lets a backend be processing).
 
 Cancel ends a request exactly as a vanished client does: its handler task is cancelled, so the request
 path counts the disconnect and, if the backend may still be working, holds the slot until it lets go.
@@ -13,39 +23,64 @@ path counts the disconnect and, if the backend may still be working, holds the s
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import collections
 import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
-# What is shown of a client-supplied header: enough to tell sessions apart, never a big string.
-HEADER_CHARS = 80
-SESSION_HEADER = "X-Claude-Code-Session-Id"
-AGENT_HEADER = "x-claude-code-agent-id"
+from .identity import KINDS, STATES, Identity, short
 
-_current: contextvars.ContextVar["Entry | None"] = contextvars.ContextVar("inflight_entry", default=None)
+MAIN = ""  # the node key of a session's own conversation (an agent id is never empty)
 
 
-def _header(headers, name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    # Printable characters only; the page escapes again (textContent), this keeps the JSON small.
-    return "".join(ch for ch in value[:HEADER_CHARS] if ch.isprintable())
+@dataclass(eq=False)  # each send is its own: kept in sets by identity
+class Call:
+    """One send to a backend, as far as the backend's slot is concerned."""
+
+    sent: bool = False       # the request went out: the backend may be working on it
+    answered: bool = False   # the backend's answer began (it had the request in a slot)
+    complete: bool = False   # its answer was read to the end: the backend is done with it
+    # The gateway's own work on the slot before the send (a park, an unpark: parking.py); the slot
+    # is not free before it ends, even if the client left during it.
+    admin: asyncio.Task | None = None
+    # Its answer ended whole: keep the slot this long for the conversation's next turn (slots.py).
+    keep_for: tuple[str, float] | None = None
+
+    @property
+    def abandoned(self) -> bool:
+        return self.sent and not self.complete
+
+
+@dataclass
+class Node:
+    """One requester (a session's main conversation, or one of its agents) as the gateway saw it."""
+
+    parent: str | None
+    requests: int = 0
+    backend: str | None = None
+    last_seen: float = field(default_factory=time.time)
+
+    def snapshot(self, name: str, now: float, counts: tuple[int, int]) -> dict[str, Any]:
+        return {"id": short(name), "parent": short(self.parent) if self.parent else None,
+                "queued": counts[0], "running": counts[1], "requests": self.requests,
+                "backend": self.backend, "idle_seconds": round(now - self.last_seen, 1)}
 
 
 @dataclass(eq=False)
 class Entry:
+    """One request as the tracker follows it."""
+
     id: int
     task: asyncio.Task | None
     arrived: float                  # monotonic
-    session: str | None = None
-    agent: str | None = None
+    identity: Identity = Identity()
     route: str = "pending"
     priority: str = "main"
-    outcome: Any = None             # proxy.Outcome, live; None until the request is forwarded
+    outcome: Any = None             # accounting.Outcome, live; None until the request is forwarded
+    node: Node | None = None        # its requester in the agent tree, once forwarded with a session
+    running_on: str | None = None   # the backend it was granted (a retry elsewhere moves it)
     status: str | None = None       # set when finished
     ended: float | None = None
     cancelled: bool = False
@@ -72,8 +107,8 @@ class Entry:
             tps = round(out_tokens / (end - first), 1)
         return {
             "id": self.id, "state": self.state, "route": self.route, "priority": self.priority,
-            "backend": getattr(o, "backend", None), "session": self.session, "agent": self.agent,
-            "age": round(end - self.arrived, 2),
+            "backend": getattr(o, "backend", None), "session": self.identity.shown_session,
+            "agent": self.identity.shown_agent, "age": round(end - self.arrived, 2),
             "wait": round((granted if granted is not None else end) - self.arrived, 2),
             # Since the slot was granted (prefill) or since the first token (generating).
             "in_state": round(end - (first if first is not None else granted), 2) if granted is not None else None,
@@ -84,25 +119,109 @@ class Entry:
         }
 
 
-@dataclass
-class Registry:
-    max_inflight: int = 1024
-    max_recent: int = 100
-    live: dict[int, Entry] = field(default_factory=dict)
-    recent: deque = field(default_factory=deque)
-    _ids: Any = field(default_factory=lambda: itertools.count(1))
+class Tree:
+    """Sessions -> requesters (main and agents), a view of the tracker: the requesters it has seen,
+    bounded (at most `max_sessions` sessions of at most `max_agents` requesters, least recently seen
+    first out), each with its queued and running requests counted from the tracker's live entries.
+    Written by `InFlight` alone."""
 
-    def __post_init__(self) -> None:
-        self.recent = deque(maxlen=self.max_recent)
+    def __init__(self, live: dict[int, Entry], max_sessions: int = 256, max_agents: int = 64) -> None:
+        self._live = live
+        self.max_sessions, self.max_agents = max_sessions, max_agents
+        self._sessions: collections.OrderedDict[str, collections.OrderedDict[str, Node]] = \
+            collections.OrderedDict()
+        self.forgotten = 0
 
-    def begin(self, headers, task: asyncio.Task | None) -> Entry | None:
-        entry = Entry(next(self._ids), task, time.monotonic(),
-                      session=_header(headers, SESSION_HEADER), agent=_header(headers, AGENT_HEADER))
-        if len(self.live) >= self.max_inflight:
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _seen(self, ident: Identity) -> Node | None:
+        """The requester's node, most recently seen now; None for a request without a session."""
+        if ident.session is None:
             return None
+        nodes = self._sessions.get(ident.session)
+        if nodes is None:
+            nodes = self._sessions[ident.session] = collections.OrderedDict()
+        self._sessions.move_to_end(ident.session)
+        name = ident.agent or MAIN
+        node = nodes.get(name)
+        if node is None:
+            node = nodes[name] = Node(ident.parent)
+        nodes.move_to_end(name)
+        node.last_seen = time.time()
+        self._bound(nodes)
+        return node
+
+    def _bound(self, nodes: collections.OrderedDict[str, Node]) -> None:
+        while len(nodes) > self.max_agents:
+            nodes.popitem(last=False)
+            self.forgotten += 1
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+            self.forgotten += 1
+
+    def _in_tree(self) -> Iterable[Entry]:
+        return (e for e in self._live.values() if e.node is not None)
+
+    def in_flight(self) -> dict[tuple[str, str], int]:
+        """(kind, state) -> requests, for a gauge with bounded labels (anonymous ones not counted here)."""
+        out = {(k, s): 0 for k in KINDS[:2] for s in STATES}
+        for e in self._in_tree():
+            out[("agent" if e.identity.agent else "main", "running" if e.running_on else "queued")] += 1
+        return out
+
+    def snapshot(self, limit: int = 20) -> dict[str, Any]:
+        """The most recently seen sessions, each with its requesters, for /health and `make status`."""
+        counts: dict[int, list[int]] = {}
+        for e in self._in_tree():
+            counts.setdefault(id(e.node), [0, 0])[e.running_on is not None] += 1
+        now = time.time()
+
+        def view(name: str, node: Node) -> dict[str, Any]:
+            queued, running = counts.get(id(node), (0, 0))
+            return node.snapshot(name, now, (queued, running))
+
+        sessions = []
+        for sid, nodes in reversed(self._sessions.items()):
+            if len(sessions) >= limit:
+                break
+            sessions.append({"id": short(sid), "idle_seconds": round(now - max(n.last_seen for n in
+                                                                           nodes.values()), 1) if nodes else None,
+                             "main": view(sid, nodes[MAIN]) if MAIN in nodes else None,
+                             "agents": [view(a, n) for a, n in nodes.items() if a != MAIN]})
+        return {"sessions_known": len(self._sessions), "max_sessions": self.max_sessions,
+                "max_agents_per_session": self.max_agents, "forgotten": self.forgotten, "sessions": sessions}
+
+
+class InFlight:
+    """The one tracker of what runs (see the module's doc); its views are read, never written, outside."""
+
+    def __init__(self, max_inflight: int = 1024, max_recent: int = 100, *,
+                 max_sessions: int = 256, max_agents: int = 64) -> None:
+        self.max_inflight = max_inflight
+        self.live: dict[int, Entry] = {}
+        self.recent: deque[Entry] = deque(maxlen=max_recent)
+        self.agents = Tree(self.live, max_sessions, max_agents)
+        self._sends: dict[str, set[Call]] = collections.defaultdict(set)
+        self._ids = itertools.count(1)
+
+    # ---- one request ----
+    def begin(self, ident: Identity, task: asyncio.Task | None) -> Entry:
+        entry = Entry(next(self._ids), task, time.monotonic(), ident)
         self.live[entry.id] = entry
-        _current.set(entry)
         return entry
+
+    def forwarded(self, entry: Entry, outcome: Any, route: str, priority: str) -> None:
+        """Routed to a backend: the entry follows its outcome from here, and its requester is in the tree."""
+        entry.outcome, entry.route, entry.priority = outcome, route, priority
+        entry.node = self.agents._seen(entry.identity)
+        if entry.node is not None:
+            entry.node.requests += 1
+
+    def granted(self, entry: Entry, backend: str) -> None:
+        entry.running_on = backend
+        if entry.node is not None:
+            entry.node.backend = backend
 
     def end(self, entry: Entry, status: str) -> None:
         entry.ended = time.monotonic()
@@ -111,6 +230,8 @@ class Registry:
             entry.status = "cancelled"
         if entry.route == "pending":
             entry.route = "gateway"  # answered by the gateway itself (synthetic) or refused
+        if entry.node is not None:
+            entry.node.last_seen = time.time()
         entry.task = None
         self.live.pop(entry.id, None)
         self.recent.append(entry)
@@ -124,15 +245,21 @@ class Registry:
         entry.task.cancel()
         return True
 
+    # ---- one send ----
+    def start_send(self, backend: str) -> Call:
+        call = Call()
+        self._sends[backend].add(call)
+        return call
+
+    def end_send(self, backend: str, call: Call) -> None:
+        self._sends[backend].discard(call)
+
+    # ---- views ----
+    def sends(self, backend: str) -> frozenset[Call]:
+        return frozenset(self._sends.get(backend, ()))
+
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         now = time.monotonic()
-        return {"inflight": [e.view(now) for e in self.live.values()],
+        listed = itertools.islice(self.live.values(), self.max_inflight)
+        return {"inflight": [e.view(now) for e in listed],
                 "recent": [e.view(now) for e in reversed(self.recent)]}
-
-
-def attach(outcome: Any, route: str, priority: str) -> None:
-    """Called on the request path once the request is routed: the entry follows its outcome from here."""
-    entry = _current.get()
-    if entry is not None:
-        entry.outcome, entry.route, entry.priority = outcome, route, priority
-

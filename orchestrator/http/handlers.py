@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..backends import identity
 from ..backends.counting import estimate_tokens
 from ..backends.gateway import GATEWAY, Gateway
 from ..backends.health import State
@@ -19,9 +17,11 @@ from ..errors import GatewayError, NotFound
 from ..jsonvalues import INLINE_BYTES
 from ..request import background, synthetic
 from ..request.accounting import record_synthetic
+from ..request.exchange import Exchange
 from ..request.forward import forward
 from ..request.routing import Route, RouteKind, Shape, backends_for_model, choose_route
 from .bodies import parse_object, parse_request, read_body
+from .page import ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +52,26 @@ async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tok
 
 async def messages(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
-    arrived = time.monotonic()
+    entry = request[ENTRY]  # begun by the page's middleware, with the request's identity
     raw, body = await _parse(request, gw, "main", needs_max_tokens=True)
     route = choose_route(body, gw.config, background_up=_background_up(gw))
-    ident = identity.from_headers(request.headers)
-    _account_route(gw, body, route, ident)
+    ex = Exchange(request, entry, raw, body, route)
+    _account_route(gw, ex)
     if route.kind is RouteKind.BACKGROUND and route.shape in background.STRUCTURED:
-        answered = await background.ask(gw, body, route, arrived)
+        answered = await background.ask(gw, body, route, ex.arrived)
         if answered is not None:
             return synthetic.response(body, route.shape, answered[1], answered[0])
-        route = Route(RouteKind.SYNTHETIC, route.shape)
-    if route.kind is RouteKind.SYNTHETIC:
-        return await answer_synthetic(gw, body, len(raw), route, arrived)
-    with gw.agents.track(ident) as track:
-        return await forward(request, gw, body, raw, route, arrived, ident=ident, track=track)
+        ex.route = Route(RouteKind.SYNTHETIC, route.shape)
+    if ex.route.kind is RouteKind.SYNTHETIC:
+        return await answer_synthetic(gw, ex)
+    return await forward(gw, ex)
 
 
-def _account_route(gw: Gateway, body: dict[str, Any], route: Route, ident: identity.Identity) -> None:
+def _account_route(gw: Gateway, ex: Exchange) -> None:
     """Say why the request goes where it goes: in the log, and in metrics with bounded labels."""
+    route, ident, model = ex.route, ex.identity, ex.model
     gw.metrics.routes.labels(route.kind.value, route.reason.value).inc()
     gw.metrics.requesters.labels(ident.kind).inc()
-    model = body.get("model")
     # e.g. `agent 'claude-haiku-4-5' -> main primary (background_name_work; session 295830f4 agent a7c34fb6)`
     backends = f" {','.join(route.backends)}" if route.backends else ""
     who = f"; {ident.describe()}" if ident.session else ""
@@ -80,22 +79,22 @@ def _account_route(gw: Gateway, body: dict[str, Any], route: Route, ident: ident
              route.kind.value, backends, route.reason.value, who)
 
 
-async def answer_synthetic(gw: Gateway, body: dict[str, Any], size: int, route: Route,
-                           arrived: float) -> web.StreamResponse:
-    if route.shape is Shape.COUNT_PROBE:
+async def answer_synthetic(gw: Gateway, ex: Exchange) -> web.StreamResponse:
+    body, size, shape = ex.body, ex.size, ex.route.shape
+    if shape is Shape.COUNT_PROBE:
         input_tokens = await gw.counter.count(_counting_backend(gw, body["model"]), body, size=size)
     elif size <= INLINE_BYTES:
         input_tokens = estimate_tokens(body)
     else:
         input_tokens = await asyncio.to_thread(estimate_tokens, body)
     try:
-        response = synthetic.response(body, route.shape, input_tokens)
+        response = synthetic.response(body, shape, input_tokens)
     except GatewayError as e:
         # A schema asking for more than the gateway answers.
         gw.metrics.rejections.labels("bad_request").inc()
         gw.metrics.requests.labels("synthetic", "gateway", str(e.status)).inc()
         raise
-    record_synthetic(gw, route.shape.value, bool(body.get("stream")), arrived)
+    record_synthetic(gw, shape.value, bool(body.get("stream")), ex.arrived)
     return response
 
 
@@ -129,7 +128,7 @@ async def probe(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    backends = [{**b.health.snapshot(), **b.slot_use(), **({"cache": gw.misses.snapshot(b.name)} if gw.misses else {})}
+    backends = [{**b.health.snapshot(), **gw.slot_use(b), **({"cache": gw.misses.snapshot(b.name)} if gw.misses else {})}
                 for b in gw.backends.values()]
     ok = all(b.health.up for b in gw.backends.values() if b.config.role == "main")
     g = gw.config.gateway

@@ -28,8 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
+from ..backends import identity
 from ..backends.gateway import GATEWAY, Gateway
-from ..backends.inflight import Registry
+from ..backends.inflight import Entry
 from ..errors import (
     AuthenticationFailed,
     Forbidden,
@@ -53,6 +54,9 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
                     "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-store"}
 
 DASHBOARD = web.AppKey("dashboard", object)
+# Where the middleware leaves a `/v1/messages` request's entry for its handler (aiohttp 3.14 types
+# request keys; an older one takes a string).
+ENTRY = web.RequestKey("entry", Entry) if hasattr(web, "RequestKey") else "orchestrator.entry"
 
 
 def _mac(key: str, *parts: str) -> str:
@@ -73,9 +77,8 @@ def login_url(gateway_url: str, key: str | None) -> str:
 class Dashboard:
     """The page's server-side state: who is logged in is in the cookie; this holds the rest."""
 
-    def __init__(self, key: str | None, registry: Registry | None = None, history: History | None = None):
+    def __init__(self, key: str | None, history: History | None = None):
         self.key = key
-        self.registry = registry or Registry()
         self.history = history or History()
         self.taken: dict[str, float] = {}  # ticket nonces taken, until they expire
         # Without a key the CSRF token comes from a per-process secret (a restart: the page reads a new one).
@@ -135,7 +138,7 @@ class Dashboard:
 
 def _backend_views(gw: Gateway) -> list[tuple[Any, dict[str, Any]]]:
     """Each backend's config and what /health says of it."""
-    return [(b.config, {**b.health.snapshot(), **b.slot_use()}) for b in gw.backends.values()]
+    return [(b.config, {**b.health.snapshot(), **gw.slot_use(b)}) for b in gw.backends.values()]
 
 
 def _slot_view(slot: Any) -> dict[str, Any]:
@@ -176,7 +179,7 @@ async def state(request: web.Request) -> web.Response:
     if not dash.logged_in(request):
         raise AuthenticationFailed("log in first: `orchestrator dashboard` prints a login link")
     gw = request.app[GATEWAY]
-    snap = dash.registry.snapshot()
+    snap = gw.inflight.snapshot()
     views = _backend_views(gw)
     slots = await asyncio.gather(*(dash.slots_of(gw, cfg) for cfg, _ in views))
     backends = [{**view, "llama_slots": [_slot_view(s) for s in raw] if raw is not None else None}
@@ -201,7 +204,7 @@ async def cancel(request: web.Request) -> web.Response:
         entry_id = int(request.match_info["id"])
     except ValueError:
         raise NotFound("no such request") from None
-    if not dash.registry.cancel(entry_id):
+    if not request.app[GATEWAY].inflight.cancel(entry_id):
         raise NotFound(f"request {entry_id} is not in flight (finished already?)")
     return web.json_response({"cancelled": entry_id}, headers=SECURITY_HEADERS)
 
@@ -240,17 +243,17 @@ def _response_begun(request: web.Request) -> bool:
 
 @web.middleware
 async def track(request: web.Request, handler) -> web.StreamResponse:
-    """Each `/v1/messages` request in the in-flight registry while it runs, then in the recent list and the
-    history. A Cancel from the page arrives here as this task's cancellation: once the request path has
-    counted it as a vanished client's, the (still connected) client gets an error, or, mid-stream, the
-    connection is closed."""
+    """Each `/v1/messages` request in the tracker of what runs (inflight.py) while it runs, then in the
+    recent list and the history. Its identity (Claude Code's headers) is read here, once, and travels
+    in its entry (`request[ENTRY]`, the handler's Exchange). A Cancel from the page arrives here as this
+    task's cancellation: once the request path has counted it as a vanished client's, the (still
+    connected) client gets an error, or, mid-stream, the connection is closed."""
     if request.path != "/v1/messages" or request.method != "POST":
         return await handler(request)
     dash: Dashboard = request.app[DASHBOARD]
+    tracker = request.app[GATEWAY].inflight
     task = asyncio.current_task()
-    entry = dash.registry.begin(request.headers, task)
-    if entry is None:
-        return await handler(request)
+    entry = request[ENTRY] = tracker.begin(identity.from_headers(request.headers), task)
     status = "client_gone"
     try:
         response = await handler(request)
@@ -270,7 +273,7 @@ async def track(request: web.Request, handler) -> web.StreamResponse:
             raise
         raise error_for_status(409, "request cancelled from the gateway's dashboard") from None
     finally:
-        dash.registry.end(entry, status)
+        tracker.end(entry, status)
         dash.history.add(entry.view(time.monotonic()))
 
 

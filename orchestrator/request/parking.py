@@ -31,7 +31,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..backends.gateway import Backend, Call, Gateway
+from ..backends.gateway import Backend, Gateway
+from ..backends.inflight import Call
 from ..conversation import Conversation
 from ..kv.parking import SlotFound
 from ..kv.results import RestoreResult, SaveResult

@@ -8,7 +8,9 @@ conversation is registered with the backend's KV saves, so a restore after a
 restart brings back the first waiter's conversation. Once granted, and before
 its send, the slot's conversation may be parked and the request's unparked
 (`prepare`, parking.py). When an answer ended whole, the conversation's home and
-its save follow, and why its prompt missed the cache is recorded (`served`).
+its save follow, and why its prompt missed the cache is recorded (`served`). Each
+step reads the request's Exchange and writes what it decided there (backend, lease,
+slot turn).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import asyncio
 import contextlib
 import time
 
-from ..backends.gateway import Backend, Call, Gateway
+from ..backends.gateway import Backend, Gateway
 from ..conversation import Conversation
 from ..errors import Overloaded
 from ..kv.cachemiss import ServedTurn
 from ..slots import Lease, Priority, Tag, pick_queue
-from .accounting import Outcome
-from .parking import SlotTurn, answered, before_send, keep_seconds
+from .exchange import Exchange
+from .parking import answered, before_send, keep_seconds
 
 
 def pooled(gw: Gateway, group: list[Backend]) -> bool:
@@ -31,40 +33,38 @@ def pooled(gw: Gateway, group: list[Backend]) -> bool:
     return gw.pool is not None and len(group) > 1
 
 
-async def place(gw: Gateway, group: list[Backend], priority: Priority, conversation: Conversation, size: int, *,
-                retry: bool) -> tuple[Backend, Lease]:
-    """A granted slot on the backend chosen for the request, its wait and refusals counted.
-    `retry`: the request was sent before and failed, so it goes ahead of its class."""
-    backend = pick(gw, group, conversation)
+async def place(gw: Gateway, group: list[Backend], ex: Exchange, *, retry: bool) -> None:
+    """A granted slot (`ex.lease`) on the backend chosen for the request (`ex.backend`), its wait and
+    refusals counted. `retry`: the request was sent before and failed, so it goes ahead of its class."""
+    priority = ex.route.priority
+    backend = pick(gw, group, ex.conversation)
     enqueued = time.monotonic()
     try:
-        backend, lease = await _acquire(gw, group, backend, priority, retry, conversation, size)
+        ex.backend, ex.lease = await _acquire(gw, group, ex, backend, retry)
     except Overloaded as e:
         gw.metrics.rejections.labels(e.reason).inc()
         raise
     except asyncio.CancelledError:
         gw.metrics.disconnects.labels("queued").inc()
         raise
-    gw.metrics.queue_wait.labels(backend.name, priority.name.lower()).observe(time.monotonic() - enqueued)
-    return backend, lease
+    gw.metrics.queue_wait.labels(ex.backend.name, priority.name.lower()).observe(time.monotonic() - enqueued)
 
 
-async def prepare(gw: Gateway, backend: Backend, conversation: Conversation, call: Call) -> SlotTurn:
+async def prepare(gw: Gateway, ex: Exchange) -> None:
     """In the granted slot, before the send: park the slot's conversation, unpark this one."""
-    return await before_send(gw, backend, conversation, call)
+    ex.turn = await before_send(gw, ex.backend, ex.conversation, ex.call)
 
 
-def served(gw: Gateway, group: list[Backend], backend: Backend, conversation: Conversation,
-           outcome: Outcome, call: Call, turn: SlotTurn | None = None) -> None:
-    """A whole answer: its conversation lives on `backend` now, and may be saved there. An answer that
-    asks for a tool has the conversation's next turn coming as soon as the tool ran: its slot is
+def served(gw: Gateway, group: list[Backend], ex: Exchange) -> None:
+    """A whole answer: its conversation lives on its backend now, and may be saved there. An answer
+    that asks for a tool has the conversation's next turn coming as soon as the tool ran: its slot is
     kept for it a moment (slots.py) when a switch would cost."""
-    turn = turn or SlotTurn()
+    backend, conversation, outcome, turn = ex.backend, ex.conversation, ex.outcome, ex.turn
     answered(backend, conversation, outcome, turn)
     seconds = keep_seconds(backend, outcome.prompt_tokens + outcome.output_tokens,
                            gw.config.queue.cache_preference_keep_seconds)
     if seconds > 0 and outcome.stop_reason == "tool_use":
-        call.keep_for = (conversation.key, seconds)
+        ex.call.keep_for = (conversation.key, seconds)
     if gw.misses is not None and outcome.prompt_tokens > 0:
         seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks,
                                  ServedTurn(turn.how, outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds))
@@ -85,10 +85,11 @@ def pick(gw: Gateway, group: list[Backend], conversation: Conversation) -> Backe
     return by_queue[id(choice.queue)]
 
 
-async def _acquire(gw: Gateway, group: list[Backend], backend: Backend, priority: Priority, front: bool,
-                   conversation: Conversation, size: int) -> tuple[Backend, Lease]:
+async def _acquire(gw: Gateway, group: list[Backend], ex: Exchange, backend: Backend,
+                   front: bool) -> tuple[Backend, Lease]:
     """A slot of `backend`. In a pool, a request waiting for a backend that goes down moves to
     another backend of the pool that is up, instead of waiting for its own to come back."""
+    priority, conversation, size = ex.route.priority, ex.conversation, ex.size
     while True:
         with gw.kv.waiting(backend.kv, conversation) if backend.kv is not None else contextlib.nullcontext():
             if not pooled(gw, group):

@@ -17,7 +17,6 @@ import aiohttp
 from aiohttp import web
 
 from .. import sse
-from ..backends.gateway import Backend, Call
 from ..engines.upstream import chunks, drain
 from ..errors import (
     GatewayError,
@@ -26,8 +25,8 @@ from ..errors import (
     UpstreamUnavailable,
     from_upstream,
 )
-from .accounting import Ended, Outcome
-from .client_stream import ClientStream
+from .accounting import Ended
+from .exchange import Exchange
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +36,12 @@ TERMINAL = ("message_stop", "error")
 DRAIN_SECONDS = 1.0
 
 
-async def relay_stream(client: ClientStream, backend: Backend, resp: aiohttp.ClientResponse, outcome: Outcome,
-                       model: Any, call: Call) -> web.StreamResponse:
-    """Forward the backend's stream to `client`; raises UpstreamUnavailable while nothing of the
-    answer was relayed (safe to send again), another GatewayError once it was."""
+async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Forward the exchange's backend's stream to its client; raises UpstreamUnavailable while
+    nothing of the answer was relayed (safe to send again), another GatewayError once it was."""
+    client, backend, outcome, call = ex.client, ex.backend, ex.outcome, ex.call
     parser = sse.SSEParser()
-    rename = model if isinstance(model, str) else None
+    rename = ex.model if isinstance(ex.model, str) else None
     stream = chunks(resp, backend.config)
     terminal: str | None = None
     problem: str | None = None

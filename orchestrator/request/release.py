@@ -21,7 +21,8 @@ import time
 from enum import Enum
 from typing import Callable, Iterator
 
-from ..backends.gateway import Backend, Call, Gateway
+from ..backends.gateway import Backend, Gateway
+from ..backends.inflight import Call
 from ..config import BackendConfig
 from ..engines.upstream import UpstreamClient
 from ..errors import GatewayError, UpstreamUnavailable
@@ -81,15 +82,14 @@ async def wait_released(upstream: UpstreamClient, backend: BackendConfig, *, oth
 
 @contextlib.contextmanager
 def in_slot(gw: Gateway, backend: Backend, lease: Lease) -> Iterator[Call]:
-    """One send in a granted slot, counted among the backend's live sends while it runs. After it the
-    slot is free, or, if the backend may still be working on an abandoned request, held until it
-    lets go, so no second generation overlaps it."""
-    call = Call()
-    backend.live.add(call)
+    """One send in a granted slot, counted among the backend's sends in the tracker of what runs
+    (inflight.py) while it runs. After it the slot is free, or, if the backend may still be working
+    on an abandoned request, held until it lets go, so no second generation overlaps it."""
+    call = gw.inflight.start_send(backend.name)
     try:
         yield call
     finally:
-        backend.live.discard(call)
+        gw.inflight.end_send(backend.name, call)
         if call.admin is not None and not call.admin.done():
             after_admin(gw, backend, lease, call)
         elif call.abandoned:
@@ -135,7 +135,7 @@ def release_when_idle(gw: Gateway, backend: Backend, lease: Lease, call: Call) -
         # What the backend may legitimately be processing besides abandoned requests: the live
         # sends it has begun to answer. A live send it has not answered yet, if already
         # processing, only makes the wait longer; another abandoned one must not count.
-        return sum(1 for c in backend.live if c.answered)
+        return sum(1 for c in gw.inflight.sends(backend.name) if c.answered)
 
     async def hold() -> None:
         try:
