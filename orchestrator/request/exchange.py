@@ -46,21 +46,12 @@ class Exchange:
     lease: Lease | None = None
     call: Call | None = None
     turn: SlotTurn = field(default_factory=SlotTurn)
+    # Read once, here, from the entry and the body (plain fields: the way down reads them often).
+    identity: Identity = field(init=False)  # who asks (Claude Code's session and agent): part of the key
+    arrived: float = field(init=False)
+    model: Any = field(init=False)          # the model name the client gave, set back in the answer
+    size: int = field(init=False)
 
-    @property
-    def identity(self) -> Identity:
-        """Who asks (Claude Code's session and agent): part of the conversation's key."""
-        return self.entry.identity
-
-    @property
-    def arrived(self) -> float:
-        return self.entry.arrived
-
-    @property
-    def model(self) -> Any:
-        """The model name the client gave, set back in the answer."""
-        return self.body.get("model")
-
-    @property
-    def size(self) -> int:
-        return len(self.raw)
+    def __post_init__(self) -> None:
+        self.identity, self.arrived = self.entry.identity, self.entry.arrived
+        self.model, self.size = self.body.get("model"), len(self.raw)
