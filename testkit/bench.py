@@ -1,54 +1,20 @@
-"""What every benchmark here needs: free loopback ports, a wait for a server, the machine it ran on,
-and Claude Code's real main request."""
+"""What every benchmark needs: the machine it ran on, a process's memory and CPU time, a table
+printed, and a real llama-server with a gateway in front of it."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import aiohttp
 
-SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-
-
-def claude_turn(cch: str, turn: int) -> dict:
-    """Claude Code's real main request; turn 2 is turn 1 plus an answer and a new question."""
-    body = copy.deepcopy(json.loads((SAMPLES / "main-2.1.332.json").read_text())["body"])
-    body["system"][0]["text"] = f"x-anthropic-billing-header: cc_version=2.1.332.{cch}; cc_entrypoint=cli;"
-    body["tools"], body["max_tokens"], body["stream"] = body["tools"][:3], 4, False
-    if turn == 2:
-        body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "Done: the tests pass."}]},
-                             {"role": "user", "content": [{"type": "text", "text": "Now add a docstring."}]}]
-    return body
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer")
+from .servers import free_port, wait_http
 
 
 def machine() -> str:
@@ -63,6 +29,35 @@ def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, aiohttp "
             f"{aiohttp.__version__}; load average {load} (other work on the machine makes every figure noisier)")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for r in [header, *rows]:
+        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
+                               enumerate(zip(r, widths))).rstrip())
 
 
 @contextlib.contextmanager

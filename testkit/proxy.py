@@ -1,15 +1,18 @@
-"""A scripting pass-through in front of a real llama-server: the turns a small model cannot play.
+"""A pass-through in front of a real llama-server, for what a small model cannot do itself.
 
-SmolLM2 never calls Claude Code's `Agent` tool, so a session with agents needs someone to make the
-calls for it; a fake model would, but then nobody's cache is real. This proxy forwards everything
-(/v1/messages, /slots and its save and restore POSTs, /props, /health, /metrics) to the real server
-byte for byte, except the /v1/messages turns `script` chooses to answer. Such a turn is first sent
-to the real server as it came (its prompt, non-streaming, one token of answer), so the slot holds
-that prompt exactly as if the server had answered it, and the server's own usage (prompt tokens,
-read from cache) goes back to the client with the scripted tool calls.
+It forwards everything (/v1/messages, /slots and its save and restore POSTs, /props, /health,
+/metrics) to the real server byte for byte, and records every /v1/messages turn: the body the server
+got, the answer's bytes as they came (aiohttp undoes only the chunked transfer coding) and the usage
+the client got, so a test sees each conversation's turns without the gateway's insides. Two ways to
+play what SmolLM2 cannot:
 
-Every /v1/messages turn is recorded with the usage the client got, so a test can see each
-conversation's turns without the gateway's insides.
+- `script`: SmolLM2 never calls Claude Code's `Agent` tool, so a session with agents needs someone to
+  make the calls for it; a fake model would, but then nobody's cache is real. A turn the script
+  answers is first sent to the real server as it came (its prompt, non-streaming, one token of
+  answer), so the slot holds that prompt exactly as if the server had answered it, and the server's
+  own usage (prompt tokens, read from cache) goes back to the client with the scripted blocks.
+- `rewrite`: each line of an answer changed on its way (a "max_tokens" stop given as "tool_use",
+  for a tool loop SmolLM2 cannot run).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import aiohttp
 from aiohttp import web
 
 from orchestrator import sse
+
+from .sse import message_events
 
 # Hop-by-hop headers and the ones aiohttp sets itself: everything else passes as it came.
 _DROP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
@@ -54,18 +59,26 @@ class ProxyTurn:
     input_tokens: int = 0
     cached: int = 0
     status: int = 0
+    answer: bytes = field(default=b"", repr=False)
 
     @property
     def prompt(self) -> int:
         return self.input_tokens + self.cached
 
 
-class ScriptedProxy:
-    def __init__(self, upstream: str, script: Script) -> None:
+class Proxy:
+    def __init__(self, upstream: str, script: Script | None = None,
+                 rewrite: Callable[[bytes], bytes] | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.script = script
+        self.rewrite = rewrite
         self.turns: list[ProxyTurn] = []
         self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def exchanges(self) -> list[tuple[dict, bytes]]:
+        """Each /v1/messages turn: the body the server got and its answer's bytes."""
+        return [(t.body, t.answer) for t in self.turns]
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -87,34 +100,40 @@ class ScriptedProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        turn = None
         if request.method == "POST" and request.path == "/v1/messages":
             body = json.loads(raw)
-            blocks = self.script(body)
+            blocks = self.script(body) if self.script is not None else None
             if blocks is not None:
                 return await self._scripted(request, body, blocks)
             turn = ProxyTurn(body, scripted=False)
             self.turns.append(turn)
+        try:
             return await self._forward(request, raw, turn)
-        return await self._forward(request, raw, None)
+        except aiohttp.ClientConnectorError as e:
+            # The server is not up yet (the gateway's first health checks): what a dead server gives.
+            return web.Response(status=502, text=f"proxy: {e}")
 
     async def _forward(self, request: web.Request, raw: bytes, turn: ProxyTurn | None) -> web.StreamResponse:
         async with passed_on(self.http, request, self.upstream + request.path_qs, raw) as (up, resp):
             parser = sse.SSEParser()
-            whole = b""
-            async for chunk in up.content.iter_any():
+            got = bytearray()
+            chunks = up.content if self.rewrite is not None else up.content.iter_any()
+            async for chunk in chunks:
+                if self.rewrite is not None:
+                    chunk = self.rewrite(chunk)
                 await resp.write(chunk)
                 if turn is None:
                     continue
+                got += chunk
                 if up.content_type == "text/event-stream":
                     for block in parser.feed(chunk):
                         if block.event is not None and block.event.event in ("message_start", "message_delta"):
                             _take_usage(turn, block.event.json())
-                else:
-                    whole += chunk
             if turn is not None:
-                turn.status = up.status
-                if whole:
-                    _take_usage(turn, {"message": json.loads(whole)})
+                turn.status, turn.answer = up.status, bytes(got)
+                if got and up.content_type != "text/event-stream":
+                    _take_usage(turn, {"message": json.loads(got)})
         return resp
 
     async def _scripted(self, request: web.Request, body: dict, blocks: list[dict]) -> web.StreamResponse:
@@ -132,9 +151,10 @@ class ScriptedProxy:
         _take_usage(turn, {"message": message})
         turn.status = 200
         usage = {"input_tokens": turn.input_tokens, "cache_read_input_tokens": turn.cached,
-                 "cache_creation_input_tokens": 0, "output_tokens": message.get("usage", {}).get("output_tokens", 1)}
-        stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else "end_turn"
-        payload = stream(body.get("model", "?"), blocks, stop, usage)
+                 "cache_creation_input_tokens": 0}
+        out = message.get("usage", {}).get("output_tokens", 1)
+        payload = b"".join(message_events(blocks, model=body.get("model", "?"), usage={**usage, "output_tokens": out},
+                                          output_tokens=out, message_id="msg_scripted"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(payload)
@@ -153,23 +173,3 @@ def _take_usage(turn: ProxyTurn, data) -> None:
         turn.input_tokens = usage["input_tokens"]
     if isinstance(usage.get("cache_read_input_tokens"), int):
         turn.cached = usage["cache_read_input_tokens"]
-
-
-def stream(model: str, blocks: list[dict], stop: str, usage: dict) -> bytes:
-    """An Anthropic SSE answer with these blocks, the usage (prompt figures) in its message_start."""
-    msg = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": model, "content": [],
-           "stop_reason": None, "stop_sequence": None, "usage": usage}
-    out = [sse.encode("message_start", {"type": "message_start", "message": msg})]
-    for i, b in enumerate(blocks):
-        if b["type"] == "text":
-            start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": b["text"]}
-        else:
-            start = {"type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(b["input"])}
-        out += [sse.encode("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}),
-                sse.encode("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}),
-                sse.encode("content_block_stop", {"type": "content_block_stop", "index": i})]
-    out += [sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                                         "usage": {"output_tokens": usage["output_tokens"]}}),
-            sse.encode("message_stop", {"type": "message_stop"})]
-    return b"".join(out)
