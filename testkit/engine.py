@@ -104,6 +104,7 @@ class FakeEngine:
     restored_tokens: int = 123
     restore_error: str = ""
     die_on: str = ""              # a slot action ("save", "restore") that closes the connection mid-way
+    slot_answer_gate: asyncio.Event | None = None  # a slot action's answer waits for it, its file written
     loading: bool = False         # /health answers 503, like a server loading its model
 
     # What it saw and did.
@@ -349,6 +350,8 @@ class FakeEngine:
                 (self.folder / name).write_bytes(b"k" * self.save_bytes)
         finally:
             self.saving = False
+        if self.slot_answer_gate is not None:
+            await self.slot_answer_gate.wait()
         if action == "save":
             return web.json_response({"id_slot": 0, "filename": name, "n_saved": 123, "n_written": self.save_bytes,
                                       "timings": {"save_ms": 1.0}})

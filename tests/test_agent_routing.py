@@ -3,12 +3,13 @@ housekeeping is answered locally, identity headers steer only their own requests
 
 import asyncio
 
-from conftest import gateway_with, sample
-from fakes import FakeUpstream
+from conftest import gateway_with
 from multidict import CIMultiDict
 
 from orchestrator.backends import identity
 from orchestrator.backends.gateway import GATEWAY
+from testkit.client import sample
+from testkit.engine import FakeEngine
 
 
 async def _metric(http, base, name, **labels) -> float:
@@ -80,7 +81,7 @@ async def test_forged_identity_headers_never_fail_a_request_nor_grow_the_tree(ga
 async def test_in_a_pool_two_agents_with_one_prefix_are_two_conversations(gateway, serve_app, http, caplog):
     """Two agents given the same task (same prefix): told apart by their headers, each keeps its own
     home; the same body without headers is one conversation, as before."""
-    fakes = [FakeUpstream(), FakeUpstream()]
+    fakes = [FakeEngine(), FakeEngine()]
     urls = [await serve_app(f.app()) for f in fakes]
     base, app = await gateway({"backends": [{"name": n, "url": u} for n, u in zip("ab", urls)]})
     gw = app[GATEWAY]

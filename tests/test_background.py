@@ -1,17 +1,21 @@
 """Title and topic requests on a background model: its answer when valid, else the synthetic one."""
 
 import asyncio
+import functools
 import json
 
 import jsonschema
 import pytest
-from conftest import sample
-from fakes import FakeUpstream
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.request.background import TOPIC_SCHEMA, Reply, ask_for, check_reply
 from orchestrator.request.routing import Shape
 from orchestrator.sse import events as sse_events
+from testkit.client import CLAUDE_PATH, post as post_to, sample
+from testkit.engine import FakeEngine
+
+# Every request here goes where Claude Code sends it.
+post = functools.partial(post_to, path=CLAUDE_PATH)
 
 TITLE = sample("title-2.1.332.json")["body"]
 TOPIC = sample("topic-2.0.77.json")["body"]
@@ -60,18 +64,13 @@ def test_invalid_answers_are_named(text, why):
     assert wrong is not None and why in wrong
 
 
-async def _two_backends(gateway, serve_app, small: FakeUpstream, **routing):
-    big = FakeUpstream()
+async def _two_backends(gateway, serve_app, small: FakeEngine, **routing):
+    big = FakeEngine()
     big_url, small_url = await serve_app(big.app()), await serve_app(small.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": big_url},
                                             {"name": "small", "url": small_url, "role": "background"}],
                                "routing": {"background": "small", **routing}})
     return base, app[GATEWAY], big
-
-
-async def _post(http, base, body):
-    async with http.post(base + "/v1/messages?beta=true", json=body) as r:
-        return r.status, await r.read()
 
 
 def _text(raw: bytes, stream: bool) -> str:
@@ -86,9 +85,9 @@ def _answers(gw, result, shape="title") -> float:
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_the_small_models_valid_title_is_sent(gateway, serve_app, http, stream):
-    small = FakeUpstream(chat_answer='{"title": "Python string reversal"}')
+    small = FakeEngine(chat_answer='{"title": "Python string reversal"}')
     base, gw, big = await _two_backends(gateway, serve_app, small)
-    status, raw = await _post(http, base, {**TITLE, "stream": stream})
+    status, raw, _ = await post(http, base, {**TITLE, "stream": stream})
     assert status == 200
     if stream:
         assert [e.event for e in sse_events(raw)][-1] == "message_stop"
@@ -105,9 +104,9 @@ async def test_the_small_models_valid_title_is_sent(gateway, serve_app, http, st
     ('{"name": "x"}', "stop", "invalid"), ('{"title": "Py', "length", "invalid"), (None, "stop", "failed")])
 async def test_an_invalid_or_failed_answer_falls_back_to_the_synthetic_one(gateway, serve_app, http, answer, finish,
                                                                            result):
-    small = FakeUpstream(chat_answer=answer, chat_finish=finish, mode="error500" if answer is None else "ok")
+    small = FakeEngine(chat_answer=answer, chat_finish=finish, mode="error500" if answer is None else "ok")
     base, gw, big = await _two_backends(gateway, serve_app, small)
-    status, raw = await _post(http, base, {**TITLE, "stream": True})
+    status, raw, _ = await post(http, base, {**TITLE, "stream": True})
     assert status == 200
     jsonschema.validate(json.loads(_text(raw, True)), TITLE_SCHEMA)
     assert _answers(gw, result) == 1 and _answers(gw, "model") == 0
@@ -115,10 +114,10 @@ async def test_an_invalid_or_failed_answer_falls_back_to_the_synthetic_one(gatew
 
 
 async def test_a_late_answer_falls_back_and_its_slot_waits_for_the_model(gateway, serve_app, http):
-    small = FakeUpstream(mode="stall")
+    small = FakeEngine(mode="stall")
     base, gw, big = await _two_backends(gateway, serve_app, small, background_timeout_seconds=0.3)
     started = asyncio.get_running_loop().time()
-    status, raw = await _post(http, base, {**TOPIC})
+    status, raw, _ = await post(http, base, {**TOPIC})
     # Answered after the 0.3 s timeout, not after the stalled model's hour: a bound wide enough for
     # any loaded machine.
     assert status == 200 and asyncio.get_running_loop().time() - started < 30
@@ -126,20 +125,20 @@ async def test_a_late_answer_falls_back_and_its_slot_waits_for_the_model(gateway
     jsonschema.validate(full, TOPIC_SCHEMA)
     assert _answers(gw, "timeout", "topic") == 1
     # The stalled model still holds its only slot: the next topic request is not sent on top of it.
-    status, raw = await _post(http, base, {**TOPIC})
+    status, raw, _ = await post(http, base, {**TOPIC})
     assert status == 200 and _answers(gw, "timeout", "topic") == 2
     assert len(small.requests) == 1 and small.max_in_flight == 1
 
 
 async def test_main_requests_never_wait_for_a_slow_small_model(gateway, serve_app, http):
-    small = FakeUpstream(prefill_delay=2.0)
+    small = FakeEngine(prefill_delay=2.0)
     base, gw, big = await _two_backends(gateway, serve_app, small)
-    titles = [asyncio.create_task(_post(http, base, {**TITLE, "stream": True})) for _ in range(3)]
+    titles = [asyncio.create_task(post(http, base, {**TITLE, "stream": True})) for _ in range(3)]
     queue = gw.backends["small"].queue
     async with asyncio.timeout(60):  # the titles are in the small model and its queue
         while not (small.in_flight == 1 and queue.depth == 2):
             await asyncio.sleep(0.01)
-    status, _ = await _post(http, base, {**MAIN, "stream": True})
+    status, _, _ = await post(http, base, {**MAIN, "stream": True})
     # Answered while the small model had finished nothing (its first title takes 2 s, the main
     # request some milliseconds): it waited for none of the titles, however slow the machine.
     assert status == 200 and small.generations_finished == 0
@@ -150,9 +149,9 @@ async def test_main_requests_never_wait_for_a_slow_small_model(gateway, serve_ap
 
 
 async def test_messages_form_sends_the_request_as_it_is_and_checks_the_answer(gateway, serve_app, http):
-    small = FakeUpstream()  # answers "w0 w1 ...": not the JSON asked for
+    small = FakeEngine()  # answers "w0 w1 ...": not the JSON asked for
     base, gw, _ = await _two_backends(gateway, serve_app, small, background_format="messages")
-    status, raw = await _post(http, base, {**TITLE, "stream": False})
+    status, raw, _ = await post(http, base, {**TITLE, "stream": False})
     assert status == 200 and small.paths == ["/v1/messages"]
     jsonschema.validate(json.loads(_text(raw, False)), TITLE_SCHEMA)
     assert _answers(gw, "invalid") == 1
@@ -161,13 +160,13 @@ async def test_messages_form_sends_the_request_as_it_is_and_checks_the_answer(ga
 async def test_a_deeply_nested_title_answer_falls_back_to_the_synthetic_title(gateway, serve_app, http):
     """A background answer nested too deeply for the parser is an invalid answer (the synthetic title
     is sent), not a 400 for a request whose body was fine."""
-    small = FakeUpstream(chat_answer="[" * 100_000 + "]" * 100_000)
-    big = FakeUpstream()
+    small = FakeEngine(chat_answer="[" * 100_000 + "]" * 100_000)
+    big = FakeEngine()
     base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(big.app())},
                                             {"name": "small", "url": await serve_app(small.app()),
                                              "role": "background"}],
                                "routing": {"background": "small"}})
-    status, raw = await _post(http, base, {**TITLE, "stream": False})
+    status, raw, _ = await post(http, base, {**TITLE, "stream": False})
     assert status == 200, f"{status} {raw[:300]!r}"
     jsonschema.validate(json.loads(json.loads(raw)["content"][0]["text"]), TITLE_SCHEMA)
 
@@ -199,16 +198,16 @@ async def test_a_hostile_pattern_in_a_title_check_never_delays_a_main_stream(gat
         "type": "object", "properties": {"title": {"type": "string", "pattern": "^(a+)+$"}},
         "required": ["title"], "additionalProperties": False}}}}
     # 32 characters: minutes of backtracking, far past the bound below on any machine.
-    small = FakeUpstream(chat_answer=json.dumps({"title": "a" * 32 + "!"}))
+    small = FakeEngine(chat_answer=json.dumps({"title": "a" * 32 + "!"}))
     base, gw, big = await _two_backends(gateway, serve_app, small)
     big.chunk_delay = 0.1  # a main answer streaming for 0.7 s
     loop = asyncio.get_running_loop()
     started = loop.time()
-    main = asyncio.create_task(_post(http, base, {**MAIN, "stream": True}))
+    main = asyncio.create_task(post(http, base, {**MAIN, "stream": True}))
     async with asyncio.timeout(5):
         while big.generations_started == 0:
             await asyncio.sleep(0.001)
-    title = asyncio.create_task(_post(http, base, {**hostile, "stream": True}))
+    title = asyncio.create_task(post(http, base, {**hostile, "stream": True}))
     status, raw = await main
     took = loop.time() - started
     assert status == 200 and [e.event for e in sse_events(raw)][-1] == "message_stop"
@@ -224,11 +223,11 @@ async def test_a_const_that_breaks_its_own_pattern_is_refused_at_once(gateway, s
         "type": "object", "properties": {"title": {"type": "string", "const": "a" * 40 + "!",
                                                    "pattern": "^(a+)+$"}},
         "required": ["title"]}}}}
-    small = FakeUpstream()
+    small = FakeEngine()
     base, gw, big = await _two_backends(gateway, serve_app, small)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    status, raw = await _post(http, base, hostile)
+    status, raw, _ = await post(http, base, hostile)
     # Refused without checking: a backtracking check of 41 characters would take days, not 30 s.
     assert status == 400 and loop.time() - started < 30
     error = json.loads(raw)["error"]

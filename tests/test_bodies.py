@@ -5,10 +5,11 @@ import json
 import time
 
 import pytest
-from conftest import gateway_with, sample
+from conftest import gateway_with
 
 from orchestrator.errors import InvalidRequest
 from orchestrator.http.bodies import check_request, check_schema
+from testkit.client import sample
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 

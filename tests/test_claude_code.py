@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import ROOT, free_port
 
-from orchestrator import sse
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.configfile import config_from_dict
 from orchestrator.ops import claude_env
+from testkit.engine import FakeEngine
+from testkit.scripts import echo_hi, replying
+from testkit.servers import ROOT, free_port
 
 pytestmark = pytest.mark.real
 
@@ -133,67 +134,9 @@ async def test_print_mode_through_gateway_to_real_llama_server(llama_short, gate
 
 # ---- a fake upstream that asks for a tool, for the round trip ----------------------------------
 
-def tool_use_stream(model: str) -> bytes:
-    msg = {"id": "msg_tool", "type": "message", "role": "assistant", "model": model, "content": [],
-           "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}
-    block = {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {}}
-    args = json.dumps({"command": "echo hi", "description": "Print hi"})
-    return b"".join([
-        sse.encode("message_start", {"type": "message_start", "message": msg}),
-        sse.encode("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
-        sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                           "delta": {"type": "input_json_delta", "partial_json": args}}),
-        sse.encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use",
-                                                                        "stop_sequence": None},
-                                     "usage": {"output_tokens": 20}}),
-        sse.encode("message_stop", {"type": "message_stop"}),
-    ])
-
-
-def text_stream(model: str, text: str) -> bytes:
-    from fakes import sse_message
-
-    return b"".join(sse_message([text], model=model))
-
-
-class ToolFake:
-    def __init__(self, prefill_delay: float = 0.0):
-        self.requests: list[dict] = []
-        self.prefill_delay = prefill_delay
-        self.on_request = None
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_get("/health", self.health)
-        return app
-
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(body)
-        if self.on_request is not None:
-            await self.on_request(body)
-        await asyncio.sleep(self.prefill_delay)
-        results = [b for m in body["messages"] if isinstance(m.get("content"), list)
-                   for b in m["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
-        if body.get("tools") and not results:
-            payload = tool_use_stream(body["model"])
-        else:
-            payload = text_stream(body["model"], "The command printed hi. Done.")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(payload)
-        await resp.write_eof()
-        return resp
-
-
 async def test_tool_round_trip(gateway, serve_app, http, claude_home):
     home, project = claude_home
-    fake = ToolFake()
+    fake = FakeEngine(script=echo_hi, die_on_overlap=False)
     url = await serve_app(fake.app())
     base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
     env = claude_env_for(config, health, home)
@@ -215,7 +158,7 @@ async def test_backend_restart_while_claude_code_waits(gateway, http, claude_hom
     same port: the request waits in the gateway (with pings) and the turn completes."""
     home, project = claude_home
     port = free_port()
-    first, second = ToolFake(), ToolFake()
+    first, second = (FakeEngine(script=echo_hi, die_on_overlap=False) for _ in range(2))
     runners = []
 
     async def serve(fake):
@@ -327,25 +270,12 @@ async def test_interactive_two_turns_in_tmux(llama_short, gateway, http, claude_
 
 # ---- a session resumed later is the same conversation to the gateway --------------------------
 
-class TextFake(ToolFake):
-    """Answers every request with text: no tool is asked for."""
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(body)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(text_stream(body["model"], "Hello again."))
-        await resp.write_eof()
-        return resp
-
-
 @pytest.mark.parametrize("version", [None, NEWER])
 async def test_a_resumed_session_keeps_its_conversation_key(gateway, serve_app, http, claude_home, version):
     """`claude --resume` sends the session's id again and its history: its turn has the conversation key
     of the session's earlier turns, so its KV save (parking, a crash's restore) is found again."""
     home, project = claude_home
-    fake = TextFake()
+    fake = FakeEngine(script=replying("Hello again."), die_on_overlap=False)
     url = await serve_app(fake.app())
     base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
     env = claude_env_for(config, health, home)

@@ -1,9 +1,8 @@
 """Claude Code's agents through the gateway, with the real CLI: every agent's work reaches a model
-(a scripted one here, agent_fake.py), and its marker reaches the main conversation; nothing the user
+(a scripted one here, testkit.scripts.AgentTree), and its marker reaches the main conversation; nothing the user
 asked for is answered by the gateway itself."""
 
 import pytest
-from agent_fake import AGENTS, AgentFake, marker, user_texts
 from test_claude_code import (  # noqa: F401
     NEWER,
     _metric,
@@ -14,6 +13,8 @@ from test_claude_code import (  # noqa: F401
 )
 
 from orchestrator.backends import identity
+from testkit.engine import FakeEngine
+from testkit.scripts import AGENTS, AgentTree, marker, user_texts
 
 pytestmark = pytest.mark.real
 
@@ -32,8 +33,8 @@ def base_url_only(config, home) -> dict:
                                               ("orchestrator", NEWER), ("base_url_only", NEWER)])
 async def test_agents_get_real_answers(gateway, serve_app, http, claude_home, launcher, version):
     home, project = claude_home
-    fake = AgentFake()
-    url = await serve_app(fake.app())
+    fake = AgentTree()
+    url = await serve_app(FakeEngine(script=fake, die_on_overlap=False).app())
     base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
     env = claude_env_for(config, health, home) if launcher == "orchestrator" else base_url_only(config, home)
     code, out, err = await run_claude(["-p", "Delegate the work to your agents, then report what they said.",

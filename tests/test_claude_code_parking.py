@@ -2,7 +2,7 @@
 (one-slot llama-server with SmolLM2, its grammar, saves on), and each conversation's turns after its
 first read at least 80% of their prompt from cache.
 
-SmolLM2 cannot call the `Agent` tool, so a scripting pass-through (scripted_proxy.py) between the
+SmolLM2 cannot call the `Agent` tool, so a scripting pass-through (testkit.proxy) between the
 gateway and the real llama-server plays the turns it cannot: the main conversation's first turn
 launches two agents, and each agent's first turn reads a file of the project. Those turns are still
 prefilled by the real server first, so its slot and its cache figures are real; every other turn is
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_fake import first_user_text, tool_results
-from conftest import ROOT, LlamaServer
-from scripted_proxy import ScriptedProxy
 from test_claude_code import claude_env_for, claude_home, run_claude, start_for_claude  # noqa: F401
+from testkit.proxy import Proxy
+from testkit.scripts import first_user_text, tool_results
+from testkit.servers import ROOT, LlamaServer
 
 pytestmark = pytest.mark.real
 
@@ -121,7 +121,7 @@ def one_slot(tmp_path):
     server.stop()
 
 
-def rows(proxy: ScriptedProxy, log: CacheLog) -> list[Row]:
+def rows(proxy: Proxy, log: CacheLog) -> list[Row]:
     """Each turn the real server prefilled, in order, with the reason the gateway gave it. The slot
     runs one request at a time, so the gateway's per-turn lines come in the proxy's order: joined so,
     and checked by their figures."""
@@ -150,7 +150,7 @@ async def test_two_background_agents_read_their_later_turns_from_cache(one_slot,
     home, project = claude_home
     (project / NOTES).write_text("The gateway parks each conversation's KV cache on disk.\n")
     llama, saves = one_slot
-    proxy = ScriptedProxy(llama.url, script(project))
+    proxy = Proxy(llama.url, script(project))
     url = await serve_app(proxy.app())
     # The default stack's backend (deploy/orchestrator.toml) with its saves in the server's folder.
     base, gw, config, health = await start_for_claude(gateway, http, {

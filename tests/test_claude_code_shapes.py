@@ -18,12 +18,13 @@ import time
 import aiohttp
 import jsonschema
 import pytest
-from conftest import gateway_with, sample
-from fakes import FakeUpstream
+from conftest import gateway_with
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.engines.upstream import FORWARDED
 from orchestrator.sse import events as sse_events
+from testkit.client import sample
+from testkit.engine import FakeEngine
 
 # Claude Code's own framing, not part of what it says: aiohttp sets its own (and main and
 # warm-up were edited after capture, their home path anonymised, so their Content-Length is stale).
@@ -67,18 +68,6 @@ def answer_text(raw: bytes, stream: bool) -> tuple[str, str]:
     return "".join(b.get("text", "") for b in msg["content"]), msg["stop_reason"]
 
 
-class RecordingUpstream(FakeUpstream):
-    """The fake upstream, also keeping each request's body bytes as they arrived."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw: list[bytes] = []
-
-    async def messages(self, request):
-        self.raw.append(await request.read())  # aiohttp keeps it: the parent's request.json() reads it again
-        return await super().messages(request)
-
-
 @pytest.mark.parametrize("name", UNEDITED)
 def test_replayed_bytes_are_the_captured_ones(name):
     """The replay is faithful: for every sample taken as it was, JSON.stringify's form has
@@ -90,7 +79,7 @@ def test_replayed_bytes_are_the_captured_ones(name):
 # ---- against the fake upstream ---------------------------------------------------------------
 
 async def test_main_2_1_332_reaches_the_primary_with_only_its_billing_line_gone(gateway, serve_app, http):
-    up = RecordingUpstream()
+    up = FakeEngine()  # it keeps each body's bytes as they arrived too
     base, gw = await gateway_with(gateway, await serve_app(up.app()))
     s = sample("main-2.1.332.json")
     status, raw, _ = await replay(http, base, "main-2.1.332.json")

@@ -1,11 +1,11 @@
 import asyncio
 
 from click.testing import CliRunner
-from fakes import FakeUpstream
 
 from orchestrator.configfile import config_from_dict
 from orchestrator.ops.claude_env import claude_environment
 from orchestrator.ops.cli import _one_liner_config, main
+from testkit.engine import FakeEngine
 
 
 def test_check_config_reports_every_problem(tmp_path):
@@ -51,7 +51,7 @@ def test_claude_environment_from_health():
 
 
 def test_env_and_claude_say_when_gateway_is_not_running(tmp_path):
-    from conftest import free_port
+    from testkit.servers import free_port
 
     cfg = tmp_path / "o.toml"
     cfg.write_text(f"[gateway]\nport = {free_port()}\n")
@@ -61,7 +61,7 @@ def test_env_and_claude_say_when_gateway_is_not_running(tmp_path):
 
 
 async def test_env_prints_exports_for_a_running_gateway(gateway, serve_app, tmp_path):
-    url = await serve_app(FakeUpstream().app())
+    url = await serve_app(FakeEngine().app())
     base, _ = await gateway({"backends": [{"name": "primary", "url": url}]})
     port = base.rsplit(":", 1)[1]
     cfg = tmp_path / "o.toml"
@@ -82,7 +82,7 @@ def test_serve_refuses_a_non_loopback_bind_without_a_key(monkeypatch):
 async def test_env_and_status_work_with_a_key_from_the_environment(gateway, serve_app, tmp_path, monkeypatch):
     """`orchestrator env` reaches a keyed gateway and hands Claude Code the key; without it: refused."""
     key = "env-key-0123456789"
-    url = await serve_app(FakeUpstream().app())
+    url = await serve_app(FakeEngine().app())
     base, _ = await gateway({"backends": [{"name": "primary", "url": url}], "gateway": {"api_key": key}})
     port = base.rsplit(":", 1)[1]
     cfg = tmp_path / "o.toml"

@@ -8,9 +8,9 @@ import json
 import socket
 import time
 
-from fakes import FakeUpstream
 
 from orchestrator.backends.gateway import GATEWAY
+from testkit.engine import FakeEngine
 
 MAIN = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 WRITE_TIMEOUT = 1.0
@@ -31,7 +31,7 @@ def _stalled_client(base: str) -> socket.socket:
 
 async def test_a_client_that_stops_reading_loses_its_slot_after_the_write_deadline(serve_app, gateway, http):
     # Megabytes of answer, more than any socket buffer holds, as fast as the gateway takes it.
-    fake = FakeUpstream(parts=200_000)
+    fake = FakeEngine(parts=200_000)
     url = await serve_app(fake.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}],
                                "gateway": {"write_timeout_seconds": WRITE_TIMEOUT}})

@@ -16,13 +16,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from browser import Browser
-from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.configfile import config_from_dict
 from orchestrator.http.app import create_app, start
 from orchestrator.http.page import login_url
+from testkit.servers import free_port, page
 
 pytestmark = pytest.mark.real
 
@@ -141,12 +141,7 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
             assert browser.requested and all(u.startswith(base) for u in browser.requested), browser.requested
 
             # ---- a foreign origin can neither read nor cancel ----------------------------------------
-            async def evil_page(request):
-                return web.Response(text="<html><body>evil</body></html>", content_type="text/html")
-
-            evil = web.Application()
-            evil.router.add_get("/", evil_page)
-            evil_runner = web.AppRunner(evil)
+            evil_runner = web.AppRunner(page("<html><body>evil</body></html>"))
             await evil_runner.setup()
             evil_port = free_port()
             await web.TCPSite(evil_runner, "127.0.0.1", evil_port).start()

@@ -197,7 +197,7 @@ def test_login_url_without_a_key_is_the_page():
 
 
 async def test_the_state_answers_while_a_backend_is_down(gateway, http):
-    from conftest import free_port
+    from testkit.servers import free_port
 
     base, _ = await _start(gateway, f"http://127.0.0.1:{free_port()}")  # nothing listens there
 

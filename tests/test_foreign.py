@@ -11,6 +11,7 @@ from aiohttp import web
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
+from testkit.engine import FakeEngine, Reply
 
 BODY = {"model": "claude-sonnet-4-5", "max_tokens": 30, "stream": True,
         "messages": [{"role": "user", "content": "hello"}]}
@@ -64,76 +65,47 @@ def sglang_stream(model: str) -> bytes:
     ])
 
 
-class Engine:
-    """A fake vLLM or SGLang server: their routes, health, model listing and answer shapes."""
+SERVED = "zai-org/GLM-5"
 
-    def __init__(self, kind: str, served: str = "zai-org/GLM-5", max_model_len: int = 131072,
-                 capacity: int = 1):
-        self.kind, self.served, self.max_model_len, self.capacity = kind, served, max_model_len, capacity
-        self.in_flight = self.max_in_flight = 0
-        self.counted: list[dict] = []
-        self.hold = 0.0
-        self.stall_after_first = 0.0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        return app
-
-    async def health(self, request):
-        return web.Response(status=200)  # both answer an empty 200
-
-    async def models(self, request):
-        return web.json_response({"object": "list", "data": [
-            {"id": self.served, "object": "model", "owned_by": self.kind, "max_model_len": self.max_model_len}]})
-
-    async def count_tokens(self, request):
-        body = await request.json()
-        self.counted.append(body)
-        return web.json_response({"input_tokens": 7 + len(json.dumps(body["messages"])) // 4})
-
-    async def messages(self, request):
-        body = await request.json()
+def answers_like(kind: str, stall_after_first: float = 0.0):
+    """A script for the fake engine: vLLM's or SGLang's answer shapes and errors; a vLLM stream
+    written an event at a time, silent for `stall_after_first` seconds after its second write."""
+    def answer(body: dict, headers) -> Reply:
         if body.get("max_tokens", 0) > 100_000:
-            err = {"type": "error", "error": {"type": "internal_error" if self.kind == "vllm" else
+            err = {"type": "error", "error": {"type": "internal_error" if kind == "vllm" else
                                               "invalid_request_error", "message": "max_tokens too large"}}
-            return web.json_response(err, status=500 if self.kind == "vllm" else 400)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.hold)
-            payload = vllm_stream(self.served) if self.kind == "vllm" else sglang_stream(self.served)
-            if not body.get("stream"):
-                return web.json_response({"id": "m1", "type": "message", "role": "assistant", "model": self.served,
-                                          "content": [{"type": "text", "text": "Hello"}],
-                                          "stop_reason": "end_turn", "stop_sequence": None,
-                                          "usage": {"input_tokens": 12, "output_tokens": 1}})
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-            await resp.prepare(request)
-            blocks = payload.split(b"\n\n") if self.kind == "vllm" else [payload]
-            for i, part in enumerate(blocks):
-                if part:
-                    await resp.write(part + (b"\n\n" if self.kind == "vllm" else b""))
-                if i == 1 and self.stall_after_first:
-                    await asyncio.sleep(self.stall_after_first)
-            await resp.write_eof()
-            return resp
-        finally:
-            self.in_flight -= 1
+            return Reply.of_json(err, 500 if kind == "vllm" else 400)
+        if not body.get("stream"):
+            return Reply.of_json({"id": "m1", "type": "message", "role": "assistant", "model": SERVED,
+                                  "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+                                  "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}})
+        if kind == "sglang":
+            writes: list[bytes | float] = [sglang_stream(SERVED)]
+        else:
+            writes = [part + b"\n\n" for part in vllm_stream(SERVED).split(b"\n\n") if part]
+            writes.insert(2, stall_after_first)
+        return Reply(writes, headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    return answer
+
+
+def engine_of(kind: str, max_model_len: int = 131072, capacity: int = 1, hold: float = 0.0,
+           stall_after_first: float = 0.0) -> FakeEngine:
+    """A fake vLLM or SGLang server: their routes, model listing, count and answer shapes."""
+    return FakeEngine(script=answers_like(kind, stall_after_first), capacity=capacity, die_on_overlap=False,
+                      prefill_delay=hold, count=lambda body: 7 + len(json.dumps(body["messages"])) // 4,
+                      models=[{"id": SERVED, "object": "model", "owned_by": kind, "max_model_len": max_model_len}])
 
 
 @pytest.mark.parametrize("kind", ["vllm", "sglang"])
 async def test_engine_streams_pass_through_unchanged_but_the_model_name(kind, gateway, serve_app, http):
-    engine = Engine(kind)
+    engine = engine_of(kind)
     url = await serve_app(engine.app())
     base, app = await gateway({"backends": [{"name": "big", "url": url, "slots": 1}]})
     async with http.post(base + "/v1/messages?beta=true", json=BODY) as r:
         assert r.status == 200
         raw = await r.read()
-    direct = vllm_stream(engine.served) if kind == "vllm" else sglang_stream(engine.served)
+    direct = vllm_stream(SERVED) if kind == "vllm" else sglang_stream(SERVED)
     # Every event after message_start arrives in the engine's own bytes.
     start = raw.index(b"event: content_block_start")
     assert raw[start:] == direct[direct.index(b"event: content_block_start"):]
@@ -152,7 +124,7 @@ async def test_engine_streams_pass_through_unchanged_but_the_model_name(kind, ga
 @pytest.mark.parametrize("kind,status,error_type", [("vllm", 500, "internal_error"),
                                                     ("sglang", 400, "invalid_request_error")])
 async def test_engine_errors_keep_their_status_and_type(kind, status, error_type, gateway, serve_app, http):
-    engine = Engine(kind)
+    engine = engine_of(kind)
     base, _ = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
     async with http.post(base + "/v1/messages", json={**BODY, "stream": False, "max_tokens": 200_000}) as r:
         body = await r.json()
@@ -161,7 +133,7 @@ async def test_engine_errors_keep_their_status_and_type(kind, status, error_type
 
 
 async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_models(gateway, serve_app, http):
-    engine = Engine("vllm", max_model_len=65536)
+    engine = engine_of("vllm", max_model_len=65536)
     base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
     async with http.post(base + "/v1/messages/count_tokens?beta=true", json=BODY) as r:
         counted = await r.json()
@@ -176,8 +148,7 @@ async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_mod
 
 
 async def test_continuous_batching_engine_gets_its_many_slots_at_once(gateway, serve_app, http):
-    engine = Engine("vllm", capacity=64)
-    engine.hold = 0.3
+    engine = engine_of("vllm", capacity=64, hold=0.3)
     base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app()), "slots": 64}]})
 
     async def one(i):
@@ -192,13 +163,10 @@ async def test_continuous_batching_engine_gets_its_many_slots_at_once(gateway, s
 
 
 async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gateway, serve_app, http):
-    bare = web.Application()  # answers 404 to everything but /v1/messages
-
-    async def messages(request):
-        return web.Response(body=vllm_stream("m"), content_type="text/event-stream")
-
-    bare.router.add_post("/v1/messages", messages)
-    url = await serve_app(bare)
+    # No /health, no /slots: nothing but its answers.
+    bare = FakeEngine(script=lambda body, headers: Reply([vllm_stream("m")]), health_endpoint=False,
+                      slots_endpoint=False)
+    url = await serve_app(bare.app())
     base, app = await gateway({"backends": [{"name": "bare", "url": url, "health_path": ""}]})
     gw = app[GATEWAY]
     async with asyncio.timeout(30):  # up once a health poll (every 0.2 s) found it: waited for, not timed
@@ -209,8 +177,7 @@ async def test_a_server_without_any_health_endpoint_is_up_while_it_answers(gatew
 
 
 async def test_a_silent_remote_past_its_read_timeout_ends_in_an_sse_error(gateway, serve_app, http):
-    engine = Engine("vllm")
-    engine.stall_after_first = 3.0
+    engine = engine_of("vllm", stall_after_first=3.0)
     base, app = await gateway({"backends": [{"name": "remote", "url": await serve_app(engine.app()),
                                              "read_timeout_seconds": 0.5}]})
     async with http.post(base + "/v1/messages", json=BODY) as r:
@@ -248,7 +215,7 @@ async def _serve_tls(app: web.Application, d) -> tuple[str, web.AppRunner]:
 
 
 async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
-    engine = Engine("sglang")
+    engine = engine_of("sglang")
     url, runner = await _serve_tls(engine.app(), tls_files)
     try:
         base, app = await gateway({"backends": [{"name": "remote", "url": url, "ca_file": str(tls_files / "ca.pem"),

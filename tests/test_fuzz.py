@@ -34,18 +34,17 @@ import os
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import sample
-from fakes import FakeUpstream, sse_message
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from orchestrator.backends.gateway import GATEWAY
+from testkit.client import sample
+from testkit.engine import FakeEngine, Reply
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 # The failing examples' bodies are large; hypothesis says so each time.
@@ -488,47 +487,8 @@ def parse_like_gateway(data: bytes) -> Any:
         return None
 
 
-@dataclass
-class StrictFake(FakeUpstream):
-    """FakeUpstream parsing its bodies like llama-server: UTF-8 whatever the Content-Type's charset, a
-    400 for what is not JSON (not a 500 from the fake's own parser). Remembers bodies not in UTF-8."""
-
-    not_utf8: list[bytes] = field(default_factory=list)
-
-    async def _parse(self, request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as e:
-            if isinstance(e, UnicodeDecodeError):
-                self.not_utf8.append(raw[:200])
-            raise web.HTTPBadRequest(text=json.dumps({"error": {"code": 400, "message": "invalid JSON body",
-                                                                "type": "invalid_request_error"}}),
-                                     content_type="application/json") from None
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        body = await self._parse(request)
-        self.requests.append(body)
-        model = self.answer_model or body.get("model", "")
-        if not body.get("stream"):
-            return web.json_response({
-                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "w0 w1"}], "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": 10, "output_tokens": 2, "cache_read_input_tokens": 3}})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for ev in sse_message(["w0 ", "w1"], model=model):
-            await resp.write(ev)
-        await resp.write_eof()
-        return resp
-
-    async def count_tokens(self, request: web.Request) -> web.Response:
-        body = await self._parse(request)
-        return web.json_response({"input_tokens": 1000 + len(str(body.get("messages")))})
-
-
 class BodyEnv:
-    def __init__(self, base: str, gw: Any, fake: StrictFake, http: aiohttp.ClientSession) -> None:
+    def __init__(self, base: str, gw: Any, fake: FakeEngine, http: aiohttp.ClientSession) -> None:
         self.base, self.gw, self.fake, self.http = base, gw, fake, http
         self.stats: dict[str, int] = {}
 
@@ -538,7 +498,8 @@ class BodyEnv:
 
 @pytest.fixture
 async def body_env(gateway, serve_app, http):
-    fake = StrictFake(die_on_overlap=False, answer_model="/models/fake-model.gguf", parts=3)
+    # Parses its bodies like llama-server (a 400 for what is not JSON, UTF-8 whatever the charset).
+    fake = FakeEngine(die_on_overlap=False, answer_model="/models/fake-model.gguf", parts=2)
     url = await serve_app(fake.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url, "slots": 1, "max_output_tokens": 64}],
                                "gateway": {"max_body_bytes": 256 * 1024, "health_interval_seconds": 0.05}})
@@ -624,53 +585,23 @@ async def test_fuzz_request_bodies(body_env, case):
 
 # ---- 2. upstream SSE framing ----------------------------------------------------------------------------
 
-class ScriptedUpstream:
-    """Answers every streaming /v1/messages with the current script's bytes, in its chunks."""
+class Playing:
+    """The fake engine's script: every streaming /v1/messages answered with the current fuzz
+    script's bytes, in its chunks, cut off where it says."""
 
     def __init__(self) -> None:
         self.script: Script | None = None
         self.attempts = 0
-        self.in_flight = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/messages", self.messages)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/slots", self.slots)
-        return app
-
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def slots(self, request: web.Request) -> web.Response:
-        return web.json_response([{"id": 0, "is_processing": self.in_flight > 0}])
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
+    def __call__(self, body: dict, headers) -> Reply:
         s = self.script
         assert s is not None
         self.attempts += 1
-        self.in_flight += 1
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        try:
-            await asyncio.sleep(s.prefill)
-            await resp.prepare(request)
-            for chunk, delay in s.chunks:
-                await resp.write(chunk)
-                if delay:
-                    await asyncio.sleep(delay)
-            if s.abrupt:
-                # A reset loses what the gateway had not read yet (aiohttp raises before it returns
-                # buffered bytes): mostly give it time to read first, else all is resent, three times.
-                await asyncio.sleep(s.abrupt_after)
-                request.transport.close()
-            else:
-                await resp.write_eof()
-        except ConnectionError:
-            pass
-        finally:
-            self.in_flight -= 1
-        return resp
+        # A reset loses what the gateway had not read yet (aiohttp raises before it returns
+        # buffered bytes): mostly give it time to read first (abrupt_after), else all is resent,
+        # three times.
+        return Reply([x for chunk, delay in s.chunks for x in (chunk, delay)], prefill=s.prefill,
+                     close_after=s.abrupt_after if s.abrupt else None)
 
 
 @dataclass
@@ -827,7 +758,7 @@ def scripts(draw, variants: tuple[str, ...]) -> Script:
 
 
 class SSEEnv:
-    def __init__(self, plain: str, pinging: str, gws: list, fake: ScriptedUpstream,
+    def __init__(self, plain: str, pinging: str, gws: list, fake: Playing,
                  http: aiohttp.ClientSession) -> None:
         self.plain, self.pinging, self.gws, self.fake, self.http = plain, pinging, gws, fake, http
         self.stats: dict[str, int] = {}
@@ -838,8 +769,8 @@ class SSEEnv:
 
 @pytest.fixture
 async def sse_env(gateway, serve_app, http):
-    fake = ScriptedUpstream()
-    url = await serve_app(fake.app())
+    fake = Playing()
+    url = await serve_app(FakeEngine(script=fake, die_on_overlap=False).app())
     backends = [{"name": "primary", "url": url, "slots": 1}]
     plain, app1 = await gateway({"backends": backends, "gateway": {"health_interval_seconds": 0.05}})
     pinging, app2 = await gateway({"backends": backends, "gateway": {"health_interval_seconds": 0.05,
@@ -982,7 +913,7 @@ MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "c
 
 @pytest.fixture
 async def bug_env(gateway, serve_app, http):
-    fake = StrictFake(die_on_overlap=False, answer_model="/models/fake-model.gguf")
+    fake = FakeEngine(die_on_overlap=False, answer_model="/models/fake-model.gguf", parts=2)
     url = await serve_app(fake.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
     return BodyEnv(base, app[GATEWAY], fake, http)

@@ -1,16 +1,20 @@
 """The gateway end to end against a fake upstream: what a real server cannot do on demand."""
 
 import asyncio
+import functools
 import json
 import random
 
 import aiohttp
 import pytest
-from conftest import sample
-from fakes import FakeUpstream
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
+from testkit.client import CLAUDE_PATH, post as post_to, sample
+from testkit.engine import FakeEngine
+
+# Every request here goes where Claude Code sends it.
+post = functools.partial(post_to, path=CLAUDE_PATH)
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 
@@ -33,11 +37,6 @@ async def until_free(queue, timeout: float = 30.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"queue {queue.name!r} still has {queue.busy} busy slots after {timeout}s")
-
-
-async def _post(http, base, body, path="/v1/messages?beta=true", **kw):
-    async with http.post(base + path, json=body, **kw) as r:
-        return r.status, await r.read(), r.headers
 
 
 @pytest.mark.parametrize("data,ctype,status,needle", [
@@ -88,8 +87,8 @@ async def test_stream_passthrough_is_byte_faithful(gateway, fake, http):
     f, url = fake
     base, _ = await _start(gateway, url)
     body = {**MAIN, "stream": True}
-    _, direct, _ = await _post(http, url, body)
-    status, through, headers = await _post(http, base, body)
+    _, direct, _ = await post(http, url, body)
+    status, through, headers = await post(http, base, body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     assert through == direct
     # What reached the fake is the client's body, byte for byte, without the client's key.
@@ -99,7 +98,7 @@ async def test_stream_passthrough_is_byte_faithful(gateway, fake, http):
 async def test_headers_forwarded_without_client_key_and_hop_by_hop(gateway, fake, http):
     f, url = fake
     base, _ = await _start(gateway, url)
-    await _post(http, base, MAIN, headers={"x-api-key": "sk-secret", "Authorization": "Bearer sk-secret",
+    await post(http, base, MAIN, headers={"x-api-key": "sk-secret", "Authorization": "Bearer sk-secret",
                                            "anthropic-version": "2023-06-01", "Connection": "keep-alive",
                                            "anthropic-beta": "a,b"})
     h = {k.lower(): v for k, v in f.headers[-1].items()}
@@ -112,7 +111,7 @@ async def test_only_what_a_backend_needs_of_the_clients_headers_is_forwarded(gat
     X-Forwarded-For: none of it is the backend's business."""
     f, url = fake
     base, _ = await _start(gateway, url)
-    await _post(http, base, MAIN, headers={
+    await post(http, base, MAIN, headers={
         "Origin": base, "Cookie": "session=secret", "X-Forwarded-For": "10.0.0.1",
         "x-stainless-os": "Linux", "x-claude-code-session-id": "abc", "User-Agent": "claude-cli/2.1.332",
         "anthropic-version": "2023-06-01", "anthropic-beta": "a,b", "Accept": "application/json"})
@@ -127,7 +126,7 @@ async def test_only_what_a_backend_needs_of_the_clients_headers_is_forwarded(gat
 async def test_backend_api_key_and_opt_in_forwarding(gateway, fake, http):
     f, url = fake
     base, _ = await gateway({"backends": [{"name": "p", "url": url, "api_key": "backend-key"}]})
-    await _post(http, base, MAIN, headers={"x-api-key": "client"})
+    await post(http, base, MAIN, headers={"x-api-key": "client"})
     assert {k.lower(): v for k, v in f.headers[-1].items()}["x-api-key"] == "backend-key"
 
 
@@ -135,7 +134,7 @@ async def test_billing_header_is_stripped_and_nothing_else_changes(gateway, fake
     f, url = fake
     base, _ = await _start(gateway, url)
     body = sample("main-2.1.332.json")["body"]
-    status, raw, _ = await _post(http, base, body)
+    status, raw, _ = await post(http, base, body)
     assert status == 200
     sent = f.requests[-1]
     assert sent["system"] == body["system"][1:]
@@ -146,12 +145,12 @@ async def test_model_name_is_echoed(gateway, fake, http):
     f, url = fake
     f.answer_model = "/models/some.gguf"  # llama-server names its GGUF path
     base, _ = await _start(gateway, url)
-    status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
-    _, direct, _ = await _post(http, url, {**MAIN, "stream": True})
+    status, raw, _ = await post(http, base, {**MAIN, "stream": True})
+    _, direct, _ = await post(http, url, {**MAIN, "stream": True})
     assert _events(raw)[0].json()["message"]["model"] == "big-model"
     # Only the first event was rewritten; every byte after it is the backend's.
     assert raw.split(b"\n\n", 1)[1] == direct.split(b"\n\n", 1)[1]
-    status, raw, _ = await _post(http, base, MAIN)
+    status, raw, _ = await post(http, base, MAIN)
     assert json.loads(raw)["model"] == "big-model"
 
 
@@ -159,7 +158,7 @@ async def test_concurrent_main_requests_never_overlap(gateway, fake, http):
     f, url = fake
     f.chunk_delay = 0.005
     base, gw = await _start(gateway, url)
-    results = await asyncio.gather(*[_post(http, base, {**MAIN, "stream": i % 2 == 0}) for i in range(12)])
+    results = await asyncio.gather(*[post(http, base, {**MAIN, "stream": i % 2 == 0}) for i in range(12)])
     assert [s for s, _, _ in results] == [200] * 12
     assert not f.crashed and f.max_in_flight == 1 and f.generations_finished == 12
     for _, raw, h in results:
@@ -175,7 +174,7 @@ async def test_server_dying_mid_stream_ends_with_error_event_and_frees_slot(gate
     f, url = fake
     f.mode = "die_midstream"
     base, gw = await _start(gateway, url)
-    status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
+    status, raw, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200
     events = _events(raw)
     assert events[-1].event == "error"
@@ -185,7 +184,7 @@ async def test_server_dying_mid_stream_ends_with_error_event_and_frees_slot(gate
     await until_free(gw.backends["primary"].queue)
     f.mode = "ok"
     for _ in range(50):  # health polling reopens the queue
-        status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
+        status, raw, _ = await post(http, base, {**MAIN, "stream": True})
         if status == 200:
             break
     assert _events(raw)[-1].event == "message_stop"
@@ -195,7 +194,7 @@ async def test_failure_before_any_byte_is_retried_once_transparently(gateway, fa
     f, url = fake
     f.fail_next = 1
     base, gw = await _start(gateway, url)
-    status, raw, _ = await _post(http, base, {**MAIN, "stream": True})
+    status, raw, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200 and _events(raw)[-1].event == "message_stop"
     assert len(f.requests) == 2 and f.generations_finished == 1
     assert gw.backends["primary"].queue.busy == 0
@@ -205,7 +204,7 @@ async def test_persistent_failure_gives_up_with_529_naming_backend(gateway, fake
     f, url = fake
     f.fail_next = 100
     base, gw = await _start(gateway, url)
-    status, raw, headers = await _post(http, base, MAIN)
+    status, raw, headers = await post(http, base, MAIN)
     assert status == 529 and "retry-after" in headers
     err = json.loads(raw)["error"]
     assert err["type"] == "overloaded_error" and "primary" in err["message"]
@@ -220,7 +219,7 @@ async def test_backend_openai_errors_become_anthropic(gateway, fake, http, mode,
     f.mode = mode
     base, gw = await _start(gateway, url)
     for stream in (False, True):
-        s, raw, _ = await _post(http, base, {**MAIN, "stream": stream})
+        s, raw, _ = await post(http, base, {**MAIN, "stream": stream})
         body = json.loads(raw)
         assert s == status and body["type"] == "error" and body["error"]["type"] == etype
     assert len(f.requests) == 2 and gw.backends["primary"].queue.busy == 0
@@ -247,10 +246,10 @@ async def test_client_disconnect_while_queued_leaves_queue(gateway, fake, http):
     f.mode = "stall"
     base, gw = await _start(gateway, url)
     q = gw.backends["primary"].queue
-    first = asyncio.create_task(_post(http, base, MAIN))
+    first = asyncio.create_task(post(http, base, MAIN))
     while q.busy == 0:
         await asyncio.sleep(0.01)
-    queued = asyncio.create_task(_post(http, base, MAIN))
+    queued = asyncio.create_task(post(http, base, MAIN))
     while q.depth == 0:
         await asyncio.sleep(0.01)
     queued.cancel()
@@ -276,13 +275,13 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 2,
                                                  "retry_after_seconds": 4})
     q = gw.backends["primary"].queue
-    running = asyncio.create_task(_post(http, base, MAIN))
+    running = asyncio.create_task(post(http, base, MAIN))
     while q.busy == 0:
         await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(_post(http, base, MAIN))
+    waiting = asyncio.create_task(post(http, base, MAIN))
     while q.depth == 0:
         await asyncio.sleep(0.01)
-    status, raw, headers = await _post(http, base, MAIN)
+    status, raw, headers = await post(http, base, MAIN)
     assert status == 529 and headers["retry-after"] == "4" and "full" in json.loads(raw)["error"]["message"]
     status, raw, headers = await waiting
     assert status == 529 and "waited" in json.loads(raw)["error"]["message"]
@@ -299,16 +298,16 @@ async def test_a_failed_backend_refuses_as_backend_failed_not_queue_full(gateway
     f.mode = "stall"
     base, gw = await _start(gateway, url)
     q = gw.backends["primary"].queue
-    running = asyncio.create_task(_post(http, base, MAIN))
+    running = asyncio.create_task(post(http, base, MAIN))
     while q.busy == 0:
         await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(_post(http, base, MAIN))
+    waiting = asyncio.create_task(post(http, base, MAIN))
     while q.depth == 0:
         await asyncio.sleep(0.01)
     gw.backends["primary"].health.set(State.FAILED, "test: FATAL in supervisord")
     status, raw, _ = await waiting
     assert status == 529 and "failed" in json.loads(raw)["error"]["message"]
-    status, _, _ = await _post(http, base, MAIN)
+    status, _, _ = await post(http, base, MAIN)
     assert status == 529
     rejections = gw.metrics.rejections
     assert rejections.labels("backend_failed")._value.get() == 2
@@ -318,18 +317,18 @@ async def test_a_failed_backend_refuses_as_backend_failed_not_queue_full(gateway
 
 
 async def test_background_goes_to_small_model_never_to_primary(gateway, serve_app, http):
-    big, small = FakeUpstream(), FakeUpstream()
+    big, small = FakeEngine(), FakeEngine()
     big_url, small_url = await serve_app(big.app()), await serve_app(small.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": big_url},
                                            {"name": "small", "url": small_url, "role": "background"}],
                               "routing": {"background": "small"}})
     big.prefill_delay = 5  # the background answers below take milliseconds: room for a loaded machine
-    main = asyncio.create_task(_post(http, base, {**MAIN, "stream": True}))
+    main = asyncio.create_task(post(http, base, {**MAIN, "stream": True}))
     async with asyncio.timeout(30):  # the main request is in the primary's prefill
         while big.generations_started == 0:
             await asyncio.sleep(0.01)
     for name in ("title-2.1.332.json", "topic-2.0.77.json", "warmup-2.0.77.json"):
-        status, raw, _ = await _post(http, base, sample(name)["body"])
+        status, raw, _ = await post(http, base, sample(name)["body"])
         assert status == 200 and _events(raw)[-1].event == "message_stop"
     assert not main.done()  # background answers did not wait behind the main request
     assert (await main)[0] == 200
@@ -346,7 +345,7 @@ async def test_background_synthetic_when_small_model_down(gateway, fake, http):
         if not gw.backends["small"].health.up:
             break
         await asyncio.sleep(0.05)
-    status, raw, _ = await _post(http, base, sample("title-2.1.332.json")["body"])
+    status, raw, _ = await post(http, base, sample("title-2.1.332.json")["body"])
     events = _events(raw)
     text = events[2].json()["delta"]["text"]
     assert status == 200 and "title" in json.loads(text)
@@ -357,13 +356,13 @@ async def test_synthetic_non_streaming_and_count_probe(gateway, fake, http):
     f, url = fake
     base, _ = await _start(gateway, url)
     body = {**sample("topic-2.0.77.json")["body"], "stream": False}
-    status, raw, _ = await _post(http, base, body)
+    status, raw, _ = await post(http, base, body)
     msg = json.loads(raw)
     assert status == 200 and msg["type"] == "message" and msg["model"] == "claude-haiku-4-5-20251001"
     json.loads("{" + msg["content"][0]["text"])
     probe = sample("count-probe-2.1.197.json")["body"]
-    status, raw, _ = await _post(http, base, probe)
-    _, counted, _ = await _post(http, base, probe, path="/v1/messages/count_tokens?beta=true")
+    status, raw, _ = await post(http, base, probe)
+    _, counted, _ = await post(http, base, probe, path="/v1/messages/count_tokens?beta=true")
     assert json.loads(raw)["usage"]["input_tokens"] == json.loads(counted)["input_tokens"] > 1000
     assert f.requests == []  # neither the probe nor the count took a generation
 
@@ -372,13 +371,13 @@ async def test_count_tokens_burst_never_takes_a_slot(gateway, fake, http):
     f, url = fake
     f.mode = "stall"
     base, gw = await _start(gateway, url)
-    running = asyncio.create_task(_post(http, base, MAIN))
+    running = asyncio.create_task(post(http, base, MAIN))
     while gw.backends["primary"].queue.busy == 0:
         await asyncio.sleep(0.01)
     body = sample("count_tokens-2.1.197.json")["body"]
     bodies = [{**body, "tools": [{"name": f"t{i % 5}", "input_schema": {"type": "object"}}]} for i in range(25)]
     t0 = asyncio.get_running_loop().time()
-    results = await asyncio.gather(*[_post(http, base, b, path="/v1/messages/count_tokens?beta=true")
+    results = await asyncio.gather(*[post(http, base, b, path="/v1/messages/count_tokens?beta=true")
                                      for b in bodies])
     # Not behind the stalled slot (an hour): a bound wide enough for any loaded machine.
     assert asyncio.get_running_loop().time() - t0 < 30
@@ -393,10 +392,10 @@ async def test_count_tokens_falls_back_to_estimate_when_backend_slow_or_down(gat
     f.count_delay = 5
     base, _ = await _start(gateway, url, gateway={"count_tokens_timeout_seconds": 0.2})
     body = sample("count_tokens-2.1.197.json")["body"]
-    status, raw, _ = await _post(http, base, body, path="/v1/messages/count_tokens")
+    status, raw, _ = await post(http, base, body, path="/v1/messages/count_tokens")
     assert status == 200 and 100 < json.loads(raw)["input_tokens"] < 1000
     base2, _ = await gateway({"backends": [{"name": "p", "url": "http://127.0.0.1:9"}]})
-    status, raw, _ = await _post(http, base2, body, path="/v1/messages/count_tokens")
+    status, raw, _ = await post(http, base2, body, path="/v1/messages/count_tokens")
     assert status == 200 and json.loads(raw)["input_tokens"] > 0
 
 
@@ -405,7 +404,7 @@ async def test_randomised_chaos_leaves_no_stuck_slot(gateway, serve_app, seed):
     """Random stream/non-stream, disconnects at random moments, upstream deaths and
     errors: afterwards every slot is free and the gateway still answers."""
     rng = random.Random(seed)
-    f = FakeUpstream(chunk_delay=0.002, die_on_overlap=True)
+    f = FakeEngine(chunk_delay=0.002, die_on_overlap=True)
     url = await serve_app(f.app())
     base, gw = await _start(gateway, url, queue={"max_depth": 20, "max_wait_seconds": 5})
     modes = ["ok", "ok", "ok", "die_midstream", "error500"]
@@ -453,13 +452,13 @@ async def test_process_event_endpoint_needs_the_listeners_secret(gateway, fake, 
 
 
 async def test_pool_spreads_requests_and_a_retry_moves_to_a_healthy_backend(gateway, serve_app, http):
-    a, b = FakeUpstream(chunk_delay=0.01), FakeUpstream(chunk_delay=0.01)
+    a, b = FakeEngine(chunk_delay=0.01), FakeEngine(chunk_delay=0.01)
     url_a, url_b = await serve_app(a.app()), await serve_app(b.app())
     base, app = await gateway({"backends": [{"name": "a", "url": url_a, "models": ["glm-*"]},
                                             {"name": "b", "url": url_b, "models": ["glm-*"]}]})
     body = {**MAIN, "model": "glm-5", "stream": True}
     # Eight conversations (one conversation would stay on one backend: test_pool.py).
-    results = await asyncio.gather(*[_post(http, base, {**body, "messages": [{"role": "user", "content": f"hi {i}"}]})
+    results = await asyncio.gather(*[post(http, base, {**body, "messages": [{"role": "user", "content": f"hi {i}"}]})
                                      for i in range(8)])
     assert all(s == 200 and _events(r)[-1].event == "message_stop" for s, r, _ in results)
     assert len(a.requests) >= 2 and len(b.requests) >= 2  # both served
@@ -467,7 +466,7 @@ async def test_pool_spreads_requests_and_a_retry_moves_to_a_healthy_backend(gate
     # "a" fails before answering: the retry goes to "b" instead of waiting for "a".
     a.fail_next = 1
     before_b = len(b.requests)
-    status, raw, _ = await _post(http, base, body)
+    status, raw, _ = await post(http, base, body)
     assert status == 200 and _events(raw)[-1].event == "message_stop"
     assert len(b.requests) == before_b + 1
 
@@ -519,6 +518,6 @@ async def test_a_big_bodys_prompt_blocks_are_hashed_off_the_event_loop(gateway, 
     small = {**MAIN, "messages": [{"role": "user", "content": "hello"}]}
     big = {**MAIN, "messages": [{"role": "user", "content": "x" * 200_000}]}
     for body in (small, big):
-        status, _, _ = await _post(http, base, body)
+        status, _, _ = await post(http, base, body)
         assert status == 200
     assert seen == [True, False]

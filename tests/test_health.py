@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-from test_supervise import stack  # noqa: F401 - the fixture
 
 from orchestrator.backends.health import BackendHealth, State
 from orchestrator.config import BackendConfig
@@ -90,15 +89,15 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     """A title the server is wedged on (a grammar it cannot build; /health still answers): the gateway
     gives up on it, the slot stays held past gateway.release_timeout_seconds, so /health says `stuck`,
     supervisord restarts the server, and titles meanwhile get the synthetic answer at once."""
-    from conftest import sample
-    from fakes import FakeUpstream
+    from testkit.client import sample
+    from testkit.engine import FakeEngine
 
     from orchestrator.backends.gateway import GATEWAY
 
     title = sample("title-2.1.332.json")["body"]
-    small = FakeUpstream(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s
+    small = FakeEngine(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s
     base, app = await gateway({
-        "backends": [{"name": "primary", "url": await serve_app(FakeUpstream().app())},
+        "backends": [{"name": "primary", "url": await serve_app(FakeEngine().app())},
                      {"name": "small", "url": await serve_app(small.app()), "role": "background"}],
         "routing": {"background": "small", "background_timeout_seconds": 0.2},
         "gateway": {"release_timeout_seconds": 0.3}})

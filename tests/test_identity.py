@@ -1,10 +1,10 @@
-from conftest import sample
 from multidict import CIMultiDict
 
 from orchestrator.backends import identity
 from orchestrator.backends.identity import Identity, from_headers
 from orchestrator.backends.inflight import Entry, InFlight
 from orchestrator.conversation import conversation_key as prefix_key
+from testkit.client import sample
 
 SID = "295830f4-f4d5-4433-a1a6-583a30d4e917"
 

@@ -6,11 +6,11 @@ import time
 
 import aiohttp
 import pytest
-from fakes import FakeUpstream
 from test_gateway import until_free
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
+from testkit.engine import FakeEngine
 
 BODY = {"model": "big", "max_tokens": 20, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 INTERVAL = 0.1
@@ -22,7 +22,7 @@ MAX_GAP = 10 * INTERVAL
 @pytest.fixture
 async def setup(gateway, serve_app):
     async def make(ping_interval: float = INTERVAL, max_wait: float = 1.5, **fake_knobs):
-        f = FakeUpstream(**fake_knobs)
+        f = FakeEngine(**fake_knobs)
         url = await serve_app(f.app())
         base, app = await gateway({"gateway": {"ping_interval_seconds": ping_interval},
                                    "queue": {"max_wait_seconds": max_wait},
@@ -96,7 +96,7 @@ async def test_failure_after_pings_is_an_sse_error_event(setup):
 
 
 async def test_pings_off_when_interval_is_zero(gateway, serve_app):
-    f = FakeUpstream(prefill_delay=0.4)
+    f = FakeEngine(prefill_delay=0.4)
     url = await serve_app(f.app())
     base, _ = await gateway({"gateway": {"ping_interval_seconds": 0}, "backends": [{"name": "p", "url": url}]})
     status, chunks, raw = await timed_read(base)
@@ -107,7 +107,7 @@ async def test_pings_stopping_at_any_moment_never_corrupt_the_stream(gateway, se
     """Pings every 1 ms, backends answering 0-6 ms after the request: the backend's first bytes
     often arrive while a ping (and the response headers) are being written. Every stream is one
     HTTP response: pings, then the backend's events whole, message_start first, one message_stop."""
-    f = FakeUpstream(die_on_overlap=False, capacity=64)
+    f = FakeEngine(die_on_overlap=False, capacity=64)
     url = await serve_app(f.app())
     base, app = await gateway({"gateway": {"ping_interval_seconds": 0.001},
                                "backends": [{"name": "primary", "url": url, "slots": 64}]})

@@ -13,10 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from conftest import sample
-from fakes import FakeUpstream
-from test_supervise import Stack, _wait_health, stack  # noqa: F401 - the fixture
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
@@ -25,66 +21,16 @@ from orchestrator.kv import store as kvsave
 from orchestrator.kv.results import RestoreResult, SaveResult
 from orchestrator.kv.server_id import checksum
 from orchestrator.ops import supervise
+from testkit.client import post, sample
+from testkit.engine import FakeEngine
+from testkit.stack import Stack, wait_health
 
 PROPS = {"model_path": "/models/m.gguf", "build_info": "b1-abc", "default_generation_settings": {"n_ctx": 4096}}
 
 
-class SlotsUpstream(FakeUpstream):
-    """FakeUpstream with llama-server's slot actions and /props. A save or restore while a
-    generation runs crashes it, like a generation that overlaps another."""
-
-    def __init__(self, folder: Path, **kw) -> None:
-        super().__init__(**kw)
-        self.folder = folder
-        self.props = dict(PROPS)
-        self.actions: list[tuple[str, str]] = []
-        self.save_delay = 0.0
-        self.saving = False
-        self.slot_tokens = 0          # what GET /slots says slot 0 holds
-        self.restore_error = ""
-        self.save_bytes = 1000
-        self.loading = False          # /health answers 503, like a server loading its model
-
-    async def health(self, request: web.Request) -> web.Response:
-        if self.loading:
-            return web.json_response({"error": {"code": 503, "message": "Loading model"}}, status=503)
-        return await super().health(request)
-
-    def app(self) -> web.Application:
-        app = super().app()
-        app.router.add_post("/slots/{id}", self.slot_action)
-        app.router.add_get("/props", self.get_props)
-        return app
-
-    async def slots(self, request: web.Request) -> web.Response:
-        return web.json_response([{"id": 0, "is_processing": self.in_flight > 0, "n_prompt_tokens": self.slot_tokens}])
-
-    async def get_props(self, request: web.Request) -> web.Response:
-        return web.json_response(self.props)
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        if self.saving:
-            self.crashed = True
-        return await super().messages(request)
-
-    async def slot_action(self, request: web.Request) -> web.Response:
-        action, name = request.query["action"], (await request.json())["filename"]
-        self.actions.append((action, name))
-        if self.in_flight:
-            self.crashed = True
-        if action == "save":
-            self.saving = True
-            try:
-                await asyncio.sleep(self.save_delay)
-                (self.folder / name).write_bytes(b"k" * self.save_bytes)
-            finally:
-                self.saving = False
-            return web.json_response({"id_slot": 0, "filename": name, "n_saved": 123, "n_written": self.save_bytes,
-                                      "timings": {"save_ms": 1.0}})
-        if self.restore_error or not (self.folder / name).exists():
-            return web.json_response({"error": {"code": 400, "message": self.restore_error or "no file"}}, status=400)
-        # Like llama-server, whose /slots shows no prompt tokens after a restore (checked on the real one).
-        return web.json_response({"id_slot": 0, "filename": name, "n_restored": 123, "n_read": self.save_bytes})
+def slot_engine(folder: Path, **kw) -> FakeEngine:
+    """The fake engine with llama-server's slot actions (saving into `folder`) and /props."""
+    return FakeEngine(folder=folder, props=dict(PROPS), slot_tokens=0, **kw)
 
 
 def main_body(first: str = "hello", turn: int = 0, cch: str = "aa") -> dict:
@@ -98,7 +44,7 @@ def main_body(first: str = "hello", turn: int = 0, cch: str = "aa") -> dict:
 async def kv_stack(serve_app, gateway, tmp_path):
     async def make(idle: float = 0.0, max_bytes: int = 10 ** 9, fake=None, folder=None, **fake_kw):
         folder = folder or tmp_path
-        fake = fake or SlotsUpstream(folder, **fake_kw)
+        fake = fake or slot_engine(folder, **fake_kw)
         url = await serve_app(fake.app())
         base, app = await gateway({"backends": [{"name": "primary", "url": url, "kv_save_dir": str(folder),
                                                  "kv_save_idle_seconds": idle, "kv_save_max_bytes": max_bytes}]})
@@ -112,11 +58,6 @@ async def _until(cond, timeout: float = 30.0) -> None:  # polled: the bound only
     async with asyncio.timeout(timeout):
         while not cond():
             await asyncio.sleep(0.01)
-
-
-async def _post(http, base, body):
-    async with http.post(base + "/v1/messages", json=body) as r:
-        return r.status, await r.read()
 
 
 def _metric(gw, name: str, **labels) -> float:
@@ -181,7 +122,7 @@ def test_status_says_what_the_last_restore_spared():
 
 async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, http, tmp_path):
     fake, base, gw = await kv_stack()
-    assert (await _post(http, base, main_body()))[0] == 200
+    assert (await post(http, base, main_body()))[0] == 200
     await _until(lambda: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == 1)
     key = conversation_key(main_body())
     meta = json.loads((tmp_path / f"{key}.json").read_text())
@@ -190,7 +131,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
     assert await gw.kv.save(gw.backends["primary"].kv) is SaveResult.UNCHANGED
     # The next turn of the same conversation (more tokens) replaces its save.
     fake.parts = 7
-    assert (await _post(http, base, main_body(turn=1)))[0] == 200
+    assert (await post(http, base, main_body(turn=1)))[0] == 200
     await _until(lambda: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == 2)
     assert len(list(tmp_path.glob("*.bin"))) == 1 and len(list(tmp_path.glob("*.json"))) == 1
     assert _metric(gw, "orchestrator_kv_save_seconds_count", backend="primary") == 2
@@ -199,7 +140,7 @@ async def test_save_after_a_main_request_then_unchanged_is_skipped(kv_stack, htt
 async def test_byte_bound_drops_the_oldest_save(kv_stack, http, tmp_path):
     _, base, gw = await kv_stack(max_bytes=2500)
     for i, first in enumerate(("one", "two", "three")):
-        assert (await _post(http, base, main_body(first)))[0] == 200
+        assert (await post(http, base, main_body(first)))[0] == 200
         await _until(lambda i=i: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == i + 1)
         await asyncio.sleep(0.01)
     kept = {json.loads(p.read_text())["key"] for p in tmp_path.glob("*.json")}
@@ -212,23 +153,17 @@ async def test_a_file_the_server_is_writing_is_not_swept_by_another_saves_bound(
     """The folder's bound drops files no save names; one the server has written but not yet answered
     for is on its way to being named. Found as a flake of test_parking under load: a park's checksum,
     run beside the next park, swept that park's file away."""
-    class AnswersLate(SlotsUpstream):
-        async def slot_action(self, request: web.Request) -> web.Response:
-            answer = await super().slot_action(request)  # the file is on disk from here
-            await self.answer_gate.wait()
-            return answer
-
-    fake = AnswersLate(tmp_path)
-    fake.answer_gate = asyncio.Event()
+    # The save's answer waits for the gate; the file is on disk before it.
+    fake = slot_engine(tmp_path, slot_answer_gate=asyncio.Event())
     _, base, gw = await kv_stack(idle=3600, fake=fake)
-    assert (await _post(http, base, main_body("one")))[0] == 200
+    assert (await post(http, base, main_body("one")))[0] == 200
     b = gw.backends["primary"]
     conversation, tokens = b.kv.latest
     leases = [b.queue.try_acquire()]  # as a park does: the caller holds the slot
     saving = asyncio.ensure_future(gw.kv.save_held(b.kv, conversation, tokens))
     await _until(lambda: list(tmp_path.glob("*.bin")))
     gw.kv._bound(b.kv)  # another save's metadata step, meanwhile
-    fake.answer_gate.set()
+    fake.slot_answer_gate.set()
     assert (await saving).result is SaveResult.SAVED
     leases[0].release()
     await _until(lambda: not b.kv.saving)
@@ -242,8 +177,8 @@ async def test_a_save_never_overlaps_a_generation_nor_delays_a_waiting_request(k
     fake.save_delay = 0.05
     # A busy loop: each request follows the last at once, some in parallel.
     for round_ in range(6):
-        results = await asyncio.gather(*[_post(http, base, main_body(f"c{i}", turn=round_)) for i in range(3)])
-        assert all(s == 200 for s, _ in results)
+        results = await asyncio.gather(*[post(http, base, main_body(f"c{i}", turn=round_)) for i in range(3)])
+        assert all(s == 200 for s, *_ in results)
         await asyncio.sleep(0.03 * (round_ % 3))  # sometimes a save starts, sometimes not
     # The idle save after the last round: waited for, not given 0.2 s.
     await _until(lambda: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") >= 1)
@@ -257,9 +192,9 @@ async def test_a_save_never_overlaps_a_generation_nor_delays_a_waiting_request(k
 async def test_a_failed_save_is_counted_and_the_backend_goes_on(kv_stack, http, tmp_path, caplog):
     fake, base, gw = await kv_stack()
     fake.props = None  # /props answers null: nothing identifies the server
-    assert (await _post(http, base, main_body()))[0] == 200
+    assert (await post(http, base, main_body()))[0] == 200
     await _until(lambda: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="failed") == 1)
-    assert (await _post(http, base, main_body(turn=1)))[0] == 200
+    assert (await post(http, base, main_body(turn=1)))[0] == 200
     assert not list(tmp_path.glob("*.bin"))
 
 
@@ -268,7 +203,7 @@ async def test_a_failed_save_is_counted_and_the_backend_goes_on(kv_stack, http, 
 async def _saved_conversations(kv_stack, http, tmp_path, *firsts):
     fake, base, gw = await kv_stack()
     for i, first in enumerate(firsts):
-        assert (await _post(http, base, main_body(first)))[0] == 200
+        assert (await post(http, base, main_body(first)))[0] == 200
         await _until(lambda i=i: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == i + 1)
         await asyncio.sleep(0.01)
     return fake, base, gw
@@ -279,7 +214,7 @@ async def _crash_and_queue(fake, base, gw, http, body):
     health = gw.backends["primary"].health
     fake.slot_tokens, fake.loading = 0, True
     health.mark_down("test crash")
-    request = asyncio.create_task(_post(http, base, body))
+    request = asyncio.create_task(post(http, base, body))
     await _until(lambda: gw.backends["primary"].queue.depth == 1)
     fake.loading = False
     health.poke()
@@ -290,7 +225,7 @@ async def test_restore_picks_the_first_waiters_conversation_before_the_queue_ope
     fake, base, gw = await _saved_conversations(kv_stack, http, tmp_path, "one", "two")
     fake.actions.clear()
     n = fake.generations_started
-    status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
+    status, *_ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
     assert status == 200
     restores = [name for action, name in fake.actions if action == "restore"]
     assert len(restores) == 1 and restores[0].startswith(conversation_key(main_body("one")))
@@ -321,7 +256,7 @@ async def test_a_save_from_another_model_is_refused_with_one_warning(kv_stack, h
     fake.actions.clear()
     fake.props = {**PROPS, "model_path": "/models/other.gguf"}
     with caplog.at_level(logging.WARNING, logger="orchestrator.kv.store"):
-        status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
+        status, *_ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
     assert status == 200 and not [a for a in fake.actions if a[0] == "restore"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "refused" in warnings[0] and "other.gguf" in warnings[0], warnings
@@ -345,7 +280,7 @@ async def test_a_corrupt_save_means_cold_never_down(kv_stack, http, tmp_path, da
         fake.restore_error = "Unable to restore slot: Invalid tokens in slot save file"
     result = "none" if damage == "garbage_meta" else "failed"
     before = _metric(gw, "orchestrator_kv_restores_total", backend="primary", result=result)
-    status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
+    status, *_ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=1))
     assert status == 200
     assert _metric(gw, "orchestrator_kv_restores_total", backend="primary", result=result) == before + 1
     if damage == "overwritten":
@@ -368,10 +303,10 @@ async def test_metadata_not_written_here_can_neither_delete_outside_nor_lift_the
         {"key": other, "file": f"{other}-1.bin", "bytes": -10 ** 12, "time": time.time() + 3600, "slot": 0,
          **_ids()}))
     (folder / f"{other}-1.bin").write_bytes(b"k" * 10)
-    fake = SlotsUpstream(folder)
+    fake = slot_engine(folder)
     _, base, gw = await _kv_gateway(kv_stack, fake, folder, max_bytes=2500)
     for i, first in enumerate(("one", "two", "three")):
-        assert (await _post(http, base, main_body(first)))[0] == 200
+        assert (await post(http, base, main_body(first)))[0] == 200
         await _until(lambda i=i: _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == i + 1)
         await asyncio.sleep(0.01)
     assert victim.read_text() == "keep me"
@@ -443,7 +378,7 @@ async def _usage(http, url, body) -> tuple[dict, float]:
 async def _ready_after_restart(http, url, restarts: int) -> dict:
     async with asyncio.timeout(60):
         while True:
-            b = (await _wait_health(http, url))["backends"][0]
+            b = (await wait_health(http, url))["backends"][0]
             if b["restarts"] >= restarts and b["state"] == "ready":
                 return b
             await asyncio.sleep(0.1)
@@ -454,7 +389,7 @@ async def _crash_with_a_queued_turn(s: Stack, http, body) -> tuple[dict, float, 
     llama_pid = s.pid("llama-primary")
     os.kill(llama_pid, signal.SIGSEGV)
     async with asyncio.timeout(20):
-        while (await _wait_health(http, s.url))["backends"][0]["state"] == "ready":
+        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
             await asyncio.sleep(0.02)
     sent = time.time()
     usage, took = await _usage(http, s.url, body)
@@ -465,7 +400,7 @@ async def _crash_with_a_queued_turn(s: Stack, http, body) -> tuple[dict, float, 
 async def test_after_segv_the_queued_turn_reads_its_prompt_from_the_restored_cache(stack, http):  # noqa: F811
     s = real_stack(stack)
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     cold, cold_s = await _usage(http, s.url, claude_turn("First turn: say hi."))
     total = cold["input_tokens"] + cold["cache_read_input_tokens"]
@@ -482,7 +417,7 @@ async def test_after_segv_the_queued_turn_reads_its_prompt_from_the_restored_cac
     usage, after_s, _ = await _crash_with_a_queued_turn(s, http, claude_turn("First turn: say hi."))
     after_total = usage["input_tokens"] + usage["cache_read_input_tokens"]
     assert usage["cache_read_input_tokens"] > 0.8 * after_total, usage
-    health = (await _wait_health(http, s.url))["backends"][0]
+    health = (await wait_health(http, s.url))["backends"][0]
     restore = health["kv_restore"]
     assert restore["result"] == "restored" and restore["n_tokens"] >= total
     # The restore ran before the queued turn was sent: the gateway logged it first.
@@ -499,7 +434,7 @@ async def test_after_segv_the_queued_turn_reads_its_prompt_from_the_restored_cac
 async def test_after_segv_without_kv_save_the_turn_is_cold(stack, http):  # noqa: F811
     s = real_stack(stack, kv=False)
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     await _usage(http, s.url, claude_turn("First turn: say hi."))
     usage, after_s, _ = await _crash_with_a_queued_turn(s, http, claude_turn("First turn: say hi."))
@@ -514,7 +449,7 @@ async def test_after_segv_without_kv_save_the_turn_is_cold(stack, http):  # noqa
 async def test_a_save_from_another_context_size_is_refused_by_the_real_stack(stack, http):  # noqa: F811
     s = real_stack(stack)
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     await _usage(http, s.url, claude_turn("First turn: say hi."))
     async with asyncio.timeout(30):
@@ -525,7 +460,7 @@ async def test_a_save_from_another_context_size_is_refused_by_the_real_stack(sta
     meta_path.write_text(json.dumps({**meta, "n_ctx": 65536}))
     usage, _, _ = await _crash_with_a_queued_turn(s, http, claude_turn("First turn: say hi."))
     assert usage["cache_read_input_tokens"] < 0.1 * (usage["input_tokens"] + usage["cache_read_input_tokens"])
-    restore = (await _wait_health(http, s.url))["backends"][0]["kv_restore"]
+    restore = (await wait_health(http, s.url))["backends"][0]["kv_restore"]
     assert restore["result"] == "refused" and "65536" in restore["error"]
     warnings = [line for line in s.paths.log("gateway").read_text().splitlines() if "KV save refused" in line]
     assert len(warnings) == 1
@@ -538,7 +473,7 @@ async def test_down_saves_and_the_next_up_restores(stack, http):  # noqa: F811
     s.config_path.write_text(s.config_path.read_text().replace("kv_save_idle_seconds = 0.5",
                                                                "kv_save_idle_seconds = 600"))
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     await _usage(http, s.url, claude_turn("First turn: say hi."))
     slot_dir = s.paths.slots(s.config.backends[0])
@@ -546,11 +481,11 @@ async def test_down_saves_and_the_next_up_restores(stack, http):  # noqa: F811
     assert await asyncio.to_thread(supervise.down, s.paths)
     assert len(list(slot_dir.glob("*.json"))) == 1  # saved by the gateway as it stopped, before llama-server
     assert await asyncio.to_thread(s.up) == "started"
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     usage, _ = await _usage(http, s.url, claude_turn("First turn: say hi."))
     total = usage["input_tokens"] + usage["cache_read_input_tokens"]
     assert usage["cache_read_input_tokens"] > 0.8 * total, usage
-    assert (await _wait_health(http, s.url))["backends"][0]["kv_restore"]["result"] == "restored"
+    assert (await wait_health(http, s.url))["backends"][0]["kv_restore"]["result"] == "restored"
 
 
 async def _answer(http, url, body) -> tuple[str, dict]:
@@ -572,7 +507,7 @@ async def _saved(s: Stack, http) -> dict:
 async def test_a_save_overwritten_in_place_is_refused_and_the_server_answers_cold_and_right(stack, http):  # noqa: F811
     s = real_stack(stack)
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     turn = {**claude_turn("First turn: say hi.", max_tokens=8), "temperature": 0}
     right, _ = await _answer(http, s.url, turn)
@@ -591,10 +526,10 @@ async def test_a_save_overwritten_in_place_is_refused_and_the_server_answers_col
     llama_pid = s.pid("llama-primary")
     os.kill(llama_pid, signal.SIGSEGV)
     async with asyncio.timeout(20):
-        while (await _wait_health(http, s.url))["backends"][0]["state"] == "ready":
+        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
             await asyncio.sleep(0.02)
     text, usage = await _answer(http, s.url, turn)
-    restore = (await _wait_health(http, s.url))["backends"][0]["kv_restore"]
+    restore = (await wait_health(http, s.url))["backends"][0]["kv_restore"]
     assert restore["result"] == "failed" and "checksum" in restore["error"], restore
     assert usage["cache_read_input_tokens"] < 0.1 * (usage["input_tokens"] + usage["cache_read_input_tokens"])
     assert text == right
@@ -607,7 +542,7 @@ async def test_a_save_from_another_rope_freq_base_is_refused_by_the_real_stack(s
     """Same model path, context size and build; another --rope-freq-base: the KV means something else."""
     s = real_stack(stack)
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     await _ready_after_restart(http, s.url, 0)
     turn = {**claude_turn("First turn: say hi.", max_tokens=8), "temperature": 0}
     await _answer(http, s.url, turn)
@@ -618,8 +553,8 @@ async def test_a_save_from_another_rope_freq_base_is_refused_by_the_real_stack(s
     from orchestrator.configfile import load_config
     s.config = load_config(s.config_path)
     assert await asyncio.to_thread(s.up) == "started"
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     _, usage = await _answer(http, s.url, turn)
-    restore = (await _wait_health(http, s.url))["backends"][0]["kv_restore"]
+    restore = (await wait_health(http, s.url))["backends"][0]["kv_restore"]
     assert restore["result"] == "refused" and "--rope-freq-base 20000" in restore["error"], restore
     assert usage["cache_read_input_tokens"] < 0.1 * (usage["input_tokens"] + usage["cache_read_input_tokens"])

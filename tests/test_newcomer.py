@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from fakes import FakeUpstream
 
 from orchestrator.ops import cli, supervise
 from orchestrator.ops.claude_env import find_claude
+from testkit.engine import FakeEngine
+from testkit.servers import ROOT
 
 README = ROOT / "README.md"
 SECTIONS = ("Set-up", "A small model for background requests", "Claude Code", "Running the gateway alone")
@@ -176,7 +176,7 @@ async def test_eval_orchestrator_env_puts_claude_on_path(gateway, serve_app, tmp
     cached = supervise.cache_dir() / "claude-code" / "node_modules" / ".bin" / "claude"
     expected = str(cached) if os.access(cached, os.X_OK) else claude_binary()
     assert expected is not None, "Claude Code is not installed (make test installs it)"
-    url = await serve_app(FakeUpstream().app())
+    url = await serve_app(FakeEngine().app())
     base, _ = await gateway({"backends": [{"name": "primary", "url": url}]})
     port = base.rsplit(":", 1)[1]
     cfg = tmp_path / "o.toml"

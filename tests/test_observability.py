@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port, sample
 from prometheus_client import CollectorRegistry
 
 from orchestrator.configfile import config_from_dict
@@ -23,6 +22,8 @@ from orchestrator.metrics import Metrics
 from orchestrator.ops import grafana as dashboard
 from orchestrator.ops import status as status_view
 from orchestrator.ops import supervise
+from testkit.client import sample
+from testkit.servers import free_port
 
 ROOT = Path(__file__).parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"

@@ -8,16 +8,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
-from test_kvsave import (
-    SlotsUpstream,
-    _crash_and_queue,
-    _metric,
-    _post,
-    _until,
-    main_body,
-)
+from test_kvsave import _crash_and_queue, _metric, _until, main_body, slot_engine
 
 from orchestrator import conversation as prefixes
 from orchestrator.backends.gateway import GATEWAY
@@ -26,48 +18,22 @@ from orchestrator.conversation import Conversation, conversation_key
 from orchestrator.kv.cachemiss import CacheMisses, ServedTurn
 from orchestrator.kv.parking import SlotFound
 from orchestrator.metrics import Metrics
+from testkit.client import post
 
 
-class ParkingUpstream(SlotsUpstream):
-    """Like llama-server: the slot holds the last prompt; a restore, like a save, is slot work that
-    must never overlap a generation; `die_on` closes the connection mid-action, like a crash."""
-
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.restore_delay = 0.0
-        self.die_on = ""
-        self.order: list[str] = []
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        self.order.append("generate")
-        self.slot_tokens = 100
-        return await super().messages(request)
-
-    async def slot_action(self, request: web.Request) -> web.Response:
-        action = request.query["action"]
-        self.order.append(action)
-        if self.die_on == action:
-            self.slot_tokens = 0
-            request.transport.close()
-            return web.Response()
-        if action == "restore":
-            self.saving = True  # a generation arriving now would overlap it: the base crashes
-            try:
-                await asyncio.sleep(self.restore_delay)
-            finally:
-                self.saving = False
-        answer = await super().slot_action(request)
-        if answer.status == 200 and action == "restore":
-            # Every answer here counts 18 tokens (10 + 3 cached + 5 out); a real conversation grows
-            # by a turn, so what comes back is less than the slot holds after the next turn.
-            return web.json_response({"id_slot": 0, "n_restored": 10, "n_read": self.save_bytes})
-        return answer
+def parking_engine(folder, **kw):
+    """Like llama-server: the slot holds the last prompt (100 tokens after any turn); a restore, like a
+    save, is slot work that must never overlap a generation; `die_on` closes the connection
+    mid-action, like a crash. Every answer here counts 18 tokens (10 + 3 cached + 5 out); a real
+    conversation grows by a turn, so what a restore brings back (10) is less than the slot holds
+    after the next turn."""
+    return slot_engine(folder, tokens_per_turn=100, restored_tokens=10, **kw)
 
 
 @pytest.fixture
 async def park_stack(serve_app, gateway, tmp_path):
     async def make(**backend_keys):
-        fake = ParkingUpstream(tmp_path)
+        fake = parking_engine(tmp_path)
         url = await serve_app(fake.app())
         base, app = await gateway({"backends": [{
             "name": "primary", "url": url, "kv_save_dir": str(tmp_path), "kv_park_min_tokens": 0,
@@ -90,7 +56,7 @@ def _actions(fake) -> list[tuple[str, str]]:
 async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming(park_stack, http):
     fake, base, gw = await park_stack()
     for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1)):
-        assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+        assert (await post(http, base, main_body(first, turn=turn)))[0] == 200
     one, two = _key("one")[:8], _key("two")[:8]
     assert _actions(fake) == [("save", one), ("save", two), ("restore", one), ("save", one), ("restore", two)]
     assert fake.order == ["generate", "save", "generate", "save", "restore", "generate", "save", "restore", "generate"]
@@ -107,7 +73,7 @@ async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gat
     """Conversation one runs a tool loop (each turn sent as its last answer ends) while two waits: the
     slot is kept for one's next turn, so the slot does not switch (park, unpark) twice; two goes after.
     An answer that ends the turn (`end_turn`: the user types next) keeps nothing."""
-    fake = ParkingUpstream(tmp_path, prefill_delay=0.1)
+    fake = parking_engine(tmp_path, prefill_delay=0.1)
     # A save costs something (the keep lasts no longer than a save and a restore: ~0.2 s here).
     fake.save_delay = 0.1
     url = await serve_app(fake.app())
@@ -122,11 +88,11 @@ async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gat
             # Each answer asks for a tool, but the last: the loop's next turn follows at once.
             body = {**main_body("one", turn=turn), "metadata": {"x_fake_stop_reason": stop if turn < 2
                                                                 else "end_turn"}}
-            assert (await _post(http, base, body))[0] == 200
+            assert (await post(http, base, body))[0] == 200
 
     one = asyncio.create_task(loop())
     await _until(lambda: gw.backends["primary"].queue.busy == 1)
-    assert (await _post(http, base, main_body("two")))[0] == 200
+    assert (await post(http, base, main_body("two")))[0] == 200
     await one
     order = [t["conversation"] for t in gw.misses.snapshot("primary")["recent"]]
     a, b = _key("one")[:8], _key("two")[:8]
@@ -150,7 +116,7 @@ async def test_a_park_is_not_skipped_while_an_earlier_saves_checksum_runs(park_s
     monkeypatch.setattr(kvsave, "checksum", slow_checksum)
     fake, base, gw = await park_stack()
     for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1)):
-        assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+        assert (await post(http, base, main_body(first, turn=turn)))[0] == 200
     one, two = _key("one")[:8], _key("two")[:8]
     assert _actions(fake) == [("save", one), ("save", two), ("restore", one), ("save", one), ("restore", two)]
     b = gw.backends["primary"].kv
@@ -180,7 +146,7 @@ async def test_a_conversation_whose_cache_marker_moved_is_unparked_as_the_same_o
     assert conversation_key(claude_turn("one", 0)) == conversation_key(claude_turn("one", 2))
     fake, base, gw = await park_stack()
     for first, turn in (("one", 0), ("two", 0), ("one", 1), ("two", 1), ("one", 2)):
-        assert (await _post(http, base, claude_turn(first, turn)))[0] == 200
+        assert (await post(http, base, claude_turn(first, turn)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save", "save", "restore", "save", "restore", "save", "restore"]
     assert gw.misses.snapshot("primary")["turns"] == {"new": 2, "unparked": 3}
 
@@ -188,7 +154,7 @@ async def test_a_conversation_whose_cache_marker_moved_is_unparked_as_the_same_o
 async def test_a_busy_conversation_is_checkpointed_before_its_next_turn_once_it_grew(park_stack, http):
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(3):
-        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+        assert (await post(http, base, main_body("one", turn=turn)))[0] == 200
     # The fake answers every turn with 18 tokens: the first checkpoint saves them all, the next
     # finds nothing new on the slot and leaves it; the slot was never restored (it held the turn).
     assert [a for a, _ in fake.actions] == ["save"]
@@ -204,15 +170,15 @@ async def test_a_checkpoint_under_the_share_is_taken_when_computing_again_would_
     those tokens are under kv_checkpoint_share of it; with the save dearer, it is not."""
     fake, base, gw = await park_stack(kv_checkpoint_share=0.9)
     b, p, key = gw.backends["primary"].kv, gw.backends["primary"].parking, _key("one")
-    assert (await _post(http, base, main_body("one", turn=0)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=0)))[0] == 200
     # The fake's every turn counts 18 tokens: as if 14 of them were on disk, 4 not (22%, under 0.9).
     b.saved[key] = 14
     p.prefill_pace, p.save_pace = 0.01, 0.0001  # 4 tokens again: 40 ms; a save of 18: 1.8 ms
-    assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=1)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
     b.saved[key] = 14
     p.prefill_pace, p.save_pace = 0.0001, 0.01  # 0.4 ms against 180 ms: not worth it
-    assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=2)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
     assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="ok") == 1
 
@@ -247,7 +213,7 @@ async def test_a_checkpoint_expected_to_hold_a_waiter_too_long_is_skipped(park_s
     fake, base, gw = await park_stack(kv_park_max_seconds=0.0)
     gw.backends["primary"].parking.save_pace = 1.0  # a second per token: 18 s expected
     for turn in range(2):
-        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+        assert (await post(http, base, main_body("one", turn=turn)))[0] == 200
     assert fake.actions == []
     assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="checkpoint", result="too_slow") == 1
 
@@ -257,13 +223,13 @@ async def test_a_park_dearer_than_computing_the_conversation_again_is_skipped(pa
     measured), restoring later would not pay for it, so the switch goes on without it."""
     fake, base, gw = await park_stack()
     b = gw.backends["primary"].parking
-    assert (await _post(http, base, main_body("one")))[0] == 200
+    assert (await post(http, base, main_body("one")))[0] == 200
     b.save_pace, b.prefill_pace = 0.02, 0.01  # 0.36 s to save 18 tokens, 0.18 s to compute them
-    assert (await _post(http, base, main_body("two")))[0] == 200
+    assert (await post(http, base, main_body("two")))[0] == 200
     assert fake.actions == []
     assert _metric(gw, "orchestrator_kv_parks_total", backend="primary", action="park", result="too_slow") == 1
     b.save_pace, b.prefill_pace = 0.0001, 0.01
-    assert (await _post(http, base, main_body("one", turn=1)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=1)))[0] == 200
     assert [a for a, _ in fake.actions] == ["save"]
 
 
@@ -278,7 +244,7 @@ async def test_after_parks_skipped_in_a_row_as_dearer_one_runs_to_measure_the_sa
     for turn in range(PARK_RETRY_AFTER + 1):
         for first in ("one", "two"):
             b.save_pace, b.prefill_pace = 0.02, 0.01  # 0.36 s to save 18 tokens, 0.18 s to compute them
-            assert (await _post(http, base, main_body(first, turn=turn)))[0] == 200
+            assert (await post(http, base, main_body(first, turn=turn)))[0] == 200
             paces.append(b.save_pace)
     # 17 switches: 8 skipped, the 9th parked (its pace measured anew), 8 skipped again.
     assert [a for a, _ in fake.actions if a == "save"] == ["save"]
@@ -290,13 +256,13 @@ async def test_after_parks_skipped_in_a_row_as_dearer_one_runs_to_measure_the_sa
 async def test_a_vanished_client_never_lets_a_park_run_beside_a_generation(park_stack, http):
     fake, base, gw = await park_stack()
     fake.save_delay = 0.4
-    assert (await _post(http, base, main_body("one")))[0] == 200
+    assert (await post(http, base, main_body("one")))[0] == 200
     # Conversation two's request parks one; its client leaves in the middle of the save.
-    leaving = asyncio.create_task(_post(http, base, main_body("two")))
+    leaving = asyncio.create_task(post(http, base, main_body("two")))
     await _until(lambda: fake.saving)
     leaving.cancel()
     # A third conversation comes at once: it must wait for the save to end.
-    status, _ = await _post(http, base, main_body("three"))
+    status, *_ = await post(http, base, main_body("three"))
     assert status == 200
     assert not fake.crashed and fake.max_in_flight == 1
     assert fake.order[:3] == ["generate", "save", "generate"]
@@ -308,10 +274,10 @@ async def test_a_crash_during_a_park_or_an_unpark_leaves_the_conversation_cold_n
                                                                                        action):
     fake, base, gw = await park_stack()
     for first in ("one", "two"):
-        assert (await _post(http, base, main_body(first)))[0] == 200
+        assert (await post(http, base, main_body(first)))[0] == 200
     fake.die_on = action
     # "save": two's park dies, so it has no save; "restore": one's unpark dies, the slot empty.
-    status, _ = await _post(http, base, main_body("one", turn=1))
+    status, *_ = await post(http, base, main_body("one", turn=1))
     assert status == 200 and not fake.crashed
     assert fake.order[-1] == "generate"
     parking = gw.backends["primary"].parking
@@ -324,7 +290,7 @@ async def test_a_crash_during_a_park_or_an_unpark_leaves_the_conversation_cold_n
     assert parking.holder == _key("one")
     # The next turn goes on as usual.
     fake.die_on = ""
-    assert (await _post(http, base, main_body("one", turn=2)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=2)))[0] == 200
 
 
 async def test_the_save_restored_after_a_restart_is_neither_restored_again_nor_saved_again_at_once(park_stack, http):
@@ -333,15 +299,15 @@ async def test_the_save_restored_after_a_restart_is_neither_restored_again_nor_s
     time on the crash-hit turn's path, and the turn after it checkpoint the whole conversation again."""
     fake, base, gw = await park_stack(kv_checkpoint_share=0.5)
     for turn in range(2):  # turn 1's checkpoint saves turn 0's 18 tokens
-        assert (await _post(http, base, main_body("one", turn=turn)))[0] == 200
+        assert (await post(http, base, main_body("one", turn=turn)))[0] == 200
     await _until(lambda: not gw.backends["primary"].kv.saving)  # its checksum and metadata written
     fake.actions.clear()
     fake.order.clear()
-    status, _ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
+    status, *_ = await _crash_and_queue(fake, base, gw, http, main_body("one", turn=2))
     assert status == 200
     assert fake.order == ["restore", "generate"]
     # 18 tokens now, 10 of them in the restored save: under half of it unsaved, no checkpoint yet.
-    assert (await _post(http, base, main_body("one", turn=3)))[0] == 200
+    assert (await post(http, base, main_body("one", turn=3)))[0] == 200
     assert fake.order == ["restore", "generate", "generate"] and not fake.crashed
 
 
@@ -349,7 +315,7 @@ async def test_a_backend_with_several_slots_never_parks(park_stack, http):
     fake, base, gw = await park_stack(slots=2)
     fake.capacity = 2
     for first in ("one", "two", "one"):
-        assert (await _post(http, base, main_body(first)))[0] == 200
+        assert (await post(http, base, main_body(first)))[0] == 200
     assert fake.actions == []
 
 

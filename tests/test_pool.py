@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-from fakes import FakeUpstream
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
@@ -11,6 +10,8 @@ from orchestrator.backends.pool import AffinityMap, Decision, Pool
 from orchestrator.conversation import conversation_key
 from orchestrator.metrics import AFFINITY_DECISIONS
 from orchestrator.slots import SlotQueue
+from testkit.client import post
+from testkit.engine import FakeEngine
 
 
 def turn(conv: str, n: int, stream: bool = True) -> dict:
@@ -77,11 +78,6 @@ async def _pool(gateway, serve_app, *fakes, **routing):
     return base, app[GATEWAY]
 
 
-async def _post(http, base, body):
-    async with http.post(base + "/v1/messages", json=body) as r:
-        return r.status, await r.read()
-
-
 async def until(pred, seconds: float = 30.0) -> None:
     """Wait for a condition, not for a clock: polled, with a bound only a broken gateway reaches."""
     async with asyncio.timeout(seconds):
@@ -94,11 +90,11 @@ def _decisions(gw, backend):
 
 
 async def test_each_conversation_returns_to_its_backend(gateway, serve_app, http):
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     base, gw = await _pool(gateway, serve_app, a, b)
     for n in range(1, 5):
         for conv in ("one", "two"):
-            assert (await _post(http, base, turn(conv, n)))[0] == 200
+            assert (await post(http, base, turn(conv, n)))[0] == 200
     firsts = [sorted({r["messages"][0]["content"] for r in fake.requests}) for fake in (a, b)]
     # Two conversations, two backends, each conversation on one backend for all four turns.
     assert sorted(firsts) == [["task of one"], ["task of two"]]
@@ -111,46 +107,46 @@ async def test_each_conversation_returns_to_its_backend(gateway, serve_app, http
 
 
 async def test_least_busy_when_affinity_is_off(gateway, serve_app, http):
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     base, gw = await _pool(gateway, serve_app, a, b, affinity=False)
     for n in range(1, 4):
         for conv in ("one", "two"):
-            assert (await _post(http, base, turn(conv, n)))[0] == 200
+            assert (await post(http, base, turn(conv, n)))[0] == 200
     # One after another, both free: the first backend takes them all, and the two swap its cache.
     assert len(a.requests) == 6 and b.requests == []
     assert gw.pool is None
 
 
 async def test_a_conversation_moves_when_its_backend_is_down_and_stays_moved(gateway, serve_app, http):
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     base, gw = await _pool(gateway, serve_app, a, b)
-    await _post(http, base, turn("one", 1))
+    await post(http, base, turn("one", 1))
     home = "a" if a.requests else "b"
     other = "b" if home == "a" else "a"
     gw.backends[home].health.set(State.DOWN, "test: gone")
     for n in (2, 3):
-        assert (await _post(http, base, turn("one", n)))[0] == 200
+        assert (await post(http, base, turn("one", n)))[0] == 200
     assert _decisions(gw, other)["moved_down"] == 1 and _decisions(gw, other)["hit"] == 1
     # Back up: the conversation stays where its cache now is; a new one goes to the fresh backend.
     gw.backends[home].health.set(State.READY)
-    await _post(http, base, turn("one", 4))
-    await _post(http, base, turn("new", 1))
+    await post(http, base, turn("one", 4))
+    await post(http, base, turn("new", 1))
     fakes = {"a": a, "b": b}
     assert [r["messages"][0]["content"] for r in fakes[home].requests] == ["task of one", "task of new"]
     assert len(fakes[other].requests) == 3
 
 
 async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve_app, http):
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     base, gw = await _pool(gateway, serve_app, a, b)
-    await _post(http, base, turn("one", 1))
+    await post(http, base, turn("one", 1))
     home, other = ("a", "b") if a.requests else ("b", "a")
     fakes = {"a": a, "b": b}
     fakes[home].prefill_delay = 1.0
     # Turn 2 holds the home's slot; turn 3 (a retry, a second window: anything) waits behind it.
-    slow = asyncio.create_task(_post(http, base, turn("one", 2)))
+    slow = asyncio.create_task(post(http, base, turn("one", 2)))
     await until(lambda: fakes[home].in_flight == 1)  # in its 1 s prefill
-    waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
+    waiting = asyncio.create_task(post(http, base, turn("one", 3)))
     await until(lambda: gw.backends[home].queue.depth == 1)
     assert not waiting.done()
     gw.backends[home].health.set(State.DOWN, "test: it died")
@@ -166,9 +162,9 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
 
 
 async def test_a_client_leaving_while_its_pooled_request_waits_frees_nothing_twice(gateway, serve_app, http):
-    a, b = FakeUpstream(prefill_delay=0.5), FakeUpstream(prefill_delay=0.5)
+    a, b = FakeEngine(prefill_delay=0.5), FakeEngine(prefill_delay=0.5)
     base, gw = await _pool(gateway, serve_app, a, b)
-    tasks = [asyncio.create_task(_post(http, base, turn(f"c{i}", 1))) for i in range(6)]
+    tasks = [asyncio.create_task(post(http, base, turn(f"c{i}", 1))) for i in range(6)]
     await asyncio.sleep(0.1)
     for t in tasks[2:4]:
         t.cancel()
@@ -185,20 +181,20 @@ async def test_a_client_leaving_while_its_pooled_request_waits_frees_nothing_twi
 
 @pytest.mark.parametrize("bound,moved", [(0.05, True), (60, False)])
 async def test_a_busy_home_is_left_only_past_the_wait_bound(gateway, serve_app, http, bound, moved):
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     base, gw = await _pool(gateway, serve_app, a, b, affinity_max_wait_seconds=bound)
     fakes = {"a": a, "b": b}
-    await _post(http, base, turn("one", 1))
+    await post(http, base, turn("one", 1))
     home = "a" if a.requests else "b"
     fakes[home].prefill_delay = 0.5
-    await _post(http, base, turn("one", 2))  # holds its slot 0.5 s: the mean hold time rises
+    await post(http, base, turn("one", 2))  # holds its slot 0.5 s: the mean hold time rises
     sent = len(a.requests) + len(b.requests)
-    busy = asyncio.create_task(_post(http, base, turn("other", 1)))  # new: the free backend...
+    busy = asyncio.create_task(post(http, base, turn("other", 1)))  # new: the free backend...
     await until(lambda: len(a.requests) + len(b.requests) == sent + 1)
     # ... so make the home busy with a turn of its own conversation, then send the next turn.
-    first = asyncio.create_task(_post(http, base, turn("one", 3)))
+    first = asyncio.create_task(post(http, base, turn("one", 3)))
     await until(lambda: len(a.requests) + len(b.requests) == sent + 2)
-    status, _ = await _post(http, base, turn("one", 4))
+    status, _, _ = await post(http, base, turn("one", 4))
     await asyncio.gather(busy, first)
     assert status == 200
     other = "b" if home == "a" else "a"

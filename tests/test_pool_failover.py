@@ -4,14 +4,15 @@ FAILED, or another comes back), connect timeouts are sent again elsewhere, unkno
 import asyncio
 
 from aiohttp import web
-from conftest import free_port
-from fakes import FakeUpstream
-from test_pool import _post, turn
+from test_pool import turn
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
 from orchestrator.backends.pool import Decision, Pool
 from orchestrator.slots import SlotQueue
+from testkit.client import post
+from testkit.engine import FakeEngine
+from testkit.servers import free_port
 
 
 async def _until(pred, seconds=30.0):  # polled: the bound is only reached by a broken gateway
@@ -26,17 +27,17 @@ async def test_waiter_moves_when_its_backend_goes_failed_not_only_down(gateway, 
     """A request waiting for a pooled backend that goes FAILED (FATAL, or down past the grace) moves
     to the other backend, which is up: the queue's failure (529) reaches the waiter before the health
     change does, and is a move too, not an answer."""
-    a, b = FakeUpstream(), FakeUpstream()
+    a, b = FakeEngine(), FakeEngine()
     urls = [await serve_app(a.app()), await serve_app(b.app())]
     base, app = await gateway({"backends": [{"name": n, "url": u, "models": ["glm-*"]} for n, u in zip("ab", urls)]})
     gw = app[GATEWAY]
-    await _post(http, base, turn("one", 1))
+    await post(http, base, turn("one", 1))
     home, other = ("a", "b") if a.requests else ("b", "a")
     fakes = {"a": a, "b": b}
     fakes[home].prefill_delay = 1.0
-    slow = asyncio.create_task(_post(http, base, turn("one", 2)))
+    slow = asyncio.create_task(post(http, base, turn("one", 2)))
     assert await _until(lambda: fakes[home].in_flight == 1)  # in its 1 s prefill
-    waiting = asyncio.create_task(_post(http, base, turn("one", 3)))
+    waiting = asyncio.create_task(post(http, base, turn("one", 3)))
     assert await _until(lambda: gw.backends[home].queue.depth == 1)
     assert gw.backends[other].queue.busy == 0
     gw.backends[home].health.set(State.FAILED, "test: FATAL in supervisord")
@@ -54,13 +55,13 @@ async def test_waiter_on_a_dead_backend_moves_when_another_pool_member_comes_bac
         {"name": "b", "url": f"http://127.0.0.1:{port_b}", "models": ["glm-*"]}]})
     gw = app[GATEWAY]
     assert await _until(lambda: not gw.backends["a"].queue.is_open and not gw.backends["b"].queue.is_open)
-    waiting = asyncio.create_task(_post(http, base, turn("one", 1)))
+    waiting = asyncio.create_task(post(http, base, turn("one", 1)))
     runner = None
     try:
         assert await _until(lambda: gw.backends["a"].queue.depth + gw.backends["b"].queue.depth == 1)
         stuck_on = "a" if gw.backends["a"].queue.depth else "b"
         revived = "b" if stuck_on == "a" else "a"
-        fake = FakeUpstream()
+        fake = FakeEngine()
         runner = web.AppRunner(fake.app(), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port_b if revived == "b" else port_a).start()
@@ -109,12 +110,12 @@ async def test_a_connect_timeout_is_sent_again_on_the_other_backend_of_the_pool(
 
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    b = FakeUpstream()
+    b = FakeEngine()
     try:
         base, app = await gateway({"backends": [
             {"name": "a", "url": f"https://127.0.0.1:{port}", "models": ["glm-*"], "connect_timeout_seconds": 0.5},
             {"name": "b", "url": await serve_app(b.app()), "models": ["glm-*"]}]})
-        status, raw = await asyncio.wait_for(_post(http, base, turn("one", 1, stream=False)), 10)
+        status, raw, _ = await asyncio.wait_for(post(http, base, turn("one", 1, stream=False)), 10)
         assert status == 200, f"{status} {raw[:300]!r}; b got {len(b.requests)} requests"
     finally:
         server.close()

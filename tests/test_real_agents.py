@@ -4,9 +4,9 @@
 import re
 
 import pytest
-from conftest import sample
 
 from orchestrator.backends.gateway import GATEWAY
+from testkit.client import sample
 
 pytestmark = pytest.mark.real
 

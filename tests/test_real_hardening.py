@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
-from conftest import ROOT, sample
 from test_real_llama import _load as llama_requests_in_flight
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.http import handlers
 from orchestrator.sse import events as sse_events
+from testkit.client import sample
+from testkit.servers import ROOT
 
 pytestmark = pytest.mark.real
 

@@ -1,15 +1,20 @@
 """Through the gateway to the real llama-server (built from source) running SmolLM2-135M."""
 
 import asyncio
+import functools
 import copy
 import json
 import re
 
 import pytest
-from conftest import sample
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
+from testkit.client import CLAUDE_PATH, sample
+from testkit.client import post as post_to
+
+# Every request here goes where Claude Code sends it.
+post = functools.partial(post_to, path=CLAUDE_PATH)
 
 pytestmark = pytest.mark.real
 
@@ -28,11 +33,6 @@ def claude_main(turn_text: str, *, cch: str = "7a0", tools: int = 3, max_tokens:
     body["stream"] = stream
     body["messages"][-1] = {"role": "user", "content": [{"type": "text", "text": turn_text}]}
     return body
-
-
-async def _post(http, base, body, path="/v1/messages?beta=true"):
-    async with http.post(base + path, json=body) as r:
-        return r.status, await r.read()
 
 
 async def _load(http, url) -> tuple[float, float]:
@@ -56,8 +56,8 @@ async def test_stream_and_non_stream_have_the_same_shape_as_direct(llama, gatewa
     base, _ = await gateway({"backends": [{"name": "primary", "url": llama.url}]})
     body = {"model": "claude-sonnet-x", "max_tokens": 6, "messages": [{"role": "user", "content": "Hi"}]}
     for stream in (False, True):
-        _, direct = await _post(http, llama.url, {**body, "stream": stream})
-        status, through = await _post(http, base, {**body, "stream": stream})
+        _, direct, _ = await post(http, llama.url, {**body, "stream": stream})
+        status, through, _ = await post(http, base, {**body, "stream": stream})
         assert status == 200
         if stream:
             d, t = _events(direct), _events(through)
@@ -76,7 +76,7 @@ async def test_watcher_sees_overlap_when_the_server_is_flooded_directly(llama, h
     stop, seen = asyncio.Event(), []
     watcher = asyncio.create_task(_watch(http, llama.url, stop, seen))
     body = {"model": "m", "max_tokens": 24, "messages": [{"role": "user", "content": "Count to twenty"}]}
-    await asyncio.gather(*[_post(http, llama.url, body) for _ in range(3)])
+    await asyncio.gather(*[post(http, llama.url, body) for _ in range(3)])
     stop.set()
     await watcher
     assert max(p + d for p, d in seen) > 1
@@ -86,7 +86,7 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url}]})
     gw = app[GATEWAY]
     # Warm the prompt cache so the burst's main turns share the long prefix.
-    status, _ = await _post(http, base, claude_main("hello"))
+    status, _, _ = await post(http, base, claude_main("hello"))
     assert status == 200
     requests = []
     for i in range(5):
@@ -105,11 +105,11 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
 
     stop, seen = asyncio.Event(), []
     watcher = asyncio.create_task(_watch(http, llama.url, stop, seen))
-    results = await asyncio.gather(*[_post(http, base, body, path) for _, path, body in requests])
+    results = await asyncio.gather(*[post(http, base, body, path=path) for _, path, body in requests])
     stop.set()
     await watcher
 
-    for (kind, _, _), (status, raw) in zip(requests, results):
+    for (kind, _, _), (status, raw, _) in zip(requests, results):
         assert status == 200, (kind, raw[:300])
         if kind == "count":
             assert json.loads(raw)["input_tokens"] > 100
@@ -131,12 +131,12 @@ async def test_claude_code_burst_never_puts_two_generations_on_the_server(llama,
 async def test_prompt_cache_hits_through_gateway_despite_billing_header(llama, gateway, http):
     base, _ = await gateway({"backends": [{"name": "primary", "url": llama.url}]})
     # Directly, a different billing line per request breaks the cache at its first block.
-    await _post(http, llama.url, claude_main("cache probe", cch="aaa", stream=False))
-    _, raw = await _post(http, llama.url, claude_main("cache probe", cch="bbb", stream=False))
+    await post(http, llama.url, claude_main("cache probe", cch="aaa", stream=False))
+    _, raw, _ = await post(http, llama.url, claude_main("cache probe", cch="bbb", stream=False))
     direct = json.loads(raw)["usage"]
     # Through the gateway the line is dropped, so the whole prefix is reused.
-    await _post(http, base, claude_main("cache probe", cch="ccc", stream=False))
-    status, raw = await _post(http, base, claude_main("cache probe", cch="ddd", stream=False))
+    await post(http, base, claude_main("cache probe", cch="ccc", stream=False))
+    status, raw, _ = await post(http, base, claude_main("cache probe", cch="ddd", stream=False))
     through = json.loads(raw)["usage"]
     assert status == 200
     total = through["input_tokens"] + through["cache_read_input_tokens"]
@@ -152,6 +152,6 @@ async def test_prompt_cache_hits_through_gateway_despite_billing_header(llama, g
 async def test_count_tokens_is_the_backends_own_count(llama, gateway, http):
     base, _ = await gateway({"backends": [{"name": "primary", "url": llama.url}]})
     body = sample("count_tokens-2.1.197.json")["body"]
-    _, direct = await _post(http, llama.url, body, "/v1/messages/count_tokens")
-    _, through = await _post(http, base, body, "/v1/messages/count_tokens?beta=true")
+    _, direct, _ = await post(http, llama.url, body, path="/v1/messages/count_tokens")
+    _, through, _ = await post(http, base, body, path="/v1/messages/count_tokens?beta=true")
     assert json.loads(through) == json.loads(direct)

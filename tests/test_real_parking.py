@@ -1,5 +1,5 @@
 """Issue 19 against the real llama-server (SmolLM2-135M, one slot): a main conversation and two agents,
-each with its own system prompt, interleaved on one server; the scenario is bench/bench_parking.py's.
+each with its own system prompt, interleaved on one server; the scenario is bench/bench_parking.py's (testkit.parking_session).
 
 With --cache-ram 0 and parking on, every turn after a conversation's first reads >= 90% of its prompt
 from cache (without parking: ~1%). The time parking adds is measured per turn; the whole sequence is
@@ -10,14 +10,10 @@ under 30% of the own-servers sequence). Run with -s for the table.
 
 from __future__ import annotations
 
-import sys
-
 import aiohttp
 import pytest
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_parking import Bench, later_turns, table, total  # noqa: E402
+from testkit.parking_session import Bench, later_turns, table, total
 
 pytestmark = pytest.mark.real
 

@@ -29,23 +29,14 @@ Run with -s for the per-turn tables.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, LlamaServer
 
 from orchestrator.backends.gateway import GATEWAY
 
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_pool import (
-    TURNS,
-    comparison_table,
-    failover,
-    failover_table,
-    interleaved,
-    pool_config,
-)
+from testkit.pool_session import TURNS, comparison_table, failover, failover_table, interleaved, pool_config
+from testkit.servers import LlamaServer
 
 pytestmark = pytest.mark.real
 

@@ -30,13 +30,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
-from conftest import ROOT, LlamaServer, gateway_with, sample
-from scripted_proxy import passed_on
+from conftest import gateway_with
 
 from orchestrator import sse
+from testkit.client import sample
+from testkit.proxy import Proxy
+from testkit.servers import ROOT, LlamaServer
 
 pytestmark = pytest.mark.real
 
@@ -66,41 +66,9 @@ def tool_llama(request, tmp_path_factory):
     server.stop()
 
 
-class Recorder:
-    """An HTTP pass-through that keeps every /v1/messages exchange: the body the server got, and its
-    answer's bytes exactly as they came (aiohttp undoes only the chunked transfer coding)."""
-
-    def __init__(self, upstream: str):
-        self.upstream = upstream
-        self.exchanges: list[tuple[dict, bytes]] = []
-        self.session: aiohttp.ClientSession | None = None
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.on_cleanup.append(self.close)
-        return app
-
-    async def close(self, _app) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.session is None:
-            self.session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=600))
-        body = await request.read()
-        async with passed_on(self.session, request, self.upstream + request.path_qs, body) as (r, resp):
-            got = bytearray()
-            async for chunk in r.content.iter_any():
-                got += chunk
-                await resp.write(chunk)
-        if request.path == "/v1/messages":
-            self.exchanges.append((json.loads(body), bytes(got)))
-        return resp
-
-
 async def through_recorder(tool_llama, serve_app, gateway):
-    recorder = Recorder(tool_llama.url)
+    # Every /v1/messages exchange kept: the body the server got, its answer's bytes as they came.
+    recorder = Proxy(tool_llama.url)
     # No gateway pings: a slow prefill must not add events the server never sent.
     base, _ = await gateway_with(gateway, await serve_app(recorder.app()), ping_interval_seconds=0)
     return base, recorder

@@ -5,17 +5,20 @@ import asyncio
 import json
 
 import pytest
-from fakes import FakeUpstream, sse_message
 from test_gateway import until_free
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.sse import events as sse_events
+from testkit.client import post
+from testkit.engine import FakeEngine, Reply
+from testkit.sse import sse_message
 
 MAIN = {"model": "big-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hello"}]}
 
 
 class Scripted:
-    """A backend that answers /v1/messages with exactly the bytes it is given, in the writes given."""
+    """The fake engine's script: /v1/messages answered with exactly the bytes it is given, in the
+    writes given; a Content-Length promising more than was sent ends in a dropped connection."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
@@ -25,46 +28,22 @@ class Scripted:
         self.delay = 0.0
         self.calls = 0
 
-    def app(self):
-        from aiohttp import web
-
-        async def messages(request: web.Request) -> web.StreamResponse:
-            await request.read()
-            self.calls += 1
-            headers = dict(self.headers)
-            if self.content_length is not None:
-                headers["Content-Length"] = str(self.content_length)
-            resp = web.StreamResponse(status=self.status, headers=headers)
-            await resp.prepare(request)
-            for w in self.writes:
-                await resp.write(w)
-                await asyncio.sleep(self.delay)
-            if self.content_length is not None and self.content_length > sum(map(len, self.writes)):
-                request.transport.close()  # promised more than it sent: a crash mid-answer
-                return resp
-            await resp.write_eof()
-            return resp
-
-        async def health(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        app = web.Application()
-        app.router.add_post("/v1/messages", messages)
-        app.router.add_get("/health", health)
-        return app
+    def __call__(self, body: dict, headers) -> Reply:
+        self.calls += 1
+        sent = dict(self.headers)
+        if self.content_length is not None:
+            sent["Content-Length"] = str(self.content_length)
+        short = self.content_length is not None and self.content_length > sum(map(len, self.writes))
+        return Reply([x for w in self.writes for x in (w, self.delay)], self.status, sent,
+                     close_after=0 if short else None)
 
 
 @pytest.fixture
 async def scripted(serve_app, gateway):
     s = Scripted()
-    url = await serve_app(s.app())
+    url = await serve_app(FakeEngine(script=s, die_on_overlap=False).app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
     return s, base, app[GATEWAY]
-
-
-async def _post(http, base, body):
-    async with http.post(base + "/v1/messages", json=body) as r:
-        return r.status, r.headers, await r.read()
 
 
 def _stream(model="gguf/path/model.gguf") -> bytes:
@@ -77,7 +56,7 @@ async def test_any_framing_is_relayed_in_the_backends_own_bytes(scripted, http, 
     s, base, gw = scripted
     raw = _stream().replace(b"\n", eol)
     s.writes = [raw[i:i + split] for i in range(0, len(raw), split)]
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200
     events = sse_events(got)
     assert [e.event for e in events][-1] == "message_stop"
@@ -93,7 +72,7 @@ async def test_comments_and_fields_pass_and_events_after_the_terminal_one_do_not
     events = sse_message(["a"], model="big-model")
     s.writes = [b":\n\n", events[0], b"id: 7\nretry: 100\n" + events[1], *events[2:],
                 b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"late\"}}\n\n"]
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200 and got == b"".join(s.writes[:-1])
     assert [e.event for e in sse_events(got)].count("message_stop") == 1 and b"late" not in got
 
@@ -103,7 +82,7 @@ async def test_an_event_that_is_not_a_json_object_ends_the_stream_with_one_error
     s, base, gw = scripted
     events = sse_message(["a", "b", "c"], model="big-model")
     s.writes = [*events[:3], b"event: content_block_delta\ndata: " + bad + b"\n\n", *events[3:]]
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200
     kinds = [e.event for e in sse_events(got)]
     assert kinds[-1] == "error" and "message_stop" not in kinds and kinds.count("error") == 1
@@ -118,12 +97,12 @@ async def test_a_9_mb_event_passes_and_a_17_mb_one_is_an_error_not_both(scripted
     big = json.dumps({"type": "content_block_delta", "index": 0,
                       "delta": {"type": "text_delta", "text": "y" * (9 << 20)}}).encode()
     s.writes = [*events[:2], b"event: content_block_delta\ndata: " + big + b"\n\n", *events[2:]]
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     kinds = [e.event for e in sse_events(got)]
     assert status == 200 and kinds[-1] == "message_stop" and "error" not in kinds and len(got) > 9 << 20
     huge = b"event: content_block_delta\ndata: " + b"z" * (17 << 20) + b"\n\n"
     s.writes = [*events[:2], *[huge[i:i + (1 << 20)] for i in range(0, len(huge), 1 << 20)], *events[2:]]
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     kinds = [e.event for e in sse_events(got)]
     assert status == 200 and kinds[-1] == "error" and "message_stop" not in kinds and kinds.count("error") == 1
     assert "16777216 bytes" in sse_events(got)[-1].json()["error"]["message"]
@@ -133,7 +112,7 @@ async def test_llama_servers_error_event_is_put_in_anthropic_shape(scripted, htt
     s, base, _ = scripted
     events = sse_message(["a"], model="big-model")
     s.writes = [*events[:3], b'event: error\ndata: {"code":500,"message":"slot crashed","type":"server_error"}\n\n']
-    _, _, got = await _post(http, base, {**MAIN, "stream": True})
+    _, got, _ = await post(http, base, {**MAIN, "stream": True})
     last = sse_events(got)[-1]
     assert last.event == "error"
     assert last.json() == {"type": "error", "error": {"type": "api_error", "message": "backend: slot crashed"}}
@@ -143,7 +122,7 @@ async def test_a_stream_without_message_stop_ends_with_exactly_one_error(scripte
     s, base, gw = scripted
     events = sse_message(["a", "b"], model="big-model")
     s.writes = [*events[:4], events[4][:10]]  # a cut, unfinished last event
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     kinds = [e.event for e in sse_events(got)]
     assert status == 200 and kinds[-1] == "error" and kinds.count("error") == 1
     assert got.startswith(b"".join(events[:4])) and events[4][:10] not in got[len(b"".join(events[:4])):]
@@ -154,7 +133,7 @@ async def test_upstream_retry_after_reaches_the_client(scripted, http):
     s, base, _ = scripted
     s.status, s.headers = 429, {"Content-Type": "application/json", "Retry-After": "17"}
     s.writes = [b'{"error":{"code":429,"message":"busy","type":"rate_limit_error"}}']
-    status, headers, got = await _post(http, base, MAIN)
+    status, got, headers = await post(http, base, MAIN)
     assert status == 429 and headers["retry-after"] == "17"
     assert json.loads(got)["error"]["type"] == "rate_limit_error"
 
@@ -168,7 +147,7 @@ async def test_upstream_retry_after_reaches_the_client(scripted, http):
 async def test_a_200_that_is_not_what_was_asked_for_is_a_502(scripted, http, stream, ctype, body):
     s, base, gw = scripted
     s.headers, s.writes = {"Content-Type": ctype}, [body]
-    status, _, got = await _post(http, base, {**MAIN, "stream": stream})
+    status, got, _ = await post(http, base, {**MAIN, "stream": stream})
     assert status == 502 and json.loads(got)["error"]["type"] == "api_error"
     await until_free(gw.backends["primary"].queue)
 
@@ -181,7 +160,7 @@ async def test_a_large_non_streaming_answer_is_relayed_whole(scripted, http):
                          "usage": {"input_tokens": 1, "output_tokens": 2}}).encode()
     s.headers = {"Content-Type": "application/json"}
     s.writes, s.delay = [answer[i:i + 4096] for i in range(0, len(answer), 4096)], 0.001
-    status, _, got = await _post(http, base, MAIN)
+    status, got, _ = await post(http, base, MAIN)
     assert status == 200 and json.loads(got)["content"][0]["text"] == text
 
 
@@ -190,7 +169,7 @@ async def test_a_non_streaming_answer_cut_short_is_never_a_200(scripted, http):
     answer = json.dumps({"type": "message", "content": [{"type": "text", "text": "x" * 100_000}]}).encode()
     s.headers, s.content_length = {"Content-Type": "application/json"}, len(answer)
     s.writes = [answer[:50_000]]
-    status, _, got = await _post(http, base, MAIN)
+    status, got, _ = await post(http, base, MAIN)
     assert status == 529 and "mid-answer" in json.loads(got)["error"]["message"]
     assert s.calls == 3  # retried like any failure before a byte reached the client, then given up
     await until_free(gw.backends["primary"].queue)
@@ -201,7 +180,7 @@ async def test_a_non_streaming_answer_cut_short_is_never_a_200(scripted, http):
 async def test_a_vanished_clients_slot_waits_for_the_backend_to_let_go(serve_app, gateway, http):
     """The fake keeps generating for 0.6 s after its client left and crashes on overlap: the next
     request must not reach it before then."""
-    f = FakeUpstream(chunk_delay=0.05, parts=40, linger=0.6)
+    f = FakeEngine(chunk_delay=0.05, parts=40, linger=0.6)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
     q = app[GATEWAY].backends["primary"].queue
@@ -212,7 +191,7 @@ async def test_a_vanished_clients_slot_waits_for_the_backend_to_let_go(serve_app
             r.close()
 
     await vanish()
-    status, _, got = await _post(http, base, {**MAIN, "stream": True})
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
     assert status == 200 and sse_events(got)[-1].event == "message_stop"
     assert not f.crashed and f.max_in_flight == 1 and f.cancelled == 1
     await until_free(q)
@@ -226,7 +205,7 @@ async def test_a_vanished_clients_slot_waits_for_the_backend_to_let_go(serve_app
 async def test_without_slots_the_slot_is_freed_when_the_connection_closes(serve_app, gateway, http):
     # An answer of 60 s: a slot freed only at its end is told from one freed at the close by a bound
     # that leaves a loaded machine room.
-    f = FakeUpstream(chunk_delay=0.05, parts=1200, slots_endpoint=False)
+    f = FakeEngine(chunk_delay=0.05, parts=1200, slots_endpoint=False)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
     async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
@@ -241,7 +220,7 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     import random
 
     rng = random.Random(8)
-    f = FakeUpstream(chunk_delay=0.003, parts=10, prefill_delay=0.02, linger=0.1)
+    f = FakeEngine(chunk_delay=0.003, parts=10, prefill_delay=0.02, linger=0.1)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}], "queue": {"max_depth": 400}})
     q = app[GATEWAY].backends["primary"].queue
@@ -252,13 +231,13 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
         # About the backend's pace (20 a second): some leave while queued, many while being served.
         leave_after = rng.choice([None, None, rng.uniform(0, 0.1), rng.uniform(0, 0.1), rng.uniform(0, 2)])
         await asyncio.sleep(rng.uniform(0, 10))
-        task = asyncio.ensure_future(_post(http, base, body))
+        task = asyncio.ensure_future(post(http, base, body))
         done, _ = await asyncio.wait([task], timeout=leave_after)
         if not done:
             task.cancel()
             outcomes["gone"] += 1
             return
-        status, _, got = task.result()
+        status, got, _ = task.result()
         assert status == 200
         last = sse_events(got)[-1].event if body["stream"] else json.loads(got)["stop_reason"]
         assert last in ("message_stop", "end_turn")
@@ -271,11 +250,11 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     # request is in the backend's prefill, with the next one queued behind it.
     for i in range(4):
         f.prefill_delay = 30
-        leaving = asyncio.ensure_future(_post(http, base, {**MAIN, "messages": [{"role": "user", "content": f"l{i}"}]}))
+        leaving = asyncio.ensure_future(post(http, base, {**MAIN, "messages": [{"role": "user", "content": f"l{i}"}]}))
         async with asyncio.timeout(30):
             while f.in_flight == 0:
                 await asyncio.sleep(0.01)
-        behind = asyncio.ensure_future(_post(http, base, {**MAIN, "messages": [{"role": "user", "content": f"b{i}"}]}))
+        behind = asyncio.ensure_future(post(http, base, {**MAIN, "messages": [{"role": "user", "content": f"b{i}"}]}))
         async with asyncio.timeout(30):
             while q.depth == 0:
                 await asyncio.sleep(0.01)
@@ -286,16 +265,16 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     assert not f.crashed and f.max_in_flight == 1, "two generations overlapped on the backend"
     assert q.depth == 0 and q.acquired_total == q.released_total
     assert outcomes["gone"] > 40 and outcomes["complete"] > 40 and f.cancelled > 3, (outcomes, f.cancelled)
-    status, _, _ = await _post(http, base, MAIN)
+    status, _, _ = await post(http, base, MAIN)
     assert status == 200
 
 
 async def test_a_client_gone_after_its_grant_is_counted_in_slot(serve_app, gateway, http):
-    f = FakeUpstream(chunk_delay=0.05, parts=40)
+    f = FakeEngine(chunk_delay=0.05, parts=40)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url}]})
     for stream in (True, False):
-        task = asyncio.ensure_future(_post(http, base, {**MAIN, "stream": stream}))
+        task = asyncio.ensure_future(post(http, base, {**MAIN, "stream": stream}))
         while f.in_flight == 0:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -310,7 +289,7 @@ async def test_a_client_gone_after_its_grant_is_counted_in_slot(serve_app, gatew
 async def test_two_slots_with_two_abandoned_requests_never_take_a_third(serve_app, gateway, http):
     """A, B abandoned mid-stream; A lingers 2 s on the backend, B 0.1 s. When B lets go, A's slot must
     stay held: another abandoned request is not a request the backend may run (found by review)."""
-    f = FakeUpstream(chunk_delay=0.05, parts=60, capacity=2)
+    f = FakeEngine(chunk_delay=0.05, parts=60, capacity=2)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url, "slots": 2}]})
 
@@ -321,14 +300,14 @@ async def test_two_slots_with_two_abandoned_requests_never_take_a_third(serve_ap
             r.close()
 
     await asyncio.gather(vanish(2.0), vanish(0.1))
-    results = await asyncio.gather(*[_post(http, base, {**MAIN, "stream": True}) for _ in range(2)])
+    results = await asyncio.gather(*[post(http, base, {**MAIN, "stream": True}) for _ in range(2)])
     assert all(s == 200 for s, _, _ in results)
     assert not f.crashed and f.max_in_flight <= 2, f.max_in_flight
     await until_free(app[GATEWAY].backends["primary"].queue)
 
 
 async def test_a_backends_own_key_goes_with_slots_and_count_tokens(serve_app, gateway, http):
-    f = FakeUpstream(chunk_delay=0.05, parts=20)
+    f = FakeEngine(chunk_delay=0.05, parts=20)
     url = await serve_app(f.app())
     base, app = await gateway({"backends": [{"name": "primary", "url": url, "api_key": "backend-key-123"}]})
     async with http.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
@@ -346,5 +325,5 @@ async def test_a_backends_own_key_goes_with_slots_and_count_tokens(serve_app, ga
 async def test_a_200_json_that_is_not_a_message_is_a_502(scripted, http, answer):
     s, base, _ = scripted
     s.headers, s.writes = {"Content-Type": "application/json"}, [answer]
-    status, _, got = await _post(http, base, MAIN)
+    status, got, _ = await post(http, base, MAIN)
     assert status == 502 and json.loads(got)["type"] == "error" and b'"model"' not in got

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from conftest import FIXTURES, ROOT, sample
 
 from orchestrator.config import ConfigError
 from orchestrator.configfile import config_from_dict, load_config
@@ -14,6 +13,8 @@ from orchestrator.request.routing import (
     strip_billing_header,
 )
 from orchestrator.slots import Priority
+from testkit.client import FIXTURES, sample
+from testkit.servers import ROOT
 
 # The shared capture folder where it exists (this machine); tests/fixtures holds copies on a fresh clone.
 SHARED_SAMPLES = ROOT.parent / "shared" / "claude-code-samples"

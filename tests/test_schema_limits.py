@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import sample
-from fakes import FakeUpstream
 
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.errors import InvalidRequest
@@ -16,6 +14,8 @@ from orchestrator.http.schema_limits import (
     MAX_PROPERTIES,
     MAX_REF_CHAIN,
 )
+from testkit.client import sample
+from testkit.engine import FakeEngine
 
 TITLE = sample("title-2.1.332.json")["body"]
 
@@ -85,7 +85,7 @@ def test_ordinary_schemas_pass(schema):
 
 
 async def test_the_gateway_refuses_them_before_any_backend_is_contacted(gateway, serve_app, http):
-    small, big = FakeUpstream(), FakeUpstream()
+    small, big = FakeEngine(), FakeEngine()
     base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(big.app())},
                                             {"name": "small", "url": await serve_app(small.app()),
                                              "role": "background"}],
@@ -124,7 +124,7 @@ async def test_schemas_within_the_limits_are_answered_by_the_real_small_model(ga
 
     schema = _rich_title_schema(optional)
     check_schema(schema, "output_config.format.schema")
-    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(FakeUpstream().app())},
+    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(FakeEngine().app())},
                                             {"name": "small", "url": llama.url, "role": "background"}],
                                "routing": {"background": "small", "background_timeout_seconds": 60}})
     gw = app[GATEWAY]

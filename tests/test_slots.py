@@ -3,7 +3,6 @@ import json
 import random
 
 import pytest
-from conftest import sample
 
 from orchestrator.configfile import config_from_dict
 from orchestrator.slots import (
@@ -15,6 +14,7 @@ from orchestrator.slots import (
     SlotQueue,
     pick_queue,
 )
+from testkit.client import sample
 
 
 async def test_grants_up_to_slots_then_queues():

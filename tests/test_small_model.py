@@ -12,11 +12,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import ROOT, free_port, llama_server_binary, sample
 from test_claude_code import claude_binary, claude_env_for, claude_home, tmux  # noqa: F401 (fixture)
 
 from orchestrator.configfile import load_config
 from orchestrator.ops import supervise
+from testkit.client import sample
+from testkit.servers import ROOT, free_port, llama_server_binary
 
 pytestmark = pytest.mark.real
 

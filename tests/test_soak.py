@@ -30,11 +30,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import sample
-from test_supervise import Stack, _wait_health, down_leaving_nothing
 
 from orchestrator.configfile import load_config
 from orchestrator.sse import SSEParser
+from testkit.client import sample
+from testkit.stack import down_leaving_nothing, Stack, wait_health
 
 SOAK_SECONDS = float(os.environ.get("ORCHESTRATOR_SOAK_SECONDS", "120"))  # traffic, warm-up included
 WARMUP_SECONDS = 15.0        # traffic before the memory baseline and the first kill
@@ -334,7 +334,7 @@ async def client(url: str, shapes: Shapes, rng: random.Random, stop_at: float, r
 
 
 async def _backend(http, url) -> dict:
-    return (await _wait_health(http, url))["backends"][0]
+    return (await wait_health(http, url))["backends"][0]
 
 
 async def _generating(http, s: Stack) -> str:

@@ -11,7 +11,6 @@ import json
 import random
 
 import pytest
-from conftest import sample
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,7 @@ from orchestrator.conversation import strip_billing_header
 from orchestrator.jsonvalues import utf8_json
 from orchestrator.request import routing
 from orchestrator.request.routing import forwarded_body, splice
+from testkit.client import sample
 
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.7a0; cc_entrypoint=cli;"}
 WS = b" \t\n\r"

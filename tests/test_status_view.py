@@ -401,7 +401,8 @@ def test_render_reads_health_and_metrics_from_the_gateway(history, monkeypatch, 
 
 async def test_a_live_gateway_status_agrees_with_its_metrics(gateway, fake, http):
     """Real traffic through the real gateway: main, synthetic, count_tokens and a bad request."""
-    from conftest import gateway_with, sample
+    from conftest import gateway_with
+    from testkit.client import sample
 
     _, url = fake
     base, _ = await gateway_with(gateway, url)

@@ -7,14 +7,13 @@ import signal
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
-from conftest import free_port, llama_server_binary
 
 from orchestrator.configfile import config_from_dict, load_config
 from orchestrator.ops import status as status_view
 from orchestrator.ops import supervise
 from orchestrator.sse import events as sse_events
+from testkit.stack import wait_health
 
 ROOT = Path(__file__).parent.parent
 
@@ -56,100 +55,11 @@ def test_default_stack_config_is_valid_and_renders():
 
 # ---- real supervisord, real llama-server -------------------------------------------------------
 
-class Stack:
-    def __init__(self, root: Path, model: str | None = None, retries: int = 3, health_interval: float = 0.5):
-        self.root = root
-        self.gw_port, self.llama_port = free_port(), free_port()
-        model_arg = model or "{default_model}"
-        self.config_path = root / "orchestrator.toml"
-        self.config_path.write_text(f"""
-[gateway]
-port = {self.gw_port}
-health_interval_seconds = {health_interval}
-[queue]
-max_wait_seconds = 120
-[[backends]]
-name = "primary"
-url = "http://127.0.0.1:{self.llama_port}"
-command = "{{llama_server}} --model {model_arg} --host {{host}} --port {{port}} --parallel 1 --ctx-size 4096 --metrics --threads 2 --no-webui"
-start_seconds = 1
-start_retries = {retries}
-""")
-        self.config = load_config(self.config_path)
-        self.paths = supervise.StackPaths(root)
-        self.url = f"http://127.0.0.1:{self.gw_port}"
-
-    def up(self) -> str:
-        return supervise.up(self.config, self.config_path, self.paths, supervise.Programs(llama_server_binary()),
-                            timeout=60)
-
-    def pid(self, program: str) -> int:
-        return supervise.rpc(self.paths).getProcessInfo(program)["pid"]
-
-    def state(self, program: str) -> str:
-        return supervise.rpc(self.paths).getProcessInfo(program)["statename"]
-
-    def all_pids(self) -> list[int]:
-        pids = [p["pid"] for p in supervise.processes(self.paths) if p["pid"]]
-        return pids + [int(self.paths.pidfile.read_text())]
-
-    async def metric(self, http, name: str) -> float:
-        async with http.get(self.url + "/metrics") as r:
-            for line in (await r.text()).splitlines():
-                if line.startswith(name + " ") or line.startswith(name + "{"):
-                    if 'backend="primary"' in line or "{" not in line:
-                        return float(line.rsplit(" ", 1)[1])
-        raise AssertionError(f"{name} not exported")
-
-
-def _gone(pid: int) -> bool:
-    return not supervise._alive(pid)
-
-
-@pytest.fixture
-def stack(tmp_path):
-    stacks = []
-
-    def make(**kw) -> Stack:
-        root = tmp_path / f"stack{len(stacks)}"
-        root.mkdir()
-        s = Stack(root, **kw)
-        stacks.append(s)
-        return s
-
-    yield make
-    for s in stacks:
-        down_leaving_nothing(s)
-
-
-def down_leaving_nothing(s: Stack) -> None:
-    """`down`, and every process the stack ran is gone within 20 s."""
-    pids = s.all_pids() if supervise.running(s.paths) else []
-    supervise.down(s.paths)
-    deadline = time.time() + 20
-    while not all(_gone(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.1)
-    assert all(_gone(p) for p in pids), "a process of the stack outlived `down`"
-
-
-async def _wait_health(http, url, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            async with http.get(url + "/health") as r:
-                if r.status == 200:
-                    return await r.json()
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError("gateway /health did not answer")
-
-
 @pytest.mark.real
 async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
     s = stack()
     assert s.up() == "started"
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     llama_pid, gw_pid = s.pid("llama-primary"), s.pid("gateway")
     restarts_before = await s.metric(http, "orchestrator_backend_restarts_total")
 
@@ -199,14 +109,14 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
 async def test_killed_gateway_is_restarted_and_up_is_idempotent(stack, http):
     s = stack()
     s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     pids = {p: s.pid(p) for p in ("gateway", "llama-primary")}
     assert s.up() == "unchanged"
     assert {p: s.pid(p) for p in pids} == pids  # a second `up` touched nothing
     os.kill(pids["gateway"], signal.SIGKILL)
     t0 = time.time()
     await asyncio.sleep(0.5)
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     assert time.time() - t0 < 10
     assert s.pid("gateway") != pids["gateway"] and s.pid("llama-primary") == pids["llama-primary"]
 
@@ -216,7 +126,7 @@ async def test_backend_with_missing_model_is_fatal_and_named(stack, http):
     s = stack(model="/nonexistent/GLM-5.gguf", retries=1)
     with pytest.raises(supervise.SuperviseError, match="llama-primary is FATAL"):
         s.up()
-    await _wait_health(http, s.url)
+    await wait_health(http, s.url)
     deadline = time.time() + 20
     while time.time() < deadline:
         async with http.post(s.url + "/v1/messages", json={"model": "m", "max_tokens": 5, "messages": [
@@ -239,11 +149,11 @@ async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
     # be met through the events, whenever the last poll happened.
     s = stack(health_interval=600)
     s.up()
-    health = await _wait_health(http, s.url)
+    health = await wait_health(http, s.url)
     async with asyncio.timeout(30):
         while health["backends"][0]["state"] != "ready":
             await asyncio.sleep(0.1)
-            health = await _wait_health(http, s.url)
+            health = await wait_health(http, s.url)
     old_pid = s.pid("llama-primary")
     assert {p["name"] for p in supervise.processes(s.paths)} >= {"events", "gateway", "llama-primary"}
     os.kill(old_pid, signal.SIGKILL)
@@ -251,7 +161,7 @@ async def test_supervisor_events_tell_the_gateway_at_once(stack, http):
     states = []
     async with asyncio.timeout(60):
         while True:
-            b = (await _wait_health(http, s.url))["backends"][0]
+            b = (await wait_health(http, s.url))["backends"][0]
             states.append(b["state"])
             if b["restarts"] == 1 and b["state"] == "ready":
                 break

@@ -1,10 +1,10 @@
 import json
 
-from conftest import sample
 
 from orchestrator.request import synthetic
 from orchestrator.request.routing import Shape
 from orchestrator.sse import events as sse_events
+from testkit.client import sample
 
 
 def _events(raw: bytes):
