@@ -54,13 +54,13 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kv import Stack  # noqa: E402
-from benchlib import claude_turn, machine  # noqa: E402
+from bench_kv import kv_stack
 
-from orchestrator.ops import supervise  # noqa: E402
+from orchestrator.ops import supervise
+from testkit.bench import machine
+from testkit.bodies import claude_turn
+from testkit.servers import ROOT
+from testkit.stack import Stack
 
 TURNS = 12
 EVERY = 4          # a crash in every 4th turn: every 30-60 s here (the issue's cadence: 2 minutes)
@@ -156,7 +156,7 @@ async def crash_during(s: Stack, http, task: asyncio.Task, turn: Turn, after: fl
     before, busy = b["restarts"], b["busy"]
     killed = time.perf_counter()
     phase = "after the answer" if task.done() else "prefill" if turn.first_token is None else "generation"
-    os.kill(s.llama_pid(), signal.SIGSEGV)
+    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
     async with asyncio.timeout(30):
         while (await s.backend(http))["state"] == "ready":
             await asyncio.sleep(0.01)
@@ -212,7 +212,7 @@ async def each_variant(binary: str, label: str, idle: float, extra: str, player)
                                          timeout=aiohttp.ClientTimeout(total=600)) as http:
             for name, settings in VARIANTS.items():
                 print(f"{label}, {name}:", flush=True)
-                s = Stack(Path(tmp) / name, binary, True, idle=idle, settings=settings + extra)
+                s = kv_stack(Path(tmp) / name, binary, True, idle=idle, settings=settings + extra)
                 try:
                     s.up()
                     rows = await player(s, http)
@@ -238,7 +238,6 @@ CLI_PROMPTS = ["Say hello in one short sentence.", "Name a prime number between 
 async def cli_play(s: Stack, http, binary: str, turns: int, rng: random.Random) -> list[Turn]:
     """`claude -p PROMPT --continue`, one CLI process a turn; a crash in every 4th, while its main
     request holds the slot."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from orchestrator.configfile import load_config
     from orchestrator.ops import claude_env
 

@@ -19,19 +19,13 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import llama_and_gateway, machine  # noqa: E402
-
-from orchestrator.ops.supervise import find_llama_server  # noqa: E402
+from orchestrator.ops.supervise import find_llama_server
+from testkit.bench import cpu_seconds, llama_and_gateway, machine
+from testkit.servers import ROOT
 
 SHORT = {"model": "smollm2", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def window(http, gateway: str, pid: int, seconds: float, poll: bool) -> float:
@@ -62,7 +56,7 @@ async def run(binary: str, seconds: float) -> list[str]:
             async with http.get(gateway + "/dashboard/api/state") as r:
                 state = len(await r.read())
     idle_share, polled_share = sum(idle) / len(idle), sum(polled) / len(polled)
-    web = ROOT / "orchestrator" / "web"
+    web = ROOT / "orchestrator" / "http" / "web"
     assets = sum(p.stat().st_size for p in web.iterdir())
     return [
         "Dashboard: one open page refreshing every second, against the real llama-server",

@@ -31,20 +31,12 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_kv  # noqa: E402
-from benchlib import SAMPLES, claude_turn, llama_and_gateway  # noqa: E402
+import bench_kv
 
-from orchestrator.ops.supervise import find_llama_server  # noqa: E402
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+from orchestrator.ops.supervise import find_llama_server
+from testkit.bench import llama_and_gateway, rss_kb
+from testkit.bodies import claude_turn
+from testkit.client import FIXTURES as SAMPLES
 
 
 async def post(http, url, body, path="/v1/messages"):

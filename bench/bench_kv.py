@@ -23,20 +23,15 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import claude_turn, free_port  # noqa: E402
-
-from orchestrator.ops import supervise  # noqa: E402
-from orchestrator.configfile import load_config  # noqa: E402
+from orchestrator.ops import supervise
+from testkit.bodies import claude_turn
+from testkit.stack import Stack
 
 IDLE = 0.5            # kv_save_idle_seconds here (2 s by default): a shorter run, the same policy
 LOOP = 6              # tool-loop turns of each kind
@@ -45,81 +40,11 @@ DELAYS = (0.0, 0.005, 0.01, 0.02)  # after IDLE: aims at a save in progress (it 
 
 
 
-class Stack:
-    def __init__(self, root: Path, binary: str, kv: bool, idle: float = IDLE, settings: str = "") -> None:
-        """`settings`: more lines for the backend's table (bench_crash.py's variants)."""
-        root.mkdir()
-        self.gw_port, self.llama_port = free_port(), free_port()
-        self.config_path = root / "orchestrator.toml"
-        self.config_path.write_text(f"""
-[gateway]
-port = {self.gw_port}
-health_interval_seconds = 0.5
-[queue]
-max_wait_seconds = 120
-[[backends]]
-name = "primary"
-url = "http://127.0.0.1:{self.llama_port}"
-command = "{{llama_server}} --model {{default_model}} --host {{host}} --port {{port}} --parallel 1 --ctx-size 8192 --metrics --threads 2 --no-webui --seed 1"
-start_seconds = 1
-start_retries = 3
-kv_save = {'true' if kv else 'false'}
-kv_save_idle_seconds = {idle}
-{settings}
-""")
-        self.config = load_config(self.config_path)
-        self.paths = supervise.StackPaths(root)
-        self.binary = binary
-        self.url = f"http://127.0.0.1:{self.gw_port}"
-        self.slots = self.paths.slots(self.config.backends[0])
-
-    def up(self) -> None:
-        supervise.up(self.config, self.config_path, self.paths, supervise.Programs(self.binary), timeout=60)
-
-    def down(self) -> None:
-        pids = [p["pid"] for p in supervise.processes(self.paths) if p["pid"]] if supervise.running(self.paths) else []
-        supervise.down(self.paths)
-        deadline = time.time() + 20
-        while any(supervise._alive(p) for p in pids) and time.time() < deadline:
-            time.sleep(0.1)
-
-    def llama_pid(self) -> int:
-        return supervise.rpc(self.paths).getProcessInfo("llama-primary")["pid"]
-
-    async def backend(self, http) -> dict:
-        async with http.get(self.url + "/health") as r:
-            return (await r.json())["backends"][0]
-
-    async def ready(self, http, restarts: int = 0, timeout: float = 60) -> dict:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    b = await self.backend(http)
-                    if b["state"] == "ready" and b["restarts"] >= restarts:
-                        return b
-                except (aiohttp.ClientError, KeyError, ValueError):
-                    pass
-                await asyncio.sleep(0.01)
-
-    async def metric(self, http, name: str) -> float:
-        async with http.get(self.url + "/metrics") as r:
-            text = await r.text()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and 'backend="primary"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def newest_save(self) -> tuple[float, float, int] | None:
-        """(started, written, bytes) of the newest save: its file's name carries the start (ms),
-        its metadata's mtime the end."""
-        metas = list(self.slots.glob("*.json")) if self.slots.exists() else []
-        if not metas:
-            return None
-        path = max(metas, key=lambda p: p.stat().st_mtime)
-        meta = json.loads(path.read_text())
-        started = int(meta["file"].rsplit("-", 1)[1].split(".")[0]) / 1000
-        return started, path.stat().st_mtime, meta["bytes"]
+def kv_stack(root: Path, binary: str, kv: bool, idle: float = IDLE, settings: str = "") -> Stack:
+    """The stack with KV saves on or off (8k context, a fixed seed); `settings`: more lines for the
+    backend's table (bench_crash.py's variants)."""
+    return Stack(root, binary=binary, ctx_size=8192, seed=True,
+                 settings=f"kv_save = {'true' if kv else 'false'}\nkv_save_idle_seconds = {idle}\n{settings}")
 
 
 class Conversation:
@@ -201,7 +126,7 @@ async def play(s: Stack, http, kv: bool) -> dict:
     # (c)/(d) kill -SEGV; supervisord restarts it; the gateway reopens its queue (after the restore).
     before = (await s.backend(http))["restarts"]
     killed = time.perf_counter()
-    os.kill(s.llama_pid(), signal.SIGSEGV)
+    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
     async with asyncio.timeout(20):
         while (await s.backend(http))["state"] == "ready":
             await asyncio.sleep(0.01)
@@ -219,7 +144,7 @@ async def run(binary: str) -> list[str]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
                                          timeout=aiohttp.ClientTimeout(total=300)) as http:
             for name, kv in (("on", True), ("off", False)):
-                s = Stack(Path(tmp) / f"kv-{name}", binary, kv)
+                s = kv_stack(Path(tmp) / f"kv-{name}", binary, kv)
                 try:
                     s.up()
                     figures[name] = await play(s, http, kv)

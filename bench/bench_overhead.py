@@ -22,10 +22,8 @@ Figures on a shared 2-core machine are noisy; compare the columns of one run, no
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
-import random
 import re
 import resource
 import statistics
@@ -36,262 +34,20 @@ import time
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, machine, wait_http  # noqa: E402
+from overhead_procs import Procs
 
-from orchestrator import sse  # noqa: E402
+from testkit.bench import cpu_seconds, machine, ms, percentile, print_table, rss_kb
+from testkit.bodies import encode, main_body, padded_body
+from testkit.client import sample
+from testkit.servers import free_port, wait_http
 
-FIXTURES = ROOT / "tests" / "fixtures"
 QUICK = "--quick" in sys.argv
-MiB = 1024 * 1024
 # Padded body sizes of table 2; the last is just under gateway.max_body_bytes (32 MiB).
 BODY_SIZES = (100_000, 1_000_000, 8_000_000) if QUICK else (100_000, 1_000_000, 8_000_000, 30_000_000)
 WAITERS = (1, 10, 100) if QUICK else (1, 10, 100, 1000)
 OPEN_STREAMS = 200
 COUNT_BURST = 25
-
-
-# ---- helpers -----------------------------------------------------------------------------------
-
-
-
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-
-
-def print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{title}")
-    for r in [header, *rows]:
-        print("  " + "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in
-                               enumerate(zip(r, widths))).rstrip())
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f}"
-
-
-# ---- request bodies ----------------------------------------------------------------------------
-
-def main_body() -> dict:
-    """Claude Code 2.1.332's real main request, billing line first, as it sends it."""
-    body = copy.deepcopy(json.loads((FIXTURES / "main-2.1.332.json").read_text())["body"])
-    body["system"][0]["text"] = "x-anthropic-billing-header: cc_version=2.1.332.7a0; cc_entrypoint=cli; cch=4f2a1;"
-    return body
-
-
-def encode(body: dict) -> bytes:
-    # As Claude Code (JSON.stringify) sends it: compact, non-ASCII as UTF-8.
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _turn(rng: random.Random, i: int) -> list[dict]:
-    """One tool round trip of a coding session: a tool call, a file's text back, a short reply."""
-    lines = []
-    for n in range(rng.randint(120, 260)):
-        indent = " " * rng.choice((0, 4, 8, 12))
-        lines.append(f'{indent}value_{n} = compute("{rng.random():.6f}", path=r"C:\\src\\mod_{i}.py")  '
-                     f"# état {n}: \"quoted\" — ok ✓")
-    call_id = f"toolu_{i:08d}{rng.randrange(16 ** 8):08x}"
-    return [
-        {"role": "assistant", "content": [
-            {"type": "text", "text": f"Let me read module {i} to see how it computes its values."},
-            {"type": "tool_use", "id": call_id, "name": "Read", "input": {"file_path": f"/repo/src/mod_{i}.py"}}]},
-        {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": call_id, "content": "\n".join(lines)}]},
-    ]
-
-
-def padded_body(size: int, *, seed: int = 1) -> dict:
-    """The real main request with tool round trips inserted before its last message, to about `size` bytes."""
-    body = main_body()
-    body["stream"] = False
-    rng = random.Random(seed)
-    base = len(encode(body))
-    turns: list[dict] = []
-    grown = base
-    i = 0
-    while grown < size:
-        t = _turn(rng, i)
-        grown += len(encode(t)) + 1
-        turns += t
-        i += 1
-    body["messages"] = body["messages"][:-1] + turns + body["messages"][-1:]
-    return body
-
-
-# ---- the instant fake upstream (own process) ---------------------------------------------------
-
-def _fake_events(n_deltas: int) -> list[bytes]:
-    msg = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "fake.gguf", "content": [],
-           "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 0}}
-    out = [sse.encode("message_start", {"type": "message_start", "message": msg}),
-           sse.encode("content_block_start", {"type": "content_block_start", "index": 0,
-                                              "content_block": {"type": "text", "text": ""}})]
-    delta = sse.encode("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                               "delta": {"type": "text_delta", "text": " token"}})
-    out += [delta] * n_deltas
-    out += [sse.encode("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            sse.encode("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
-                                                                            "stop_sequence": None},
-                                         "usage": {"output_tokens": n_deltas}}),
-            sse.encode("message_stop", {"type": "message_stop"})]
-    return out
-
-
-ANSWER = json.dumps({"id": "msg_bench", "type": "message", "role": "assistant", "model": "fake.gguf",
-                     "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn", "stop_sequence": None,
-                     "usage": {"input_tokens": 10, "output_tokens": 1}}).encode()
-
-
-def run_fake(port: int) -> None:
-    """Answers at once; `?bench_stream=N` streams N deltas, one write each (as llama-server writes
-    tokens); `?bench_hold=1` waits for POST /_gate/open (holds a slot, keeps streams open). In the
-    query, which the gateway passes on as it came (it forwards only the headers a backend needs)."""
-    gate = asyncio.Event()
-    gate.set()
-
-    async def messages(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        hold = "bench_hold" in request.query
-        n = request.query.get("bench_stream")
-        if n is None:
-            if hold:
-                await gate.wait()
-            return web.Response(body=ANSWER, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        events = _fake_events(int(n))
-        await resp.write(events[0])
-        if hold:
-            await gate.wait()
-        for ev in events[1:]:
-            await resp.write(ev)
-        await resp.write_eof()
-        return resp
-
-    async def gate_ctl(request: web.Request) -> web.Response:
-        (gate.set if request.match_info["op"] == "open" else gate.clear)()
-        return web.Response(text="ok")
-
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def slots(request: web.Request) -> web.Response:
-        return web.json_response([{"id": 0, "is_processing": False}])
-
-    app = web.Application(client_max_size=100 * MiB)
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/_gate/{op}", gate_ctl)
-    app.router.add_get("/health", health)
-    app.router.add_get("/slots", slots)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
-
-
-# ---- the gateway with a loop-lag probe (own process) -------------------------------------------
-
-def run_gateway(config_path: str, port: int) -> None:
-    """The gateway as `orchestrator serve --config` runs it, plus GET /_bench/lag: the longest the
-    event loop was kept from running a 1 ms timer since the last read (ms)."""
-    from orchestrator.configfile import load_config, with_overrides
-    from orchestrator.http.app import create_app, start
-
-    config = with_overrides(load_config(config_path, os.environ), {"port": port})
-
-    async def main() -> None:
-        worst = [0.0]
-
-        async def probe() -> None:
-            loop = asyncio.get_running_loop()
-            while True:
-                t = loop.time()
-                await asyncio.sleep(0.001)
-                worst[0] = max(worst[0], loop.time() - t - 0.001)
-
-        async def lag(request: web.Request) -> web.Response:
-            value, worst[0] = worst[0], 0.0
-            return web.json_response({"max_ms": value * 1000})
-
-        app = create_app(config)
-        app.router.add_get("/_bench/lag", lag)
-        task = asyncio.create_task(probe())
-        runner = await start(app, config.gateway.host, config.gateway.port)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            task.cancel()
-            await runner.cleanup()
-
-    asyncio.run(main())
-
-
-class Procs:
-    """Child processes of this run, all stopped at the end."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.procs = tmp, []
-
-    def spawn(self, *args: str, log: str) -> subprocess.Popen:
-        out = open(self.tmp / log, "ab")
-        p = subprocess.Popen([sys.executable, __file__, *args], stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append(p)
-        return p
-
-    def fake(self) -> str:
-        port = free_port()
-        self.spawn("--_fake", str(port), log="fake.log")
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health")
-        return url
-
-    def gateway(self, upstream: str, *, slots: int = 1, max_depth: int | None = None,
-                max_connections: int | None = None, name: str = "gw") -> tuple[str, subprocess.Popen]:
-        port = free_port()
-        cfg = self.tmp / f"{name}.toml"
-        lines = ['[[backends]]', 'name = "primary"', f'url = "{upstream}"', f"slots = {slots}", "kv_save = false"]
-        if max_connections:
-            lines = ["[gateway]", f"max_connections = {max_connections}", *lines]
-        if max_depth is not None:
-            lines += ["[queue]", f"max_depth = {max_depth}"]
-        cfg.write_text("\n".join(lines) + "\n")
-        p = self.spawn("--_gateway", str(cfg), str(port), log=f"{name}.log")
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health")
-        return url, p
-
-    def stop(self, p: subprocess.Popen) -> None:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                self.stop(p)
 
 
 # ---- the five tables ---------------------------------------------------------------------------
@@ -313,7 +69,7 @@ async def timed_post(http: aiohttp.ClientSession, url: str, data: bytes, headers
 
 async def first_event(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
     t0 = time.perf_counter()
-    async with http.post(url + "/v1/messages?bench_stream=3", data=data, headers=JSON_HEADERS) as r:
+    async with http.post(url + "/v1/messages?x_fake_stream=1&x_fake_parts=3", data=data, headers=JSON_HEADERS) as r:
         buf = b""
         while b"event:" not in buf:
             chunk = await r.content.readany()
@@ -341,7 +97,7 @@ async def table_small(http, fake: str, gw: str) -> None:
     for label, d, g in (("response, p50", "dj", "gj"), ("response, p99", "dj", "gj"),
                         ("first SSE event, p50", "ds", "gs"), ("first SSE event, p99", "ds", "gs")):
         p = 99 if "p99" in label else 50
-        a, b = pct(t[d], p), pct(t[g], p)
+        a, b = percentile(t[d], p), percentile(t[g], p)
         rows.append((label, ms(a), ms(b), f"{(b - a) * 1000:+.2f}"))
     print_table(f"1. small requests, instant fake upstream, {n} of each interleaved (ms)",
                 ("", "direct", "gateway", "added"), rows)
@@ -380,7 +136,6 @@ async def table_bodies(http, fake: str, gw: str) -> None:
 
 
 async def table_count_tokens(http, procs: Procs) -> None:
-    sys.path.insert(0, str(ROOT / "bench"))
     from orchestrator.ops.supervise import default_model, find_llama_server
     binary = os.environ.get("ORCHESTRATOR_LLAMA_SERVER") or find_llama_server()
     if not binary:
@@ -453,18 +208,18 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
         for _ in range(3):
             await timed_post(http, gw, data)
         direct = [await timed_post(http, fake, data) for _ in range(min(n, 100))]
-        async with http.post(fake + "/_gate/close"):
+        async with http.post(fake + "/fake/gate/close"):
             pass
-        holder = asyncio.create_task(timed_post(http, gw, data, path="/v1/messages?bench_hold=1"))
+        holder = asyncio.create_task(timed_post(http, gw, data, path="/v1/messages?x_fake_hold=1"))
         await _queue_depth(http, gw, 0)
         await asyncio.sleep(0.3)
-        before = rss_mib(proc.pid)
+        before = rss_kb(proc.pid) / 1024
         waiting = [asyncio.create_task(timed_post(http, gw, data)) for _ in range(n)]
         await _queue_depth(http, gw, n)
         await asyncio.sleep(0.3)
-        during = rss_mib(proc.pid)
+        during = rss_kb(proc.pid) / 1024
         t0 = time.perf_counter()
-        async with http.post(fake + "/_gate/open"):
+        async with http.post(fake + "/fake/gate/open"):
             pass
         await holder
         await asyncio.gather(*waiting)
@@ -480,13 +235,13 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
     # 200 streams open at once (slots = 200): the real main body, each stream past its first event.
     gw, proc = procs.gateway(fake, slots=OPEN_STREAMS, max_connections=4 * OPEN_STREAMS, name="gw-streams")
     body = encode(main_body())
-    idle = rss_mib(proc.pid)
-    async with http.post(fake + "/_gate/close"):
+    idle = rss_kb(proc.pid) / 1024
+    async with http.post(fake + "/fake/gate/close"):
         pass
     started = asyncio.Queue()
 
     async def stream() -> None:
-        async with http.post(gw + "/v1/messages?bench_hold=1&bench_stream=20", data=body,
+        async with http.post(gw + "/v1/messages?x_fake_hold=1&x_fake_stream=1&x_fake_parts=20", data=body,
                              headers=JSON_HEADERS) as r:
             buf = b""
             while b"message_start" not in buf:
@@ -498,8 +253,8 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
     for _ in range(OPEN_STREAMS):
         await asyncio.wait_for(started.get(), 120)
     await asyncio.sleep(0.3)
-    opened = rss_mib(proc.pid)
-    async with http.post(fake + "/_gate/open"):
+    opened = rss_kb(proc.pid) / 1024
+    async with http.post(fake + "/fake/gate/open"):
         pass
     await asyncio.gather(*tasks)
     print(f"  {OPEN_STREAMS} open streams ({len(body) / 1e3:.0f} KB main body each): gateway RSS {opened:.0f} MiB "
@@ -508,7 +263,7 @@ async def table_scale(http, procs: Procs, fake: str) -> None:
 
 
 async def table_throughput(http, fake: str, gw: str, gw_pid: int) -> None:
-    title = encode(json.loads((FIXTURES / "title-2.1.332.json").read_text())["body"])
+    title = encode(sample("title-2.1.332.json")["body"])
     seconds = 2.0 if QUICK else 5.0
     rows = []
 
@@ -547,7 +302,7 @@ async def table_throughput(http, fake: str, gw: str, gw_pid: int) -> None:
     for _ in range(3):
         for name, url in (("direct", fake), ("gateway", gw)):
             t0 = time.perf_counter()
-            async with http.post(f"{url}/v1/messages?bench_stream={n}", data=body, headers=JSON_HEADERS) as r:
+            async with http.post(f"{url}/v1/messages?x_fake_stream=1&x_fake_parts={n}", data=body, headers=JSON_HEADERS) as r:
                 raw = await r.read()
             assert raw.count(b"content_block_delta") >= n, raw[-300:]
             res[name].append(n / (time.perf_counter() - t0))
@@ -582,9 +337,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--_fake"]:
-        run_fake(int(sys.argv[2]))
-    elif sys.argv[1:2] == ["--_gateway"]:
-        run_gateway(sys.argv[2], int(sys.argv[3]))
-    else:
-        asyncio.run(main())
+    asyncio.run(main())

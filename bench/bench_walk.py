@@ -25,11 +25,13 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
-from benchlib import claude_turn, free_port, machine, wait_http
 from prometheus_client import CollectorRegistry
 
 import orchestrator
 from orchestrator.configfile import config_from_dict
+from testkit.bench import machine
+from testkit.bodies import claude_turn
+from testkit.servers import free_port, wait_http
 
 try:  # the package's layout since issue 25; before it, one flat folder (to measure an older checkout)
     from orchestrator.http.app import create_app, start

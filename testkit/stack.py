@@ -52,7 +52,7 @@ start_retries = {retries}
 
     def up(self) -> str:
         return supervise.up(self.config, self.config_path, self.paths,
-                            llama_server=self.binary or llama_server_binary(), timeout=60)
+                            supervise.Programs(self.binary or llama_server_binary()), timeout=60)
 
     def down(self) -> list[int]:
         """`down`, waiting up to 20 s for every process the stack ran: those still alive."""
