@@ -16,7 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from orchestrator.http.app import create_app, start
-from testkit.servers import free_port, wait_http
+from testkit.servers import free_port, stop_process, wait_http
 
 
 # ---- the gateway with a loop-lag probe (own process) -------------------------------------------
@@ -95,12 +95,7 @@ class Procs:
         return url, p
 
     def stop(self, p: subprocess.Popen) -> None:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
     def close(self) -> None:
         for p in self.procs:

@@ -8,6 +8,7 @@ import json
 import random
 
 from .client import sample
+from .servers import ROOT
 
 
 def claude_turn(cch: str, turn: int) -> dict:
@@ -65,4 +66,47 @@ def padded_body(size: int, *, seed: int = 1) -> dict:
         turns += t
         i += 1
     body["messages"] = body["messages"][:-1] + turns + body["messages"][-1:]
+    return body
+
+
+class GrowingConversation:
+    """A Claude Code conversation that grows by one exchange a turn, as its main loop does; a
+    subclass builds its first request into `body`."""
+
+    name: str
+    body: dict
+    turns: int = 0
+
+    def next(self, answer: str | None = None) -> dict:
+        """The next turn's request; `answer` is what the model said to the last one."""
+        if self.turns:
+            self.body["messages"] += [
+                {"role": "assistant", "content": [{"type": "text", "text": (answer or "").strip() or "Done."}]},
+                {"role": "user", "content": [{"type": "text", "text": f"Good. Now do step {self.turns + 1}."}]}]
+        self.turns += 1
+        # A new billing line every request, as Claude Code sends it (the gateway drops it).
+        self.body["system"][0]["text"] = (f"x-anthropic-billing-header: cc_version=2.1.332.{self.name}"
+                                          f"{self.turns:02d}; cc_entrypoint=cli;")
+        return copy.deepcopy(self.body)
+
+
+def notes(index: int, chars: int = 3000) -> str:
+    """A CLAUDE.md of about `chars` characters: a section of this repository's README, a different
+    one per index (real prose, not a repeated word the tokenizer folds)."""
+    text = (ROOT / "README.md").read_text()
+    return text[2000 + index * chars: 2000 + (index + 1) * chars]
+
+
+def trimmed_turn(tools: tuple[str, ...], system: str, reminder: str, task: str, max_tokens: int) -> dict:
+    """Claude Code's real main request trimmed so a cold prefill takes seconds: these tools, this
+    long system block, a system-reminder before the user's task (where Claude Code puts CLAUDE.md),
+    the environment message cut to 600 characters; streamed."""
+    body = copy.deepcopy(sample("main-2.1.332.json")["body"])
+    body["tools"] = [t for t in body["tools"] if t["name"] in tools]
+    body["system"][2]["text"] = system
+    first, env = body["messages"][0], body["messages"][1]
+    first["content"].insert(1, {"type": "text", "text": f"<system-reminder>\n{reminder}\n</system-reminder>\n"})
+    first["content"][-1]["text"] = task
+    env["content"][0]["text"] = env["content"][0]["text"][:600]
+    body["max_tokens"], body["stream"] = max_tokens, True
     return body

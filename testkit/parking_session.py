@@ -7,15 +7,15 @@ tests/test_real_parking.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bodies import GrowingConversation, notes, trimmed_turn
 from .client import sample
-from .servers import ROOT, LlamaServer
+from .servers import LlamaServer
 
 TURNS = 4
 MAX_TOKENS = 8
@@ -30,40 +30,18 @@ ROLES = {
 }
 
 
-def notes(index: int, chars: int = 3000) -> str:
-    text = (ROOT / "README.md").read_text()
-    return text[2000 + index * chars: 2000 + (index + 1) * chars]
-
-
-class Conversation:
+class Conversation(GrowingConversation):
     """One conversation of the session, growing by an exchange a turn."""
 
     def __init__(self, index: int, name: str) -> None:
         agent_prompt, tools, task = ROLES[name]
         self.name = name
-        body = copy.deepcopy(sample("main-2.1.332.json")["body"])
-        body["tools"] = [t for t in body["tools"] if t["name"] in tools]
-        system = body["system"][2]["text"][:SYSTEM_CHARS]
+        system = sample("main-2.1.332.json")["body"]["system"][2]["text"][:SYSTEM_CHARS]
         if agent_prompt is not None:  # an agent's own system prompt: it parts from main's at its first block
             system = agent_prompt + notes(index + 5, SYSTEM_CHARS)
-        body["system"][2]["text"] = system
-        first, env = body["messages"][0], body["messages"][1]
-        first["content"].insert(1, {"type": "text", "text": f"<system-reminder>\n{notes(index)}\n</system-reminder>\n"})
-        first["content"][-1]["text"] = task
-        env["content"][0]["text"] = env["content"][0]["text"][:600]
-        body["max_tokens"], body["stream"] = MAX_TOKENS, True
+        body = trimmed_turn(tools, system, notes(index), task, MAX_TOKENS)
         self.body = body
         self.turns = 0
-
-    def next(self, answer: str | None) -> dict:
-        if self.turns:
-            self.body["messages"] += [
-                {"role": "assistant", "content": [{"type": "text", "text": (answer or "").strip() or "Done."}]},
-                {"role": "user", "content": [{"type": "text", "text": f"Good. Now do step {self.turns + 1}."}]}]
-        self.turns += 1
-        self.body["system"][0]["text"] = (f"x-anthropic-billing-header: cc_version=2.1.332.{self.name}"
-                                          f"{self.turns:02d}; cc_entrypoint=cli;")
-        return copy.deepcopy(self.body)
 
 
 @dataclass

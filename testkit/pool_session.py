@@ -5,7 +5,6 @@ tests/test_real_pool.py (which asserts on it)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import signal
@@ -15,8 +14,8 @@ from dataclasses import dataclass, field
 
 from orchestrator.metrics import AFFINITY_DECISIONS
 
+from .bodies import GrowingConversation, notes, trimmed_turn
 from .client import sample
-from .servers import ROOT
 
 TURNS = 4
 # A few tokens of answer: the prompt is what this measures, and generation on one thread is slow.
@@ -31,45 +30,22 @@ TOOLS = ("Read", "Edit")
 PROJECTS = ("shop-api", "photo-tool", "docs-site")
 
 
-def project_notes(index: int) -> str:
-    """A CLAUDE.md of about 3,000 characters: a section of this repository's README, a different
-    one per project (real prose, not a repeated word the tokenizer folds)."""
-    text = (ROOT / "README.md").read_text()
-    return text[2000 + index * 3000: 2000 + (index + 1) * 3000]
-
-
-class Conversation:
+class Conversation(GrowingConversation):
     """One Claude Code conversation, growing by one exchange a turn as its main loop does."""
 
     def __init__(self, index: int) -> None:
         self.name = f"c{index + 1}"
         project = PROJECTS[index]
-        body = copy.deepcopy(sample("main-2.1.332.json")["body"])
-        body["tools"] = [t for t in body["tools"] if t["name"] in TOOLS]
-        body["system"][2]["text"] = body["system"][2]["text"][:SYSTEM_CHARS]
-        first, env = body["messages"][0], body["messages"][1]
         # Claude Code puts the project's CLAUDE.md in a system-reminder before the user's words.
-        first["content"].insert(1, {"type": "text", "text": (
-            f"<system-reminder>\nContents of /home/dev/{project}/CLAUDE.md (project instructions):\n\n"
-            f"{project_notes(index)}\n</system-reminder>\n")})
-        first["content"][-1]["text"] = f"Read the notes above, then list what {project} needs next."
-        env["content"][0]["text"] = env["content"][0]["text"][:600].replace("/home/dev/project",
-                                                                            f"/home/dev/{project}")
-        body["max_tokens"], body["stream"] = MAX_TOKENS, True
+        claude_md = (f"Contents of /home/dev/{project}/CLAUDE.md (project instructions):\n\n"
+                     f"{notes(index)}")
+        system = sample("main-2.1.332.json")["body"]["system"][2]["text"][:SYSTEM_CHARS]
+        body = trimmed_turn(TOOLS, system, claude_md, f"Read the notes above, then list what {project} needs next.",
+                            MAX_TOKENS)
+        env = body["messages"][1]
+        env["content"][0]["text"] = env["content"][0]["text"].replace("/home/dev/project", f"/home/dev/{project}")
         self.body = body
         self.turns = 0
-
-    def next(self, answer: str | None = None) -> dict:
-        """The next turn's request; `answer` is what the model said to the last one."""
-        if self.turns:
-            self.body["messages"] += [
-                {"role": "assistant", "content": [{"type": "text", "text": (answer or "").strip() or "Done."}]},
-                {"role": "user", "content": [{"type": "text", "text": f"Good. Now do step {self.turns + 1}."}]}]
-        self.turns += 1
-        # A new billing line every request, as Claude Code sends it (the gateway drops it).
-        self.body["system"][0]["text"] = (f"x-anthropic-billing-header: cc_version=2.1.332.{self.name}"
-                                          f"{self.turns:02d}; cc_entrypoint=cli;")
-        return copy.deepcopy(self.body)
 
 
 @dataclass
