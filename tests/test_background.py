@@ -208,7 +208,7 @@ async def test_a_hostile_pattern_in_a_title_check_never_delays_a_main_stream(gat
         while big.generations_started == 0:
             await asyncio.sleep(0.001)
     title = asyncio.create_task(post(http, base, {**hostile, "stream": True}))
-    status, raw = await main
+    status, raw, _ = await main
     took = loop.time() - started
     assert status == 200 and [e.event for e in sse_events(raw)][-1] == "message_stop"
     assert small.generations_finished == 1  # the title was answered (and checked) meanwhile

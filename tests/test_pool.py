@@ -150,7 +150,7 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
     await until(lambda: gw.backends[home].queue.depth == 1)
     assert not waiting.done()
     gw.backends[home].health.set(State.DOWN, "test: it died")
-    status, raw = await asyncio.wait_for(waiting, 30)  # moved at once, not after the 300 s down grace
+    status, raw, _ = await asyncio.wait_for(waiting, 30)  # moved at once, not after the 300 s down grace
     assert status == 200 and b"event: message_stop" in raw
     assert gw.backends[home].queue.depth == 0  # it left the dead backend's line
     assert [r["messages"][-1]["content"] for r in fakes[other].requests] == ["more 2"]

@@ -41,7 +41,7 @@ async def test_waiter_moves_when_its_backend_goes_failed_not_only_down(gateway, 
     assert await _until(lambda: gw.backends[home].queue.depth == 1)
     assert gw.backends[other].queue.busy == 0
     gw.backends[home].health.set(State.FAILED, "test: FATAL in supervisord")
-    status, raw = await asyncio.wait_for(waiting, 30)
+    status, raw, _ = await asyncio.wait_for(waiting, 30)
     await slow
     assert status == 200, f"the waiter got {status} {raw[:200]!r} instead of moving to the idle backend {other!r}"
 
