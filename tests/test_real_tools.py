@@ -34,7 +34,7 @@ import pytest
 from conftest import gateway_with
 
 from orchestrator import sse
-from testkit.client import sample
+from testkit.client import CLAUDE_PATH, post, sample
 from testkit.proxy import Proxy
 from testkit.servers import ROOT, LlamaServer
 
@@ -102,11 +102,10 @@ def follow_up(turn: dict, tool_use: dict) -> dict:
     return body
 
 
-async def post(http, base: str, body: dict) -> bytes:
-    async with http.post(base + "/v1/messages?beta=true", json=body) as r:
-        raw = await r.read()
-        assert r.status == 200, raw[:500]
-        return raw
+async def answered(http, base: str, body: dict) -> bytes:
+    status, raw, _ = await answered(http, base, body, path=CLAUDE_PATH)
+    assert status == 200, raw[:500]
+    return raw
 
 
 def blocks(raw: bytes) -> list[sse.Block]:
@@ -146,7 +145,7 @@ def tool_use_of(events: list[sse.Event]) -> dict:
 async def test_streamed_tool_call_and_its_result_pass_unchanged(tool_llama, serve_app, gateway, http):
     base, recorder = await through_recorder(tool_llama, serve_app, gateway)
     turn = claude_code_turn({"type": "tool", "name": "Bash"}, stream=True)
-    client = await post(http, base, turn)
+    client = await answered(http, base, turn)
     (sent, server), = recorder.exchanges
     # The request reached the server with its tools and tool_choice as the client wrote them.
     assert sent["tools"] == turn["tools"] and sent["tool_choice"] == turn["tool_choice"]
@@ -154,7 +153,7 @@ async def test_streamed_tool_call_and_its_result_pass_unchanged(tool_llama, serv
     # llama-server maps {"type": "tool"} to "required": any of the tools, not necessarily the named one.
     assert tool_use["name"] in TOOLS and isinstance(tool_use["input"], dict) and tool_use["input"]
 
-    client = await post(http, base, follow_up(turn, tool_use))
+    client = await answered(http, base, follow_up(turn, tool_use))
     (sent, server) = recorder.exchanges[1]
     assert sent["messages"][-1]["content"][0]["type"] == "tool_result"
     events = assert_relayed_unchanged(client, server)
@@ -166,7 +165,7 @@ async def test_streamed_tool_call_and_its_result_pass_unchanged(tool_llama, serv
 
 async def test_non_streamed_tool_call_is_the_servers(tool_llama, serve_app, gateway, http):
     base, recorder = await through_recorder(tool_llama, serve_app, gateway)
-    client = json.loads(await post(http, base, claude_code_turn({"type": "any"}, stream=False)))
+    client = json.loads(await answered(http, base, claude_code_turn({"type": "any"}, stream=False)))
     (_, server), = recorder.exchanges
     server = json.loads(server)
     assert client == {**server, "model": MODEL}

@@ -16,7 +16,7 @@ from test_claude_code import claude_binary, claude_env_for, claude_home, tmux  #
 
 from orchestrator.configfile import load_config
 from orchestrator.ops import supervise
-from testkit.client import sample
+from testkit.client import post, sample
 from testkit.servers import ROOT, free_port, llama_server_binary
 
 pytestmark = pytest.mark.real
@@ -193,17 +193,13 @@ async def test_main_requests_never_wait_behind_a_busy_small_model(small_stack, h
     main = {"model": "local-model", "max_tokens": 8, "stream": True,
             "messages": [{"role": "user", "content": "Say hi"}]}
 
-    async def post(body):
-        async with http.post(s.url + "/v1/messages", json=body) as r:
-            return r.status, await r.read()
-
     # Four titles at once: one on the small model's only slot, three waiting for it.
-    titles = [asyncio.create_task(post({**title, "stream": i % 2 == 0})) for i in range(4)]
+    titles = [asyncio.create_task(post(http, s.url, {**title, "stream": i % 2 == 0})) for i in range(4)]
     deadline = time.monotonic() + 30
     while _sum(await _metrics(http, s.url), "orchestrator_queue_depth", backend="small") < 3:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    status, _ = await post(main)
+    status, *_ = await post(http, s.url, main)
     assert status == 200
     m = await _metrics(http, s.url)
     # The main request was granted the primary's slot at once: within 0.1 s (microseconds here, room for a
@@ -212,7 +208,7 @@ async def test_main_requests_never_wait_behind_a_busy_small_model(small_stack, h
     assert _sum(m, "orchestrator_queue_depth", backend="small") >= 1  # the titles were still waiting meanwhile
     schema = title["output_config"]["format"]["schema"]
     for t in titles:
-        status, raw = await t
+        status, raw, _ = await t
         assert status == 200
         if raw.startswith(b"{"):
             text = json.loads(raw)["content"][0]["text"]

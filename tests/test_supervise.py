@@ -13,6 +13,7 @@ from orchestrator.configfile import config_from_dict, load_config
 from orchestrator.ops import status as status_view
 from orchestrator.ops import supervise
 from orchestrator.sse import events as sse_events
+from testkit.client import post
 from testkit.stack import wait_health
 
 ROOT = Path(__file__).parent.parent
@@ -63,11 +64,7 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
     llama_pid, gw_pid = s.pid("llama-primary"), s.pid("gateway")
     restarts_before = await s.metric(http, "orchestrator_backend_restarts_total")
 
-    async def post(body):
-        async with http.post(s.url + "/v1/messages", json=body) as r:
-            return r.status, await r.read()
-
-    long = asyncio.create_task(post({"model": "m", "max_tokens": 400, "stream": True,
+    long = asyncio.create_task(post(http, s.url, {"model": "m", "max_tokens": 400, "stream": True,
                                      "messages": [{"role": "user", "content": "Write a long story about a dragon"}]}))
     async def backend(key):
         async with http.get(s.url + "/health") as r:
@@ -78,7 +75,7 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
         while await backend("busy") != 1:
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-    queued = [asyncio.create_task(post({"model": "m", "max_tokens": 8, "stream": i == 0,
+    queued = [asyncio.create_task(post(http, s.url, {"model": "m", "max_tokens": 8, "stream": i == 0,
                                         "messages": [{"role": "user", "content": f"Say {i}"}]})) for i in range(3)]
     async with asyncio.timeout(30):
         while await backend("queued") != 3:
@@ -86,13 +83,13 @@ async def test_segv_of_llama_server_loses_no_queued_request(stack, http):
     assert not long.done()
     os.kill(llama_pid, signal.SIGSEGV)
 
-    status, raw = await long
+    status, raw, _ = await long
     events = sse_events(raw)
     terminal = [e.event for e in events if e.event in ("message_stop", "error")]
     assert status == 200 and len(terminal) == 1, terminal  # a clean error or a clean end, never both
     assert sum(e.event == "message_start" for e in events) == 1  # never a second generation in one answer
     for i, task in enumerate(queued):
-        status, raw = await task
+        status, raw, _ = await task
         assert status == 200, raw
         if i == 0:
             evs = sse_events(raw)
