@@ -2,16 +2,21 @@ import asyncio
 
 import pytest
 
+from prometheus_client import CollectorRegistry
+
 from orchestrator.backends.health import BackendHealth, State
 from orchestrator.config import BackendConfig
+from orchestrator.engines.llama_server import LlamaServer
 from orchestrator.engines.upstream import UpstreamClient
 from orchestrator.errors import Overloaded
+from orchestrator.metrics import Metrics
 from orchestrator.slots import SlotQueue
 
 
 class FakeWatch:
-    def __init__(self):
+    def __init__(self, log_file: str = ""):
         self.info_value = {"statename": "RUNNING", "pid": 100}
+        self.log_file = log_file
 
     async def info(self):
         return self.info_value
@@ -28,15 +33,19 @@ async def upstream():
 DEAD = BackendConfig(name="p", url="http://127.0.0.1:9", command="x", start_retries=2)
 
 
+def restarts_counted(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("orchestrator_backend_restarts_total", {"backend": "p"}) or 0
+
+
 async def test_down_holds_queue_and_grace_fails_waiters_naming_log(upstream):
     q = SlotQueue("p", 1)
-    h = BackendHealth(DEAD, q, grace=0.2, log_file="/var/log/llama-p.log")
-    await h.check(upstream, timeout=1)
+    h = BackendHealth(LlamaServer(DEAD, upstream), q, grace=0.2, watch=FakeWatch(log_file="/var/log/llama-p.log"))
+    await h.check(timeout=1)
     assert h.state is State.DOWN and not q.is_open
     waiter = asyncio.create_task(q.acquire())
     await asyncio.sleep(0.3)
     assert not waiter.done()
-    await h.check(upstream, timeout=1)
+    await h.check(timeout=1)
     with pytest.raises(Overloaded) as e:
         await waiter
     assert "'p'" in e.value.message and "/var/log/llama-p.log" in e.value.message
@@ -45,16 +54,16 @@ async def test_down_holds_queue_and_grace_fails_waiters_naming_log(upstream):
 
 async def test_pid_change_counts_a_restart_and_fatal_fails(upstream):
     q = SlotQueue("p", 1)
-    restarts = []
-    watch = FakeWatch()
-    h = BackendHealth(DEAD, q, watch=watch, on_restart=restarts.append, log_file="L")
-    await h.check(upstream, timeout=1)
-    assert restarts == [] and h.pid == 100
+    metrics = Metrics(CollectorRegistry(), ["p"])
+    watch = FakeWatch(log_file="L")
+    h = BackendHealth(LlamaServer(DEAD, upstream), q, watch=watch, metrics=metrics)
+    await h.check(timeout=1)
+    assert restarts_counted(metrics) == 0 and h.pid == 100
     watch.info_value = {"statename": "RUNNING", "pid": 101}
-    await h.check(upstream, timeout=1)
-    assert restarts == ["p"] and h.restarts == 1 and h.last_restart
+    await h.check(timeout=1)
+    assert restarts_counted(metrics) == 1 and h.restarts == 1 and h.last_restart
     watch.info_value = {"statename": "FATAL", "pid": 0}
-    await h.check(upstream, timeout=1)
+    await h.check(timeout=1)
     assert h.state is State.FAILED
     with pytest.raises(Overloaded, match="FATAL"):
         await q.acquire()
@@ -65,12 +74,12 @@ async def test_pid_change_counts_a_restart_and_fatal_fails(upstream):
 def test_one_crash_is_one_restart_whatever_order_events_and_polls_arrive_in():
     """A poll may see the new process before supervisord's EXITED event for the old one arrives
     (found by the soak): the old pid coming back in that event is not another restart."""
-    restarts = []
-    h = BackendHealth(DEAD, SlotQueue("p", 1), on_restart=restarts.append)
+    metrics = Metrics(CollectorRegistry(), ["p"])
+    h = BackendHealth(LlamaServer(DEAD, UpstreamClient()), SlotQueue("p", 1), metrics=metrics)
     for state, pid in [("RUNNING", 100), ("STARTING", 200), ("EXITED", 100), ("STARTING", 200), ("RUNNING", 200),
                        ("EXITED", 200), ("BACKOFF", None), ("STARTING", 300), ("RUNNING", 300)]:
         h.observe_process(state, pid)
-    assert h.restarts == 2 and restarts == ["p", "p"] and h.pid == 300
+    assert h.restarts == 2 and restarts_counted(metrics) == 2 and h.pid == 300
 
 
 class RestartingWatch(FakeWatch):

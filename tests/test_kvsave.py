@@ -87,7 +87,8 @@ def test_render_adds_a_slot_save_folder_to_supervised_servers_only(tmp_path):
 
 
 def test_the_server_identity_covers_what_changes_the_kv(tmp_path):
-    from orchestrator.kv.server_id import ServerId, file_identity, kv_args
+    from orchestrator.engines.base import ServerId
+    from orchestrator.engines.llama_server import file_identity, kv_args
 
     line = ("{llama_server} --model m.gguf --port {port} --rope-freq-base 20000 -ctk q8_0 --threads 2 "
             "--lora-scaled a.gguf 0.5 --flash-attn on --rope-scaling=yarn --no-webui")
@@ -328,6 +329,7 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
     from prometheus_client import CollectorRegistry
 
     from orchestrator.configfile import config_from_dict
+    from orchestrator.engines.llama_server import LlamaServer
     from orchestrator.metrics import Metrics
     from orchestrator.slots import SlotQueue
 
@@ -337,8 +339,8 @@ async def test_restore_is_bounded_and_never_raises(tmp_path):
         async def get_json(self, *a, **k):
             await asyncio.sleep(3600)
 
-    kv = kvsave.KvPersistence(config, Stuck(), Metrics(CollectorRegistry(), ["p"]))
-    saves = kv.attach(config.backends[0], SlotQueue("p", 1))
+    kv = kvsave.KvPersistence(config, Metrics(CollectorRegistry(), ["p"]))
+    saves = kv.attach(LlamaServer(config.backends[0], Stuck()), SlotQueue("p", 1))
     old = kvsave.RESTORE_TIMEOUT
     kvsave.RESTORE_TIMEOUT = 0.1
     try:

@@ -23,7 +23,7 @@ MODULES = {
                 "routing", "synthetic", "client_stream", "schemas"},
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
     "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results"},
-    "engines": {"upstream", "llama_server", "supervisord"},
+    "engines": {"upstream", "base", "llama_server", "vllm", "sglang", "choice", "supervisord"},
     "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "slots"},
 }
 # Inside `request`, one request's way runs down too: forward never imported by what it calls.

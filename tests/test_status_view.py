@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from orchestrator.backends import health as health_module
-from orchestrator.backends.health import BackendHealth, State
+from orchestrator.backends.health import BackendHealth, ProcessWatch, State
 from orchestrator.config import BackendConfig
 from orchestrator.configfile import config_from_dict
+from orchestrator.engines.llama_server import LlamaServer
+from orchestrator.engines.upstream import UpstreamClient
 from orchestrator.metrics import (
     LATENCY_BUCKETS,
     ROUTES,
@@ -184,9 +186,9 @@ def history(monkeypatch):
 
     # primary: running, crashes at 14:02:00, supervisord starts pid 101 at 14:02:07,
     # it loads its model and answers /health again at 14:02:45.
-    primary = BackendHealth(BackendConfig(name="primary", url="http://127.0.0.1:8080", command="x"),
-                            SlotQueue("primary", 1), log_file="var/log/llama-primary.log",
-                            on_restart=lambda name: m.backend_restarts.labels(name).inc())
+    primary = BackendHealth(LlamaServer(BackendConfig(name="primary", url="http://127.0.0.1:8080", command="x"),
+                                        UpstreamClient()), SlotQueue("primary", 1), metrics=m,
+                            watch=ProcessWatch("/run/s.sock", "llama-primary", "var/log/llama-primary.log"))
     primary.observe_process("RUNNING", 100)
     primary.set(State.READY)
     clock_.t += 120
@@ -198,8 +200,8 @@ def history(monkeypatch):
     clock_.t += 37
     primary.set(State.READY)
     # small: refuses connections since 14:10:00.
-    small = BackendHealth(BackendConfig(name="small", url="http://127.0.0.1:8081", role="background"),
-                          SlotQueue("small", 1))
+    small = BackendHealth(LlamaServer(BackendConfig(name="small", url="http://127.0.0.1:8081", role="background"),
+                                      UpstreamClient()), SlotQueue("small", 1))
     small.set(State.READY)
     clock_.t = primary.since + 435
     small.mark_down("connection refused")

@@ -11,12 +11,14 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from ..config import BackendConfig, Config
+from ..engines.base import Engine
+from ..engines.choice import engine_for
 from ..engines.upstream import UpstreamClient
 from ..kv.cachemiss import CacheMisses
 from ..kv.parking import Parking
@@ -36,6 +38,8 @@ class Backend:
     config: BackendConfig
     queue: SlotQueue
     health: BackendHealth
+    # The server behind it, as the gateway asks it (engines/); its health and its saves ask the same one.
+    engine: Engine
     # Its KV saves (kv/store.py) and what parking knows of its slot (kv/parking.py); None when its
     # slot is not saved.
     kv: BackendSaves | None = None
@@ -87,7 +91,11 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
+# Which engine adapter a backend gets; a test may give one of its own, as httpx takes a transport.
+EngineFor = Callable[[BackendConfig, UpstreamClient], Engine]
+
+
+def build_gateway(config: Config, registry: CollectorRegistry, engines: EngineFor = engine_for) -> Gateway:
     metrics = Metrics(registry, [b.name for b in config.backends])
     if config.background_backend is not None:
         metrics.add_background_backend(config.background_backend.name)
@@ -95,7 +103,7 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     counter = TokenCounter(upstream, timeout=config.gateway.count_tokens_timeout_seconds,
                            on_source=lambda source: metrics.count_tokens_source.labels(source).inc())
     gw = Gateway(config=config, metrics=metrics, upstream=upstream, counter=counter,
-                 kv=KvPersistence(config, upstream, metrics), misses=CacheMisses(metrics))
+                 kv=KvPersistence(config, metrics), misses=CacheMisses(metrics))
     r = config.routing
     if r.affinity and len(config.main_backends) > 1:
         gw.pool = Pool(max_entries=r.affinity_max_conversations, max_wait=r.affinity_max_wait_seconds)
@@ -104,16 +112,14 @@ def build_gateway(config: Config, registry: CollectorRegistry) -> Gateway:
     q = config.queue
     for b in config.backends:
         queue = SlotQueue(b.name, b.slots, Limits.of(q), on_preferred=metrics.cache_preferred.labels(b.name).inc)
-        saves = gw.kv.attach(b, queue)
+        engine = engines(b, upstream)
+        saves = gw.kv.attach(engine, queue)
         parking = Parking() if saves is not None else None
-        watch, log_file = watch_for(b, config.supervisor.socket, config.supervisor.log_dir)
-
         health = BackendHealth(
-            b, queue, grace=q.down_grace_seconds, watch=watch, log_file=log_file,
-            on_change=lambda name, state: metrics.backend_up.labels(name).set(1 if gw.backends[name].health.up else 0),
-            on_restart=lambda name: metrics.backend_restarts.labels(name).inc(),
+            engine, queue, grace=q.down_grace_seconds, metrics=metrics,
+            watch=watch_for(b, config.supervisor.socket, config.supervisor.log_dir),
             restore=functools.partial(_restore, gw.kv, saves, parking) if saves is not None else None)
-        gw.backends[b.name] = Backend(b, queue, health, kv=saves, parking=parking)
+        gw.backends[b.name] = Backend(b, queue, health, engine, kv=saves, parking=parking)
         metrics.backend_up.labels(b.name).set(1)
         metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
     return gw

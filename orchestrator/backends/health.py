@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..config import BackendConfig
+from ..engines.base import Engine
 from ..engines.llama_server import program_name
 from ..engines.supervisord import rpc_at
-from ..engines.upstream import UpstreamClient
 from ..errors import BackendFailed, GatewayError
-from ..jsonvalues import is_int
+from ..metrics import Metrics
 from ..slots import SlotQueue
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,13 @@ class State(str, Enum):
 
 
 class ProcessWatch:
-    """Asks supervisord about one program: a new pid is a restart, FATAL is final."""
+    """Asks supervisord about one program: a new pid is a restart, FATAL is final. `log_file`: where
+    supervisord writes the program's output, named in errors and on /health."""
 
-    def __init__(self, socket: str, program: str) -> None:
+    def __init__(self, socket: str, program: str, log_file: str = "") -> None:
         self.socket = socket
         self.program = program
+        self.log_file = log_file
 
     def _info(self) -> dict[str, Any] | None:
         try:
@@ -68,16 +70,19 @@ class ProcessWatch:
 
 
 class BackendHealth:
-    def __init__(self, backend: BackendConfig, queue: SlotQueue, *, grace: float = 300.0,
-                 watch: ProcessWatch | None = None, log_file: str = "",
-                 on_change: Callable[[str, State], None] | None = None,
-                 on_restart: Callable[[str], None] | None = None,
+    """One backend's state, checked through its engine (`engine.health`, `engine.context_size`) and
+    supervisord (`watch`), and shown in `metrics` (up, restarts) when given."""
+
+    def __init__(self, engine: Engine, queue: SlotQueue, *, grace: float = 300.0,
+                 watch: ProcessWatch | None = None, metrics: Metrics | None = None,
                  restore: Callable[[], Awaitable[dict | None]] | None = None) -> None:
-        self.backend = backend
+        self.engine = engine
+        self.backend = engine.backend
         self.queue = queue
         self.grace = grace
         self.watch = watch
-        self.log_file = log_file
+        self.log_file = watch.log_file if watch is not None else ""
+        self.metrics = metrics
         self.state = State.UNKNOWN
         self.since = time.time()
         self.last_error = ""
@@ -95,8 +100,6 @@ class BackendHealth:
         self.stuck = 0
         self._restarting: asyncio.Task | None = None
         self.changed = asyncio.Event()
-        self._on_change = on_change or (lambda name, state: None)
-        self._on_restart = on_restart or (lambda name: None)
         # KV persistence: awaited between "the server answers again" and "its queue reopens".
         self._restore = restore
         self.last_restore: dict | None = None
@@ -152,7 +155,8 @@ class BackendHealth:
             self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
         else:
             self.queue.hold()
-        self._on_change(self.backend.name, state)
+        if self.metrics is not None:
+            self.metrics.backend_up.labels(self.backend.name).set(1 if self.up else 0)
         self.poke()
 
     def poke(self) -> None:
@@ -164,12 +168,11 @@ class BackendHealth:
         if self.state is not State.FAILED:
             self.set(State.DOWN, error)
 
-    async def check(self, upstream: UpstreamClient, timeout: float) -> State:
+    async def check(self, timeout: float) -> State:
         if self.watch is not None and await self._check_process():
             return self.state
         try:
-            # No health endpoint at all (health_path ""): any HTTP answer from its root means up.
-            status, _ = await upstream.get_json(self.backend, self.backend.health_path or "/", timeout=timeout)
+            status = await self.engine.health(timeout)
         except GatewayError as e:
             self.mark_down(e.message)
             self._past_grace()
@@ -179,7 +182,7 @@ class BackendHealth:
             self.set(State.LOADING, "loading model (HTTP 503)")
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
-            self.n_ctx = await self._context_size(upstream, timeout)
+            self.n_ctx = await self._context_size(timeout)
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
                 note = await self._restore()  # bounded; never raises
@@ -189,20 +192,12 @@ class BackendHealth:
         self.set(State.READY)
         return self.state
 
-    async def _context_size(self, upstream: UpstreamClient, timeout: float) -> int | None:
-        """llama-server's per-slot n_ctx (/props); else vLLM's and SGLang's max_model_len (/v1/models)."""
+    async def _context_size(self, timeout: float) -> int | None:
+        """The context a request may fill, as its engine says (engines/); None when unknown."""
         try:
-            status, props = await upstream.get_json(self.backend, "/props", timeout=timeout)
-            settings = props.get("default_generation_settings") if isinstance(props, dict) else None
-            n = settings.get("n_ctx") if status == 200 and isinstance(settings, dict) else None
-            if n is None:
-                status, models = await upstream.get_json(self.backend, "/v1/models", timeout=timeout)
-                data = models.get("data") if status == 200 and isinstance(models, dict) else None
-                first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
-                n = first.get("max_model_len")
+            return await self.engine.context_size(timeout)
         except GatewayError:
             return None
-        return n if is_int(n) and n > 0 else None
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""
@@ -223,7 +218,8 @@ class BackendHealth:
                 self.restarts += 1
                 self.last_restart = time.time()
                 log.warning("backend %s: process restarted (pid %s -> %s)", self.backend.name, self.pid, pid)
-                self._on_restart(self.backend.name)
+                if self.metrics is not None:
+                    self.metrics.backend_restarts.labels(self.backend.name).inc()
             self.pid = pid
             self._pids.append(pid)
         if state == "FATAL":
@@ -244,9 +240,9 @@ class BackendHealth:
                        f"(queue.down_grace_seconds = {self.grace:g}): {self.last_error}{self._where()}")
             self.queue.fail(lambda: BackendFailed(message, retry_after=self.queue.retry_after))
 
-    async def poll(self, upstream: UpstreamClient, interval: float) -> None:
+    async def poll(self, interval: float) -> None:
         while True:
-            state = await self.check(upstream, timeout=max(interval, 1.0))
+            state = await self.check(timeout=max(interval, 1.0))
             # Poll fast while down so a restarted server is used the moment it is ready.
             delay = interval if state in (State.READY, State.FAILED) else min(interval, 0.25)
             try:
@@ -266,9 +262,9 @@ class BackendHealth:
                 "kv_restore": self.last_restore}
 
 
-def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> tuple[ProcessWatch | None, str]:
-    """The supervisord watch and log file of a supervised backend; (None, "") otherwise."""
+def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch | None:
+    """The supervisord watch of a supervised backend, with its log file; None otherwise."""
     if not socket or not backend.command:
-        return None, ""
+        return None
     program = program_name(backend)
-    return ProcessWatch(socket, program), str(Path(log_dir) / f"{program}.log") if log_dir else ""
+    return ProcessWatch(socket, program, str(Path(log_dir) / f"{program}.log") if log_dir else "")

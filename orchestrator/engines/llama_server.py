@@ -1,57 +1,169 @@
 """What the gateway knows of llama-server: its process under supervisord, where it saves its slots,
-and its slot's actions (save, restore) and what the slot holds.
+its slot's actions (save, restore) and what the slot holds, its /props (context, identity) and its
+/slots (what it is processing).
 
-The two calls the KV store makes to the server about slot 0, each with its bound, each turning every
+The two calls the KV store makes to the server about slot 0 are each bounded, and turn every
 failure into a GatewayError (an action) or "nothing held" (the tokens), never raising past that.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 from ..config import BackendConfig
 from ..errors import GatewayError
-from .upstream import UpstreamClient, read_whole
+from .base import Engine, ServerId, positive
+from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
 SLOT = 0
 PROPS_TIMEOUT = 5.0
+# A look at /slots while a backend may be deep in a long batch.
+SLOTS_TIMEOUT = 5.0
 # llama-server answers a slot action with a small JSON object.
 MAX_ACTION_ANSWER_BYTES = 64 * 1024
+# llama-server options that change what a saved KV cache means (llama.cpp's common/arg.cpp).
+KV_FLAGS = frozenset({
+    "--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
+    "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast", "--lora",
+    "--lora-scaled", "--lora-init-without-apply", "--control-vector", "--control-vector-scaled",
+    "--control-vector-layer-range", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fa",
+    "--flash-attn", "--swa-full", "--override-kv", "-kvu", "--kv-unified",
+})
+# Options followed by two values.
+_TWO_VALUES = frozenset({"--lora-scaled", "--control-vector-scaled", "--control-vector-layer-range"})
 
 
-async def slot_action(upstream: UpstreamClient, backend: BackendConfig, action: str, filename: str,
-                      timeout: float) -> dict[str, Any]:
-    """POST /slots/0?action=...; its JSON answer, or a GatewayError saying why not."""
-    data = json.dumps({"filename": filename}).encode()
-    async with upstream.post(backend, f"/slots/{SLOT}?action={action}", data,
-                             {"Content-Type": "application/json"}, timeout=timeout) as resp:
-        raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, backend)
+class LlamaServer(Engine):
+    """llama.cpp's llama-server: /props, /slots and its slot actions."""
+
+    kind = "llama-server"
+
+    async def props(self, timeout: float) -> dict[str, Any] | None:
+        """Its /props, None unless it answers 200 with an object. A GatewayError when it does not answer."""
+        status, props = await self.upstream.get_json(self.backend, "/props", timeout=timeout)
+        return props if status == 200 and isinstance(props, dict) else None
+
+    async def context_size(self, timeout: float) -> int | None:
+        """The per-slot n_ctx: what one request may fill."""
+        return positive(n_ctx(await self.props(timeout)))
+
+    def saves_slots(self) -> bool:
+        return saves_slots(self.backend)
+
+    async def save_slot(self, filename: str, timeout: float) -> dict[str, Any]:
+        return await self._slot_action("save", filename, timeout)
+
+    async def restore_slot(self, filename: str, timeout: float) -> dict[str, Any]:
+        return await self._slot_action("restore", filename, timeout)
+
+    async def _slot_action(self, action: str, filename: str, timeout: float) -> dict[str, Any]:
+        """POST /slots/0?action=...; its JSON answer, or a GatewayError saying why not."""
+        data = json.dumps({"filename": filename}).encode()
+        async with self.upstream.post(self.backend, f"/slots/{SLOT}?action={action}", data,
+                                      {"Content-Type": "application/json"}, timeout=timeout) as resp:
+            raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, self.backend)
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = {}
+        if resp.status != 200 or not isinstance(answer, dict):
+            message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
+            raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
+        return answer
+
+    async def slot_tokens(self) -> int:
+        """Tokens slot 0's last task had as its prompt (0 when empty or unknown). llama-server shows 0
+        after a restore, whatever the restore put back."""
+        try:
+            slots = await self.slots(PROPS_TIMEOUT)
+        except GatewayError:
+            return 0
+        for s in slots or ():
+            if isinstance(s, dict) and s.get("id") == SLOT and isinstance(s.get("n_prompt_tokens"), int):
+                return s["n_prompt_tokens"]
+        return 0
+
+    async def slots(self, timeout: float) -> list[Any] | None:
+        """Its /slots, None when it has none (not llama-server, or --no-slots). A GatewayError when it
+        does not answer."""
+        status, slots = await self.upstream.get_json(self.backend, "/slots", timeout=timeout)
+        return slots if status == 200 and isinstance(slots, list) else None
+
+    async def processing(self) -> int | None:
+        slots = await self.slots(SLOTS_TIMEOUT)
+        if slots is None:
+            return None
+        return sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+
+    async def server_id(self) -> ServerId | None:
+        """Its identity from /props and /lora-adapters, with the model file's size and time and the
+        KV-changing options of its configured command (kv/server_id.py says why each)."""
+        try:
+            props = await self.props(PROPS_TIMEOUT)
+        except GatewayError:
+            return None
+        if props is None:
+            return None
+        model = str(props.get("model_path", ""))
+        try:
+            status, adapters = await self.upstream.get_json(self.backend, "/lora-adapters", timeout=PROPS_TIMEOUT)
+        except GatewayError:
+            status, adapters = 0, None
+        lora = json.dumps(adapters, sort_keys=True) if status == 200 and adapters else ""
+        n = n_ctx(props)
+        return ServerId(model, n if isinstance(n, int) else 0, str(props.get("build_info", "")),
+                        file_identity(model), kv_args(self.backend.command), lora)
+
+
+def n_ctx(props: dict[str, Any] | None) -> Any:
+    """The per-slot n_ctx in a /props answer, as given (None when absent)."""
+    settings = props.get("default_generation_settings") if props is not None else None
+    return settings.get("n_ctx") if isinstance(settings, dict) else None
+
+
+# ---- what identifies a server's KV cache -------------------------------------------------------
+
+def file_identity(path: str) -> str:
     try:
-        answer = json.loads(raw) if raw else {}
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def kv_args(command: str | None) -> str:
+    """The options of `command` that change the KV cache, in order, with their values."""
+    try:
+        words = shlex.split(command or "")
     except ValueError:
-        answer = {}
-    if resp.status != 200 or not isinstance(answer, dict):
-        message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
-        raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
-    return answer
+        return command or ""  # unparseable: the whole line identifies it
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        flag, eq, value = words[i].partition("=")
+        if flag in KV_FLAGS:
+            if eq:
+                out.append(f"{flag}={value}")
+            else:
+                n = 2 if flag in _TWO_VALUES else 1
+                values = [w for w in words[i + 1:i + 1 + n] if not w.startswith("-") or _number(w)]
+                out.append(" ".join([flag, *values]))
+                i += len(values)
+        i += 1
+    return " ".join(out)
 
 
-async def slot_tokens(upstream: UpstreamClient, backend: BackendConfig) -> int:
-    """Tokens slot 0's last task had as its prompt (0 when empty or unknown). llama-server shows 0
-    after a restore, whatever the restore put back."""
+def _number(word: str) -> bool:
     try:
-        status, slots = await upstream.get_json(backend, "/slots", timeout=PROPS_TIMEOUT)
-    except GatewayError:
-        return 0
-    if status != 200 or not isinstance(slots, list):
-        return 0
-    for s in slots:
-        if isinstance(s, dict) and s.get("id") == SLOT and isinstance(s.get("n_prompt_tokens"), int):
-            return s["n_prompt_tokens"]
-    return 0
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 # ---- its process and its save folder -------------------------------------------------------------

@@ -94,7 +94,7 @@ async def _release_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    tasks = [asyncio.create_task(b.health.poll(gw.upstream, gw.config.gateway.health_interval_seconds),
+    tasks = [asyncio.create_task(b.health.poll(gw.config.gateway.health_interval_seconds),
                                  name=f"health:{b.name}") for b in gw.backends.values()]
     yield
     for t in tasks:

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..backends import identity
-from ..backends.gateway import GATEWAY, Gateway
+from ..backends.gateway import GATEWAY, Backend, Gateway
 from ..backends.inflight import Entry
 from ..errors import (
     AuthenticationFailed,
@@ -120,25 +120,25 @@ class Dashboard:
         return _mac(self.secret, "dashboard-csrf", request.cookies.get(COOKIE, ""))
 
     # ---- what the page shows ----
-    async def slots_of(self, gw, backend) -> Any:
-        """llama-server's `/slots`, at most once a second per backend however many pages poll."""
+    async def slots_of(self, backend: Backend) -> Any:
+        """Its engine's slots (llama-server's `/slots`), at most once a second per backend however many
+        pages poll."""
         now = time.monotonic()
         name = backend.name
         cached = self.slots.get(name)
         if cached is not None and now - cached[0] < 1.0:
             return cached[1]
         try:
-            status, body = await gw.upstream.get_json(backend, "/slots", timeout=SLOTS_TIMEOUT)
-            value = body if status == 200 and isinstance(body, list) else None
+            value = await backend.engine.slots(SLOTS_TIMEOUT)
         except (GatewayError, asyncio.TimeoutError, OSError):
             value = None
         self.slots[name] = (now, value)
         return value
 
 
-def _backend_views(gw: Gateway) -> list[tuple[Any, dict[str, Any]]]:
-    """Each backend's config and what /health says of it."""
-    return [(b.config, {**b.health.snapshot(), **gw.slot_use(b)}) for b in gw.backends.values()]
+def _backend_views(gw: Gateway) -> list[tuple[Backend, dict[str, Any]]]:
+    """Each backend and what /health says of it."""
+    return [(b, {**b.health.snapshot(), **gw.slot_use(b)}) for b in gw.backends.values()]
 
 
 def _slot_view(slot: Any) -> dict[str, Any]:
@@ -181,7 +181,7 @@ async def state(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     snap = gw.inflight.snapshot()
     views = _backend_views(gw)
-    slots = await asyncio.gather(*(dash.slots_of(gw, cfg) for cfg, _ in views))
+    slots = await asyncio.gather(*(dash.slots_of(b) for b, _ in views))
     backends = [{**view, "llama_slots": [_slot_view(s) for s in raw] if raw is not None else None}
                 for (_, view), raw in zip(views, slots)]
     queued = sorted((e for e in snap["inflight"] if e["state"] == "queued"),

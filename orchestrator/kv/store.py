@@ -12,7 +12,7 @@ same store in a granted request's slot: `save_held` and `restore_key`. What each
 enum or a small record (results.py).
 
 Each save is a pair in the backend's folder: `KEY-MS.bin`, llama-server's own
-file, and `KEY.json`, what identifies the server that wrote it (kv_identity:
+file, and `KEY.json`, what identifies the server that wrote it (its engine's server_id:
 model file, context size, build, KV-changing options) and what the file must
 be (its size and SHA-256, checked before a restore). The pair is keyed by the
 conversation's prefix, so each conversation keeps its newest save. Nothing here
@@ -36,15 +36,15 @@ from typing import Any, Callable, NamedTuple
 
 from ..config import BackendConfig, Config
 from ..conversation import Conversation, for_waiter
-from ..engines.llama_server import SLOT, saves_slots, slot_action, slot_dir, slot_tokens
-from ..engines.upstream import UpstreamClient
+from ..engines.base import Engine, ServerId
+from ..engines.llama_server import SLOT, slot_dir
 from ..errors import GatewayError
 from ..metrics import Metrics
 from ..slots import Lease, SlotQueue
 from .folder import bound, read_meta, remove, write_atomic
 from .folder import saves as saved_files
 from .results import HeldSave, Restore, RestoreResult, SaveResult
-from .server_id import ServerId, checksum, server_id
+from .server_id import checksum
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class BackendSaves:
     backend: BackendConfig
     queue: SlotQueue
     folder: Path
+    engine: Engine  # what saves and restores the slot (engines/)
     latest: tuple[Conversation, int] | None = None  # the last finished request's conversation, tokens
     saved: dict[str, int] = field(default_factory=dict)  # conversation key -> tokens at its last save
     generation: int = 0                          # bumped by every finished request
@@ -92,19 +93,19 @@ class KvPersistence:
     """The saves of every backend that has them: each backend's state is a `BackendSaves`,
     kept on the gateway's record of that backend and passed in."""
 
-    def __init__(self, config: Config, upstream: UpstreamClient, metrics: Metrics) -> None:
-        self.upstream = upstream
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self._var = Path(config.supervisor.log_dir).parent if config.supervisor.log_dir else None
         self._tasks: set[asyncio.Task] = set()
         self._seq = 0
 
-    def attach(self, backend: BackendConfig, queue: SlotQueue) -> BackendSaves | None:
+    def attach(self, engine: Engine, queue: SlotQueue) -> BackendSaves | None:
         """The saving state of a main backend whose slot is saved, or None (nothing saved there)."""
-        if backend.role != "main" or not saves_slots(backend) or (not backend.kv_save_dir and self._var is None):
+        backend = engine.backend
+        if backend.role != "main" or not engine.saves_slots() or (not backend.kv_save_dir and self._var is None):
             return None  # supervised, but run by hand without `up`: no folder known
         self.metrics.add_kv_backend(backend.name)
-        return BackendSaves(backend, queue, slot_dir(self._var or Path("."), backend))
+        return BackendSaves(backend, queue, slot_dir(self._var or Path("."), backend), engine)
 
     # ---- what placement tells it -----------------------------------------------------------
 
@@ -242,7 +243,7 @@ class KvPersistence:
     async def _save(self, b: BackendSaves, key: str) -> _Written | None:
         """The slot written to a new file by the server: (file name, its answer, its identity, start)."""
         name = b.backend.name
-        server = await server_id(self.upstream, b.backend)
+        server = await b.engine.server_id()
         if server is None:
             log.warning("backend %s: /props unreadable; no KV save", name)
             return None
@@ -254,7 +255,7 @@ class KvPersistence:
         answer = None
         try:
             b.folder.mkdir(parents=True, exist_ok=True)
-            answer = await slot_action(self.upstream, b.backend, "save", filename, SAVE_TIMEOUT)
+            answer = await b.engine.save_slot(filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
             remove(b.folder / filename)
@@ -333,7 +334,7 @@ class KvPersistence:
         saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
         if not saves:
             return Restore(RestoreResult.NONE)
-        server = await server_id(self.upstream, b.backend)
+        server = await b.engine.server_id()
         if server is None:
             return Restore(RestoreResult.FAILED, error="no /props")
         fitting = [m for m in saves if not server.mismatch(m)]
@@ -355,7 +356,7 @@ class KvPersistence:
             # waiting for it costs far less than the prefill going cold would.
             async with b.keeping:
                 pass
-        server = await server_id(self.upstream, b.backend)
+        server = await b.engine.server_id()
         meta = read_meta(b.folder / f"{key}.json")
         if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
             return Restore(RestoreResult.NONE)
@@ -379,7 +380,7 @@ class KvPersistence:
             remove(b.folder / f"{pick['key']}.json")
             return Restore(RestoreResult.FAILED, error="save file does not match its checksum")
         try:
-            answer = await slot_action(self.upstream, b.backend, "restore", path.name, RESTORE_TIMEOUT)
+            answer = await b.engine.restore_slot(path.name, RESTORE_TIMEOUT)
         except GatewayError as e:
             log.warning("backend %s: KV restore of %s failed (%s); it starts cold", name, path.name, _why(e))
             return Restore(RestoreResult.FAILED, error=_why(e))
@@ -388,11 +389,11 @@ class KvPersistence:
         b.saved[key] = n
         return Restore(RestoreResult.RESTORED, tokens=n, key=key)
 
-    # ---- llama-server (kvslot) -------------------------------------------------------------
+    # ---- the engine ------------------------------------------------------------------------
 
     async def slot_tokens(self, b: BackendSaves) -> int:
         """Tokens the slot holds now (0 when empty or unknown): a warm slot is not overwritten."""
-        return await slot_tokens(self.upstream, b.backend)
+        return await b.engine.slot_tokens()
 
 
 def _why(e: BaseException) -> str:

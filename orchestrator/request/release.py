@@ -5,8 +5,8 @@ with the request until it notices the closed connection: between two tokens,
 after a prefill batch, or only after it has read a body the gateway sent just
 before the client left. Freeing the slot at the disconnect would let the next
 request overlap the old one on a single-slot server. So the slot is held until
-the backend's `/slots` (llama-server) shows no more requests processing than
-the gateway has let through besides this one.
+the backend's engine (llama-server: its `/slots`) shows no more requests
+processing than the gateway has let through besides this one.
 
 `in_slot` wraps every send in a granted slot (main and background alike), so
 that the rule holds on every path.
@@ -23,8 +23,7 @@ from typing import Callable, Iterator
 
 from ..backends.gateway import Backend, Gateway
 from ..backends.inflight import Call
-from ..config import BackendConfig
-from ..engines.upstream import UpstreamClient
+from ..engines.base import Engine
 from ..errors import GatewayError, UpstreamUnavailable
 from ..slots import Lease
 
@@ -37,14 +36,14 @@ QUIET_SECONDS = 0.5
 
 
 class Released(str, Enum):
-    IDLE = "idle"          # /slots shows the slot idle
+    IDLE = "idle"          # the engine shows the slot idle
     GONE = "gone"          # the backend does not answer: nothing runs there
-    UNKNOWN = "unknown"    # no /slots (not llama-server, or --no-slots): free once the connection closed
+    UNKNOWN = "unknown"    # the engine cannot tell (not llama-server, or --no-slots): free once the connection closed
 
 
-async def wait_released(upstream: UpstreamClient, backend: BackendConfig, *, others: Callable[[], int],
-                        answered: bool, late_after: float, on_late: Callable[[float], None]) -> Released:
-    """Poll the backend until at most `others()` requests are processing there.
+async def wait_released(engine: Engine, *, others: Callable[[], int], answered: bool, late_after: float,
+                        on_late: Callable[[float], None]) -> Released:
+    """Poll the engine until at most `others()` requests are processing there.
 
     `answered`: the backend had sent its answer's first bytes, so it had the
     request in a slot. Past `late_after` seconds `on_late` is told once and
@@ -55,15 +54,14 @@ async def wait_released(upstream: UpstreamClient, backend: BackendConfig, *, oth
     warned = False
     while True:
         try:
-            status, slots = await upstream.get_json(backend, "/slots", timeout=5.0)
+            processing = await engine.processing()
         except UpstreamUnavailable:
             return Released.GONE
         except GatewayError:
-            status, slots = None, None  # slow (busy in a long batch) or garbled: ask again
-        if status is not None:
-            if status != 200 or not isinstance(slots, list):
+            pass  # slow (busy in a long batch) or garbled: ask again
+        else:
+            if processing is None:
                 return Released.UNKNOWN
-            processing = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
             now = time.monotonic()
             if processing <= others():
                 if answered:
@@ -139,7 +137,7 @@ def release_when_idle(gw: Gateway, backend: Backend, lease: Lease, call: Call) -
 
     async def hold() -> None:
         try:
-            released = await wait_released(gw.upstream, backend.config, others=others, answered=call.answered,
+            released = await wait_released(backend.engine, others=others, answered=call.answered,
                                            late_after=timeout, on_late=late)
             gw.metrics.release_wait.labels(backend.name, released.value).observe(time.monotonic() - left)
         finally:
