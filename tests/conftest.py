@@ -27,6 +27,17 @@ async def http():
 
 
 @pytest.fixture
+async def upstream():
+    """The gateway's HTTP client to backends, started (an engine adapter's or a health check's)."""
+    from orchestrator.engines.upstream import UpstreamClient
+
+    u = UpstreamClient(connect_timeout=1)
+    await u.start()
+    yield u
+    await u.close()
+
+
+@pytest.fixture
 async def serve_app():
     """Start any aiohttp app on a free 127.0.0.1 port; returns its base URL."""
     runners = []

@@ -36,14 +36,6 @@ def listing_fake(kind: str, max_model_len: int) -> FakeEngine:
                                "max_model_len": max_model_len}])
 
 
-@pytest.fixture
-async def upstream():
-    u = UpstreamClient(connect_timeout=1)
-    await u.start()
-    yield u
-    await u.close()
-
-
 def backend(url: str, **keys) -> BackendConfig:
     return BackendConfig(name="p", url=url, **keys)
 

@@ -22,14 +22,6 @@ class FakeWatch:
         return self.info_value
 
 
-@pytest.fixture
-async def upstream():
-    u = UpstreamClient(connect_timeout=1)
-    await u.start()
-    yield u
-    await u.close()
-
-
 DEAD = BackendConfig(name="p", url="http://127.0.0.1:9", command="x", start_retries=2)
 
 
