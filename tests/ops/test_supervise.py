@@ -16,7 +16,7 @@ from orchestrator.sse import events as sse_events
 from testkit.client import post
 from testkit.stack import wait_health
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_render_has_every_program_with_restart_policy_and_absolute_paths(tmp_path):

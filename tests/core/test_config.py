@@ -12,7 +12,7 @@ from orchestrator.configfile import (
     render_example,
 )
 
-EXAMPLE = Path(__file__).parent.parent / "deploy" / "orchestrator.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "orchestrator.example.toml"
 
 
 def test_defaults_without_file():

@@ -25,7 +25,7 @@ from orchestrator.ops import supervise
 from testkit.client import sample
 from testkit.servers import free_port
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "grafana" / "dashboards" / "orchestrator.json"
 DATASOURCE = ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml"

@@ -15,13 +15,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from browser import Browser
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.configfile import config_from_dict
 from orchestrator.http.app import create_app, start
 from orchestrator.http.page import login_url
+from testkit.browser import Browser
 from testkit.servers import free_port, page
 
 pytestmark = pytest.mark.real
@@ -166,7 +166,7 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
 
 def test_chromium_comes_from_the_project_set_up():
     """`make test` installs it on a fresh machine (deploy/ensure-tools.sh): its name is in TEST_TOOLS."""
-    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     tools = next(line for line in makefile.splitlines() if line.startswith("TEST_TOOLS"))
     assert "chromium" in tools.split()
     assert shutil.which("chromium")
