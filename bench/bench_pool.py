@@ -27,7 +27,7 @@ prompt; a turn appends the model's real answer and a new question.
 
     bench_pool.py --quick      (two turns per conversation in 1., the failover without its return)
 
-tests/test_real_pool.py runs the same scenario and asserts on it; this prints it. Figures on a
+tests/real/test_real_pool.py runs the same scenario and asserts on it; this prints it. Figures on a
 shared machine are noisy: compare the columns of one run, not runs.
 """
 

@@ -3,7 +3,7 @@ conversation and two agents, each with its own system prompt, tools and first me
 Claude Code's real main request (tests/fixtures/main-2.1.332.json, trimmed so a cold prefill takes
 seconds), interleaved one request at a time, streamed, a new billing line on every request. Each turn
 appends the model's real answer and a new question. Run by bench/bench_parking.py and
-tests/test_real_parking.py."""
+tests/real/test_real_parking.py."""
 
 from __future__ import annotations
 

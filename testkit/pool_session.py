@@ -1,6 +1,6 @@
 """Two Claude Code conversations on a pool of two real llama-servers (issue 13): interleaved turns,
 and a failover while one streams. Run by bench/bench_pool.py (which prints it) and
-tests/test_real_pool.py (which asserts on it)."""
+tests/real/test_real_pool.py (which asserts on it)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def claude_environment(config: Config, health: dict[str, Any]) -> dict[str, str]
         "ANTHROPIC_SMALL_FAST_MODEL": c.small_model,
         # Agents (Explore, general-purpose, ...) on the main model: both 2.1.197 and 2.1.332 read it.
         # An Agent call that names `model: "haiku"` still arrives on the small name (checked with the
-        # real CLI: tests/test_claude_code_agents.py), and a user with only ANTHROPIC_BASE_URL set has
+        # real CLI: tests/real/test_claude_code_agents.py), and a user with only ANTHROPIC_BASE_URL set has
         # no launcher: the gateway's routing (routing.py) is right without this, which only spares the
         # routing a guess.
         "CLAUDE_CODE_SUBAGENT_MODEL": c.model,
