@@ -1,7 +1,7 @@
 """The package's shape, read from the source: its concerns as packages, stacked so imports point one
 way; every module named here with its package (a new one must be placed); no import circle among
 modules or among packages; none between tests/ and bench/; no file too long, no function taking
-too many arguments."""
+too many arguments; the architecture page names every module."""
 
 from __future__ import annotations
 
@@ -207,3 +207,9 @@ def test_no_function_takes_more_than_six_parameters():
                     and _parameters(node) > MAX_PARAMETERS:
                 many.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({_parameters(node)})")
     assert many == []
+
+
+def test_the_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    unnamed = [m for m in _modules() if f"`{m.replace('.', '/')}`" not in page]
+    assert unnamed == []
