@@ -46,7 +46,6 @@ import random
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ class Session:
     def __init__(self) -> None:
         self.body = claude_turn("crash", 1)
         self.body["stream"], self.body["max_tokens"] = True, MAX_TOKENS
-        self.source = "".join((ROOT / "orchestrator" / f).read_text() for f in ("kvsave.py", "parking.py"))
+        self.source = "".join((ROOT / "orchestrator" / f).read_text() for f in ("kv/store.py", "request/parking.py"))
         self.turns = 0
 
     def next(self) -> dict:
@@ -90,7 +89,7 @@ class Session:
                 {"role": "assistant", "content": [
                     {"type": "text", "text": f"Reading part {n} of the file."},
                     {"type": "tool_use", "id": f"toolu_{n:04d}", "name": "Bash",
-                     "input": {"command": f"sed -n {n * 10},{n * 10 + 9}p orchestrator/kvsave.py",
+                     "input": {"command": f"sed -n {n * 10},{n * 10 + 9}p orchestrator/kv/store.py",
                                "description": f"Show part {n}"}}]},
                 {"role": "user", "content": [
                     {"type": "tool_result", "tool_use_id": f"toolu_{n:04d}", "content": chunk}]}]

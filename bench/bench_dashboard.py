@@ -15,7 +15,6 @@ import asyncio
 import os
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 

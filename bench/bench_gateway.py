@@ -27,7 +27,6 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 

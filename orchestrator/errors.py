@@ -171,7 +171,7 @@ def context_overflow(err: Any) -> InvalidRequest | None:
     N tokens > M maximum` on a 400 (it parses N and M to know how much to drop): with it, it
     compacts the conversation and goes on; with llama-server's own words it shows an API error and
     the session is stuck. llama-server sends it as an HTTP 400, streaming or not (the check runs
-    before the first event); `proxy._as_anthropic_error` hands an `error` event's data here too.
+    before the first event); `relay._as_anthropic_error` hands an `error` event's data here too.
     """
     if not isinstance(err, dict) or err.get("type") != "exceed_context_size_error":
         return None

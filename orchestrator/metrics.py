@@ -22,7 +22,7 @@ REJECTION_REASONS = ("queue_full", "queue_bytes", "queue_timeout", "bad_request"
                      "backend_failed", "not_found", "unauthorized", "forbidden", "timeout", "too_many_connections")
 RELEASE_RESULTS = ("idle", "gone", "unknown")
 BACKGROUND_RESULTS = ("model", "invalid", "timeout", "failed", "busy")
-AFFINITY_DECISIONS = ("hit", "new", "moved_down", "moved_busy", "moved_gone")  # affinity.Decision
+AFFINITY_DECISIONS = ("hit", "new", "moved_down", "moved_busy", "moved_gone")  # backends/pool.Decision
 # routing.Reason by the routes each can take; identity.KINDS.
 _HOUSEKEEPING = ("title", "topic", "warmup")
 ROUTE_REASONS = {"synthetic": (*_HOUSEKEEPING, "count_probe"),

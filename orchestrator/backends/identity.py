@@ -8,7 +8,7 @@ which would otherwise share one KV save and one affinity home and evict each oth
 
 The headers are client input. So:
 - a value is used only if it is short and plain (`VALID`); anything else counts as absent;
-- the key is the header identity *combined with* the prefix key (`affinity.conversation_key`), never
+- the key is the header identity *combined with* the prefix key (`conversation.conversation_key`), never
   the header alone: a forged session id names a conversation of its own prefix, so it can reach no
   other client's save (a save is restored only for a matching key, and its tokens are the prefix);
 - the tree of sessions and agents built on them is bounded (inflight.Tree).
@@ -94,7 +94,8 @@ def from_headers(headers: Mapping[str, str]) -> Identity:
     return Identity(session, agent, parent, **shown)
 
 
-def conversation_key(body: dict[str, Any], strip_billing: bool, ident: Identity) -> str:
-    """The key of a conversation for affinity and KV saves: the prefix key alone without headers
-    (older Claude Code, other clients), else the prefix key bound to the session and agent."""
-    return Conversation(body, strip_billing, ident.session, ident.agent).key
+def conversation(body: dict[str, Any], strip_billing: bool, ident: Identity) -> Conversation:
+    """The conversation a request belongs to, for affinity and KV saves: its key is the prefix key
+    alone without headers (older Claude Code, other clients), else the prefix key bound to the
+    session and agent."""
+    return Conversation(body, strip_billing, ident.session, ident.agent)

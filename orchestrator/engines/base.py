@@ -6,7 +6,7 @@ restore its slot (and doing so), the tokens its slot holds, which server it is (
 have been written by), and how many requests it is still processing (has it let go of one the
 gateway abandoned). Each adapter holds its backend's config and the gateway's one HTTP client,
 as an httpx transport holds its connections, so a test can give a backend an engine of its own
-(`build_gateway(..., engine_for=...)`) and no socket is opened.
+(`build_gateway(..., engines=...)`) and no socket is opened.
 
 The defaults here are what the gateway can say of a server it knows only by its HTTP API: up when
 its health path answers, no context known, no slot saves, let-go unknown. An adapter overrides

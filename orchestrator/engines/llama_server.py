@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import BackendConfig
 from ..errors import GatewayError
-from .base import Engine, ServerId, positive
+from .base import Engine, ServerId, listed_context, positive
 from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
@@ -49,8 +49,10 @@ class LlamaServer(Engine):
         return props if status == 200 and isinstance(props, dict) else None
 
     async def context_size(self, timeout: float) -> int | None:
-        """The per-slot n_ctx: what one request may fill."""
-        return positive(n_ctx(await self.props(timeout)))
+        """The per-slot n_ctx: what one request may fill. A `command` is free-form, so a supervised
+        backend may be another engine: one whose /props has no n_ctx is asked /v1/models, as before."""
+        n = n_ctx(await self.props(timeout))
+        return positive(n) if n is not None else await listed_context(self, timeout)
 
     def saves_slots(self) -> bool:
         return saves_slots(self.backend)

@@ -14,7 +14,7 @@ computed, and why tokens beyond the new ones were computed:
 - `hit`: the previous turn's prompt was read from cache.
 
 Bounded: the block hashes of the last turn of at most MAX_CONVERSATIONS conversations (each at
-most prefixes.MAX_BLOCKS), and the last RECENT turns per backend for /health.
+most conversation.MAX_BLOCKS), and the last RECENT turns per backend for /health.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def saves(folder: Path) -> Iterator[dict[str, Any]]:
             log.warning("KV save metadata %s is unreadable; ignored", p)
 
 
-# The only names the gateway writes: a conversation key (affinity.conversation_key, 32 hex digits)
+# The only names the gateway writes: a conversation key (conversation.conversation_key, 32 hex digits)
 # and its save file KEY-MILLISECONDS.bin. Metadata naming anything else ("../../x", an absolute
 # path) was not written here, and is never followed: it could make the gateway delete any file.
 _KEY = re.compile(r"[0-9a-f]{32}")

@@ -7,7 +7,7 @@ nobody waiting, the slot is saved (`POST /slots/0?action=save`) while the
 gateway holds every slot of the backend, so no generation overlaps the save.
 When the backend comes back, `health` awaits `restore` before it reopens the
 queue: the save of the first waiting request's conversation, else the one sharing
-its longest prefix (prefixes.py), else none. Parking (request/parking.py) uses the
+its longest prefix (conversation.for_waiter), else none. Parking (request/parking.py) uses the
 same store in a granted request's slot: `save_held` and `restore_key`. What each comes to is an
 enum or a small record (results.py).
 
@@ -85,7 +85,7 @@ class BackendSaves:
 
 
 # A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
-# save sharing its longest prefix (prefixes.py).
+# save sharing its longest prefix (conversation.for_waiter).
 PREFIX_BLOCKS = 256
 
 
@@ -296,7 +296,7 @@ class KvPersistence:
         return SaveResult.SAVED
 
     def _bound(self, b: BackendSaves) -> None:
-        """Keep the folder under its byte budget (kvfolder.bound)."""
+        """Keep the folder under its byte budget (folder.bound)."""
         total, dropped = bound(b.folder, b.backend.kv_save_max_bytes, b.pending)
         for key in dropped:
             log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",

@@ -23,8 +23,8 @@ from aiohttp import web
 
 from .. import sse
 from ..backends.gateway import Gateway
+from ..backends import identity
 from ..backends.health import State
-from ..conversation import Conversation
 from ..engines.upstream import read_whole, request_headers, response_headers
 from ..errors import (
     GatewayError,
@@ -101,7 +101,7 @@ async def forward(gw: Gateway, ex: Exchange) -> web.StreamResponse:
 async def _forward(gw: Gateway, ex: Exchange) -> web.StreamResponse:
     group = gw.group(ex.route.backends)
     strip = gw.config.routing.strip_billing_header
-    conversation = ex.conversation = Conversation(ex.body, strip, ex.identity.session, ex.identity.agent)
+    conversation = ex.conversation = identity.conversation(ex.body, strip, ex.identity)
     if placement.pooled(gw, group) and ex.size > INLINE_BYTES:
         # A pool's pick needs the key at once: a big body's is computed off the event loop.
         await asyncio.to_thread(lambda: conversation.key)

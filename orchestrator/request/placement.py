@@ -1,6 +1,6 @@
 """Where a request runs: which backend of its group serves it, and a granted slot there.
 
-In a pool the conversation goes back to its own backend (affinity.py), else to
+In a pool the conversation goes back to its own backend (backends/pool.py), else to
 the least busy. A request waiting for a backend that goes down (or fails for
 good) moves to another backend of its group that is up, and one waiting while
 its backend is down moves when another comes back. While it waits, its
@@ -76,7 +76,7 @@ def served(gw: Gateway, group: list[Backend], ex: Exchange) -> None:
 
 
 def pick(gw: Gateway, group: list[Backend], conversation: Conversation) -> Backend:
-    """In a pool, the conversation's own backend (affinity.py); else the least busy."""
+    """In a pool, the conversation's own backend (backends/pool.py); else the least busy."""
     by_queue = {id(b.queue): b for b in group}
     if not pooled(gw, group):
         return by_queue[id(pick_queue([b.queue for b in group]))]

@@ -32,18 +32,18 @@ def test_a_header_too_long_or_not_plain_counts_as_absent():
 def test_the_key_binds_the_header_identity_to_the_prefix():
     body = sample("main-2.1.332.json")["body"]
     other = {**body, "messages": [{"role": "user", "content": "something else"}]}
-    assert identity.conversation_key(body, True, Identity()) == prefix_key(body, True)
-    mine = identity.conversation_key(body, True, Identity(SID))
+    assert identity.conversation(body, True, Identity()).key == prefix_key(body, True)
+    mine = identity.conversation(body, True, Identity(SID)).key
     assert mine != prefix_key(body, True) and len(mine) == 32
     # Same prefix, other session or agent: another conversation (no shared save, no shared home).
-    assert identity.conversation_key(body, True, Identity("other")) != mine
-    assert identity.conversation_key(body, True, Identity(SID, "a1")) != mine
+    assert identity.conversation(body, True, Identity("other")).key != mine
+    assert identity.conversation(body, True, Identity(SID, "a1")).key != mine
     # A forged session id never names another prefix's conversation.
-    assert identity.conversation_key(other, True, Identity(SID)) != mine
+    assert identity.conversation(other, True, Identity(SID)).key != mine
     # Later turns of the conversation keep their key.
     later = {**body, "messages": body["messages"] + [{"role": "assistant", "content": "ok"},
                                                      {"role": "user", "content": "more"}]}
-    assert identity.conversation_key(later, True, Identity(SID)) == mine
+    assert identity.conversation(later, True, Identity(SID)).key == mine
 
 
 def _forwarded(tracker: InFlight, ident: Identity) -> Entry:

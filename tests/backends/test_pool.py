@@ -202,7 +202,7 @@ async def test_a_busy_home_is_left_only_past_the_wait_bound(gateway, serve_app, 
 
 
 def test_one_conversations_hashing_in_a_thread_never_holds_up_anothers(monkeypatch):
-    """A big body's prompt blocks are hashed in a thread (proxy.py). functools.cached_property on
+    """A big body's prompt blocks are hashed in a thread (request/forward.py). functools.cached_property on
     Python 3.11 holds one lock for all instances while computing, so the event loop asking for a
     small request's blocks waited for the big one's hashing: measured 0.07 ms alone, 13.9 ms then."""
     import threading

@@ -126,6 +126,16 @@ async def test_a_server_not_named_is_found_out_from_v1_models(serve_app, upstrea
     assert await engine.processing() is None
 
 
+@pytest.mark.parametrize("config", [{"command": "vllm serve /models/m"}, {"kv_save_dir": "/s"}])
+async def test_a_supervised_engine_whose_props_give_no_context_is_asked_v1_models(serve_app, upstream, config):
+    """A `command` is free-form: a supervised vLLM is taken for llama-server, and its context (what
+    `orchestrator claude` sets Claude Code's compaction window from) still comes from /v1/models."""
+    fake = listing_fake("vllm", 32768)
+    engine = engine_for(backend(await serve_app(fake.app()), **config), upstream)
+    assert type(engine) is LlamaServer
+    assert await engine.context_size(timeout=1) == 32768
+
+
 async def test_a_llama_server_not_named_is_asked_as_llama_server(serve_app, upstream, tmp_path):
     fake = llama_fake(tmp_path, slot_tokens=7)
     engine = engine_for(backend(await serve_app(fake.app())), upstream)

@@ -935,7 +935,7 @@ def title_request(schema: dict, text: str = "fix the login bug", stream: bool = 
 # Found by this fuzzing (fixed): a JSON string holding a lone surrogate ("\ud800", valid JSON, accepted by the gateway's
 # parser) makes the gateway answer 500 "internal gateway error": counting.{_prepare,content_key}
 # (count_tokens, count probes), routing.forwarded_body (billing line dropped, max_tokens clamped) and
-# proxy._exchange (the model name set back in a non-streaming answer) encode it with
+# request/forward.py (the model name set back in a non-streaming answer) encode it with
 # json.dumps(ensure_ascii=False).encode(), which raises UnicodeEncodeError. Expected: a 400 from
 # check_request, as llama-server itself answers such a body ("surrogate U+D800..U+DBFF must be
 # followed by U+DC00..U+DFFF"), or at least not a 500.

@@ -58,7 +58,7 @@ _TEXTS: list[str] = []
 
 def _texts() -> list[str]:
     if not _TEXTS:
-        files = [ROOT / "README.md", *sorted((ROOT / "orchestrator").glob("*.py"))]
+        files = [ROOT / "README.md", *sorted((ROOT / "orchestrator").rglob("*.py"))]
         _TEXTS.extend(p.read_text() for p in files if p.stat().st_size > 2000)
         _TEXTS.append("Résumé of the naïve café's façade — «guillemets», 日本語のテキスト, "
                       "Ελληνικά, emoji 🚀🧪 and a zero-width joiner 👩‍💻.\n" * 40)

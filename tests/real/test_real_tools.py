@@ -103,7 +103,7 @@ def follow_up(turn: dict, tool_use: dict) -> dict:
 
 
 async def answered(http, base: str, body: dict) -> bytes:
-    status, raw, _ = await answered(http, base, body, path=CLAUDE_PATH)
+    status, raw, _ = await post(http, base, body, path=CLAUDE_PATH)
     assert status == 200, raw[:500]
     return raw
 
