@@ -19,6 +19,7 @@ but not a client's own headers), an `x-fake-NAME` header or an `x_fake_NAME` que
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,7 @@ class FakeEngine:
     # Like llama-server, notice a vanished client only this long after it left:
     # the generation goes on (and counts as in flight) meanwhile.
     linger: float = 0.0
+    linger_ends: asyncio.Event | None = None  # set: every linger ends at once (else after `linger`)
     # /v1/chat/completions: this text, else the smallest value valid against the request's schema.
     chat_answer: str | None = None
     chat_finish: str = "stop"
@@ -207,7 +209,12 @@ class FakeEngine:
 
     async def _lingering(self, request: web.Request, body: Any) -> None:
         self.cancelled += 1
-        await asyncio.shield(asyncio.sleep(float(knob(request, body, "linger", self.linger))))
+        seconds = float(knob(request, body, "linger", self.linger))
+        if self.linger_ends is None:
+            await asyncio.shield(asyncio.sleep(seconds))
+            return
+        with contextlib.suppress(TimeoutError):  # a test ends the linger when it has seen what it waits for
+            await asyncio.shield(asyncio.wait_for(self.linger_ends.wait(), seconds))
 
     async def chat_completions(self, request: web.Request) -> web.Response:
         from orchestrator.request.synthetic import instance_of

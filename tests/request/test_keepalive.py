@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import statistics
 import time
 
 import aiohttp
@@ -43,9 +44,13 @@ async def timed_read(base, body=BODY, headers=None):
             return r.status, chunks, b"".join(c for _, c in chunks)
 
 
-def max_gap(chunks):
+def gaps(chunks):
     times = [0.0] + [t for t, _ in chunks]
-    return max(b - a for a, b in zip(times, times[1:]))
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def max_gap(chunks):
+    return max(gaps(chunks))
 
 
 async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setup):
@@ -54,10 +59,14 @@ async def test_slow_prefill_gets_pings_with_no_gap_longer_than_the_interval(setu
     events = sse_events(raw)
     kinds = [e.event for e in events]
     assert status == 200
-    # 30 intervals of prefill: pings repeat (at least one per MAX_GAP), before any answer byte.
-    assert kinds.count("ping") >= 3 and kinds.index("message_start") > kinds.index("ping")
+    # 30 intervals of prefill: pings at the interval, before any answer byte. A loaded machine fires
+    # a timer late now and then, so the pace is the median gap and a third of the expected count;
+    # no silence is longer than MAX_GAP. A gateway pinging at twice the interval fails the median.
+    assert kinds.count("ping") >= 10 and kinds.index("message_start") > kinds.index("ping")
     assert all(k == "ping" for k in kinds[:kinds.index("message_start")])
     assert kinds[-1] == "message_stop"
+    prefill = [g for (t, _), g in zip(chunks, gaps(chunks)) if t < 3.0]
+    assert statistics.median(prefill) < 1.5 * INTERVAL, sorted(prefill)
     assert max_gap(chunks) < MAX_GAP, max_gap(chunks)
 
 
