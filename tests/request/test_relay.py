@@ -247,7 +247,7 @@ async def test_a_storm_of_vanishing_clients_never_overlaps_two_generations(serve
     await until_free(q, timeout=20)
     # How many of the storm's clients leave while the backend generates depends on the machine's pace
     # (a loaded one gets fewer there: 3 of 200 seen), so it is not asserted. Four more leave there for
-    # certain, and the invariants above are checked again after them: each leaves once its
+    # certain, and the invariants below hold after them too: each leaves once its
     # request is in the backend's prefill, with the next one queued behind it.
     for i in range(4):
         f.prefill_delay = 30
