@@ -178,7 +178,7 @@ class Prometheus:
 @pytest.mark.real
 async def test_every_panel_query_returns_data_from_real_traffic(llama, llama_small, gateway, http, tmp_path):
     # KV saving on (this llama-server has no --slot-save-path: its saves fail, and are counted);
-    # real saves and restores are measured in test_kvsave. A second real server is the background model.
+    # real saves and restores are measured in test_kvsave_real. A second real server is the background model.
     small = {"name": "small", "url": llama_small.url, "role": "background"}
     base, app = await gateway({"backends": [{"name": "primary", "url": llama.url, "kv_save_dir": str(tmp_path),
                                              "kv_save_idle_seconds": 0}, small],
