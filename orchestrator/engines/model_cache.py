@@ -163,6 +163,19 @@ def server_options(command: str | None) -> dict[str, Any]:
     return out
 
 
+def command_model(command: str | None) -> str:
+    """The model file a llama-server command names (`-m`/`--model`), "" when none."""
+    try:
+        words = shlex.split(command or "")
+    except ValueError:
+        return ""
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag in ("-m", "--model"):
+            return value if eq else (words[i + 1] if i + 1 < len(words) else "")
+    return ""
+
+
 def _int(s: str) -> int | None:
     try:
         return int(s)

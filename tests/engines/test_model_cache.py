@@ -76,3 +76,22 @@ async def test_llama_servers_adapter_reads_the_model_props_names(serve_app, upst
     assert await engine.model_cache() is model  # the same file: not read again
     url = await serve_app(FakeEngine().app())  # no /props
     assert await LlamaServer(BackendConfig(name="c", url=url), upstream).model_cache() is None
+
+
+def test_status_and_check_config_name_the_models_cache(tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.ops.cli import main
+    from orchestrator.ops.status import kv_lines
+
+    swa = of_file(tiny_gguf(tmp_path / "g.gguf", "gemma3", sliding_window=512), "llama-server")
+    health = {"backends": [{"name": "primary", "model_cache": swa.view(),
+                            "kv_saves": {"on": False, "off_because": swa.why}}]}
+    assert kv_lines(health, 0.0) == ["model cache: primary sliding_window gemma3; "
+                                     "slot saves off: sliding-window model without --swa-full"]
+    model = swa.model
+    (tmp_path / "o.toml").write_text(f'[[backends]]\nname = "primary"\nurl = "http://127.0.0.1:8080"\n'
+                                     f'command = "llama-server --model {model} --port 8080"\n')
+    out = CliRunner().invoke(main, ["check-config", str(tmp_path / "o.toml")]).output
+    assert ("backend primary model cache: sliding_window (512 tokens) gemma3: slot restore cannot work "
+            "(sliding-window model without --swa-full)") in out
