@@ -34,7 +34,7 @@ KV_RESTORE_RESULTS = ("restored", "none", "refused", "failed", "warm")
 PARK_ACTIONS = ("park", "checkpoint", "unpark")  # parking.py
 PARK_RESULTS = ("ok", "failed", "too_slow")
 # Why a main or agent turn computed prompt tokens (cachemiss.py); prefix_changed also by block kind.
-CACHE_REASONS = ("hit", "new", "switched", "unparked", "evicted", "prefix_changed")
+CACHE_REASONS = ("hit", "new", "switched", "unparked", "evicted", "prefix_changed", "restore_ineffective")
 BLOCK_KINDS = ("system", "tools", "messages", "other")
 
 # A synthetic answer takes a millisecond; a first-turn prefill of 25k tokens on
@@ -100,6 +100,9 @@ class Metrics:
                                             "queue held", ["backend"], buckets=LATENCY_BUCKETS, registry=r)
         self.kv_restored_tokens = Counter("orchestrator_kv_restored_tokens", "Prompt tokens a restore put back "
                                           "in the cache (saved from prefill)", ["backend"], registry=r)
+        self.kv_restores_short = Counter("orchestrator_kv_restores_short", "Restores whose first turn read from "
+                                         "cache under half of what they held (kv/restorable.py)", ["backend"],
+                                         registry=r)
         self.kv_parks = Counter("orchestrator_kv_parks", "Saves and restores before a granted request's send, "
                                 "by action (park, checkpoint, unpark) and result (ok, failed, too_slow: skipped)",
                                 ["backend", "action", "result"], registry=r)
@@ -202,6 +205,7 @@ class Metrics:
         self.kv_saved_bytes.labels(name)
         self.kv_disk_bytes.labels(name)
         self.kv_restored_tokens.labels(name)
+        self.kv_restores_short.labels(name)
         for action in PARK_ACTIONS:
             self.kv_park_seconds.labels(name, action)
             for result in PARK_RESULTS:

@@ -23,8 +23,8 @@ MODULES = {
     "request": {"exchange", "forward", "background", "placement", "parking", "relay", "release", "accounting",
                 "routing", "synthetic", "client_stream", "schemas"},
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
-    "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results"},
-    "engines": {"upstream", "base", "llama_server", "vllm", "sglang", "choice", "supervisord"},
+    "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results", "restorable"},
+    "engines": {"upstream", "base", "llama_server", "model_cache", "vllm", "sglang", "choice", "supervisord"},
     "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "slots"},
 }
 # Inside `request`, one request's way runs down too: forward never imported by what it calls.

@@ -83,6 +83,10 @@ class Gateway:
         after their client left; the rest is the gateway's own work (a KV save or restore)."""
         return {"sending": len(self.inflight.sends(backend.name)), "held_after_client_left": len(backend.held)}
 
+    def kv_view(self, backend: Backend) -> dict[str, dict]:
+        """Whether its slot saves can pay off (kv/restorable.py), for /health and the page; {} unsaved."""
+        return {"kv_saves": backend.kv.watch.view()} if backend.kv is not None else {}
+
     def held_slots(self) -> int:
         """Slots held after their client left, over every backend."""
         return sum(len(b.held) for b in self.backends.values())
@@ -127,7 +131,9 @@ def build_gateway(config: Config, registry: CollectorRegistry, engines: EngineFo
 
 async def _restore(kv: KvPersistence, saves: BackendSaves, parking: Parking) -> dict | None:
     """The restart's restore, before the backend's queue reopens: parking is told what the slot holds
-    now; /health is given what it shows (None: the slot was warm, nothing to do)."""
+    now; /health is given what it shows (None: the slot was warm, nothing to do). What its model is
+    is read first: a model whose restores cannot work is not restored (kv/restorable.py)."""
+    saves.watch.learned(await saves.engine.model_cache())
     done = await kv.restore(saves)
     parking.restarted(done.key)  # only a restored save names one
     return done.view()

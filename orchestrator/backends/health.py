@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from ..config import BackendConfig
 from ..engines.base import Engine
+from ..engines.model_cache import ModelCache
 from ..engines.llama_server import program_name
 from ..engines.supervisord import rpc_at
 from ..errors import BackendFailed, GatewayError
@@ -93,6 +94,8 @@ class BackendHealth:
         # The context a request may fill (llama-server's per-slot n_ctx), for
         # `orchestrator env` to hand Claude Code; None when unknown.
         self.n_ctx: int | None = None
+        # What kind of cache its model keeps (engines/model_cache.py), read at every (re)start.
+        self.model: ModelCache | None = None
         self.process_state = ""
         # Requests the gateway gave up on that still hold a slot past gateway.release_timeout_seconds
         # (release_when_idle): a server wedged on one (a grammar it cannot build) says "ready" on
@@ -183,6 +186,7 @@ class BackendHealth:
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
             self.n_ctx = await self._context_size(timeout)
+            self.model = await self.engine.model_cache() or self.model
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
                 note = await self._restore()  # bounded; never raises
@@ -259,7 +263,7 @@ class BackendHealth:
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
-                "kv_restore": self.last_restore}
+                "kv_restore": self.last_restore, "model_cache": self.model.view() if self.model else None}
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch | None:

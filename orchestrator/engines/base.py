@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..config import BackendConfig
 from ..errors import GatewayError
 from ..jsonvalues import is_int
+from .model_cache import ModelCache
 from .upstream import UpstreamClient
 
 
@@ -85,6 +86,11 @@ class Engine:
 
     async def server_id(self) -> ServerId | None:
         """Which server this is, as a save records it; None when it cannot say (no save, no restore)."""
+        return None
+
+    async def model_cache(self) -> ModelCache | None:
+        """What kind of cache its model keeps and whether a slot restore can bring it back
+        (model_cache.py); None when it cannot say. Never raises."""
         return None
 
     async def slots(self, timeout: float) -> list[Any] | None:

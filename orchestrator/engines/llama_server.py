@@ -8,6 +8,7 @@ failure into a GatewayError (an action) or "nothing held" (the tokens), never ra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import GatewayError
 from .base import Engine, ServerId, listed_context, positive
+from .model_cache import ModelCache, of_file
 from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
@@ -42,6 +44,8 @@ class LlamaServer(Engine):
     """llama.cpp's llama-server: /props, /slots and its slot actions."""
 
     kind = "llama-server"
+    # The last model read, by its path and file identity: a restart with the same file reads nothing.
+    _model: tuple[tuple[str, str], ModelCache] | None = None
 
     async def props(self, timeout: float) -> dict[str, Any] | None:
         """Its /props, None unless it answers 200 with an object. A GatewayError when it does not answer."""
@@ -101,6 +105,21 @@ class LlamaServer(Engine):
         if slots is None:
             return None
         return sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+
+    async def model_cache(self) -> ModelCache | None:
+        """Its model's cache kind, from the GGUF at /props' model_path (read in a thread, once per
+        file) and the configured command's options; None when /props does not answer."""
+        try:
+            props = await self.props(PROPS_TIMEOUT)
+        except GatewayError:
+            return None
+        path = str((props or {}).get("model_path") or "")
+        if not path:
+            return None
+        seen = (path, file_identity(path))
+        if self._model is None or self._model[0] != seen:
+            self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command))
+        return self._model[1]
 
     async def server_id(self) -> ServerId | None:
         """Its identity from /props and /lora-adapters, with the model file's size and time and the

@@ -128,8 +128,8 @@ async def probe(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    backends = [{**b.health.snapshot(), **gw.slot_use(b), **({"cache": gw.misses.snapshot(b.name)} if gw.misses else {})}
-                for b in gw.backends.values()]
+    backends = [{**b.health.snapshot(), **gw.slot_use(b), **gw.kv_view(b),
+                 **({"cache": gw.misses.snapshot(b.name)} if gw.misses else {})} for b in gw.backends.values()]
     ok = all(b.health.up for b in gw.backends.values() if b.config.role == "main")
     g = gw.config.gateway
     return web.json_response({

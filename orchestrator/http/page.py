@@ -138,7 +138,7 @@ class Dashboard:
 
 def _backend_views(gw: Gateway) -> list[tuple[Backend, dict[str, Any]]]:
     """Each backend and what /health says of it."""
-    return [(b, {**b.health.snapshot(), **gw.slot_use(b)}) for b in gw.backends.values()]
+    return [(b, {**b.health.snapshot(), **gw.slot_use(b), **gw.kv_view(b)}) for b in gw.backends.values()]
 
 
 def _slot_view(slot: Any) -> dict[str, Any]:

@@ -11,6 +11,10 @@ computed, and why tokens beyond the new ones were computed:
 - `switched`: the slot held another conversation and it had no save to restore;
 - `evicted`: same conversation, same prefix, slot not known to be replaced, but the server read
   under 90% of the previous turn's prompt (its host cache dropped it, or it restarted);
+- `restore_ineffective`: a switch, an unpark or a restart cost the prompt, and a restore could not
+  have saved it (its `why`: the backend's restores are off, restorable.py, e.g. a sliding-window
+  model without --swa-full), or an unpark was made and its first turn read back under half the
+  previous prompt (counted, restorable.RestoreWatch.after_restore);
 - `hit`: the previous turn's prompt was read from cache.
 
 Bounded: the block hashes of the last turn of at most MAX_CONVERSATIONS conversations (each at
@@ -28,6 +32,7 @@ from typing import Any
 from ..conversation import kind
 from ..metrics import Metrics
 from .parking import SlotFound
+from .restorable import RestoreWatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ MAX_CONVERSATIONS = 512
 RECENT = 20
 # Reading less than this share of the previous turn's prompt means the cache lost it.
 EVICTED_BELOW = 0.9
+short = RestoreWatch.short
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class ServedTurn:
     prompt: int              # the whole prompt, cached tokens included
     cached: int              # read from cache
     slot_seconds: float = 0.0  # parking's work in the slot before its send
+    restores_off: str = ""     # why the backend's restores are off ("" when on)
 
 
 @dataclass
@@ -65,7 +72,7 @@ class CacheMisses:
         how, prompt, cached, slot_seconds = turn.how, turn.prompt, turn.cached, turn.slot_seconds
         prefix = [h for _, h in blocks]
         last = self._last.get(key)
-        at = ""
+        at = why = ""
         if last is None:
             reason = "new"
         else:
@@ -78,12 +85,16 @@ class CacheMisses:
                 reason, at = "prefix_changed", blocks[n][0]
             elif how is SlotFound.UNPARKED:
                 reason = "unparked"
+                if short(last.prompt, cached):
+                    reason, why = "restore_ineffective", f"restore read back {cached} of {last.prompt} tokens"
             elif how is SlotFound.SWITCHED:
                 reason = "switched"
             elif cached < EVICTED_BELOW * last.prompt:
                 reason = "evicted"
             else:
                 reason = "hit"
+            if turn.restores_off and (reason == "switched" or (reason == "evicted" and how is SlotFound.EMPTY)):
+                reason, why = "restore_ineffective", turn.restores_off
         self._last[key] = _Last(prefix, prompt)
         self._last.move_to_end(key)
         while len(self._last) > MAX_CONVERSATIONS:
@@ -99,10 +110,13 @@ class CacheMisses:
                 "cached": cached, "computed": computed, "slot_seconds": round(slot_seconds, 3)}
         if at:
             seen["at_token"], seen["at_block"] = cached, at
+        if why:
+            seen["why"] = why
         self._recent.setdefault(backend, collections.deque(maxlen=RECENT)).append(seen)
         self._totals.setdefault(backend, collections.Counter())[reason] += 1
         log.info("cache %s conversation %s: %s, %d of %d prompt tokens from cache, %d computed%s%s", backend,
-                 key[:8], reason, cached, prompt, computed, f", prefix changed at token {cached} ({at})" if at else "",
+                 key[:8], reason + (f" ({why})" if why else ""), cached, prompt, computed,
+                 f", prefix changed at token {cached} ({at})" if at else "",
                  f", {slot_seconds * 1000:.0f} ms parking" if slot_seconds else "")
         return seen
 

