@@ -26,13 +26,7 @@ from ..backends.gateway import Gateway
 from ..backends import identity
 from ..backends.health import State
 from ..engines.upstream import read_whole, request_headers, response_headers
-from ..errors import (
-    GatewayError,
-    Overloaded,
-    UpstreamError,
-    UpstreamUnavailable,
-    from_upstream,
-)
+from ..errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
 from ..jsonvalues import INLINE_BYTES, utf8_json
 from . import placement
 from .accounting import Ended, Outcome, record

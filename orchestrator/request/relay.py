@@ -18,13 +18,7 @@ from aiohttp import web
 
 from .. import sse
 from ..engines.upstream import chunks, drain
-from ..errors import (
-    GatewayError,
-    Overloaded,
-    UpstreamError,
-    UpstreamUnavailable,
-    from_upstream,
-)
+from ..errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
 from .accounting import Ended
 from .exchange import Exchange
 
