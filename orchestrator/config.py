@@ -213,6 +213,12 @@ class BackendConfig:
     # Measured on SmolLM2-135M, 2 cores, --cache-ram 0 (issue 19): a prefill costs 5.6-7.1 s per 1k
     # tokens, a save 15-100 ms per 1k and a restore 6-11 ms per 1k (each with a fixed ~5 ms), so a
     # save and a restore cost under 2% of the prefill they spare; below ~10 tokens the fixed part wins.
+    # llama.cpp keeps only the window's positions in a sliding-window model's layers (Gemma 3, gpt-oss):
+    # a saved slot restores without them and the next turn is computed whole (issue 26).
+    kv_swa_full: bool = setting(True, "a supervised sliding-window model (Gemma 2/3, gpt-oss, ...) that saves "
+                                "its slot runs with --swa-full, so a restore brings the cache back; it costs "
+                                "the window's layers' KV for the whole context (check-config gives the "
+                                "figure). false: no --swa-full, and no saves that cannot pay off")
     kv_park: bool = setting(True, "one-slot server: save the slot's conversation before another one takes "
                                   "the slot (park), restore a conversation's save before its turn (unpark)")
     kv_park_min_tokens: int = setting(64, "park, unpark or checkpoint only a conversation of at least this many "

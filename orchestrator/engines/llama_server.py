@@ -18,7 +18,7 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import GatewayError
 from .base import Engine, ServerId, listed_context, positive
-from .model_cache import ModelCache, of_file
+from .model_cache import ModelCache, command_model, of_file
 from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
@@ -118,7 +118,8 @@ class LlamaServer(Engine):
             return None
         seen = (path, file_identity(path))
         if self._model is None or self._model[0] != seen:
-            self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command))
+            self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command,
+                                                         add_swa_full=adds_swa_full(self.backend)))
         return self._model[1]
 
     async def server_id(self) -> ServerId | None:
@@ -137,8 +138,10 @@ class LlamaServer(Engine):
             status, adapters = 0, None
         lora = json.dumps(adapters, sort_keys=True) if status == 200 and adapters else ""
         n = n_ctx(props)
+        cache = await self.model_cache()
+        command = supervised_command(self.backend.command, cache) if self.backend.command else None
         return ServerId(model, n if isinstance(n, int) else 0, str(props.get("build_info", "")),
-                        file_identity(model), kv_args(self.backend.command), lora)
+                        file_identity(model), kv_args(command), lora)
 
 
 def n_ctx(props: dict[str, Any] | None) -> Any:
@@ -196,6 +199,27 @@ def program_name(backend: BackendConfig) -> str:
 def slot_dir(var: Path, backend: BackendConfig) -> Path:
     """A backend's slot save folder: its kv_save_dir, else var/slots/NAME."""
     return Path(backend.kv_save_dir) if backend.kv_save_dir else var / "slots" / backend.name
+
+
+def adds_swa_full(backend: BackendConfig) -> bool:
+    """Whether the gateway puts --swa-full on this backend's command when its model has a sliding window:
+    a supervised server whose slot is saved, unless the config says no."""
+    return backend.kv_swa_full and bool(backend.command) and saves_slots(backend)
+
+
+def supervised_command(command: str, model: ModelCache | None) -> str:
+    """`command` as supervisord runs it: with --swa-full when the model's judgement added it."""
+    return f"{command} --swa-full" if model is not None and model.swa_full_added else command
+
+
+def command_for(backend: BackendConfig, command: str) -> tuple[str, ModelCache | None]:
+    """The rendered `command` of a supervised backend as it is run, and its model's judgement (None
+    when the command names no model file)."""
+    path = command_model(command)
+    if not path:
+        return command, None
+    model = of_file(path, command, add_swa_full=adds_swa_full(backend))
+    return supervised_command(command, model), model
 
 
 def saves_slots(backend: BackendConfig) -> bool:

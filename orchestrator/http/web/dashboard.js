@@ -102,8 +102,11 @@ function renderBackends(s) {
     c.append(el("div", `slots ${b.busy}/${b.slots} busy · ${b.queued} queued · restarts ${b.restarts}` +
                        (b.held_after_client_left ? ` · ${b.held_after_client_left} held after client left` : ""),
                 "muted"));
-    if (b.model_cache) c.append(el("div", `model cache: ${b.model_cache.kind} ${b.model_cache.arch}` +
-                                   (b.kv_saves && !b.kv_saves.on ? ` · slot saves off: ${b.kv_saves.off_because}` : ""), "muted"));
+    if (b.model_cache) {
+      const off = b.kv_saves && !b.kv_saves.on ? b.kv_saves.off_because : "";
+      c.append(el("div", `model cache: ${b.model_cache.line || b.model_cache.kind}` +
+                         (off && off !== b.model_cache.why ? ` · slot saves off: ${off}` : ""), "muted model-cache"));
+    }
     if (b.last_error) c.append(el("div", b.last_error, "st-bad"));
     const work = s.inflight.filter((r) => r.backend === b.name && (r.state === "prefill" || r.state === "generating"));
     const slots = el("div", null, "slots");
