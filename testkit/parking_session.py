@@ -114,15 +114,16 @@ def gateway_config(url: str, folder: Path | None, park: bool, prefer: bool = Tru
 class Bench:
     """Real llama-servers and in-process gateways, all stopped at the end."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, model: str | None = None) -> None:
         self.tmp = tmp
+        self.model = model  # a GGUF's path; None: SmolLM2
         self.servers = []
         self.runners = []
 
     def server(self, *extra: str, slots_folder: Path | None = None):
         folder = Path(tempfile.mkdtemp(dir=self.tmp))
         args = ("--slot-save-path", str(slots_folder)) if slots_folder else ()
-        s = LlamaServer(folder, (*args, *extra))
+        s = LlamaServer(folder, (*args, *extra), self.model)
         self.servers.append(s)
         s.start()
         return s

@@ -50,15 +50,18 @@ def smollm2_path() -> str:
 
 
 class LlamaServer:
-    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()):
+    """`model`: a GGUF's path (SmolLM2 by default)."""
+
+    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = (), model: str | None = None):
         self.extra_args = extra_args
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "llama-server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [llama_server_binary(), "--model", smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [llama_server_binary(), "--model", self.model or smollm2_path(), "--host", "127.0.0.1", "--port", str(self.port),
                "--ctx-size", "8192", "--parallel", "1", "--metrics", "--slots", "--threads", "2",
                "--no-webui", "--seed", "1", *self.extra_args]
         with self.log.open("ab") as log:

@@ -1,0 +1,114 @@
+"""Issue 26 on real models of each family beside the dense SmolLM2 (tests/real/test_kvsave_real.py,
+test_real_parking.py): Gemma 3 270M, real weights, a sliding-window model (512 tokens on 15 of its
+18 layers).
+
+- A crash: the supervised server, which the gateway runs with --swa-full, is killed (SEGV) after a
+  warm turn; the same turn again reads >= 90% of its prompt from the restored save.
+- Parking: three conversations taking turns on one slot with --cache-ram 0. With --swa-full their
+  later turns read >= 90% from cache. Without it (a server the gateway does not run, whose options it
+  cannot see) the restores read back little; the gateway measures that, turns its saves off after
+  three, and every later miss says why (`restore_ineffective`), never `new`.
+
+What each costs (time of a warm turn against a restored one) is bench/bench_model_families.py's.
+Run with -s for the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from testkit.client import sample
+from testkit.models import gemma3_path
+from testkit.parking_session import ROLES, Bench, gateway_config, later_turns, session, table
+from testkit.stack import wait_health
+
+pytestmark = pytest.mark.real
+
+GOAL = 0.90
+
+
+def claude_turn(text: str) -> dict:
+    """Claude Code's real main request (its first three tools), a few tokens answered, not streamed."""
+    body = copy.deepcopy(sample("main-2.1.332.json")["body"])
+    body["tools"], body["max_tokens"], body["stream"] = body["tools"][:3], 4, False
+    body["messages"][-1] = {"role": "user", "content": [{"type": "text", "text": text}]}
+    return body
+
+
+async def usage(http, url: str, body: dict) -> dict:
+    async with http.post(url + "/v1/messages", json=body) as r:
+        raw = await r.read()
+        assert r.status == 200, raw[:500]
+    u = json.loads(raw)["usage"]
+    return u | {"prompt": u["input_tokens"] + u["cache_read_input_tokens"]}
+
+
+async def test_a_crash_costs_a_restore_on_a_sliding_window_model(stack, http):
+    s = stack(model=gemma3_path(), ctx_size=8192, settings="kv_save_idle_seconds = 0.5")
+    s.up()
+    assert "--swa-full" in s.paths.conf.read_text()  # the gateway put it on the supervised command
+    b = await s.ready(http)
+    model = b["model_cache"]
+    assert (model["kind"], model["arch"], model["restorable"], model["swa_full_added"]) == (
+        "sliding_window", "gemma3", True, True)
+    assert model["swa_full_bytes"] == 105 * 2 ** 20 and b["kv_saves"]["on"], b
+    body = claude_turn("First turn: say hi.")
+    cold = await usage(http, s.url, body)
+    assert cold["prompt"] > 1000 and cold["cache_read_input_tokens"] < 0.1 * cold["prompt"], cold
+    warm = await usage(http, s.url, body)
+    assert warm["cache_read_input_tokens"] >= GOAL * warm["prompt"], warm  # its own checkpoints, no crash
+    async with asyncio.timeout(60):  # the idle save
+        while await s.metric(http, 'orchestrator_kv_saves_total{backend="primary",result="saved"}') < 1:
+            await asyncio.sleep(0.1)
+    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
+    async with asyncio.timeout(30):
+        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
+            await asyncio.sleep(0.02)
+    after = await usage(http, s.url, body)  # queued while the server restarts; restored before it is sent
+    restore = (await s.ready(http, restarts=1))["kv_restore"]
+    print(f"\nGemma 3 270M crash: cold {cold}, warm {warm}, after SEGV {after}, restore {restore}")
+    assert restore["result"] == "restored" and restore["n_tokens"] >= cold["prompt"], restore
+    assert after["cache_read_input_tokens"] >= GOAL * after["prompt"], after
+
+
+async def test_parked_conversations_on_a_sliding_window_model_read_their_later_turns_from_cache(tmp_path):
+    bench = Bench(tmp_path, gemma3_path())
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
+            parked = await bench.one_server(http, 2, True, "--cache-ram", "0", "--swa-full")
+    finally:
+        await bench.close()
+    print("\n" + "\n".join(table({"Gemma 3 270M, --swa-full, parked": parked})))
+    assert all(r.share >= GOAL for r in later_turns(parked)), [(r.label, r.share) for r in parked]
+    assert all(r.reason == "unparked" for r in later_turns(parked))
+
+
+async def test_without_swa_full_the_gateway_sees_restores_bring_nothing_back_and_stops_saving(tmp_path):
+    bench = Bench(tmp_path, gemma3_path())
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as http:
+            server = bench.server("--cache-ram", "0", slots_folder=slots)
+            base, app = await bench.gateway(gateway_config(server.url, slots, True))
+            rows = await session(http, {n: base for n in ROLES}, {n: app for n in ROLES}, 3)
+            health = (await wait_health(http, base))["backends"][0]
+    finally:
+        await bench.close()
+    print("\n" + "\n".join(table({"Gemma 3 270M, no --swa-full, parked": rows})))
+    later = later_turns(rows)
+    # Its options are not the gateway's to see (not supervised): whether a restore works is measured.
+    assert health["model_cache"]["kind"] == "sliding_window" and health["model_cache"]["restorable"] is None
+    # The first three unparks read back under half of what they restored: counted, then saves go off.
+    assert [r.reason for r in later[:3]] == ["restore_ineffective"] * 3, [(r.label, r.reason) for r in rows]
+    assert all(r.share < 0.5 for r in later[:3]), [(r.label, r.share) for r in rows]
+    assert not health["kv_saves"]["on"] and "3 restores in a row" in health["kv_saves"]["off_because"], health
+    # Later switches park and unpark nothing, and still say why their prompt was computed.
+    assert [(r.reason, r.parking) for r in later[3:]] == [("restore_ineffective", 0.0)] * 3, rows
