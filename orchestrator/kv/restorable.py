@@ -26,6 +26,8 @@ SHORT_BELOW = 0.5
 SHORT_MIN_TOKENS = 256
 # Restores turned off after this many short ones in a row.
 OFF_AFTER = 3
+# What still keeps a conversation's cache when its slot's saves cannot, for the user to lean on.
+INSTEAD = "the prompt cache in RAM, --cache-ram; a conversation kept on its slot; affinity in a pool"
 
 
 @dataclass
@@ -71,5 +73,5 @@ class RestoreWatch:
         return False
 
     def view(self) -> dict[str, Any]:
-        return {"on": not self.off, "off_because": self.off, "short_in_row": self.short_in_row,
-                "short_total": self.short_total}
+        return {"on": not self.off, "off_because": self.off, "instead": INSTEAD if self.off else "",
+                "short_in_row": self.short_in_row, "short_total": self.short_total}

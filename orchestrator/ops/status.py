@@ -360,13 +360,8 @@ def pool_lines(health: dict[str, Any], figures: dict[str, Any] | None) -> list[s
     return [line]
 
 
-# What still works when a backend's restores do not (the issue-26 fallbacks), for the user to lean on.
-OFF_HINT = (" (what still works: the prompt cache in RAM, --cache-ram; a conversation kept on its slot; "
-            "affinity in a pool)")
-
-
 def kv_lines(health: dict[str, Any], now: float) -> list[str]:
-    """Each backend's last KV restore, from /health: what a restart cost in prefill."""
+    """Each backend's last KV restore (what a restart cost in prefill), model cache and cache misses."""
     out = []
     for b in health.get("backends", []):
         r = b.get("kv_restore")
@@ -376,14 +371,13 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
         if r.get("result") == "restored":
             out.append(f"kv cache: {b['name']} restored {r.get('n_tokens', 0):,} tokens in {r.get('seconds', 0):.2f} s {when}")
         else:
-            out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}"
-                       + (f": {r['error']}" if r.get("error") else "") + ")")
+            out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}{': ' + r['error'] if r.get('error') else ''})")
     for b in health.get("backends", []):
         m, saves, cache = b.get("model_cache") or {}, b.get("kv_saves") or {}, b.get("cache") or {}
+        off = saves.get("off_because") if not saves.get("on", True) and saves.get("off_because") != m.get("why") else ""
         if m:  # what its model's cache is, and whether its slot saves can pay off (kv/restorable.py)
-            off = saves.get("off_because") if not saves.get("on", True) else ""
             out.append(f"model cache: {b['name']} {m.get('line') or m['kind']}"
-                       + (f"; slot saves off: {off}{OFF_HINT}" if off and off != m.get("why") else ""))
+                       + (f"; slot saves off: {off} (what still works: {saves.get('instead')})" if off else ""))
         if cache.get("turns"):  # why turns missed the cache (cachemiss.py), and the last one
             last = (cache.get("recent") or [{}])[-1]
             at = f" at token {last['at_token']} ({last['at_block']})" if last.get("at_block") else ""

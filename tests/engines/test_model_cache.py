@@ -8,6 +8,7 @@ import pytest
 from orchestrator.config import BackendConfig
 from orchestrator.engines.llama_server import LlamaServer
 from orchestrator.engines.model_cache import CacheKind, of_file, read_header, server_options
+from orchestrator.kv.restorable import RestoreWatch
 from testkit.engine import FakeEngine
 from testkit.models import GEMMA_SHAPE, tiny_gguf
 
@@ -127,7 +128,8 @@ def test_status_and_check_config_name_the_models_cache(tmp_path):
     assert kv_lines(health, 0.0) == [f"model cache: primary {swa.line()}"]
     # Off by what its restores read back: said beside the model, with what still works.
     health["backends"][0]["model_cache"] = of_file(tiny_gguf(tmp_path / "d.gguf", "llama"), "x").view()
-    health["backends"][0]["kv_saves"]["off_because"] = "3 restores in a row read back less than they held"
+    health["backends"][0]["kv_saves"] = RestoreWatch(measured_off="3 restores in a row read back less than they "
+                                                                  "held").view()
     assert kv_lines(health, 0.0) == ["model cache: primary dense llama: slot restore works; slot saves off: "
                                      "3 restores in a row read back less than they held (what still works: "
                                      "the prompt cache in RAM, --cache-ram; a conversation kept on its slot; "

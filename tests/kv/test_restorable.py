@@ -13,7 +13,7 @@ from test_parking import _key, park_stack  # noqa: F401 - the fixture
 from orchestrator.engines.model_cache import CacheKind, ModelCache
 from orchestrator.kv.cachemiss import CacheMisses, ServedTurn
 from orchestrator.kv.parking import SlotFound
-from orchestrator.kv.restorable import OFF_AFTER, RestoreWatch
+from orchestrator.kv.restorable import INSTEAD, OFF_AFTER, RestoreWatch
 from orchestrator.metrics import Metrics
 from testkit.client import post
 
@@ -37,7 +37,8 @@ def test_the_model_turns_restores_off_and_short_restores_do_after_a_few_in_a_row
         turned = w.after_restore(RestoreWatch.short(4000, 100), 4000, 100)
         assert turned is (i == OFF_AFTER - 1)
     assert w.off == f"{OFF_AFTER} restores in a row read back less than they held (last: 100 of 4000 tokens from cache)"
-    assert w.view() == {"on": False, "off_because": w.off, "short_in_row": OFF_AFTER, "short_total": OFF_AFTER + 1}
+    assert w.view() == {"on": False, "off_because": w.off, "instead": INSTEAD, "short_in_row": OFF_AFTER,
+                        "short_total": OFF_AFTER + 1}
     w.learned(DENSE)  # the same model after a restart: still off
     assert w.off
     w.learned(ModelCache(CacheKind.DENSE, "llama", restorable=True, model="/m/other.gguf"))
