@@ -37,6 +37,7 @@ test: install $(VENV)/.test-models
 	deploy/ensure-tools.sh $(TEST_TOOLS)
 	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
 	ORCHESTRATOR_CLAUDE="$$(deploy/install-claude-code.sh)" \
+	ORCHESTRATOR_HYBRID_MODEL="$$(deploy/install-hybrid-model.sh)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The whole suite RUNS times (3) beside BURNERS (2) busy loops: what a loaded CI machine does to it.

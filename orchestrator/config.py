@@ -196,6 +196,13 @@ class BackendConfig:
                                  check=Check(_non_negative, "a non-negative integer"))
     start_retries: int = setting(3, "supervisord: start attempts before it is FATAL", check=Check(_non_negative,
                                  "a non-negative integer"))
+    # Claude Code 2.1.332 sends a role "system" message inside messages; Qwen3.5's template (and
+    # others) refuse a system message after the first, and llama-server answers 500 to every turn.
+    system_messages: str = setting("auto", '"fold": a system message inside messages is appended to the user '
+                                   'message before it; "forward": sent as is; "auto": fold for a backend on '
+                                   'this machine (its chat template renders it), forward to a remote API',
+                                   check=Check(lambda v: v in ("auto", "fold", "forward"),
+                                               '"auto", "fold" or "forward"'))
     # Claude Code asks for 32000; a small model that never stops would fill its context.
     max_output_tokens: int = setting(0, "clamp the request's max_tokens to this; 0: no clamp",
                                      check=Check(_non_negative, "a non-negative integer"))

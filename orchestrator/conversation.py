@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
+from .config import BackendConfig, is_loopback_host
 from .errors import GatewayError
 from .jsonvalues import utf8_json
 
@@ -148,6 +150,47 @@ def strip_billing_header(body: dict[str, Any]) -> dict[str, Any] | None:
         return {**body, "system": rest}
     return None
 
+
+def fold_system_messages(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The body with each `role: "system"` message inside `messages` appended, as its blocks, to the user
+    message before it (or put before the first one's, when none is), or None if it has none.
+
+    Claude Code 2.1.332 sends its environment so (tests/fixtures/main-2.1.332.json). Chat templates take
+    a system message first or not at all: Qwen3.5's raises "System message must be at the beginning",
+    so llama-server answers 500 on every turn. Appended where it stood, the prompt keeps its order, and
+    every turn folds it the same way: the prefix the prompt cache reads stays the same.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "system"
+                                                 for m in messages):
+        return None
+    out: list[Any] = []
+    pending: list[Any] = []  # system blocks before any user message
+    for m in messages:
+        if isinstance(m, dict) and m.get("role") == "system":
+            blocks = as_blocks(m.get("content"))
+            blocks = blocks if isinstance(blocks, list) else []
+            last = out[-1] if out else None
+            if isinstance(last, dict) and last.get("role") == "user":
+                out[-1] = {**last, "content": [*as_blocks(last.get("content")), *blocks]}
+            else:
+                pending += blocks
+        elif pending and isinstance(m, dict) and m.get("role") == "user":
+            out.append({**m, "content": [*pending, *as_blocks(m.get("content"))]})
+            pending = []
+        else:
+            out.append(m)
+    if pending:  # nothing to fold into: a user message of its own
+        out.append({"role": "user", "content": pending})
+    return {**body, "messages": out}
+
+
+def folds_system(backend: BackendConfig) -> bool:
+    """Whether `backend` gets system messages folded (its `system_messages`; "auto": a server on this
+    machine, whose chat template renders the prompt)."""
+    if backend.system_messages != "auto":
+        return backend.system_messages == "fold"
+    return bool(backend.command) or is_loopback_host(urlsplit(backend.url).hostname or "")
 
 
 def conversation_key(body: dict[str, Any], strip_billing: bool = True) -> str:

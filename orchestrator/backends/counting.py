@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from ..config import BackendConfig
+from ..conversation import fold_system_messages, folds_system
 from ..engines.upstream import UpstreamClient, read_whole
 from ..errors import GatewayError
 from ..jsonvalues import INLINE_BYTES, is_int, utf8_json
@@ -63,6 +64,9 @@ class TokenCounter:
         """`size`: the body's size in bytes, when known; a large one is serialised off the event loop.
         `raw`: the client's own count_tokens body; a large one is hashed and sent as it is, never
         re-serialised (json.dumps of 30 MB holds the interpreter, and so the event loop, for 0.2 s)."""
+        if backend is not None and folds_system(backend):  # counted as it would be sent (conversation.py)
+            folded = fold_system_messages(body)
+            body, raw = (folded, None) if folded is not None else (body, raw)
         if raw is not None and len(raw) > INLINE_BYTES:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())  # releases the GIL
             key, estimate, payload = f"raw:{digest}", max(1, (len(raw) + 3) // 4), raw

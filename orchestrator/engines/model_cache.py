@@ -14,8 +14,14 @@ Read from the GGUF's metadata (the `gguf` package's types and keys; the file's p
   **hybrid** (a recurrent state beside attention: jamba, falcon-h1, plamo2, granitehybrid, lfm2,
   lfm2moe, nemotron_h, nemotron_h_moe, qwen3next, qwen35, qwen35moe, qwen4exp, kimi-linear, kimi-k3,
   bailingmoe3, glm5-next, deepseek4, minimax-01: `llm_arch_is_hybrid`): the state is saved at the
-  slot's last position only, so a restore helps only when the whole saved prompt is the next prompt's
-  prefix. Whether it does is measured (kv/restorable.py), not assumed.
+  slot's last position only, and a restore drops the slot's context checkpoints (the states a few
+  tokens before each prompt's end), so a restore helps only when the whole saved sequence, the reply
+  included, is the next prompt's prefix. A chat's next turn re-renders the last reply (Qwen3.5's
+  template drops its empty think block): on the tiny Qwen3.5 of deploy/install-hybrid-model.sh a
+  restored slot read 0 of 2,061 tokens from cache, the same slot 2,030, and llama-server's prompt cache
+  in RAM, which keeps the checkpoints, 2,030 after a switch. So with that cache on (`--cache-ram`, on by
+  default) the gateway leaves switches to it and saves nothing; with it off, whether a restore works is
+  measured (kv/restorable.py).
 
 Reading the header: `gguf.GGUFReader` parses every array (a 262k-token vocabulary took 11.8 s on a busy
 2-core machine), so `read_header` walks the key-value section itself, skipping arrays by their sizes.
@@ -254,6 +260,11 @@ def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "", *,
         return ModelCache(CacheKind.UNKNOWN, **known, why="no general.architecture in its metadata")
     if arch in HYBRID or arch in RECURRENT or ssm:
         kind = CacheKind.RECURRENT if arch in RECURRENT else CacheKind.HYBRID
+        ram = options.get("cache_ram_mib")
+        if ram:  # known and on (-1: no limit)
+            return ModelCache(kind, **known, restorable=False, why=(
+                "a restore drops the context checkpoints a chat's next turn needs (it re-renders the last "
+                "reply), which llama-server's prompt cache in RAM keeps: that cache serves switches instead"))
         return ModelCache(kind, **known, why="its recurrent state restores only when the whole saved "
                                              "prompt is the next one's prefix: measured per restore")
     if window is not None:

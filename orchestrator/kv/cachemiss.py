@@ -8,7 +8,8 @@ computed, and why tokens beyond the new ones were computed:
   turn's end, at the block named (e.g. `system[1]`: a volatile line not normalised), so the server
   could reuse only up to there: token N is what it read from cache;
 - `unparked`: its save was restored into the slot first (parking.py);
-- `switched`: the slot held another conversation and it had no save to restore;
+- `switched`: the slot held another conversation and it had no save to restore (a switch that the
+  server's own prompt cache in RAM served, reading the previous turn's prompt, is a `hit`);
 - `evicted`: same conversation, same prefix, slot not known to be replaced, but the server read
   under 90% of the previous turn's prompt (its host cache dropped it, or it restarted);
 - `restore_ineffective`: a switch, an unpark or a restart cost the prompt, and a restore could not
@@ -87,7 +88,7 @@ class CacheMisses:
                 reason = "unparked"
                 if short(last.prompt, cached):
                     reason, why = "restore_ineffective", f"restore read back {cached} of {last.prompt} tokens"
-            elif how is SlotFound.SWITCHED:
+            elif how is SlotFound.SWITCHED and cached < EVICTED_BELOW * last.prompt:
                 reason = "switched"
             elif cached < EVICTED_BELOW * last.prompt:
                 reason = "evicted"

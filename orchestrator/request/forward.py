@@ -25,6 +25,7 @@ from .. import sse
 from ..backends.gateway import Gateway
 from ..backends import identity
 from ..backends.health import State
+from ..conversation import folds_system
 from ..engines.upstream import read_whole, request_headers, response_headers
 from ..errors import GatewayError, Overloaded, UpstreamError, UpstreamUnavailable, from_upstream
 from ..jsonvalues import INLINE_BYTES, utf8_json
@@ -122,7 +123,8 @@ async def _forward(gw: Gateway, ex: Exchange) -> web.StreamResponse:
                 ex.call = call
                 await placement.prepare(gw, ex)
                 rewrite = functools.partial(forwarded_body, ex.body, ex.raw, strip_billing=strip,
-                                            max_output_tokens=backend.config.max_output_tokens)
+                                            max_output_tokens=backend.config.max_output_tokens,
+                                            fold_system=folds_system(backend.config))
                 # A rewrite that cannot splice re-serialises the body: a large one off the event loop.
                 data = rewrite() if ex.size <= INLINE_BYTES else await asyncio.to_thread(rewrite)
                 headers = request_headers(ex.request.headers, backend.config, gw.config.gateway.api_key)

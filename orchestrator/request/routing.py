@@ -19,7 +19,7 @@ from enum import Enum
 from typing import Any
 
 from ..config import Config
-from ..conversation import strip_billing_header
+from ..conversation import fold_system_messages, strip_billing_header
 from ..jsonvalues import reject_constant, utf8_json
 from ..slots import Priority
 
@@ -123,12 +123,21 @@ def choose_route(body: dict[str, Any], config: Config, *, background_up: bool) -
     return Route(RouteKind.MAIN, shape, backends_for_model(model, config), Priority.MAIN, reason)
 
 
-def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int) -> bytes:
+def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int,
+                   fold_system: bool = False) -> bytes:
     """The bytes to send a backend: the client's own, unless a documented rewrite applies; then the
-    client's own with the rewritten member spliced, or, when the splice cannot be proven safe, `out` anew."""
+    client's own with the rewritten member spliced, or, when the splice cannot be proven safe (or the
+    messages were rewritten: system messages folded), `out` anew."""
     out = body
     if strip_billing:
         out = strip_billing_header(out) or out
+    if fold_system:
+        folded = fold_system_messages(out)
+        if folded is not None:
+            mt = folded.get("max_tokens")
+            if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
+                folded["max_tokens"] = max_output_tokens
+            return utf8_json(folded)
     mt = out.get("max_tokens")
     if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
         out = {**out, "max_tokens": max_output_tokens}

@@ -18,17 +18,22 @@ from testkit.models import GEMMA_SHAPE, tiny_gguf
     ("gemma3", {"sliding_window": 512}, "llama-server -m m.gguf --cache-ram 0", CacheKind.SLIDING_WINDOW, False),
     ("gemma3", {"sliding_window": 512}, "llama-server -m m.gguf --swa-full", CacheKind.SLIDING_WINDOW, True),
     ("gemma3", {"sliding_window": 512}, None, CacheKind.SLIDING_WINDOW, None),  # not supervised: unknown
-    ("lfm2", {}, "llama-server", CacheKind.HYBRID, None),
-    ("qwen35", {"ssm_state_size": 16}, "llama-server", CacheKind.HYBRID, None),
-    ("mamba", {"ssm_state_size": 16}, "llama-server", CacheKind.RECURRENT, None),
-    ("granite", {"ssm_state_size": 16}, "llama-server", CacheKind.HYBRID, None),  # ssm keys: hybrid
-], ids=["dense", "swa", "swa-full", "swa-unsupervised", "lfm2", "qwen35", "mamba", "ssm-keys"])
+    ("lfm2", {}, "llama-server --cache-ram 0", CacheKind.HYBRID, None),
+    ("qwen35", {"ssm_state_size": 16}, "llama-server -cram 0", CacheKind.HYBRID, None),
+    ("qwen35", {"ssm_state_size": 16}, "llama-server", CacheKind.HYBRID, False),  # the RAM cache serves
+    ("qwen35", {"ssm_state_size": 16}, None, CacheKind.HYBRID, None),  # not supervised: measured
+    ("mamba", {"ssm_state_size": 16}, "llama-server --cache-ram=0", CacheKind.RECURRENT, None),
+    ("granite", {"ssm_state_size": 16}, "llama-server -cram 0", CacheKind.HYBRID, None),  # ssm keys: hybrid
+], ids=["dense", "swa", "swa-full", "swa-unsupervised", "lfm2", "qwen35", "qwen35-ram-cache", "qwen35-unsupervised",
+        "mamba", "ssm-keys"])
 def test_the_kind_and_whether_a_restore_can_work(tmp_path, arch, keys, command, kind, restorable):
     model = of_file(tiny_gguf(tmp_path / "m.gguf", arch, **keys), command)
     assert (model.kind, model.arch, model.restorable) == (kind, arch, restorable)
     if kind is CacheKind.SLIDING_WINDOW:
         assert model.sliding_window == 512
-    if restorable is False:
+    if restorable is False and kind is CacheKind.HYBRID:
+        assert "prompt cache in RAM keeps: that cache serves switches instead" in model.why
+    elif restorable is False:
         assert model.why == "sliding-window model without --swa-full"
         assert model.line() == ("sliding_window (512 tokens) gemma3: slot restore cannot work "
                                 "(sliding-window model without --swa-full); no slot saves (they cannot pay "

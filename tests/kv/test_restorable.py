@@ -59,6 +59,8 @@ def test_a_miss_a_restore_could_not_spare_says_why():
     assert (seen["reason"], seen["why"]) == ("restore_ineffective", "restore read back 20 of 1200 tokens")
     assert misses.observe("b", "k", blocks, turn(SlotFound.UNPARKED, 1400, 1290))["reason"] == "unparked"
     assert misses.observe("b", "k", blocks, turn(SlotFound.SWITCHED, 1500, 0))["reason"] == "switched"
+    # A switch the server's own prompt cache in RAM served (a hybrid model's, saves off) is a hit.
+    assert misses.observe("b", "k", blocks, turn(SlotFound.SWITCHED, 1600, 1490, "off"))["reason"] == "hit"
 
 
 async def test_a_sliding_window_model_without_swa_full_is_never_saved_for_nothing(park_stack, http):  # noqa: F811

@@ -21,6 +21,7 @@ import pytest
 from conftest import gateway_with
 
 from orchestrator.backends.gateway import GATEWAY
+from orchestrator.conversation import fold_system_messages
 from orchestrator.engines.upstream import FORWARDED
 from orchestrator.sse import events as sse_events
 from testkit.client import sample
@@ -79,8 +80,14 @@ def test_replayed_bytes_are_the_captured_ones(name):
 # ---- against the fake upstream ---------------------------------------------------------------
 
 async def test_main_2_1_332_reaches_the_primary_with_only_its_billing_line_gone(gateway, serve_app, http):
+    from orchestrator.backends.gateway import GATEWAY
+
     up = FakeEngine()  # it keeps each body's bytes as they arrived too
-    base, gw = await gateway_with(gateway, await serve_app(up.app()))
+    # Its system message forwarded as sent (the default folds it for a server on this machine:
+    # tests/request/test_system_messages.py): the splice's bytes are what this checks.
+    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(up.app()),
+                                             "system_messages": "forward"}]})
+    gw = app[GATEWAY]
     s = sample("main-2.1.332.json")
     status, raw, _ = await replay(http, base, "main-2.1.332.json")
     assert status == 200
@@ -218,13 +225,15 @@ async def test_every_shape_on_the_real_server_while_main_2_1_332_holds_its_slot(
     assert answer_text(answers["warmup"][0], True)[0]
 
     # The main turn: a whole answer, and a prompt of every token the server counts for the body
-    # it got, the system message's among them.
+    # it got, the system message's among them (folded into the first user message).
     text, stop = answer_text(m_raw, stream=True)
     assert text and stop in ("end_turn", "max_tokens"), (text, stop)
     usage = next(e for e in sse_events(m_raw) if e.event == "message_start").json()["message"]["usage"]
     prompt = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0)
     main_body = sample("main-2.1.332.json")["body"]
-    forwarded = {**main_body, "system": main_body["system"][1:], "max_tokens": 8}
-    without_system_message = {**forwarded, "messages": [m for m in forwarded["messages"] if m["role"] != "system"]}
+    stripped = {**main_body, "system": main_body["system"][1:], "max_tokens": 8}
+    # The documented rewrites: the billing line dropped, the system message folded into the user's.
+    forwarded = fold_system_messages(stripped)
+    without_system_message = {**stripped, "messages": [m for m in stripped["messages"] if m["role"] != "system"]}
     assert prompt == await _direct_count(http, llama.url, forwarded)
     assert prompt > await _direct_count(http, llama.url, without_system_message) + 1000
