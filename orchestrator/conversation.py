@@ -153,7 +153,8 @@ def strip_billing_header(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def fold_system_messages(body: dict[str, Any]) -> dict[str, Any] | None:
     """The body with each `role: "system"` message inside `messages` appended, as its blocks, to the user
-    message before it (or put before the first one's, when none is), or None if it has none.
+    message before it (put before the first one's when none is; a user message of its own after tool
+    results or an assistant turn), or None if it has none.
 
     Claude Code 2.1.332 sends its environment so (tests/fixtures/main-2.1.332.json). Chat templates take
     a system message first or not at all: Qwen3.5's raises "System message must be at the beginning",
@@ -171,8 +172,12 @@ def fold_system_messages(body: dict[str, Any]) -> dict[str, Any] | None:
             blocks = as_blocks(m.get("content"))
             blocks = blocks if isinstance(blocks, list) else []
             last = out[-1] if out else None
-            if isinstance(last, dict) and last.get("role") == "user":
+            if isinstance(last, dict) and last.get("role") == "user" and not _has_tool_result(last):
                 out[-1] = {**last, "content": [*as_blocks(last.get("content")), *blocks]}
+            elif isinstance(last, dict) and last.get("role") == "user":
+                # Not into tool results: llama-server puts a message's text before its tool results,
+                # which would part the assistant's tool calls from them. A user message after them.
+                out.append({"role": "user", "content": blocks})
             else:
                 pending += blocks
         elif pending and isinstance(m, dict) and m.get("role") == "user":
@@ -183,6 +188,11 @@ def fold_system_messages(body: dict[str, Any]) -> dict[str, Any] | None:
     if pending:  # nothing to fold into: a user message of its own
         out.append({"role": "user", "content": pending})
     return {**body, "messages": out}
+
+
+def _has_tool_result(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
 
 
 def folds_system(backend: BackendConfig) -> bool:

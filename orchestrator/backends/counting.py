@@ -66,7 +66,8 @@ class TokenCounter:
         re-serialised (json.dumps of 30 MB holds the interpreter, and so the event loop, for 0.2 s)."""
         if backend is not None and folds_system(backend):  # counted as it would be sent (conversation.py)
             folded = fold_system_messages(body)
-            body, raw = (folded, None) if folded is not None else (body, raw)
+            if folded is not None:  # re-serialised as sent: a big one off the event loop, by its size
+                body, size, raw = folded, max(size, len(raw or b"")), None
         if raw is not None and len(raw) > INLINE_BYTES:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())  # releases the GIL
             key, estimate, payload = f"raw:{digest}", max(1, (len(raw) + 3) // 4), raw

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import shlex
 import time
 import xmlrpc.client
 from enum import Enum
@@ -186,6 +187,8 @@ class BackendHealth:
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
             self.n_ctx = await self._context_size(timeout)
+            # What the supervised process really runs (its --swa-full, --cache-ram), where readable.
+            self.engine.command_line = command_line(self.pid) if self.watch is not None else None
             self.model = await self.engine.model_cache() or self.model
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
@@ -264,6 +267,16 @@ class BackendHealth:
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
                 "kv_restore": self.last_restore, "model_cache": self.model.view() if self.model else None}
+
+
+def command_line(pid: int | None) -> str | None:
+    """A process's command line, quoted (Linux's /proc); None when it cannot be read."""
+    try:
+        raw = Path(f"/proc/{int(pid)}/cmdline").read_bytes() if pid else b""
+    except (OSError, ValueError):
+        return None
+    words = [w.decode("utf-8", "replace") for w in raw.split(b"\0") if w]
+    return shlex.join(words) if words else None
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch | None:

@@ -54,6 +54,9 @@ class Engine:
     def __init__(self, backend: BackendConfig, upstream: UpstreamClient) -> None:
         self.backend = backend
         self.upstream = upstream
+        # The command line its process runs, where the gateway can read it (a supervised one's, set by
+        # backends/health.py at each start); None: only its configured command is known.
+        self.command_line: str | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend.name} {self.backend.url}>"

@@ -16,6 +16,7 @@ from typing import Any
 from ..config import BackendConfig
 from .base import Engine, ServerId, listed_model, positive
 from .llama_server import LlamaServer, n_ctx
+from .model_cache import ModelCache
 from .sglang import SGLang
 from .upstream import UpstreamClient
 from .vllm import Vllm
@@ -66,3 +67,6 @@ class Unnamed(Engine):
 
     async def processing(self) -> int | None:
         return await self.found.processing()
+
+    async def model_cache(self) -> ModelCache | None:
+        return await self.found.model_cache()

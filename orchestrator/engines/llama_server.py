@@ -18,7 +18,7 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import GatewayError
 from .base import Engine, ServerId, listed_context, positive
-from .model_cache import ModelCache, command_model, of_file
+from .model_cache import ModelCache, command_model, of_file, server_options
 from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
@@ -45,7 +45,7 @@ class LlamaServer(Engine):
 
     kind = "llama-server"
     # The last model read, by its path and file identity: a restart with the same file reads nothing.
-    _model: tuple[tuple[str, str], ModelCache] | None = None
+    _model: tuple[tuple[str, str, bool], ModelCache] | None = None
 
     async def props(self, timeout: float) -> dict[str, Any] | None:
         """Its /props, None unless it answers 200 with an object. A GatewayError when it does not answer."""
@@ -116,10 +116,12 @@ class LlamaServer(Engine):
         path = str((props or {}).get("model_path") or "")
         if not path:
             return None
-        seen = (path, file_identity(path))
+        # --swa-full as the process runs it where that is known, else as `up` decides it (command_for).
+        running = self.command_line
+        added = server_options(running).get("swa_full", False) if running else adds_swa_full(self.backend)
+        seen = (path, file_identity(path), added)
         if self._model is None or self._model[0] != seen:
-            self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command,
-                                                         add_swa_full=adds_swa_full(self.backend)))
+            self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command, add_swa_full=added))
         return self._model[1]
 
     async def server_id(self) -> ServerId | None:

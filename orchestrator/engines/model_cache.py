@@ -109,7 +109,7 @@ class ModelCache:
                 if self.swa_full_bytes is not None and self.ctx_size else "")
         if self.kind is CacheKind.SLIDING_WINDOW and self.swa_full:
             line += f"; --swa-full costs {cost}" if cost else ""
-        elif self.kind is CacheKind.SLIDING_WINDOW:  # what the user can do
+        elif self.kind is CacheKind.SLIDING_WINDOW and self.swa_full is False:  # what the user can do
             line += ("; no slot saves (they cannot pay off): to have them, set kv_swa_full = true (a supervised "
                      "server) or run the server with --swa-full" + (f", which costs {cost}" if cost else ""))
         return line
@@ -118,7 +118,8 @@ class ModelCache:
 # ---- the file -------------------------------------------------------------------------------------
 
 def read_header(path: str) -> dict[str, Any]:
-    """The GGUF's scalar and string metadata (arrays skipped). OSError or ValueError when not a GGUF."""
+    """The GGUF's scalar and string metadata, and its arrays of at most MAX_KEPT_ARRAY numbers (longer
+    ones and arrays of strings skipped). OSError or ValueError when not a GGUF."""
     with open(path, "rb") as f:
         magic, version = struct.unpack("<II", _read(f, 8))
         if magic != GGUF_MAGIC or version < 2:
@@ -249,7 +250,8 @@ def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "", *,
     window = window if isinstance(window, int) and window > 0 else None
     ssm = any(k.startswith(f"{arch}.ssm.") for k in meta) if arch else False
     swa_full = options.get("swa_full")
-    added = bool(add_swa_full and window is not None and swa_full is False and arch not in HYBRID | RECURRENT)
+    hybrid = arch in HYBRID or arch in RECURRENT or ssm
+    added = bool(add_swa_full and window is not None and swa_full is False and not hybrid)
     swa_full = True if added else swa_full
     ctx = options.get("ctx_size") or meta.get(f"{arch}.context_length")
     known = dict(arch=arch, sliding_window=window, swa_full=swa_full, model=model,
@@ -258,7 +260,7 @@ def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "", *,
                  swa_full_bytes=swa_full_bytes(meta, options) if window is not None and options else None)
     if not arch:
         return ModelCache(CacheKind.UNKNOWN, **known, why="no general.architecture in its metadata")
-    if arch in HYBRID or arch in RECURRENT or ssm:
+    if hybrid:
         kind = CacheKind.RECURRENT if arch in RECURRENT else CacheKind.HYBRID
         ram = options.get("cache_ram_mib")
         if ram:  # known and on (-1: no limit)

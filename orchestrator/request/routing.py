@@ -132,12 +132,7 @@ def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max
     if strip_billing:
         out = strip_billing_header(out) or out
     if fold_system:
-        folded = fold_system_messages(out)
-        if folded is not None:
-            mt = folded.get("max_tokens")
-            if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
-                folded["max_tokens"] = max_output_tokens
-            return utf8_json(folded)
+        out = fold_system_messages(out) or out
     mt = out.get("max_tokens")
     if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
         out = {**out, "max_tokens": max_output_tokens}
@@ -228,11 +223,83 @@ def _find_member(raw: bytes, key: str) -> tuple[int, str, int, int] | None:
     return None
 
 
+# The folded system messages (conversation.fold_system_messages) sit at the front of `messages`
+# (Claude Code's is its second message): found within this many bytes from the body's start, else
+# the body is re-serialised.
+SPLICE_HEAD_BYTES = 1024 * 1024
+
+
+def _head_elements(raw: bytes, key: str, count: int) -> list[tuple[int, int]] | None:
+    """Byte spans of the first `count` elements of the top-level array `key`, walked from the body's
+    start within SPLICE_HEAD_BYTES (each earlier member skipped by its value's end); None if not found
+    there. Which member json.loads kept is the caller's to check (it compares the elements)."""
+    text = raw[:SPLICE_HEAD_BYTES].decode("latin-1")  # byte offsets: see _find_member
+    try:
+        i = _WS.match(text, 0).end()
+        if text[i] != "{":
+            return None
+        i += 1
+        while True:
+            name, i = _DECODER.raw_decode(text, _WS.match(text, i).end())
+            i = _WS.match(text, i).end()
+            if text[i] != ":":
+                return None
+            i = _WS.match(text, i + 1).end()
+            if name == key:
+                break
+            i = _WS.match(text, _value_end(text, i)).end()
+            if text[i] != ",":
+                return None
+            i += 1
+        if text[i] != "[":
+            return None
+        spans = []
+        for n in range(count):
+            start = _WS.match(text, i + 1 if n == 0 else i).end()
+            i = _value_end(text, start)
+            spans.append((start, i))
+            i = _WS.match(text, i).end()
+            if n < count - 1:
+                if text[i] != ",":
+                    return None
+                i += 1
+        return spans
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
+def _messages_edit(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> tuple[int, int, bytes] | None:
+    """The edit that turns `body`'s messages into `out`'s when they differ only up to the last system
+    message (the fold's reach), the rest being the same objects; None otherwise."""
+    old, new = body.get("messages"), out.get("messages")
+    if not isinstance(old, list) or not isinstance(new, list):
+        return None
+    last = max((i for i, m in enumerate(old) if isinstance(m, dict) and m.get("role") == "system"), default=-1)
+    rest = len(old) - last - 1
+    if last < 0 or len(new) < rest or any(a is not b for a, b in zip(new[len(new) - rest:], old[last + 1:])):
+        return None
+    spans = _head_elements(raw, "messages", last + 1)
+    if spans is None:
+        return None
+    for (start, stop), message in zip(spans, old):  # the member json.loads kept, element by element
+        try:
+            if json.loads(raw[start:stop].decode("utf-8")) != message:
+                return None
+        except (ValueError, RecursionError):
+            return None
+    return spans[0][0], spans[-1][1], b",".join(utf8_json(m) for m in new[:len(new) - rest])
+
+
 def splice(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> bytes | None:
     """`raw` (the bytes `body` was parsed from) with `out`'s rewrites of `system` (its first block
-    dropped, or its first line) and `max_tokens` spliced in, every other byte as the client sent it;
-    None when that cannot be proven right."""
+    dropped, or its first line), `messages` (system messages folded, at its front) and `max_tokens`
+    spliced in, every other byte as the client sent it; None when that cannot be proven right."""
     edits: list[tuple[int, int, bytes]] = []
+    if out.get("messages") is not body.get("messages"):
+        edit = _messages_edit(body, out, raw)
+        if edit is None:
+            return None
+        edits.append(edit)
     if out.get("system") is not body.get("system"):
         found = _find_member(raw, "system")
         if found is None:

@@ -123,15 +123,19 @@ async def test_a_conversation_moves_when_its_backend_is_down_and_stays_moved(gat
     await post(http, base, turn("one", 1))
     home = "a" if a.requests else "b"
     other = "b" if home == "a" else "a"
-    gw.backends[home].health.set(State.DOWN, "test: gone")
+    fakes = {"a": a, "b": b}
+    # Down, as its own health poll finds it (set by hand, a poll already under way would undo it).
+    fakes[home].loading = True
+    gw.backends[home].health.poke()
+    await until(lambda: gw.backends[home].health.state is State.LOADING)
     for n in (2, 3):
         assert (await post(http, base, turn("one", n)))[0] == 200
     assert _decisions(gw, other)["moved_down"] == 1 and _decisions(gw, other)["hit"] == 1
     # Back up: the conversation stays where its cache now is; a new one goes to the fresh backend.
+    fakes[home].loading = False
     gw.backends[home].health.set(State.READY)
     await post(http, base, turn("one", 4))
     await post(http, base, turn("new", 1))
-    fakes = {"a": a, "b": b}
     assert [r["messages"][0]["content"] for r in fakes[home].requests] == ["task of one", "task of new"]
     assert len(fakes[other].requests) == 3
 

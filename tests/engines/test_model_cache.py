@@ -117,6 +117,19 @@ async def test_llama_servers_adapter_reads_the_model_props_names(serve_app, upst
     model = await engine.model_cache()
     assert model.swa_full_added and model.restorable is True
     assert (await engine.server_id()).kv_args == "--swa-full"
+    # What its process runs wins, where it is read (a model `up` could not read got no --swa-full).
+    engine.command_line = "llama-server -m m.gguf --slot-save-path /s"
+    model = await engine.model_cache()
+    assert not model.swa_full_added and model.restorable is False
+    assert (await engine.server_id()).kv_args == ""
+    engine.command_line = "llama-server -m m.gguf --slot-save-path /s --swa-full"
+    assert (await engine.model_cache()).swa_full_added
+
+    # A server run by someone else, its engine named nowhere: asked as llama-server, it says too.
+    from orchestrator.engines.choice import engine_for
+
+    unnamed = engine_for(BackendConfig(name="u", url=url), upstream)
+    assert unnamed.kind == "unnamed" and (await unnamed.model_cache()).kind is CacheKind.SLIDING_WINDOW
     url = await serve_app(FakeEngine().app())  # no /props
     assert await LlamaServer(BackendConfig(name="c", url=url), upstream).model_cache() is None
 
@@ -150,3 +163,13 @@ def test_status_and_check_config_name_the_models_cache(tmp_path):
     out = CliRunner().invoke(main, ["check-config", str(tmp_path / "o.toml")]).output
     assert ("backend primary model cache: sliding_window (512 tokens) gemma3: slot restore cannot work "
             "(sliding-window model without --swa-full)") in out
+
+
+def test_a_processs_command_line_is_read_where_linux_shows_it():
+    import os
+    import sys
+
+    from orchestrator.backends.health import command_line
+
+    assert sys.executable.rsplit("/", 1)[-1] in command_line(os.getpid())
+    assert command_line(None) is None and command_line(2 ** 31) is None

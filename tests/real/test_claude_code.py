@@ -296,3 +296,26 @@ async def test_a_resumed_session_keeps_its_conversation_key(gateway, serve_app, 
     assert code == 0, (out, err)
     other = gw.misses.snapshot("primary")["recent"][-1]
     assert other["conversation"] != first[0]["conversation"] and other["reason"] == "new"
+
+
+async def test_the_system_message_folds_the_same_way_every_turn_of_a_tool_loop(gateway, serve_app, http, claude_home):
+    """Claude Code 2.1.332 sends its environment as a system message inside `messages`; a server on this
+    machine gets it folded into a user message (conversation.fold_system_messages). Turn 2 of a real tool
+    loop must still extend turn 1's prompt as forwarded, or every turn's cache misses from its start."""
+    from orchestrator.conversation import fold_system_messages
+
+    home, project = claude_home
+    fake = FakeEngine(script=echo_hi, die_on_overlap=False)
+    url = await serve_app(fake.app())
+    base, gw, config, health = await start_for_claude(gateway, http, {"backends": [{"name": "primary", "url": url}]})
+    code, out, err = await run_claude(["-p", "Run echo hi", "--allowedTools", "Bash(echo hi)"],
+                                      claude_env_for(config, health, home), project, timeout=300, version=NEWER)
+    assert code == 0, (out, err)
+    mains = [r for r in fake.requests if r.get("tools")]
+    print("\nroles as forwarded:", [[m["role"] for m in r["messages"]] for r in mains])
+    assert len(mains) >= 2 and all(m["role"] != "system" for r in mains for m in r["messages"])
+    first, second = mains[0]["messages"], mains[1]["messages"]
+    # 2.1.332 sends it second, after the first user message, on every turn: folded into that message,
+    # turn 2's first message is turn 1's, environment and all, and the prompt cache reads it.
+    assert any(b.get("text", "").startswith("# Environment") for b in first[0]["content"]), first[0]
+    assert second[0] == first[0] and second[1]["role"] == "assistant", second[:2]

@@ -99,6 +99,13 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
             assert "new" in await browser.eval("[...document.querySelectorAll('#recent tbody td')]"
                                                ".map(t => t.textContent)")
 
+            # ---- the model's family and what it means for its KV, as /health says (model_cache.py) ----
+            async with http.get(base + "/health", headers=AUTH) as r:
+                line = (await r.json())["backends"][0]["model_cache"]["line"]
+            assert line.startswith("dense llama: slot restore works"), line
+            await browser.until("[...document.querySelectorAll('.model-cache')].some(e => e.textContent === "
+                                f"{json.dumps('model cache: ' + line)})")
+
             # ---- it changes while a request runs; markup in a header shows as text -------------------
             long = asyncio.create_task(http.post(base + "/v1/messages", json=LONG,
                                                  headers={**AUTH, "X-Claude-Code-Session-Id": MARKUP}))

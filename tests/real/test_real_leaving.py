@@ -21,8 +21,10 @@ from orchestrator.backends.gateway import GATEWAY
 
 pytestmark = pytest.mark.real
 
+LEAVING_BOUND = 900.0
 
-async def _settled(gw, queue, timeout: float = 180.0) -> None:
+
+async def _settled(gw, queue, timeout: float = 600.0) -> None:
     # A client gone during a long prefill holds the slot until llama-server finishes the batch it is
     # in (it notices the closed connection only between batches): on a loaded machine, minutes.
     t = time.monotonic()
@@ -102,7 +104,10 @@ async def test_clients_leaving_the_moment_they_get_the_slot_never_overlap(llama,
     t0 = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                      connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
-        await asyncio.gather(*[run_client(session, base, c, t0) for c in clients])
+        # Each client waits for its grant, however long the ones before it hold the slot (a prefill
+        # finishes its batch first: minutes on a busy machine; 70 s, the storm's bound, was beaten
+        # there): the bound is only for a gateway that never grants.
+        await asyncio.gather(*[run_client(session, base, c, t0, LEAVING_BOUND) for c in clients])
     took = time.monotonic() - t0
     await _settled(gw, queue)
     stop.set()

@@ -225,10 +225,12 @@ def _stage_now(c: Client) -> str:
     return "before the handler (connecting, sending, parsing)"
 
 
-async def run_client(session: aiohttp.ClientSession, base: str, c: Client, t0: float) -> None:
+async def run_client(session: aiohttp.ClientSession, base: str, c: Client, t0: float,
+                     deadline_after: float = STORM_DEADLINE) -> None:
+    """`deadline_after`: seconds from t0 when whoever is still there leaves too."""
     await asyncio.sleep(max(0.0, t0 + c.start_at - time.monotonic()))
     task = asyncio.create_task(_raw_client(base, c) if c.transport == "raw" else _aiohttp_client(session, base, c))
-    deadline = t0 + STORM_DEADLINE
+    deadline = t0 + deadline_after
     try:
         if c.plan == "timed":
             await asyncio.wait([task], timeout=c.delay)

@@ -37,6 +37,12 @@ def test_each_place_a_system_message_can_stand():
     folded = fold_system_messages({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                                 {"role": "system", "content": ENV}]})
     assert folded["messages"][1:] == [{"role": "assistant", "content": "b"}, {"role": "user", "content": ENV}]
+    # After tool results: a user message of its own (folded in, llama-server would put its text before
+    # the results, between the assistant's tool calls and them).
+    results = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "hi"}]}
+    folded = fold_system_messages({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]}, results, {"role": "system", "content": ENV}]})
+    assert folded["messages"][2:] == [results, {"role": "user", "content": ENV}]
     # Two in a row after a user message: both appended, in order.
     folded = fold_system_messages({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "x"},
                                                 {"role": "system", "content": "y"}]})
@@ -85,3 +91,28 @@ async def test_count_tokens_counts_the_body_as_it_would_be_sent(serve_app, upstr
     assert seen[-1]["messages"] == fold_system_messages(body)["messages"]
     await counter.count(BackendConfig(name="r", url=url, system_messages="forward"), body)
     assert seen[-1]["messages"] == body["messages"]
+
+
+def test_the_fold_is_spliced_into_the_clients_bytes_and_agrees_with_re_serialising():
+    from orchestrator.conversation import strip_billing_header
+    from orchestrator.jsonvalues import utf8_json
+
+    body = sample("main-2.1.332.json")["body"]
+    for raw in (json.dumps(body).encode(), json.dumps(body, indent=2, ensure_ascii=False).encode()):
+        parsed = json.loads(raw)
+        sent = forwarded_body(parsed, raw, strip_billing=True, max_output_tokens=0, fold_system=True)
+        oracle = fold_system_messages(strip_billing_header(parsed))
+        assert json.loads(sent) == oracle
+        # Spliced, not re-serialised: the tools, as the client wrote them, are in what was sent.
+        tools_start = raw.index(b'"tools"')
+        assert raw[tools_start:tools_start + 5000] in sent and sent != utf8_json(oracle)
+    # Where the splice cannot be proven (a system message past the first megabyte, a later member
+    # of the same name), the body is re-serialised, and still right.
+    far = {**body, "messages": [{"role": "user", "content": "x" * (2 << 20)}, {"role": "system", "content": "env"}]}
+    raw = json.dumps(far).encode()
+    assert json.loads(forwarded_body(far, raw, strip_billing=False, max_output_tokens=0, fold_system=True)) == \
+        fold_system_messages(far)
+    twice = b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], ' \
+            b'"messages": [{"role": "user", "content": "c"}, {"role": "system", "content": "d"}]}'
+    sent = forwarded_body(json.loads(twice), twice, strip_billing=False, max_output_tokens=0, fold_system=True)
+    assert json.loads(sent) == fold_system_messages(json.loads(twice))
