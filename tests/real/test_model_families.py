@@ -85,6 +85,31 @@ async def test_a_crash_costs_a_restore_on_a_sliding_window_model(stack, http):
     assert after["cache_read_input_tokens"] >= GOAL * after["prompt"], after
 
 
+async def test_a_busy_session_on_a_sliding_window_model_is_checkpointed_and_a_crash_costs_a_restore(stack, http):
+    """No idle moment for the idle save (a tool loop, streamed): the session is saved before its next
+    turn (a checkpoint), and after a crash its next turn reads the checkpoint back."""
+    s = stack(model=gemma3_path(), ctx_size=8192, settings="kv_save_idle_seconds = 3600")
+    s.up()
+    await s.ready(http)
+    body = {**claude_turn("First turn: say hi."), "stream": True}
+    await send(http, s.url, body)
+    body["messages"] += [{"role": "assistant", "content": "Hi."},
+                         {"role": "user", "content": "Second turn: say hi again."}]
+    await send(http, s.url, body)  # checkpointed before it was sent
+    checkpoint = 'orchestrator_kv_parks_total{action="checkpoint",backend="primary",result="ok"}'
+    assert await s.metric(http, checkpoint) == 1
+    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
+    async with asyncio.timeout(30):
+        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
+            await asyncio.sleep(0.02)
+    body["messages"] += [{"role": "assistant", "content": "Hi again."}, {"role": "user", "content": "Third turn."}]
+    prompt, cached, *_ = await send(http, s.url, body)
+    restore = (await s.ready(http, restarts=1))["kv_restore"]
+    print(f"\nGemma 3 270M, a busy session: after SEGV {cached}/{prompt} from cache, restore {restore}")
+    assert restore["result"] == "restored", restore
+    assert cached >= GOAL * prompt, (cached, prompt)
+
+
 async def test_parked_conversations_on_a_sliding_window_model_read_their_later_turns_from_cache(tmp_path):
     bench = Bench(tmp_path, gemma3_path())
     try:
