@@ -226,6 +226,11 @@ class BackendConfig:
                                 "its slot runs with --swa-full, so a restore brings the cache back; it costs "
                                 "the window's layers' KV for the whole context (check-config gives the "
                                 "figure). false: no --swa-full, and no saves that cannot pay off")
+    # Gemma 3 27B at a 128k context: 51 GiB more; a server that cannot allocate it never starts.
+    kv_swa_full_max_mib: int = setting(8192, "the most KV memory --swa-full may add (MiB, computed from the "
+                                       "GGUF and the command) for the gateway to add it; over it, no "
+                                       "--swa-full and no saves, and check-config says what it would cost",
+                                       check=Check(_non_negative, "a non-negative integer"))
     kv_park: bool = setting(True, "one-slot server: save the slot's conversation before another one takes "
                                   "the slot (park), restore a conversation's save before its turn (unpark)")
     kv_park_min_tokens: int = setting(64, "park, unpark or checkpoint only a conversation of at least this many "

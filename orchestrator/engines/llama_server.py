@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -45,7 +46,7 @@ class LlamaServer(Engine):
 
     kind = "llama-server"
     # The last model read, by its path and file identity: a restart with the same file reads nothing.
-    _model: tuple[tuple[str, str, bool], ModelCache] | None = None
+    _model: tuple[tuple[str, str, float], ModelCache] | None = None
 
     async def props(self, timeout: float) -> dict[str, Any] | None:
         """Its /props, None unless it answers 200 with an object. A GatewayError when it does not answer."""
@@ -118,7 +119,7 @@ class LlamaServer(Engine):
             return None
         # --swa-full as the process runs it where that is known, else as `up` decides it (command_for).
         running = self.command_line
-        added = server_options(running).get("swa_full", False) if running else adds_swa_full(self.backend)
+        added = (math.inf if server_options(running).get("swa_full") else 0) if running else adds_swa_full(self.backend)
         seen = (path, file_identity(path), added)
         if self._model is None or self._model[0] != seen:
             self._model = (seen, await asyncio.to_thread(of_file, path, self.backend.command, add_swa_full=added))
@@ -203,10 +204,13 @@ def slot_dir(var: Path, backend: BackendConfig) -> Path:
     return Path(backend.kv_save_dir) if backend.kv_save_dir else var / "slots" / backend.name
 
 
-def adds_swa_full(backend: BackendConfig) -> bool:
-    """Whether the gateway puts --swa-full on this backend's command when its model has a sliding window:
-    a supervised server whose slot is saved, unless the config says no."""
-    return backend.kv_swa_full and bool(backend.command) and saves_slots(backend)
+def adds_swa_full(backend: BackendConfig) -> float:
+    """The most KV bytes --swa-full may add for the gateway to put it on this backend's command when its
+    model has a sliding window (0: never): a supervised server whose slot is saved, unless the config
+    says no."""
+    if not (backend.kv_swa_full and backend.command and saves_slots(backend)):
+        return 0
+    return backend.kv_swa_full_max_mib * 2 ** 20
 
 
 def supervised_command(command: str, model: ModelCache | None) -> str:

@@ -242,22 +242,25 @@ def _int(s: str) -> int | None:
 # ---- the judgement --------------------------------------------------------------------------------
 
 def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "", *,
-          add_swa_full: bool = False) -> ModelCache:
+          add_swa_full: float = 0) -> ModelCache:
     """The cache kind of a model with metadata `meta`, run with `options` (server_options);
-    `add_swa_full`: the gateway puts --swa-full on the command of a sliding-window model without it."""
+    `add_swa_full`: the gateway puts --swa-full on the command of a sliding-window model without it
+    when the KV memory it adds is at most this many bytes (or not known); 0: never."""
     arch = str(meta.get(Keys.General.ARCHITECTURE, ""))
     window = meta.get(Keys.Attention.SLIDING_WINDOW.format(arch=arch))
     window = window if isinstance(window, int) and window > 0 else None
     ssm = any(k.startswith(f"{arch}.ssm.") for k in meta) if arch else False
     swa_full = options.get("swa_full")
     hybrid = arch in HYBRID or arch in RECURRENT or ssm
-    added = bool(add_swa_full and window is not None and swa_full is False and not hybrid)
+    cost = swa_full_bytes(meta, options) if window is not None and options else None
+    wanted = bool(add_swa_full and window is not None and swa_full is False and not hybrid)
+    added = wanted and (cost is None or cost <= add_swa_full)
     swa_full = True if added else swa_full
     ctx = options.get("ctx_size") or meta.get(f"{arch}.context_length")
     known = dict(arch=arch, sliding_window=window, swa_full=swa_full, model=model,
                  ctx_checkpoints=options.get("ctx_checkpoints"), cache_ram_mib=options.get("cache_ram_mib"),
                  swa_full_added=added, ctx_size=ctx if isinstance(ctx, int) and ctx > 0 else None,
-                 swa_full_bytes=swa_full_bytes(meta, options) if window is not None and options else None)
+                 swa_full_bytes=cost)
     if not arch:
         return ModelCache(CacheKind.UNKNOWN, **known, why="no general.architecture in its metadata")
     if hybrid:
@@ -277,8 +280,9 @@ def judge(meta: dict[str, Any], options: dict[str, Any], model: str = "", *,
         if swa_full is None:
             return ModelCache(CacheKind.SLIDING_WINDOW, **known,
                               why="sliding-window model; whether the server runs --swa-full is not known")
+        over = " (it would cost more than kv_swa_full_max_mib)" if wanted and not added else ""
         return ModelCache(CacheKind.SLIDING_WINDOW, **known, restorable=False,
-                          why="sliding-window model without --swa-full")
+                          why=f"sliding-window model without --swa-full{over}")
     return ModelCache(CacheKind.DENSE, **known, restorable=True)
 
 
@@ -318,7 +322,7 @@ def swa_full_bytes(meta: dict[str, Any], options: dict[str, Any]) -> int | None:
     return int(layers * max(0, ctx - small) * kv_heads * (k_len * k_bytes + v_len * v_bytes))
 
 
-def of_file(path: str, command: str | None, *, add_swa_full: bool = False) -> ModelCache:
+def of_file(path: str, command: str | None, *, add_swa_full: float = 0) -> ModelCache:
     """The judgement of the GGUF at `path` run by `command`; kind unknown (with why) when unreadable."""
     try:
         meta = read_header(path)

@@ -96,6 +96,12 @@ def test_the_gateway_adds_swa_full_to_a_saving_sliding_window_models_command_onl
     assert model.swa_full_added and model.restorable is True and "added by the gateway" in model.why
     assert command_for(saving, f"llama-server -m {swa} --swa-full")[0].count("--swa-full") == 1
     assert command_for(saving, f"llama-server -m {dense}")[0] == f"llama-server -m {dense}"
+    # Over its memory bound (105 MiB at 8k here, against 100): not added, and saves stay off.
+    capped = BackendConfig(name="b", url="http://127.0.0.1:1", command="x", kv_swa_full_max_mib=100)
+    command, model = command_for(capped, f"llama-server -m {swa} -c 8192")
+    assert command == f"llama-server -m {swa} -c 8192" and model.restorable is False
+    assert model.why == "sliding-window model without --swa-full (it would cost more than kv_swa_full_max_mib)"
+    assert command_for(capped, f"llama-server -m {swa} -c 4096")[0].endswith("--swa-full")  # 45 MiB there
     for off in (BackendConfig(name="b", url="http://127.0.0.1:1", command="x", kv_swa_full=False),
                 BackendConfig(name="b", url="http://127.0.0.1:1", command="x", kv_save=False)):
         command, model = command_for(off, f"llama-server -m {swa}")
