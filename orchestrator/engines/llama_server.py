@@ -45,7 +45,8 @@ class LlamaServer(Engine):
     """llama.cpp's llama-server: /props, /slots and its slot actions."""
 
     kind = "llama-server"
-    # The last model read, by its path and file identity: a restart with the same file reads nothing.
+    # The last model read, by its path, file identity and --swa-full bound: a restart with the same
+    # file reads nothing.
     _model: tuple[tuple[str, str, float], ModelCache] | None = None
 
     async def props(self, timeout: float) -> dict[str, Any] | None:
