@@ -18,6 +18,7 @@ from ..conversation import fold_system_messages, folds_system
 from ..engines.upstream import UpstreamClient, read_whole
 from ..errors import GatewayError
 from ..jsonvalues import INLINE_BYTES, is_int, utf8_json
+from ..splice import splice
 
 COUNTED_FIELDS = ("system", "messages", "tools", "tool_choice", "thinking")
 # A count is a few bytes of JSON; more is not a count.
@@ -66,8 +67,11 @@ class TokenCounter:
         re-serialised (json.dumps of 30 MB holds the interpreter, and so the event loop, for 0.2 s)."""
         if backend is not None and folds_system(backend):  # counted as it would be sent (conversation.py)
             folded = fold_system_messages(body)
-            if folded is not None:  # re-serialised as sent: a big one off the event loop, by its size
-                body, size, raw = folded, max(size, len(raw or b"")), None
+            if folded is not None:  # spliced into the client's bytes (splice.py), else re-serialised
+                big = raw is not None and len(raw) > INLINE_BYTES
+                spliced = (await asyncio.to_thread(splice, body, folded, raw) if big
+                           else splice(body, folded, raw) if raw is not None else None)
+                body, size, raw = folded, max(size, len(raw or b"")), spliced
         if raw is not None and len(raw) > INLINE_BYTES:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())  # releases the GIL
             key, estimate, payload = f"raw:{digest}", max(1, (len(raw) + 3) // 4), raw

@@ -1,4 +1,4 @@
-"""routing.splice: a rewrite cut into the client's own bytes, every other byte kept, proven or not done.
+"""splice.splice: a rewrite cut into the client's own bytes, every other byte kept, proven or not done.
 
 The oracle is the re-serialising path (`utf8_json` of the rewritten body): whatever forwarded_body
 sends must parse to the same JSON; and when the splice is taken, the bytes are the client's minus
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from orchestrator.conversation import strip_billing_header
 from orchestrator.jsonvalues import utf8_json
-from orchestrator.request import routing
-from orchestrator.request.routing import forwarded_body, splice
+from orchestrator.request.routing import forwarded_body
+from orchestrator.splice import SPLICE_TAIL_BYTES, splice
 from testkit.client import sample
 
 BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.7a0; cc_entrypoint=cli;"}
@@ -154,8 +154,8 @@ def test_a_later_member_not_written_as_found_is_not_missed():
 def test_a_member_far_from_the_end_is_re_serialised():
     """System before a conversation much larger than the proof's reach: not spliced, still right."""
     body = {"model": "m", "system": [BILLING, {"type": "text", "text": "s"}],
-            "messages": [{"role": "user", "content": "y" * (routing.SPLICE_TAIL_BYTES + 1)}]}
-    raw = utf8_json(body) + b" " * (routing.SPLICE_TAIL_BYTES * 2)
+            "messages": [{"role": "user", "content": "y" * (SPLICE_TAIL_BYTES + 1)}]}
+    raw = utf8_json(body) + b" " * (SPLICE_TAIL_BYTES * 2)
     assert splice(body, rewritten(body), raw) is None
     assert json.loads(forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)) == rewritten(body)
 
