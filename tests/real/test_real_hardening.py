@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from orchestrator.conversation import fold_system_messages
+from orchestrator.jsonvalues import utf8_json
 from testkit.client import sample
 from testkit.servers import ROOT
 
