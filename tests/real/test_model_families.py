@@ -57,6 +57,14 @@ async def usage(http, url: str, body: dict) -> dict:
     return u | {"prompt": u["input_tokens"] + u["cache_read_input_tokens"]}
 
 
+async def crash(s, http) -> None:
+    """kill -SEGV the supervised server, and wait until the gateway sees it gone (polled: an event)."""
+    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
+    async with asyncio.timeout(30):
+        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
+            await asyncio.sleep(0.02)
+
+
 async def test_a_crash_costs_a_restore_on_a_sliding_window_model(stack, http):
     s = stack(model=gemma3_path(), ctx_size=8192, settings="kv_save_idle_seconds = 0.5")
     s.up()
@@ -74,10 +82,7 @@ async def test_a_crash_costs_a_restore_on_a_sliding_window_model(stack, http):
     async with asyncio.timeout(60):  # the idle save
         while await s.metric(http, 'orchestrator_kv_saves_total{backend="primary",result="saved"}') < 1:
             await asyncio.sleep(0.1)
-    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
-    async with asyncio.timeout(30):
-        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
-            await asyncio.sleep(0.02)
+    await crash(s, http)
     after = await usage(http, s.url, body)  # queued while the server restarts; restored before it is sent
     restore = (await s.ready(http, restarts=1))["kv_restore"]
     print(f"\nGemma 3 270M crash: cold {cold}, warm {warm}, after SEGV {after}, restore {restore}")
@@ -98,10 +103,7 @@ async def test_a_busy_session_on_a_sliding_window_model_is_checkpointed_and_a_cr
     await send(http, s.url, body)  # checkpointed before it was sent
     checkpoint = 'orchestrator_kv_parks_total{action="checkpoint",backend="primary",result="ok"}'
     assert await s.metric(http, checkpoint) == 1
-    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
-    async with asyncio.timeout(30):
-        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
-            await asyncio.sleep(0.02)
+    await crash(s, http)
     body["messages"] += [{"role": "assistant", "content": "Hi again."}, {"role": "user", "content": "Third turn."}]
     prompt, cached, *_ = await send(http, s.url, body)
     restore = (await s.ready(http, restarts=1))["kv_restore"]
@@ -170,10 +172,7 @@ async def test_a_hybrid_model_leaves_switches_to_its_ram_cache_and_saves_nothing
     assert all(cached >= GOAL * prompt for _, prompt, cached in rows[3:]), rows
     assert [t["reason"] for t in recent[-3:]] == ["hit"] * 3 and all(not t["slot_seconds"] for t in recent)
     # A crash empties that cache: the next turn computes its prompt, and says why.
-    os.kill(s.pid("llama-primary"), signal.SIGSEGV)
-    async with asyncio.timeout(30):
-        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
-            await asyncio.sleep(0.02)
+    await crash(s, http)
     main = convs[0]
     await send(http, s.url, main.next(answers[main.name]))
     b = await s.ready(http, restarts=1)
