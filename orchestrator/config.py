@@ -159,8 +159,9 @@ class BackendConfig:
     url: str = setting(MISSING, "the server's base URL",
                        check=Check(_url_ok, "an http(s) URL", normalize=lambda v: v.rstrip("/")),
                        example="http://127.0.0.1:8080")
-    slots: int = setting(1, "requests it may run at once: llama-server's --parallel", check=Check(lambda v: v >= 1,
-                         "a positive integer"))
+    slots: int = setting(0, "requests it may run at once; 0: as many as the engine says it runs "
+                         "(llama-server's --parallel, vLLM's --max-num-seqs), one until it says",
+                         check=Check(lambda v: v >= 0, "a non-negative integer"))
     models: tuple[str, ...] = setting(("*",), "model-name patterns (fnmatch, case-insensitive) routed here",
                                       check=Check(lambda v: len(v) > 0, "a non-empty list of patterns"))
     work_capable: bool = setting(False, 'a role = "background" backend that can do agents\' work (tools, '

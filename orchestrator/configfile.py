@@ -235,8 +235,8 @@ def render_example() -> str:
            "# for example ORCHESTRATOR_GATEWAY_PORT=9191.", ""]
     for table, cls in TABLES.items():
         out += [f"[{table}]", *_key_lines(cls), ""]
-    out += ["# The main model. `slots` must equal llama-server's --parallel: the gateway never sends a",
-            "# backend more requests than it has slots. Add [[backends]] tables for a pool (same models)",
+    out += ["# The main model. The gateway never sends a backend more requests than it has slots: by",
+            "# default as many as the engine runs. Add [[backends]] tables for a pool (same models)",
             '# or a small model for background requests (role = "background", named in routing.background).',
             "[[backends]]", *_key_lines(BackendConfig, values={"name": "primary", "url": "http://127.0.0.1:8080"}),
             ""]
@@ -245,7 +245,7 @@ def render_example() -> str:
 
 def describe(config: Config) -> list[str]:
     """What check-config reports: the backends, and every key that differs from its default (secrets as ***)."""
-    lines = [f"backend {b.name}: {b.url} role={b.role} slots={b.slots} models={list(b.models)}"
+    lines = [f"backend {b.name}: {b.url} role={b.role} slots={b.slots or 'from the engine'} models={list(b.models)}"
              + (" (supervised)" if b.command else "") for b in config.backends]
     lines.append(f"background: {config.routing.background}")
     for table, cls in TABLES.items():

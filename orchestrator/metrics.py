@@ -211,8 +211,9 @@ class Metrics:
             for result in PARK_RESULTS:
                 self.kv_parks.labels(name, action, result)
 
-    def watch_queue(self, name: str, slots: int, depth: Callable[[], float], busy: Callable[[], float]) -> None:
+    def watch_queue(self, name: str, slots: Callable[[], float], depth: Callable[[], float],
+                    busy: Callable[[], float]) -> None:
         """Gauges read at scrape time, so they can never drift from the queue."""
-        self.slots.labels(name).set(slots)
+        self.slots.labels(name).set_function(slots)
         self.queue_depth.labels(name).set_function(depth)
         self.slots_busy.labels(name).set_function(busy)

@@ -279,6 +279,15 @@ class SlotQueue:
         return not (head[SEQ] < 0 or head[PASSED] >= self.prefer_max_passes or head[TAG] is None
                     or time.monotonic() - head[ENQUEUED] >= self.prefer_max_seconds or holds(head[TAG]()))
 
+    def resize(self, slots: int) -> None:
+        """Run `slots` requests at once from now on: the engine's own batch size, read at its (re)start
+        (vLLM's --max-num-seqs). A smaller size takes effect as requests end; none is cut short."""
+        if slots < 1 or slots == self.slots:
+            return
+        self.slots = slots
+        self._given = collections.deque(self._given, maxlen=slots)
+        self._wake()
+
     def _remove(self, entry: list) -> None:
         try:
             self._waiters.remove(entry)

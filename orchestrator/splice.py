@@ -1,5 +1,5 @@
 """Splicing a rewrite into the client's bytes: the documented rewrites (the billing line dropped,
-`max_tokens` clamped, system messages folded) applied to the body as the client wrote it, every other
+`max_tokens` clamped, system messages folded, the engine's model name) applied to the body as the client wrote it, every other
 byte kept, where that can be proven right; else the caller re-serialises. Used for what is forwarded
 (request/routing.py's forwarded_body) and what is counted (backends/counting.py)."""
 
@@ -98,28 +98,56 @@ def _find_member(raw: bytes, key: str) -> tuple[int, str, int, int] | None:
 SPLICE_HEAD_BYTES = 1024 * 1024
 
 
-def _head_elements(raw: bytes, key: str, count: int) -> list[tuple[int, int]] | None:
-    """Byte spans of the first `count` elements of the top-level array `key`, walked from the body's
-    start within SPLICE_HEAD_BYTES (each earlier member skipped by its value's end); None if not found
-    there. Which member json.loads kept is the caller's to check (it compares the elements)."""
+def _head_value(text: str, key: str) -> int:
+    """Where the value of the first top-level member `key` starts in `text` (a body's head), walked
+    from its start, each earlier member skipped by its value's end. ValueError or IndexError if not
+    there."""
+    i = _WS.match(text, 0).end()
+    if text[i] != "{":
+        raise ValueError("not an object")
+    i += 1
+    while True:
+        name, i = _DECODER.raw_decode(text, _WS.match(text, i).end())
+        i = _WS.match(text, i).end()
+        if text[i] != ":":
+            raise ValueError("no colon")
+        i = _WS.match(text, i + 1).end()
+        if name == key:
+            return i
+        i = _WS.match(text, _value_end(text, i)).end()
+        if text[i] != ",":
+            raise ValueError("not found")
+        i += 1
+
+
+# A letter of "model" written as an escape: a key that json.loads reads as "model" without the bytes.
+_MODEL_ESCAPE = re.compile(rb"\\u00(?:6[dDfF45cC])")
+
+
+def _model_edit(body: dict[str, Any], new: Any, raw: bytes) -> tuple[int, int, bytes] | None:
+    """The edit that gives `model` (Claude Code's first member) the name `new`: proven when the first
+    top-level `model` holds what json.loads kept, `"model"` is written nowhere else in the body and
+    no letter of it is written as an escape (so no other key reads as "model"); None otherwise."""
+    if not isinstance(new, str) or raw.count(b'"model"') != 1 or _MODEL_ESCAPE.search(raw):
+        return None
     text = raw[:SPLICE_HEAD_BYTES].decode("latin-1")  # byte offsets: see _find_member
     try:
-        i = _WS.match(text, 0).end()
-        if text[i] != "{":
+        start = _head_value(text, "model")
+        end = _value_end(text, start)
+        if json.loads(raw[start:end].decode("utf-8")) != body.get("model"):
             return None
-        i += 1
-        while True:
-            name, i = _DECODER.raw_decode(text, _WS.match(text, i).end())
-            i = _WS.match(text, i).end()
-            if text[i] != ":":
-                return None
-            i = _WS.match(text, i + 1).end()
-            if name == key:
-                break
-            i = _WS.match(text, _value_end(text, i)).end()
-            if text[i] != ",":
-                return None
-            i += 1
+    except (ValueError, IndexError, RecursionError):
+        return None
+    return start, end, utf8_json(new)
+
+
+def _head_elements(raw: bytes, key: str, count: int) -> list[tuple[int, int]] | None:
+    """Byte spans of the first `count` elements of the top-level array `key`, walked from the body's
+    start within SPLICE_HEAD_BYTES; None if not found there. Which member json.loads kept is the
+    caller's to check (it compares the elements)."""
+    text = raw[:SPLICE_HEAD_BYTES].decode("latin-1")  # byte offsets: see _find_member
+    try:
+        i = _head_value(text, key)
         if text[i] != "[":
             return None
         spans = []
@@ -159,13 +187,24 @@ def _messages_edit(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> tup
     return spans[0][0], spans[-1][1], b",".join(utf8_json(m) for m in new[:len(new) - rest])
 
 
+_SPLICED = frozenset({"messages", "model", "system", "max_tokens"})
+
+
 def splice(body: dict[str, Any], out: dict[str, Any], raw: bytes) -> bytes | None:
     """`raw` (the bytes `body` was parsed from) with `out`'s rewrites of `system` (its first block
-    dropped, or its first line), `messages` (system messages folded, at its front) and `max_tokens`
-    spliced in, every other byte as the client sent it; None when that cannot be proven right."""
+    dropped, or its first line), `messages` (system messages folded, at its front), `model` (the
+    engine's own name) and `max_tokens` spliced in, every other byte as the client sent it; None when
+    that cannot be proven right. Any other member changed: None."""
+    if out.keys() != body.keys() or any(out[k] is not body[k] for k in out if k not in _SPLICED):
+        return None  # a rewrite this module does not know: never dropped silently
     edits: list[tuple[int, int, bytes]] = []
     if out.get("messages") is not body.get("messages"):
         edit = _messages_edit(body, out, raw)
+        if edit is None:
+            return None
+        edits.append(edit)
+    if out.get("model") != body.get("model"):
+        edit = _model_edit(body, out.get("model"), raw)
         if edit is None:
             return None
         edits.append(edit)

@@ -95,6 +95,8 @@ class FakeEngine:
     count: Callable[[dict], int] | None = None  # count_tokens' answer; default 1000 + the messages' JSON length
     props: dict | None = None     # GET /props (llama-server's), 404 when None
     models: list[dict] | None = None  # GET /v1/models' data (vLLM's, SGLang's), 404 when None
+    named_only: bool = False      # like vLLM: a model name /v1/models does not list gets a 404
+    metrics: str | None = None    # GET /metrics' Prometheus text (vLLM's), 404 when None
     # llama-server's slot actions, saving into `folder`; a save or restore while a generation runs
     # crashes the server, like a generation that overlaps another.
     folder: Path | None = None
@@ -149,7 +151,20 @@ class FakeEngine:
             app.router.add_get("/props", self.get_props)
         if self.models is not None:
             app.router.add_get("/v1/models", self.get_models)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self.get_metrics)
         return app
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics, content_type="text/plain")
+
+    def unknown_model(self, body: Any) -> web.Response | None:
+        """vLLM's 404 for a model name it does not serve (with `named_only`)."""
+        names = {m.get("id") for m in self.models or ()}
+        if not self.named_only or not isinstance(body, dict) or body.get("model") in names:
+            return None
+        return web.json_response({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                            "type": "NotFoundError", "param": "model", "code": 404}}, status=404)
 
     async def get_props(self, request: web.Request) -> web.Response:
         return web.json_response(self.props)
@@ -193,6 +208,8 @@ class FakeEngine:
         self.count_headers.append(dict(request.headers))
         body = await self._body(request)
         self.counted.append(body)
+        if (refused := self.unknown_model(body)) is not None:
+            return refused
         await asyncio.sleep(self.count_delay)
         n = self.count(body) if self.count else 1000 + len(json.dumps(body.get("messages")))
         return web.json_response({"input_tokens": n})
@@ -256,6 +273,8 @@ class FakeEngine:
         if self.on_request is not None:
             await self.on_request(body)
         mode = knob(request, body, "mode", self.mode)
+        if (refused := self.unknown_model(body)) is not None:
+            return refused
         if self.fail_next > 0:
             self.fail_next -= 1
             request.transport.close()

@@ -61,17 +61,20 @@ class TokenCounter:
         self._on_source = on_source or (lambda source: None)
 
     async def count(self, backend: BackendConfig | None, body: dict[str, Any], *, size: int = 0,
-                    raw: bytes | None = None) -> int:
+                    raw: bytes | None = None, model: str | None = None) -> int:
         """`size`: the body's size in bytes, when known; a large one is serialised off the event loop.
         `raw`: the client's own count_tokens body; a large one is hashed and sent as it is, never
-        re-serialised (json.dumps of 30 MB holds the interpreter, and so the event loop, for 0.2 s)."""
-        if backend is not None and folds_system(backend):  # counted as it would be sent (conversation.py)
-            folded = fold_system_messages(body)
-            if folded is not None:  # spliced into the client's bytes (splice.py), else re-serialised
+        re-serialised (json.dumps of 30 MB holds the interpreter, and so the event loop, for 0.2 s).
+        `model`: the name the backend's engine answers to (vLLM refuses any other), None: the client's."""
+        if backend is not None:  # counted as it would be sent (conversation.py, request/routing.py)
+            out = (fold_system_messages(body) if folds_system(backend) else None) or body
+            if model and body.get("model") != model:
+                out = {**out, "model": model}
+            if out is not body:  # spliced into the client's bytes (splice.py), else re-serialised
                 big = raw is not None and len(raw) > INLINE_BYTES
-                spliced = (await asyncio.to_thread(splice, body, folded, raw) if big
-                           else splice(body, folded, raw) if raw is not None else None)
-                body, size, raw = folded, max(size, len(raw or b"")), spliced
+                spliced = (await asyncio.to_thread(splice, body, out, raw) if big
+                           else splice(body, out, raw) if raw is not None else None)
+                body, size, raw = out, max(size, len(raw or b"")), spliced
         if raw is not None and len(raw) > INLINE_BYTES:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(raw).hexdigest())  # releases the GIL
             key, estimate, payload = f"raw:{digest}", max(1, (len(raw) + 3) // 4), raw

@@ -115,7 +115,8 @@ def build_gateway(config: Config, registry: CollectorRegistry, engines: EngineFo
             metrics.add_pool_backend(b.name)
     q = config.queue
     for b in config.backends:
-        queue = SlotQueue(b.name, b.slots, Limits.of(q), on_preferred=metrics.cache_preferred.labels(b.name).inc)
+        # slots = 0: one until the engine says how many it runs (backends/health.py resizes the queue).
+        queue = SlotQueue(b.name, b.slots or 1, Limits.of(q), on_preferred=metrics.cache_preferred.labels(b.name).inc)
         engine = engines(b, upstream)
         saves = gw.kv.attach(engine, queue)
         parking = Parking() if saves is not None else None
@@ -125,7 +126,8 @@ def build_gateway(config: Config, registry: CollectorRegistry, engines: EngineFo
             restore=functools.partial(_restore, gw.kv, saves, parking) if saves is not None else None)
         gw.backends[b.name] = Backend(b, queue, health, engine, kv=saves, parking=parking)
         metrics.backend_up.labels(b.name).set(1)
-        metrics.watch_queue(b.name, b.slots, lambda queue=queue: queue.depth, lambda queue=queue: queue.busy)
+        metrics.watch_queue(b.name, lambda queue=queue: queue.slots, lambda queue=queue: queue.depth,
+                            lambda queue=queue: queue.busy)
     return gw
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..config import BackendConfig
-from ..engines.base import Engine
+from ..engines.base import Engine, Served
 from ..engines.model_cache import ModelCache
 from ..engines.llama_server import program_name
 from ..engines.supervisord import rpc_at
@@ -92,9 +92,9 @@ class BackendHealth:
         self.last_restart: float | None = None
         self.pid: int | None = None
         self._pids: collections.deque[int] = collections.deque(maxlen=16)  # recent pids of its process
-        # The context a request may fill (llama-server's per-slot n_ctx), for
-        # `orchestrator env` to hand Claude Code; None when unknown.
-        self.n_ctx: int | None = None
+        # What its engine says it serves (its context, model name, batch), read at every (re)start; the
+        # context is what `orchestrator env` hands Claude Code.
+        self.served = Served()
         # What kind of cache its model keeps (engines/model_cache.py), read at every (re)start.
         self.model: ModelCache | None = None
         self.process_state = ""
@@ -186,7 +186,9 @@ class BackendHealth:
             self.set(State.LOADING, "loading model (HTTP 503)")
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
-            self.n_ctx = await self._context_size(timeout)
+            self.served = await self._describe(timeout)
+            if not self.backend.slots and self.served.batch:  # slots = 0: as many as the engine runs
+                self.queue.resize(self.served.batch)
             # What the supervised process really runs (its --swa-full, --cache-ram), where readable.
             self.engine.command_line = command_line(self.pid) if self.watch is not None else None
             self.model = await self.engine.model_cache() or self.model
@@ -199,12 +201,17 @@ class BackendHealth:
         self.set(State.READY)
         return self.state
 
-    async def _context_size(self, timeout: float) -> int | None:
-        """The context a request may fill, as its engine says (engines/); None when unknown."""
+    @property
+    def n_ctx(self) -> int | None:
+        """The context a request may fill, as its engine says; None when unknown."""
+        return self.served.n_ctx
+
+    async def _describe(self, timeout: float) -> Served:
+        """What its engine serves (engines/); nothing known when it cannot say."""
         try:
-            return await self.engine.context_size(timeout)
+            return await self.engine.describe(timeout)
         except GatewayError:
-            return None
+            return Served()
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""
@@ -266,6 +273,7 @@ class BackendHealth:
                 "slots": self.queue.slots, "busy": self.queue.busy, "queued": self.queue.depth,
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
+                "served_model": self.served.model,
                 "kv_restore": self.last_restore, "model_cache": self.model.view() if self.model else None}
 
 

@@ -45,6 +45,18 @@ class ServerId:
                          if meta.get(k) != v)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What an engine says of itself, read at each (re)start: what a request sent to it must fit."""
+
+    n_ctx: int | None = None       # the context one request may fill; None: unknown
+    model: str | None = None       # the model name it answers to (vLLM 404s any other); None: any name
+    batch: int | None = None       # requests it runs at once (llama-server's slots, vLLM's --max-num-seqs)
+    # The most max_tokens it takes (vLLM refuses more than its max_model_len with a 400; llama-server
+    # stops at its context by itself); None: no bound to clamp to.
+    max_tokens: int | None = None
+
+
 class Engine:
     """The engine behind one backend, as the gateway asks it."""
 
@@ -70,6 +82,10 @@ class Engine:
     async def context_size(self, timeout: float) -> int | None:
         """The context one request may fill, None when unknown. May raise a GatewayError."""
         return None
+
+    async def describe(self, timeout: float) -> Served:
+        """What it serves (Served); by default only its context. May raise a GatewayError."""
+        return Served(n_ctx=await self.context_size(timeout))
 
     def saves_slots(self) -> bool:
         """Whether the gateway saves and restores this backend's slot: the engine can, and its config asks."""

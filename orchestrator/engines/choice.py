@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import BackendConfig
-from .base import Engine, ServerId, listed_model, positive
-from .llama_server import LlamaServer, n_ctx
+from .base import Engine, Served, ServerId, listed_model, positive
+from .llama_server import LlamaServer, n_ctx, served_of
 from .model_cache import ModelCache
 from .sglang import SGLang
 from .upstream import UpstreamClient
@@ -53,6 +53,19 @@ class Unnamed(Engine):
         owner = BY_OWNER.get(str(model.get("owned_by")))
         self.found = owner(self.backend, self.upstream) if owner is not None else self.llama
         return positive(model.get("max_model_len"))
+
+    async def describe(self, timeout: float) -> Served:
+        props = await self.llama.props(timeout)
+        if n_ctx(props) is not None:
+            self.found = self.llama
+            return served_of(props)
+        model = await listed_model(self, timeout)
+        owner = BY_OWNER.get(str(model.get("owned_by")))
+        if owner is None:
+            self.found = self.llama
+            return Served(n_ctx=positive(model.get("max_model_len")))
+        self.found = owner(self.backend, self.upstream)
+        return await self.found.describe(timeout)
 
     # Slots are saved only with a folder named, and then the engine is llama-server: not here.
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import BackendConfig
 from ..errors import GatewayError
-from .base import Engine, ServerId, listed_context, positive
+from .base import Engine, Served, ServerId, listed_context, positive
 from .model_cache import ModelCache, command_model, of_file, server_options
 from .upstream import read_whole
 
@@ -59,6 +59,14 @@ class LlamaServer(Engine):
         backend may be another engine: one whose /props has no n_ctx is asked /v1/models, as before."""
         n = n_ctx(await self.props(timeout))
         return positive(n) if n is not None else await listed_context(self, timeout)
+
+    async def describe(self, timeout: float) -> Served:
+        """Its per-slot n_ctx and slot count (/props' total_slots); another engine's context when its
+        /props has no n_ctx (as context_size)."""
+        props = await self.props(timeout)
+        if n_ctx(props) is None:
+            return Served(n_ctx=await listed_context(self, timeout))
+        return served_of(props)
 
     def saves_slots(self) -> bool:
         return saves_slots(self.backend)
@@ -152,6 +160,11 @@ def n_ctx(props: dict[str, Any] | None) -> Any:
     """The per-slot n_ctx in a /props answer, as given (None when absent)."""
     settings = props.get("default_generation_settings") if props is not None else None
     return settings.get("n_ctx") if isinstance(settings, dict) else None
+
+
+def served_of(props: dict[str, Any] | None) -> Served:
+    """What a /props answer says: the per-slot context and the slot count. Any model name is taken."""
+    return Served(n_ctx=positive(n_ctx(props)), batch=positive((props or {}).get("total_slots")))
 
 
 # ---- what identifies a server's KV cache -------------------------------------------------------

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..backends.counting import estimate_tokens
-from ..backends.gateway import GATEWAY, Gateway
+from ..backends.gateway import GATEWAY, Backend, Gateway
 from ..backends.health import State
 from ..errors import GatewayError, NotFound
 from ..jsonvalues import INLINE_BYTES
@@ -31,10 +31,19 @@ def _background_up(gw: Gateway) -> bool:
     return bg is not None and gw.backends[bg.name].health.serving
 
 
-def _counting_backend(gw: Gateway, model: str):
+def _counting_backend(gw: Gateway, model: str) -> Backend | None:
     """The backend whose tokenizer counts for this model; None when it is down (estimate at once)."""
     backend = gw.backends[backends_for_model(model, gw.config)[0]]
-    return None if backend.health.state in (State.DOWN, State.FAILED) else backend.config
+    return None if backend.health.state in (State.DOWN, State.FAILED) else backend
+
+
+async def _count(gw: Gateway, body: dict, *, size: int = 0, raw: bytes | None = None) -> tuple[int, str]:
+    """The count of `body`'s tokens and who counted (a backend's name, or "estimate")."""
+    backend = _counting_backend(gw, body["model"])
+    if backend is None:
+        return await gw.counter.count(None, body, size=size, raw=raw), "estimate"
+    n = await gw.counter.count(backend.config, body, size=size, raw=raw, model=backend.health.served.model)
+    return n, backend.name
 
 
 async def _parse(request: web.Request, gw: Gateway, route: str, *, needs_max_tokens: bool):
@@ -82,7 +91,7 @@ def _account_route(gw: Gateway, ex: Exchange) -> None:
 async def answer_synthetic(gw: Gateway, ex: Exchange) -> web.StreamResponse:
     body, size, shape = ex.body, ex.size, ex.route.shape
     if shape is Shape.COUNT_PROBE:
-        input_tokens = await gw.counter.count(_counting_backend(gw, body["model"]), body, size=size)
+        input_tokens, _ = await _count(gw, body, size=size)
     elif size <= INLINE_BYTES:
         input_tokens = estimate_tokens(body)
     else:
@@ -101,9 +110,8 @@ async def answer_synthetic(gw: Gateway, ex: Exchange) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     raw, body = await _parse(request, gw, "count_tokens", needs_max_tokens=False)
-    backend = _counting_backend(gw, body["model"])
-    n = await gw.counter.count(backend, body, raw=raw)
-    gw.metrics.requests.labels("count_tokens", backend.name if backend else "estimate", "200").inc()
+    n, counted_by = await _count(gw, body, raw=raw)
+    gw.metrics.requests.labels("count_tokens", counted_by, "200").inc()
     return web.json_response({"input_tokens": n})
 
 

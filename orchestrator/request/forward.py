@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from .. import sse
-from ..backends.gateway import Gateway
+from ..backends.gateway import Backend, Gateway
 from ..backends import identity
 from ..backends.health import State
 from ..conversation import folds_system
@@ -35,7 +35,7 @@ from .client_stream import ClientGone, ClientStream
 from .exchange import Exchange
 from .relay import is_anthropic_error, relay_stream
 from .release import in_slot
-from .routing import forwarded_body
+from .routing import Rewrites, forwarded_body
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,7 @@ async def _forward(gw: Gateway, ex: Exchange) -> web.StreamResponse:
             with in_slot(gw, backend, ex.lease) as call:
                 ex.call = call
                 await placement.prepare(gw, ex)
-                rewrite = functools.partial(forwarded_body, ex.body, ex.raw, strip_billing=strip,
-                                            max_output_tokens=backend.config.max_output_tokens,
-                                            fold_system=folds_system(backend.config))
+                rewrite = functools.partial(forwarded_body, ex.body, ex.raw, rewrites_for(backend, strip))
                 # A rewrite that cannot splice re-serialises the body: a large one off the event loop.
                 data = rewrite() if ex.size <= INLINE_BYTES else await asyncio.to_thread(rewrite)
                 headers = request_headers(ex.request.headers, backend.config, gw.config.gateway.api_key)
@@ -194,3 +192,12 @@ def _whole_answer(ex: Exchange, raw: bytes, resp: aiohttp.ClientResponse, ctype:
     if not any(k.lower() == "content-type" for k in headers):
         headers["Content-Type"] = "application/json"
     return web.Response(body=raw, status=200, headers=headers)
+
+
+def rewrites_for(backend: Backend, strip_billing: bool) -> Rewrites:
+    """What a request sent to `backend` needs changed: its config's clamp and folds, and what its
+    engine said it serves (the model name it answers to, the most max_tokens it takes)."""
+    served = backend.health.served
+    caps = [n for n in (backend.config.max_output_tokens, served.max_tokens) if n]
+    return Rewrites(strip_billing=strip_billing, fold_system=folds_system(backend.config),
+                    max_tokens=min(caps, default=0), model=served.model)

@@ -57,7 +57,7 @@ class SlotTurn:
 
 
 def parks(backend: Backend) -> bool:
-    return backend.kv is not None and backend.config.kv_park and backend.config.slots == 1
+    return backend.kv is not None and backend.config.kv_park and backend.queue.slots == 1
 
 
 async def before_send(gw: Gateway, backend: Backend, conversation: Conversation, call: Call) -> SlotTurn:
@@ -66,7 +66,7 @@ async def before_send(gw: Gateway, backend: Backend, conversation: Conversation,
     # Not where a restore cannot bring a save back (kv/restorable.py: a sliding-window model without
     # --swa-full, or restores that read back less): a switch there costs a prefill either way.
     if not parks(backend) or backend.kv.watch.off:
-        if backend.parking is not None and backend.config.slots == 1:
+        if backend.parking is not None and backend.queue.slots == 1:
             # Parking off: only what the slot was last given, for cachemiss to tell a switch from an eviction.
             turn.how = backend.parking.found(conversation.key)
             backend.parking.given(conversation.key)
@@ -80,7 +80,7 @@ def keep_seconds(backend: Backend, tokens: int, cap: float) -> float:
     """How long a one-slot backend's slot may wait for its conversation's next turn while others wait:
     what a change of conversation would cost it, at most `cap`. With parking, a save and a later
     restore (Parking.keep_seconds); without parking (a switch costs a re-prefill), the cap."""
-    if backend.config.slots != 1 or cap <= 0:
+    if backend.queue.slots != 1 or cap <= 0:
         return 0.0
     return backend.parking.keep_seconds(tokens, cap) if parks(backend) else cap
 

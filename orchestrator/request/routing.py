@@ -122,19 +122,33 @@ def choose_route(body: dict[str, Any], config: Config, *, background_up: bool) -
     return Route(RouteKind.MAIN, shape, backends_for_model(model, config), Priority.MAIN, reason)
 
 
-def forwarded_body(body: dict[str, Any], raw: bytes, *, strip_billing: bool, max_output_tokens: int,
-                   fold_system: bool = False) -> bytes:
+@dataclass(frozen=True)
+class Rewrites:
+    """What the backend a request goes to needs changed in it (forwarded_body), each for a reason the
+    docs give: the billing line that defeats the prompt cache, system messages a chat template
+    refuses, a max_tokens the engine refuses or a small model never stops at, a model name the engine
+    does not answer to."""
+
+    strip_billing: bool = False
+    fold_system: bool = False
+    max_tokens: int = 0            # clamp max_tokens to this; 0: no clamp
+    model: str | None = None       # the name the engine answers to; None: the client's own
+
+
+def forwarded_body(body: dict[str, Any], raw: bytes, rewrites: Rewrites) -> bytes:
     """The bytes to send a backend: the client's own, unless a documented rewrite applies; then the
     client's own with the rewritten member spliced, or, when the splice cannot be proven safe (or the
     messages were rewritten: system messages folded), `out` anew."""
     out = body
-    if strip_billing:
+    if rewrites.strip_billing:
         out = strip_billing_header(out) or out
-    if fold_system:
+    if rewrites.fold_system:
         out = fold_system_messages(out) or out
     mt = out.get("max_tokens")
-    if max_output_tokens and isinstance(mt, int) and mt > max_output_tokens:
-        out = {**out, "max_tokens": max_output_tokens}
+    if rewrites.max_tokens and isinstance(mt, int) and mt > rewrites.max_tokens:
+        out = {**out, "max_tokens": rewrites.max_tokens}
+    if rewrites.model and out.get("model") != rewrites.model:
+        out = {**out, "model": rewrites.model}
     if out is body:
         return raw
     spliced = splice(body, out, raw)

@@ -18,7 +18,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "orchestrator.example
 def test_defaults_without_file():
     c = config_from_dict({})
     assert c.gateway.port == 9090 and c.backends[0].url == "http://127.0.0.1:8080"
-    assert c.backends[0].slots == 1 and c.routing.background == "synthetic"
+    assert c.backends[0].slots == 0 and c.routing.background == "synthetic"
 
 
 def test_every_problem_reported_at_once_naming_its_key():
@@ -26,7 +26,7 @@ def test_every_problem_reported_at_once_naming_its_key():
         config_from_dict({
             "gateway": {"port": "x", "bogus": 1},
             "queue": {"max_depth": -1},
-            "backends": [{"name": "a", "url": "ftp://x", "slots": 0},
+            "backends": [{"name": "a", "url": "ftp://x", "slots": -1},
                          {"name": "a", "url": "http://h", "role": "sideways"}],
             "routing": {"background": "nope"},
         })

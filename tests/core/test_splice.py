@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from orchestrator.conversation import strip_billing_header
 from orchestrator.jsonvalues import utf8_json
-from orchestrator.request.routing import forwarded_body
+from orchestrator.request.routing import Rewrites, forwarded_body
 from orchestrator.splice import SPLICE_TAIL_BYTES, splice
 from testkit.client import sample
 
@@ -24,10 +24,12 @@ BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.3
 WS = b" \t\n\r"
 
 
-def rewritten(body: dict, clamp: int = 0) -> dict:
+def rewritten(body: dict, clamp: int = 0, model: str | None = None) -> dict:
     out = strip_billing_header(body) or body
     if clamp and isinstance(out.get("max_tokens"), int) and out["max_tokens"] > clamp:
         out = {**out, "max_tokens": clamp}
+    if model and out.get("model") != model:
+        out = {**out, "model": model}
     return out
 
 
@@ -53,14 +55,14 @@ def assert_one_block_cut(raw: bytes, sent: bytes, block: dict) -> None:
 def test_claude_code_body_is_spliced_byte_for_byte():
     body = sample("main-2.1.332.json")["body"]
     raw = utf8_json(body)
-    sent = forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))
     assert sent == raw.replace(utf8_json(body["system"][0]) + b",", b"", 1)
     assert json.loads(sent) == rewritten(body)
 
 
 def test_billing_block_alone_leaves_an_empty_list():
     raw = b'{"model":"m","system":[ {"type":"text","text":"x-anthropic-billing-header: a;"} ],"messages":[]}'
-    sent = forwarded_body(json.loads(raw), raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(json.loads(raw), raw, Rewrites(strip_billing=True, max_tokens=0))
     assert sent == b'{"model":"m","system":[ ],"messages":[]}'
 
 
@@ -78,9 +80,9 @@ def test_pretty_printed_and_ascii_escaped_bodies_are_spliced():
 def test_max_tokens_clamp_replaces_only_the_number():
     body = sample("main-2.1.332.json")["body"]
     raw = utf8_json(body)
-    sent = forwarded_body(body, raw, strip_billing=False, max_output_tokens=256)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=False, max_tokens=256))
     assert sent == raw.replace(b'"max_tokens":32000', b'"max_tokens":256', 1)
-    both = forwarded_body(body, raw, strip_billing=True, max_output_tokens=256)
+    both = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=256))
     assert json.loads(both) == rewritten(body, 256)
     assert len(both) == len(raw) - len(utf8_json(BILLING | {"text": body["system"][0]["text"]})) - 1 - 2
 
@@ -88,7 +90,7 @@ def test_max_tokens_clamp_replaces_only_the_number():
 def test_string_system_keeps_everything_but_its_first_line():
     raw = b'{"model":"m", "system" : "x-anthropic-billing-header: cch=1;\\nYou are \\u00e9 helpful","messages":[]}'
     body = json.loads(raw)
-    sent = forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))
     assert json.loads(sent) == {"model": "m", "system": "You are é helpful", "messages": []}
 
 
@@ -127,7 +129,7 @@ def test_a_top_level_key_ending_in_system_is_not_the_member():
            b'"a\\"system":[' + utf8_json(BILLING) + b']}')
     body = json.loads(raw)
     assert "a\"system" in body
-    sent = forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))
     assert json.loads(sent) == rewritten(body)
 
 
@@ -136,7 +138,7 @@ def test_duplicate_top_level_system_cuts_the_one_json_keeps():
            b'"system":[' + utf8_json(BILLING) + b',{"type":"text","text":"last"}]}')
     body = json.loads(raw)
     assert body["system"][1]["text"] == "last"
-    sent = forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))
     assert json.loads(sent) == rewritten(body)
     assert sent.count(b"x-anthropic-billing-header") == 1  # the first (ignored) member stays as sent
 
@@ -148,7 +150,7 @@ def test_a_later_member_not_written_as_found_is_not_missed():
            b'"system" :[' + utf8_json(BILLING) + b',{"type":"text","text":"last"}]}')
     body = json.loads(raw)
     assert splice(body, rewritten(body), raw) is None
-    assert json.loads(forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)) == rewritten(body)
+    assert json.loads(forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))) == rewritten(body)
 
 
 def test_a_member_far_from_the_end_is_re_serialised():
@@ -157,19 +159,20 @@ def test_a_member_far_from_the_end_is_re_serialised():
             "messages": [{"role": "user", "content": "y" * (SPLICE_TAIL_BYTES + 1)}]}
     raw = utf8_json(body) + b" " * (SPLICE_TAIL_BYTES * 2)
     assert splice(body, rewritten(body), raw) is None
-    assert json.loads(forwarded_body(body, raw, strip_billing=True, max_output_tokens=0)) == rewritten(body)
+    assert json.loads(forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=0))) == rewritten(body)
 
 
 def test_lone_surrogate_elsewhere_is_forwarded_as_sent():
     raw = (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"\\ud800"}],'
            b'"system":[' + utf8_json(BILLING) + b',{"type":"text","text":"s"}]}')
-    sent = forwarded_body(json.loads(raw), raw, strip_billing=True, max_output_tokens=0)
+    sent = forwarded_body(json.loads(raw), raw, Rewrites(strip_billing=True, max_tokens=0))
     assert b'"\\ud800"' in sent and b"billing" not in sent
 
 
 # ---- fuzzing: random bodies, layouts and decoys, against the re-serialising path -----------------
 
-keys = st.sampled_from(["system", "type", "text", "a\"system", "max_tokens", "messages", "x", "é", "sys\\tem"])
+keys = st.sampled_from(["system", "type", "text", "a\"system", "max_tokens", "messages", "x", "é", "sys\\tem",
+                        "model"])
 scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
     | st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
@@ -203,23 +206,27 @@ def documents(draw):
     rng.shuffle(members)
     if draw(st.integers(0, 4)) == 0:
         members.insert(rng.randrange(len(members) + 1), ("system", draw(values)))
+    if draw(st.integers(0, 4)) == 0:  # a second model: the one json.loads keeps is the last
+        members.insert(rng.randrange(len(members) + 1), ("model", draw(values)))
     ws = lambda: rng.choice(["", "", " ", "\n", "\t ", "\r\n"])
-    text = "{" + ws() + ("," + ws()).join(f"{json.dumps(k)}{ws()}:{ws()}{dumps(v, rng)}{ws()}" for k, v in members) \
+    # A key written with an escape reads the same: "mod\u0065l" is "model" to json.loads.
+    name = lambda k: '"mod\\u0065l"' if k == "model" and rng.random() < 0.2 else json.dumps(k)
+    text = "{" + ws() + ("," + ws()).join(f"{name(k)}{ws()}:{ws()}{dumps(v, rng)}{ws()}" for k, v in members) \
         + "}" + ws()
     raw = text.encode()
     return raw, json.loads(raw)
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(documents(), st.sampled_from([0, 1, 50, 100000]))
-def test_forwarded_bytes_parse_as_the_re_serialised_body(doc, clamp):
+@given(documents(), st.sampled_from([0, 1, 50, 100000]), st.sampled_from([None, "m", "served/é"]))
+def test_forwarded_bytes_parse_as_the_re_serialised_body(doc, clamp, model):
     raw, body = doc
-    out = rewritten(body, clamp)
-    sent = forwarded_body(body, raw, strip_billing=True, max_output_tokens=clamp)
+    out = rewritten(body, clamp, model)
+    sent = forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=clamp, model=model))
     assert json.loads(sent) == json.loads(utf8_json(out))
     spliced = splice(body, out, raw) if out is not body else None
     if spliced is not None and out.get("max_tokens") == body.get("max_tokens") \
-            and isinstance(body.get("system"), list):
+            and out.get("model") == body.get("model") and isinstance(body.get("system"), list):
         assert_one_block_cut(raw, spliced, body["system"][0])
 
 
@@ -236,3 +243,16 @@ def test_claude_code_shaped_bodies_always_take_the_splice(rest, turns, clamp):
     sent = splice(body, out, raw)
     assert sent is not None
     assert json.loads(sent) == out
+
+
+def test_the_engines_model_name_replaces_only_the_name():
+    body = sample("main-2.1.332.json")["body"]
+    raw = utf8_json(body)
+    sent = forwarded_body(body, raw, Rewrites(model="HuggingFaceTB/SmolLM2"))
+    assert sent == raw.replace(utf8_json(body["model"]), b'"HuggingFaceTB/SmolLM2"', 1)
+    # "model" written again in the conversation: proven only by re-serialising.
+    more = {**body, "messages": [*body["messages"], {"role": "user", "content": [{"type": "text", "text": "x"}],
+                                                     "model": "decoy"}]}
+    raw = utf8_json(more)
+    assert splice(more, {**more, "model": "s"}, raw) is None
+    assert json.loads(forwarded_body(more, raw, Rewrites(model="s"))) == {**more, "model": "s"}

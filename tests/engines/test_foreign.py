@@ -247,3 +247,48 @@ def test_ca_file_must_be_a_readable_ca_bundle(tmp_path, content):
     with pytest.raises(ConfigError, match=r"backends\[0\]\.ca_file: must be a readable PEM file"):
         config_from_dict({"backends": [{"name": "r", "url": "https://example.test", "ca_file": str(ca)}]})
 
+
+
+async def test_an_engine_that_answers_only_its_own_model_name_gets_it_and_its_max_tokens(gateway, serve_app, http):
+    """vLLM 404s a model name it does not serve and 400s a max_tokens over its max_model_len: Claude
+    Code's unmodified request (a claude-* name, max_tokens 32000) is sent with the engine's own name,
+    and max_tokens no more than it takes, both read from its /v1/models; count_tokens likewise."""
+    engine = engine_of("vllm", max_model_len=8192)
+    engine.named_only = True
+    base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
+    health = app[GATEWAY].backends["big"].health
+    await health.check(timeout=5)
+    assert health.served.model == SERVED and health.n_ctx == 8192
+    async with http.post(base + "/v1/messages", json={**BODY, "stream": False, "max_tokens": 32000}) as r:
+        msg = await r.json()
+    assert r.status == 200 and msg["model"] == BODY["model"], msg
+    assert engine.requests[-1]["model"] == SERVED and engine.requests[-1]["max_tokens"] <= 8192
+    async with http.post(base + "/v1/messages/count_tokens", json=BODY) as r:
+        assert r.status == 200 and engine.counted[-1]["model"] == SERVED
+    async with http.get(base + "/health") as r:
+        assert (await r.json())["backends"][0]["served_model"] == SERVED
+
+
+async def test_slots_default_to_what_the_engine_runs_and_the_queue_never_sends_more(gateway, serve_app, http):
+    """No `slots` in the config: the queue takes the engine's own count (llama-server's /props
+    total_slots here), and never has more of its requests in the engine at once."""
+    engine = FakeEngine(capacity=3, props={"default_generation_settings": {"n_ctx": 4096}, "total_slots": 3})
+    base, app = await gateway({"backends": [{"name": "p", "url": await serve_app(engine.app())}]})
+    backend = app[GATEWAY].backends["p"]
+    await backend.health.check(timeout=5)
+    assert backend.queue.slots == 3
+    engine.gate.clear()
+
+    async def one(i):
+        async with http.post(base + "/v1/messages", json={**BODY, "metadata": {"x_fake_hold": 1},
+                                                          "messages": [{"role": "user", "content": f"q{i}"}]}) as r:
+            return r.status, await r.read()
+
+    sent = [asyncio.ensure_future(one(i)) for i in range(6)]
+    while backend.queue.depth < 3 or engine.in_flight < 3:  # three run in the engine, three wait
+        await asyncio.sleep(0.01)
+    engine.gate.set()
+    results = await asyncio.gather(*sent)
+    assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
+    assert engine.max_in_flight == 3 and not engine.crashed
+    assert app[GATEWAY].metrics.registry.get_sample_value("orchestrator_slots", {"backend": "p"}) == 3

@@ -392,7 +392,7 @@ def test_a_slot_is_kept_no_longer_than_a_switch_would_cost():
     from orchestrator.request.parking import keep_seconds
 
     def backend(slots=1, pace=0.0, park=True):
-        return SimpleNamespace(config=SimpleNamespace(slots=slots, kv_park=park), kv=object(),
+        return SimpleNamespace(config=SimpleNamespace(kv_park=park), queue=SimpleNamespace(slots=slots), kv=object(),
                                parking=Parking(save_pace=pace))
 
     assert keep_seconds(backend(pace=1e-5), 10_000, 0.5) == pytest.approx(0.2)  # a save and a restore

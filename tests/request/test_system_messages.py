@@ -9,7 +9,7 @@ import json
 
 from orchestrator.config import BackendConfig
 from orchestrator.conversation import fold_system_messages, folds_system
-from orchestrator.request.routing import forwarded_body
+from orchestrator.request.routing import Rewrites, forwarded_body
 from testkit.client import sample
 
 ENV = [{"type": "text", "text": "# Environment\nPrimary working directory: /p"}]
@@ -60,11 +60,11 @@ def test_every_turn_folds_the_same_way_so_the_prompt_keeps_its_prefix():
 def test_forwarded_bytes_fold_strip_and_clamp_together():
     body = sample("main-2.1.332.json")["body"]
     raw = json.dumps(body).encode()
-    sent = json.loads(forwarded_body(body, raw, strip_billing=True, max_output_tokens=100, fold_system=True))
+    sent = json.loads(forwarded_body(body, raw, Rewrites(strip_billing=True, max_tokens=100, fold_system=True)))
     assert [m["role"] for m in sent["messages"]] == ["user"] and sent["max_tokens"] == 100
     assert sent["system"] == body["system"][1:]  # the billing line dropped
     # Without the fold, the messages are the client's bytes.
-    sent = json.loads(forwarded_body(body, raw, strip_billing=True, max_output_tokens=0))
+    sent = json.loads(forwarded_body(body, raw, Rewrites(strip_billing=True)))
     assert sent["messages"] == body["messages"]
 
 
@@ -100,7 +100,7 @@ def test_the_fold_is_spliced_into_the_clients_bytes_and_agrees_with_re_serialisi
     body = sample("main-2.1.332.json")["body"]
     for raw in (json.dumps(body).encode(), json.dumps(body, indent=2, ensure_ascii=False).encode()):
         parsed = json.loads(raw)
-        sent = forwarded_body(parsed, raw, strip_billing=True, max_output_tokens=0, fold_system=True)
+        sent = forwarded_body(parsed, raw, Rewrites(strip_billing=True, max_tokens=0, fold_system=True))
         oracle = fold_system_messages(strip_billing_header(parsed))
         assert json.loads(sent) == oracle
         # Spliced, not re-serialised: the tools, as the client wrote them, are in what was sent.
@@ -110,9 +110,9 @@ def test_the_fold_is_spliced_into_the_clients_bytes_and_agrees_with_re_serialisi
     # of the same name), the body is re-serialised, and still right.
     far = {**body, "messages": [{"role": "user", "content": "x" * (2 << 20)}, {"role": "system", "content": "env"}]}
     raw = json.dumps(far).encode()
-    assert json.loads(forwarded_body(far, raw, strip_billing=False, max_output_tokens=0, fold_system=True)) == \
+    assert json.loads(forwarded_body(far, raw, Rewrites(strip_billing=False, max_tokens=0, fold_system=True))) == \
         fold_system_messages(far)
     twice = b'{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], ' \
             b'"messages": [{"role": "user", "content": "c"}, {"role": "system", "content": "d"}]}'
-    sent = forwarded_body(json.loads(twice), twice, strip_billing=False, max_output_tokens=0, fold_system=True)
+    sent = forwarded_body(json.loads(twice), twice, Rewrites(strip_billing=False, max_tokens=0, fold_system=True))
     assert json.loads(sent) == fold_system_messages(json.loads(twice))
