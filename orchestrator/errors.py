@@ -119,6 +119,11 @@ _TYPE_BY_STATUS = {
 }
 
 
+# The types Anthropic's API gives an error; an engine's own (vLLM's exception names, BadRequestError)
+# are named in the message instead, and the type follows the status.
+ANTHROPIC_TYPES = frozenset({*_TYPE_BY_STATUS.values(), "api_error", "billing_error"})
+
+
 def error_for_status(status: int, message: str) -> GatewayError:
     """An error in the envelope for a bare HTTP status (aiohttp's own refusals, a backend's odd answer)."""
     error_type = _TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
@@ -144,8 +149,10 @@ def from_upstream(status: int, raw: bytes, retry_after: str | None = None) -> Ga
             return overflow
         if isinstance(err, dict):
             message = str(err.get("message") or message)
-            if parsed.get("type") == "error" and isinstance(err.get("type"), str):
+            if parsed.get("type") == "error" and err.get("type") in ANTHROPIC_TYPES:
                 error_type = err["type"]  # already Anthropic-shaped
+            elif parsed.get("type") == "error" and isinstance(err.get("type"), str) and err["type"]:
+                message = f"[{err['type'][:64]}] {message}"  # an engine's own type in the envelope (vLLM)
         elif isinstance(err, str):
             message = err
     if error_type is None:
@@ -162,10 +169,15 @@ def from_upstream(status: int, raw: bytes, retry_after: str | None = None) -> Ga
 # "request (9031 tokens) exceeds the available context size (8192 tokens)" (or "input (…) is larger
 # than the max context size (…)" on a context that cannot split its batch).
 _OVERFLOW_NUMBERS = re.compile(r"\((\d+) tokens\).*?\((\d+) tokens\)")
+# vLLM's (a 400 BadRequestError, on /v1/messages and count_tokens alike; N is where it stopped counting):
+# "This model's maximum context length is 8192 tokens. However, your prompt contains at least 8193
+# input tokens, which exceeds this limit even without any output tokens."
+_VLLM_OVERFLOW = re.compile(r"maximum context length is (\d+) tokens\. However, your prompt contains "
+                            r"(?:at least )?(\d+) input tokens")
 
 
 def context_overflow(err: Any) -> InvalidRequest | None:
-    """llama-server's `exceed_context_size_error` in the words of Anthropic's API.
+    """llama-server's `exceed_context_size_error` (and vLLM's overflow) in the words of Anthropic's API.
 
     Claude Code recognises a prompt that no longer fits only by this message, `prompt is too long:
     N tokens > M maximum` on a 400 (it parses N and M to know how much to drop): with it, it
@@ -173,7 +185,13 @@ def context_overflow(err: Any) -> InvalidRequest | None:
     the session is stuck. llama-server sends it as an HTTP 400, streaming or not (the check runs
     before the first event); `relay._as_anthropic_error` hands an `error` event's data here too.
     """
-    if not isinstance(err, dict) or err.get("type") != "exceed_context_size_error":
+    if not isinstance(err, dict):
+        return None
+    vllm = _VLLM_OVERFLOW.search(str(err.get("message", ""))) if err.get("type") != "exceed_context_size_error" \
+        else None
+    if vllm is not None:
+        return InvalidRequest(f"prompt is too long: {vllm[2]} tokens > {vllm[1]} maximum")
+    if err.get("type") != "exceed_context_size_error":
         return None
     n, limit = err.get("n_prompt_tokens"), err.get("n_ctx")
     if not (isinstance(n, int) and isinstance(limit, int) and n > 0 and limit > 0):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import shlex
 import time
 import xmlrpc.client
 from enum import Enum
@@ -23,6 +22,7 @@ from ..config import BackendConfig
 from ..engines.base import Engine, Served
 from ..engines.model_cache import ModelCache
 from ..engines.llama_server import program_name
+from ..engines.local_process import command_line, listener_command_line
 from ..engines.supervisord import rpc_at
 from ..errors import BackendFailed, GatewayError
 from ..metrics import Metrics
@@ -186,11 +186,13 @@ class BackendHealth:
             self.set(State.LOADING, "loading model (HTTP 503)")
             return self.state
         if self.state is not State.READY:  # read once per (re)start, not on every poll
+            # What the process really runs (llama-server's --swa-full, vLLM's --max-num-seqs), where
+            # readable: a supervised one's by its pid, another on this machine by its port.
+            self.engine.command_line = (command_line(self.pid) if self.watch is not None else
+                                        await asyncio.to_thread(listener_command_line, self.backend.url))
             self.served = await self._describe(timeout)
             if not self.backend.slots and self.served.batch:  # slots = 0: as many as the engine runs
                 self.queue.resize(self.served.batch)
-            # What the supervised process really runs (its --swa-full, --cache-ram), where readable.
-            self.engine.command_line = command_line(self.pid) if self.watch is not None else None
             self.model = await self.engine.model_cache() or self.model
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
@@ -275,16 +277,6 @@ class BackendHealth:
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
                 "served_model": self.served.model,
                 "kv_restore": self.last_restore, "model_cache": self.model.view() if self.model else None}
-
-
-def command_line(pid: int | None) -> str | None:
-    """A process's command line, quoted (Linux's /proc); None when it cannot be read."""
-    try:
-        raw = Path(f"/proc/{int(pid)}/cmdline").read_bytes() if pid else b""
-    except (OSError, ValueError):
-        return None
-    words = [w.decode("utf-8", "replace") for w in raw.split(b"\0") if w]
-    return shlex.join(words) if words else None
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch | None:

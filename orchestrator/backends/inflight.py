@@ -113,7 +113,7 @@ class Entry:
             # Since the slot was granted (prefill) or since the first token (generating).
             "in_state": round(end - (first if first is not None else granted), 2) if granted is not None else None,
             "ttft": round(first - self.arrived, 2) if first is not None else None,
-            "computed": getattr(o, "input_tokens", 0), "cached": getattr(o, "cache_read_tokens", 0),
+            "computed": getattr(o, "input_tokens", 0) + getattr(o, "cache_write_tokens", 0), "cached": getattr(o, "cache_read_tokens", 0),
             "output": out_tokens, "tps": tps, "status": self.status, "cancelled": self.cancelled,
             "cache": getattr(o, "cache_reason", None),
         }

@@ -65,6 +65,7 @@ class Unnamed(Engine):
             self.found = self.llama
             return Served(n_ctx=positive(model.get("max_model_len")))
         self.found = owner(self.backend, self.upstream)
+        self.found.command_line = self.command_line
         return await self.found.describe(timeout)
 
     # Slots are saved only with a folder named, and then the engine is llama-server: not here.

@@ -124,6 +124,17 @@ class UpstreamClient:
             else:
                 resp.close()
 
+    async def get_text(self, backend: BackendConfig, path: str, *, timeout: float, limit: int) -> tuple[int, str]:
+        """GET `path`: its status and text (at most `limit` bytes, else a GatewayError)."""
+        try:
+            async with self.session.get(backend.url + path, headers=backend_auth(backend),
+                                        timeout=self._timeout(backend, timeout), ssl=self._ssl(backend)) as resp:
+                return resp.status, (await read_whole(resp, limit, backend)).decode("utf-8", "replace")
+        except GatewayError:
+            raise
+        except BaseException as exc:
+            raise map_error(exc, backend) from exc
+
     async def get_json(self, backend: BackendConfig, path: str, *, timeout: float) -> tuple[int, Any]:
         try:
             async with self.session.get(backend.url + path, headers=backend_auth(backend),

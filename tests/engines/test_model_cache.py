@@ -175,7 +175,7 @@ def test_a_processs_command_line_is_read_where_linux_shows_it():
     import os
     import sys
 
-    from orchestrator.backends.health import command_line
+    from orchestrator.engines.local_process import command_line
 
     assert sys.executable.rsplit("/", 1)[-1] in command_line(os.getpid())
     assert command_line(None) is None and command_line(2 ** 31) is None

