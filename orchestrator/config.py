@@ -66,6 +66,11 @@ def _ca_bundle_ok(path: str) -> bool:
     return True
 
 
+def _worker_ok(worker: Any) -> bool:
+    host, sep, port = str(worker).rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def _url_ok(v: str) -> bool:
     parts = urlsplit(v)
     return parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -193,6 +198,13 @@ class BackendConfig:
                                   check=Check(lambda v: bool(v.strip()), "a non-empty command line"),
                                   example="{llama_server} --model /models/m.gguf --host {host} --port {port} "
                                           "--parallel 1 --metrics")
+    # A model too big for one machine: llama.cpp splits it across RPC workers (engines/rpc_workers.py).
+    rpc_workers: tuple[str, ...] = setting((), 'llama.cpp RPC workers ("HOST:PORT") its llama-server splits the '
+                                           "model across (--rpc, added to `command`); on this machine and "
+                                           "supervised, each runs as the program rpc-NAME-N, and the head is "
+                                           "restarted when one comes back (a head never reconnects)",
+                                           check=Check(lambda v: all(_worker_ok(w) for w in v),
+                                                       'a list of "HOST:PORT"'), example=["127.0.0.1:50052"])
     start_seconds: int = setting(5, "supervisord: seconds it must stay up to count as started",
                                  check=Check(_non_negative, "a non-negative integer"))
     start_retries: int = setting(3, "supervisord: start attempts before it is FATAL", check=Check(_non_negative,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
 import aiohttp
 
 from orchestrator.configfile import load_config
+from orchestrator.engines.rpc_workers import find_rpc_server
 from orchestrator.ops import supervise
 
 from .servers import free_port, llama_server_binary
@@ -51,8 +53,10 @@ start_retries = {retries}
         return self.paths.slots(self.config.backends[0])
 
     def up(self) -> str:
+        binary = self.binary or llama_server_binary()
+        rpc_server = os.environ.get("ORCHESTRATOR_RPC_SERVER") or find_rpc_server(binary)
         return supervise.up(self.config, self.config_path, self.paths,
-                            supervise.Programs(self.binary or llama_server_binary()), timeout=60)
+                            supervise.Programs(binary, rpc_server=rpc_server), timeout=60)
 
     def down(self) -> list[int]:
         """`down`, waiting up to 20 s for every process the stack ran: those still alive."""

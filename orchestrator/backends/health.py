@@ -23,6 +23,7 @@ from ..engines.base import Engine, Served
 from ..engines.model_cache import ModelCache
 from ..engines.llama_server import program_name
 from ..engines.local_process import command_line, listener_command_line
+from ..engines.rpc_workers import supervised_workers
 from ..engines.supervisord import rpc_at
 from ..errors import BackendFailed, GatewayError
 from ..metrics import Metrics
@@ -43,10 +44,12 @@ class ProcessWatch:
     """Asks supervisord about one program: a new pid is a restart, FATAL is final. `log_file`: where
     supervisord writes the program's output, named in errors and on /health."""
 
-    def __init__(self, socket: str, program: str, log_file: str = "") -> None:
+    def __init__(self, socket: str, program: str, log_file: str = "", workers: tuple[str, ...] = ()) -> None:
         self.socket = socket
         self.program = program
         self.log_file = log_file
+        # The programs of its llama.cpp RPC workers (engines/rpc_workers.py), their states as last heard.
+        self.workers: dict[str, str] = dict.fromkeys(workers, "")
 
     def _info(self) -> dict[str, Any] | None:
         try:
@@ -56,6 +59,16 @@ class ProcessWatch:
 
     async def info(self) -> dict[str, Any] | None:
         return await asyncio.to_thread(self._info)
+
+    def _worker_infos(self) -> list[dict[str, Any]]:
+        try:
+            return [p for p in rpc_at(self.socket).getAllProcessInfo() if p.get("name") in self.workers]
+        except (OSError, xmlrpc.client.Error):
+            return []
+
+    async def worker_infos(self) -> list[dict[str, Any]]:
+        """supervisord's word on each of its RPC workers ([] when it has none, or no answer)."""
+        return await asyncio.to_thread(self._worker_infos) if self.workers else []
 
     def _restart(self) -> None:
         rpc = rpc_at(self.socket)
@@ -103,6 +116,8 @@ class BackendHealth:
         # /health all along, and would hold the slot forever.
         self.stuck = 0
         self._restarting: asyncio.Task | None = None
+        self._worker_restart_due = False  # a worker stopped: its head is restarted once they all run
+        self._worker_pids: dict[str, int] = {}
         self.changed = asyncio.Event()
         # KV persistence: awaited between "the server answers again" and "its queue reopens".
         self._restore = restore
@@ -175,6 +190,10 @@ class BackendHealth:
     async def check(self, timeout: float) -> State:
         if self.watch is not None and await self._check_process():
             return self.state
+        lost = self._workers_lost()
+        if lost:  # its head says "ok" until it next uses the dead worker, then aborts: not up
+            self.mark_down(f"its RPC worker {lost} is not running")
+            return self.state
         try:
             status = await self.engine.health(timeout)
         except GatewayError as e:
@@ -220,6 +239,8 @@ class BackendHealth:
         info = await self.watch.info()
         if info is None:
             return False
+        for worker in await self.watch.worker_infos():
+            self.observe_worker(worker.get("name", ""), worker.get("statename", ""), worker.get("pid") or None)
         return self.observe_process(info.get("statename", ""), info.get("pid") or None)
 
     def observe_process(self, state: str, pid: int | None) -> bool:
@@ -249,6 +270,31 @@ class BackendHealth:
             self.set(State.DOWN, "restarted after FATAL")
         return False
 
+    def _workers_lost(self) -> str:
+        watch = self.watch
+        return next((p for p, s in watch.workers.items() if s and s != "RUNNING"), "") if watch else ""
+
+    def observe_worker(self, program: str, state: str, pid: int | None = None) -> None:
+        """What supervisord says of one of its RPC workers, polled or from its events. One that stops
+        (or runs with a new pid) takes the backend down; once every worker runs again the head is
+        restarted: it never reconnects to a restarted worker, and aborts at its next use of it
+        (docs/rpc-split.md)."""
+        watch = self.watch
+        if watch is None or program not in watch.workers:
+            return
+        watch.workers[program] = state
+        known = self._worker_pids.get(program)
+        if pid:
+            self._worker_pids[program] = pid
+        if state not in ("RUNNING", "STARTING") or (pid and known and pid != known):
+            self._worker_restart_due = True
+            self.mark_down(f"its RPC worker {program} is {state} in supervisord")
+        if state == "RUNNING" and self._worker_restart_due and not self._workers_lost() and self._restarting is None:
+            self._worker_restart_due = False
+            log.warning("backend %s: its RPC workers run again: restarting its llama-server, which does not "
+                        "reconnect to them", self.backend.name)
+            self._restarting = asyncio.create_task(self._restart(), name=f"restart:{self.backend.name}")
+
     def _past_grace(self) -> None:
         down_for = time.time() - self.since
         if self.state is State.DOWN and down_for > self.grace and self.queue.is_open is False:
@@ -276,7 +322,8 @@ class BackendHealth:
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
                 "served_model": self.served.model,
-                "kv_restore": self.last_restore, "model_cache": self.model.view() if self.model else None}
+                "kv_restore": self.last_restore,
+                "rpc_workers": dict(self.watch.workers) if self.watch is not None and self.watch.workers else None, "model_cache": self.model.view() if self.model else None}
 
 
 def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch | None:
@@ -284,4 +331,5 @@ def watch_for(backend: BackendConfig, socket: str, log_dir: str) -> ProcessWatch
     if not socket or not backend.command:
         return None
     program = program_name(backend)
-    return ProcessWatch(socket, program, str(Path(log_dir) / f"{program}.log") if log_dir else "")
+    return ProcessWatch(socket, program, str(Path(log_dir) / f"{program}.log") if log_dir else "",
+                        workers=tuple(name for name, _, _ in supervised_workers(backend)))

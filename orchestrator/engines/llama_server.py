@@ -20,6 +20,7 @@ from ..config import BackendConfig
 from ..errors import GatewayError
 from .base import Engine, Served, ServerId, listed_context, positive
 from .model_cache import ModelCache, command_model, of_file, server_options
+from .rpc_workers import with_rpc
 from .upstream import read_whole
 
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
@@ -233,8 +234,10 @@ def supervised_command(command: str, model: ModelCache | None) -> str:
 
 
 def command_for(backend: BackendConfig, command: str) -> tuple[str, ModelCache | None]:
-    """The rendered `command` of a supervised backend as it is run, and its model's judgement (None
-    when the command names no model file)."""
+    """The rendered `command` of a supervised backend as it is run (with its RPC workers and
+    --swa-full where they apply), and its model's judgement (None when the command names no model
+    file)."""
+    command = with_rpc(backend, command)
     path = command_model(command)
     if not path:
         return command, None

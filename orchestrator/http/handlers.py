@@ -121,6 +121,11 @@ async def process_event(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     event = await parse_object(await read_body(request, limit=4096, timeout=5.0))
     for h in (b.health for b in gw.backends.values()):
+        if h.watch is not None and event.get("program") in h.watch.workers:
+            pid = event.get("pid")
+            h.observe_worker(str(event["program"]), str(event.get("state", "")), pid if isinstance(pid, int) else None)
+            h.poke()
+            return web.json_response({"backend": h.backend.name, "state": h.state.value})
         if h.watch is not None and h.watch.program == event.get("program"):
             pid = event.get("pid")
             h.observe_process(str(event.get("state", "")), pid if isinstance(pid, int) else None)

@@ -23,6 +23,7 @@ from ..configfile import (
 )
 from ..engines.llama_server import adds_swa_full
 from ..engines.model_cache import command_model, of_file
+from ..engines.rpc_workers import find_rpc_server
 from ..http import page
 from . import claude_env, grafana, supervise
 from . import status as status_view  # `status` is the command
@@ -146,7 +147,8 @@ def up(config_path, llama_server, timeout) -> None:
     if config.supervisor.prometheus_listen and not prometheus:
         click.echo("prometheus: not on PATH, not run (Debian: apt-get install prometheus; make up does it)")
     try:
-        action = supervise.up(config, path, paths, supervise.Programs(binary, prometheus), timeout=timeout)
+        programs = supervise.Programs(binary, prometheus, rpc_server=find_rpc_server(binary))
+        action = supervise.up(config, path, paths, programs, timeout=timeout)
     except supervise.SuperviseError as e:
         raise click.ClickException(f"{e}\n  logs: {paths.log_dir}") from None
     click.echo(f"stack {action}: supervisord.conf in {paths.root}")

