@@ -5,6 +5,7 @@ mid-stream gives one SSE error, and a request that waits for it while it is down
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -96,6 +97,12 @@ async def test_cache_figures_reach_usage_and_metrics(vllm, gateway, http):
     assert hit >= usages[1]["cache_read_input_tokens"], usages
 
 
+def answered(gw, backend: str) -> float:
+    """Main requests `backend` answered, as the gateway counts them."""
+    return gw.metrics.registry.get_sample_value(
+        "orchestrator_requests_total", {"backend": backend, "route": "main", "status": "200"}) or 0
+
+
 async def vllm_waiting(http, vllm) -> float:
     async with http.get(vllm.url + "/metrics") as r:
         text = await r.text()
@@ -150,3 +157,56 @@ async def test_a_crash_mid_stream_is_one_sse_error_and_a_waiting_request_is_answ
     await asyncio.to_thread(vllm.start)
     r = await waiting
     assert r.status == 200 and (await r.json())["content"], await r.text()
+
+
+async def test_a_pool_of_llama_server_and_vllm_keeps_each_conversation_where_its_cache_is(vllm, gateway, http,
+                                                                                         tmp_path):
+    """Two engines of different kinds, one model name: each conversation goes back to the engine that
+    holds its prefix (>= 90% of a later turn's prompt from cache there), and a killed engine loses no
+    request: its conversation moves to the other one and stays there."""
+    from testkit.servers import LlamaServer
+
+    llama = LlamaServer(tmp_path)
+    await asyncio.to_thread(llama.start)
+    try:
+        base, gw, _, _ = await start_for_claude(gateway, http, {"backends": [
+            {"name": "llama", "url": llama.url}, {"name": "vllm", "url": vllm.url}]})
+        conversations = {c: [] for c in "AB"}
+
+        async def turn(c: str, n: int) -> tuple[str, int, int, float]:
+            messages = conversations[c] + [{"role": "user", "content": f"Conversation {c}, question {n}: say a word."}]
+            before = {b: answered(gw, b) for b in ("llama", "vllm")}
+            began = time.monotonic()
+            async with http.post(base + "/v1/messages", headers={"x-claude-code-session-id": f"session-{c}"}, json={
+                    "model": "claude-sonnet-4-5", "max_tokens": 12, "temperature": 0,
+                    "system": f"Conversation {c}. " + SYSTEM, "messages": messages}) as r:
+                assert r.status == 200, await r.text()
+                msg = await r.json()
+            text = "".join(b.get("text", "") for b in msg["content"]) or "ok"
+            conversations[c] = messages + [{"role": "assistant", "content": text}]
+            usage = msg["usage"]
+            prompt = usage["input_tokens"] + usage.get("cache_read_input_tokens", 0) + \
+                usage.get("cache_creation_input_tokens", 0)
+            where = next(b for b in before if answered(gw, b) > before[b])
+            return where, usage.get("cache_read_input_tokens", 0), prompt, time.monotonic() - began
+
+        figures = []
+        for n in range(3):
+            for c in "AB":
+                figures.append((c, n, *await turn(c, n)))
+        homes = {c: {f[2] for f in figures if f[0] == c} for c in "AB"}
+        assert all(len(h) == 1 for h in homes.values()) and homes["A"] != homes["B"], figures
+        for c, n, where, cached, prompt, _ in figures:
+            if n > 0:
+                assert cached >= 0.9 * prompt, figures
+        # The engine of A is killed: A's next turns are answered by the other one, cached there after one.
+        killed = next(iter(homes["A"]))
+        (vllm.kill if killed == "vllm" else llama.proc.kill)()
+        after = [("A", n, *await turn("A", n)) for n in (3, 4)]
+        assert all(f[2] != killed for f in after) and after[1][3] >= 0.9 * after[1][4], after
+        for f in figures + after:
+            print(f"conversation {f[0]} turn {f[1]}: {f[2]}, {f[3]}/{f[4]} from cache, {f[5]:.2f} s")
+    finally:
+        llama.stop()
+        if vllm.proc.poll() is not None:
+            await asyncio.to_thread(vllm.start)
