@@ -297,3 +297,29 @@ async def test_slots_default_to_what_the_engine_runs_and_the_queue_never_sends_m
     assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
     assert engine.max_in_flight == 3 and not engine.crashed
     assert app[GATEWAY].metrics.registry.get_sample_value("orchestrator_slots", {"backend": "p"}) == 3
+
+
+VLLM_METRICS = ('vllm:cache_config_info{block_size="128",engine="0",kv_cache_max_concurrency="7.265625",'
+                'kv_cache_size_tokens="59520",model_name="smollm2"} 1.0\n')
+
+
+@pytest.mark.parametrize("command,metrics,batch", [
+    ("vllm serve /m --max-num-seqs 5", VLLM_METRICS, 5),   # from the command, where it is known
+    (None, VLLM_METRICS, 7),                                 # else what its KV cache holds at full context
+    (None, None, None)])                                     # else unknown
+async def test_vllms_batch_is_its_max_num_seqs_else_its_kv_concurrency(command, metrics, batch, serve_app):
+    from orchestrator.config import BackendConfig
+    from orchestrator.engines.upstream import UpstreamClient
+    from orchestrator.engines.vllm import Vllm
+
+    engine = engine_of("vllm", max_model_len=8192)
+    engine.metrics = metrics
+    upstream = UpstreamClient()
+    await upstream.start()
+    try:
+        vllm = Vllm(BackendConfig(name="v", url=await serve_app(engine.app())), upstream)
+        vllm.command_line = command
+        served = await vllm.describe(timeout=5)
+    finally:
+        await upstream.close()
+    assert (served.batch, served.model, served.max_tokens, served.n_ctx) == (batch, SERVED, 8192, 8192)

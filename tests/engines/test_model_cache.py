@@ -169,13 +169,3 @@ def test_status_and_check_config_name_the_models_cache(tmp_path):
     out = CliRunner().invoke(main, ["check-config", str(tmp_path / "o.toml")]).output
     assert ("backend primary model cache: sliding_window (512 tokens) gemma3: slot restore cannot work "
             "(sliding-window model without --swa-full)") in out
-
-
-def test_a_processs_command_line_is_read_where_linux_shows_it():
-    import os
-    import sys
-
-    from orchestrator.engines.local_process import command_line
-
-    assert sys.executable.rsplit("/", 1)[-1] in command_line(os.getpid())
-    assert command_line(None) is None and command_line(2 ** 31) is None
