@@ -4,7 +4,10 @@ Exactly one terminal event reaches the client: the backend's `message_stop` or
 `error`, or, when the stream breaks a rule or ends without one, an `error` of
 ours. Nothing after the terminal event is forwarded. The only changes to what
 the backend sent: `message_start`'s model is set back to the client's name, and
-llama-server's OpenAI-shaped error event is put in Anthropic's shape.
+llama-server's OpenAI-shaped error event is put in Anthropic's shape. A tool call
+whose input is not a JSON object (vLLM's tool parsers let a small model's
+`[...]` or `"..."` through) ends the stream with an error of ours before its
+`content_block_stop`: a client would run the tool with it, or fail on it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
     stream = chunks(resp, backend.config)
     terminal: str | None = None
     problem: str | None = None
+    tool_inputs: dict[Any, list[str]] = {}  # a tool_use block's input_json_delta parts, by its index
     eof = False
     while terminal is None and problem is None and not eof:
         try:
@@ -66,6 +70,10 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
                                f"object: {ev.data[:200]!r}")
                     break
                 outcome.observe_event(ev.event, data)
+                problem = _tool_input_problem(ev.event, data, tool_inputs)
+                if problem is not None:
+                    problem = f"backend {backend.name!r} sent {problem}"
+                    break
                 if ev.event == "message_start" and rename and _rename(data, rename):
                     block = sse.Block(sse.encode(ev.event, data), ev)
                 elif ev.event == "error" and not is_anthropic_error(data):
@@ -93,6 +101,29 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
         raise Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
     log.warning("%s", problem)
     raise UpstreamError(problem)
+
+
+def _tool_input_problem(event: str, data: dict[str, Any], parts: dict[Any, list[str]]) -> str | None:
+    """Follows each tool_use block's input as it streams; at its end, what is wrong with it (None: a
+    JSON object, or no input streamed: its content_block_start's own)."""
+    index = data.get("index")
+    if event == "content_block_start":
+        block = data.get("content_block")
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            parts[index] = []
+    elif event == "content_block_delta" and index in parts:
+        delta = data.get("delta")
+        if isinstance(delta, dict) and isinstance(delta.get("partial_json"), str):
+            parts[index].append(delta["partial_json"])
+    elif event == "content_block_stop" and index in parts:
+        text = "".join(parts.pop(index))
+        try:
+            value = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            return f"a tool call whose input is not a JSON object: {text[:200]!r}"
+    return None
 
 
 def _rename(data: dict[str, Any], model: str) -> bool:

@@ -328,3 +328,39 @@ async def test_a_200_json_that_is_not_a_message_is_a_502(scripted, http, answer)
     s.headers, s.writes = {"Content-Type": "application/json"}, [answer]
     status, got, _ = await post(http, base, MAIN)
     assert status == 502 and json.loads(got)["type"] == "error" and b'"model"' not in got
+
+
+def _tool_stream(partials: list[str]) -> list[bytes]:
+    def ev(name: str, data: dict) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    return [ev("message_start", {"type": "message_start", "message": {
+                "id": "m", "type": "message", "role": "assistant", "content": [], "model": "big-model",
+                "usage": {"input_tokens": 5, "output_tokens": 0}}}),
+            ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "t1", "name": "Read", "input": {}}}),
+            *[ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "input_json_delta", "partial_json": p}}) for p in partials],
+            ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                                 "usage": {"output_tokens": 9}}),
+            ev("message_stop", {"type": "message_stop"})]
+
+
+@pytest.mark.parametrize("partials,whole", [
+    (['{"file_path"', ': "/a.py"}'], True), ([], True),            # an object; no input streamed
+    (['[{"file_path": "/a.py"}]'], False), (['"{\\"a\\": 1}"'], False), (['{"cut": '], False)])
+async def test_a_tool_call_whose_input_is_not_an_object_ends_in_one_error(scripted, http, partials, whole):
+    """vLLM's tool parser with a small model streamed a forced call's input as a list or a string
+    (docs/vllm-cpu.md): the client would run the tool with it; it gets one error instead."""
+    s, base, gw = scripted
+    s.writes = _tool_stream(partials)
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
+    kinds = [e.event for e in sse_events(got)]
+    assert status == 200
+    if whole:
+        assert got.endswith(b"".join(s.writes[1:])) and kinds[-1] == "message_stop"
+    else:
+        assert kinds[-1] == "error" and kinds.count("error") == 1 and "content_block_stop" not in kinds, kinds
+        assert "tool call whose input is not a JSON object" in sse_events(got)[-1].json()["error"]["message"]
+    await until_free(gw.backends["primary"].queue)
