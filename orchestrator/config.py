@@ -13,6 +13,7 @@ deploy/orchestrator.example.toml and checked against it by a test).
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable
@@ -178,6 +179,13 @@ class BackendConfig:
     api_key: str | None = setting(None, "sent to the backend as x-api-key and Bearer (remote backends)",
                                   example="sk-...", secret=True)
     forward_client_key: bool = setting(False, "send the client's own key to this backend")
+    # An engine behind a router of its own keeps a conversation's cache only if the router keeps it on one
+    # replica: the router reads a session from a header (llm-d's session affinity, an Envoy hash policy).
+    session_header: str = setting("", "a header a router in front of this engine keeps sessions by: each request "
+                                  "carries its conversation's key (hex; Claude Code's session and agent "
+                                  "bound to the prompt's prefix) in it; empty: none",
+                                  check=Check(lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9-]{1,64}", v) is not None,
+                                              "a header name (letters, digits, '-')"), example="x-session-id")
     health_path: str = setting("/health", 'polled for health; any answer but 503 counts as up (a 404: an API '
                                'without one); "" for a server with no health endpoint at all: its root is '
                                'polled, and any HTTP answer means up',

@@ -126,6 +126,9 @@ async def _forward(gw: Gateway, ex: Exchange) -> web.StreamResponse:
                 # A rewrite that cannot splice re-serialises the body: a large one off the event loop.
                 data = rewrite() if ex.size <= INLINE_BYTES else await asyncio.to_thread(rewrite)
                 headers = request_headers(ex.request.headers, backend.config, gw.config.gateway.api_key)
+                if backend.config.session_header:  # for a router in front of the engine (config.py)
+                    headers[backend.config.session_header] = (conversation.key if ex.size <= INLINE_BYTES else
+                                                              await asyncio.to_thread(lambda: conversation.key))
                 response = await _send(gw, ex, data, headers)
                 if call.complete and ex.outcome.status is not Ended.STREAM_ERROR:
                     if hashed is not None:

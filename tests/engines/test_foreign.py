@@ -323,3 +323,25 @@ async def test_vllms_batch_is_its_max_num_seqs_else_its_kv_concurrency(command, 
     finally:
         await upstream.close()
     assert (served.batch, served.model, served.max_tokens, served.n_ctx) == (batch, SERVED, 8192, 8192)
+
+
+async def test_a_router_in_front_of_the_engine_gets_each_conversations_key(gateway, serve_app, http):
+    """`session_header`: a router (llm-d, an Envoy hash) keeps a conversation on the replica that
+    holds its cache: every turn of a conversation carries one key, another conversation another."""
+    engine = engine_of("vllm")
+    base, _ = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app()),
+                                           "session_header": "x-session-id"}]})
+
+    async def turn(c: str, n: int, session: str) -> None:
+        messages = [{"role": "user", "content": f"conversation {c}"}]
+        for i in range(n):
+            messages += [{"role": "assistant", "content": f"a{i}"}, {"role": "user", "content": f"q{i}"}]
+        async with http.post(base + "/v1/messages", headers={"X-Claude-Code-Session-Id": session},
+                             json={**BODY, "stream": False, "messages": messages}) as r:
+            assert r.status == 200
+
+    for n in range(2):
+        await turn("A", n, "s1")
+        await turn("B", n, "s1")
+    keys = [h.get("x-session-id") for h in engine.headers]
+    assert all(k and len(k) == 32 for k in keys) and keys[0] == keys[2] and keys[1] == keys[3] != keys[0], keys
