@@ -165,8 +165,9 @@ class BackendConfig:
     url: str = setting(MISSING, "the server's base URL",
                        check=Check(_url_ok, "an http(s) URL", normalize=lambda v: v.rstrip("/")),
                        example="http://127.0.0.1:8080")
-    slots: int = setting(0, "requests it may run at once; 0: as many as the engine says it runs "
-                         "(llama-server's --parallel, vLLM's --max-num-seqs), one until it says",
+    slots: int = setting(0, "requests it may run at once (llama-server: its --parallel); 0: as many as the "
+                         "engine says it runs (vLLM's --max-num-seqs), else one (llama-server's slot 0 is "
+                         "the one saved and parked)",
                          check=Check(lambda v: v >= 0, "a non-negative integer"))
     models: tuple[str, ...] = setting(("*",), "model-name patterns (fnmatch, case-insensitive) routed here",
                                       check=Check(lambda v: len(v) > 0, "a non-empty list of patterns"))

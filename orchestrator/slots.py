@@ -117,6 +117,9 @@ class SlotQueue:
         self.max_wait = limits.max_wait
         self.retry_after = limits.retry_after
         self._busy = 0
+        # Requests its engine runs or holds that are not this queue's (other clients of a shared engine),
+        # as the engine last said (backends/health.py writes it); placement counts them, admission not.
+        self.outside = 0
         self._open = True
         self._failure: Callable[[], Exception] | None = None
         self.prefer_max_passes = limits.prefer_max_passes

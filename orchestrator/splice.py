@@ -126,9 +126,18 @@ _MODEL_ESCAPE = re.compile(rb"\\u00(?:6[dDfF45cC])")
 
 def _model_edit(body: dict[str, Any], new: Any, raw: bytes) -> tuple[int, int, bytes] | None:
     """The edit that gives `model` (Claude Code's first member) the name `new`: proven when the first
-    top-level `model` holds what json.loads kept, `"model"` is written nowhere else in the body and
-    no letter of it is written as an escape (so no other key reads as "model"); None otherwise."""
-    if not isinstance(new, str) or raw.count(b'"model"') != 1 or _MODEL_ESCAPE.search(raw):
+    top-level `model` holds what json.loads kept, `"model"` is written nowhere else in the body but
+    inside the top-level `tools` (Claude Code's Task tool has a `model` parameter), and no letter of
+    it is written as an escape (so no other key reads as "model"); None otherwise."""
+    if not isinstance(new, str) or _MODEL_ESCAPE.search(raw):
+        return None
+    written = raw.count(b'"model"')
+    if written > 1:
+        tools = _find_member(raw, "tools")
+        if tools is not None:
+            at, _, vs, ve = tools
+            written -= raw.count(b'"model"', at + vs, at + ve)
+    if written != 1:
         return None
     text = raw[:SPLICE_HEAD_BYTES].decode("latin-1")  # byte offsets: see _find_member
     try:

@@ -14,12 +14,13 @@ import collections
 import logging
 import time
 import xmlrpc.client
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..config import BackendConfig
-from ..engines.base import Engine, Served
+from ..engines.base import Engine, Load, Served
 from ..engines.model_cache import ModelCache
 from ..engines.llama_server import program_name
 from ..engines.local_process import command_line, listener_command_line
@@ -108,6 +109,9 @@ class BackendHealth:
         # What its engine says it serves (its context, model name, batch), read at every (re)start; the
         # context is what `orchestrator env` hands Claude Code.
         self.served = Served()
+        self._undescribed = False
+        # What the engine says it runs now (engines/base.py's Load), read at every poll; None: it does not say.
+        self.load: Load | None = None
         # What kind of cache its model keeps (engines/model_cache.py), read at every (re)start.
         self.model: ModelCache | None = None
         self.process_state = ""
@@ -191,8 +195,11 @@ class BackendHealth:
         if self.watch is not None and await self._check_process():
             return self.state
         lost = self._workers_lost()
-        if lost:  # its head says "ok" until it next uses the dead worker, then aborts: not up
-            self.mark_down(f"its RPC worker {lost} is not running")
+        if lost or self._worker_restart_due:  # its head says "ok" until it next uses the dead worker, then aborts
+            self.mark_down(f"its RPC worker {lost} is not running" if lost else
+                           "waiting for its llama-server to restart: one of its RPC workers was restarted")
+            if not lost and self._restarting is None:  # the restart failed, or its event was missed: again
+                self._restarting = asyncio.create_task(self._restart(), name=f"restart:{self.backend.name}")
             return self.state
         try:
             status = await self.engine.health(timeout)
@@ -209,9 +216,7 @@ class BackendHealth:
             # readable: a supervised one's by its pid, another on this machine by its port.
             self.engine.command_line = (command_line(self.pid) if self.watch is not None else
                                         await asyncio.to_thread(listener_command_line, self.backend.url))
-            self.served = await self._describe(timeout)
-            if not self.backend.slots and self.served.batch:  # slots = 0: as many as the engine runs
-                self.queue.resize(self.served.batch)
+            await self._describe(timeout)
             self.model = await self.engine.model_cache() or self.model
             if self._restore is not None:
                 since, restarts = self.since, self.restarts
@@ -219,20 +224,40 @@ class BackendHealth:
                 self.last_restore = note or self.last_restore
                 if (self.since, self.restarts) != (since, restarts):
                     return self.state  # it went down (or FATAL) meanwhile: the next check decides
+        elif self._undescribed:  # its first description failed: asked again until it answers
+            await self._describe(timeout)
         self.set(State.READY)
+        await self._read_load(timeout)
         return self.state
+
+    async def _read_load(self, timeout: float) -> None:
+        """The engine's own word on what it runs and holds, other clients' requests included: those not
+        the gateway's are the queue's `outside`, which placement counts (backends/pool.py)."""
+        try:
+            self.load = await self.engine.load(timeout)
+        except GatewayError:
+            self.load = None
+        load = self.load
+        self.queue.outside = max(0, load.running + load.waiting - self.queue.busy) if load is not None else 0
 
     @property
     def n_ctx(self) -> int | None:
         """The context a request may fill, as its engine says; None when unknown."""
         return self.served.n_ctx
 
-    async def _describe(self, timeout: float) -> Served:
-        """What its engine serves (engines/); nothing known when it cannot say."""
+    async def _describe(self, timeout: float) -> None:
+        """What its engine serves (engines/), and the queue sized to it (slots = 0). When the engine
+        cannot say now, what it said before stands, and it is asked again at the next poll: a vLLM
+        sent the client's model name would refuse every request."""
         try:
-            return await self.engine.describe(timeout)
-        except GatewayError:
-            return Served()
+            self.served = await self.engine.describe(timeout)
+        except GatewayError as e:
+            self._undescribed = True
+            log.warning("backend %s: could not read what it serves (asked again): %s", self.backend.name, e.message)
+            return
+        self._undescribed = False
+        if not self.backend.slots and self.served.batch:  # slots = 0: as many as the engine runs
+            self.queue.resize(self.served.batch)
 
     async def _check_process(self) -> bool:
         """True when supervisord's word settles the state (FATAL)."""
@@ -251,6 +276,7 @@ class BackendHealth:
         # may arrive after a poll has already seen the new process, still
         # naming the old pid, and one crash must count as one restart.
         if pid and state in ("STARTING", "RUNNING") and pid not in self._pids:
+            self._worker_restart_due = False  # a new head connects to the workers as they are now
             if self.pid:
                 self.restarts += 1
                 self.last_restart = time.time()
@@ -290,7 +316,6 @@ class BackendHealth:
             self._worker_restart_due = True
             self.mark_down(f"its RPC worker {program} is {state} in supervisord")
         if state == "RUNNING" and self._worker_restart_due and not self._workers_lost() and self._restarting is None:
-            self._worker_restart_due = False
             log.warning("backend %s: its RPC workers run again: restarting its llama-server, which does not "
                         "reconnect to them", self.backend.name)
             self._restarting = asyncio.create_task(self._restart(), name=f"restart:{self.backend.name}")
@@ -322,6 +347,7 @@ class BackendHealth:
                 "restarts": self.restarts, "last_restart": self.last_restart, "pid": self.pid,
                 "process_state": self.process_state, "log": self.log_file, "n_ctx": self.n_ctx,
                 "served_model": self.served.model,
+                "engine_load": asdict(self.load) if self.load is not None else None,
                 "kv_restore": self.last_restore,
                 "rpc_workers": dict(self.watch.workers) if self.watch is not None and self.watch.workers else None, "model_cache": self.model.view() if self.model else None}
 

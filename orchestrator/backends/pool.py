@@ -79,11 +79,11 @@ class Pool:
     def expected_wait(self, queue: SlotQueue) -> float:
         """Seconds a request sent now would wait for `queue`'s slot: its place in line over the
         slots, times the mean time a request holds one (0 until one was seen)."""
-        if queue.has_free_slot():
+        if _free(queue):
             return 0.0
-        # Every slot is taken: the requests in line each wait for one to free, `slots` at a time
-        # (counted as if the ones running had just begun: a bound on the safe side).
-        rounds = queue.depth // queue.slots + 1
+        # Every slot is taken: the requests in line (and the engine's other clients') each wait for one
+        # to free, `slots` at a time (counted as if the ones running had just begun: a bound on the safe side).
+        rounds = (queue.depth + queue.outside) // queue.slots + 1
         return rounds * self._mean_hold(queue.name)
 
     def _mean_hold(self, backend: str) -> float:
@@ -111,13 +111,19 @@ class Pool:
 
 
 def least_loaded(queues: Sequence[SlotQueue], homes: dict[str, int]) -> SlotQueue:
-    """A free slot first; else the shortest line per slot. Ties go to the backend that is home to
+    """A free slot first; else the shortest line per slot (the engine's other clients' requests
+    counted, where it says them). Ties go to the backend that is home to
     the fewest conversations, so one that just came back (home to none) gets new ones first."""
     usable = [q for q in queues if q.is_open] or list(queues)
-    free = [q for q in usable if q.has_free_slot()]
+    free = [q for q in usable if _free(q)]
     if free:
-        return min(free, key=lambda q: (q.busy / q.slots, homes.get(q.name, 0)))
-    return min(usable, key=lambda q: ((q.depth + q.busy) / q.slots, homes.get(q.name, 0)))
+        return min(free, key=lambda q: ((q.busy + q.outside) / q.slots, homes.get(q.name, 0)))
+    return min(usable, key=lambda q: ((q.depth + q.busy + q.outside) / q.slots, homes.get(q.name, 0)))
+
+
+def _free(queue: SlotQueue) -> bool:
+    """A slot free now, counting what its engine runs for others (SlotQueue.outside)."""
+    return queue.has_free_slot() and queue.busy + queue.outside < queue.slots
 
 
 def choose(queues: Sequence[SlotQueue], home: str | None, homes: dict[str, int], max_wait: float,

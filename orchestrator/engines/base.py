@@ -57,6 +57,15 @@ class Served:
     max_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Load:
+    """What an engine says it is doing now, all clients' requests counted (vLLM's /metrics)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float | None = None  # the share of its KV cache in use, 0..1
+
+
 class Engine:
     """The engine behind one backend, as the gateway asks it."""
 
@@ -86,6 +95,11 @@ class Engine:
     async def describe(self, timeout: float) -> Served:
         """What it serves (Served); by default only its context. May raise a GatewayError."""
         return Served(n_ctx=await self.context_size(timeout))
+
+    async def load(self, timeout: float) -> Load | None:
+        """What it is running and holding now, other clients' requests included; None when it does not
+        say (placement then counts only the gateway's own). May raise a GatewayError."""
+        return None
 
     def saves_slots(self) -> bool:
         """Whether the gateway saves and restores this backend's slot: the engine can, and its config asks."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import BackendConfig
-from .base import Engine, Served, ServerId, listed_model, positive
+from .base import Engine, Load, Served, ServerId, listed_model, positive
 from .llama_server import LlamaServer, n_ctx, served_of
 from .model_cache import ModelCache
 from .sglang import SGLang
@@ -81,6 +81,9 @@ class Unnamed(Engine):
 
     async def processing(self) -> int | None:
         return await self.found.processing()
+
+    async def load(self, timeout: float) -> Load | None:
+        return await self.found.load(timeout)
 
     async def model_cache(self) -> ModelCache | None:
         return await self.found.model_cache()

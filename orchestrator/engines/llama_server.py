@@ -164,8 +164,10 @@ def n_ctx(props: dict[str, Any] | None) -> Any:
 
 
 def served_of(props: dict[str, Any] | None) -> Served:
-    """What a /props answer says: the per-slot context and the slot count. Any model name is taken."""
-    return Served(n_ctx=positive(n_ctx(props)), batch=positive((props or {}).get("total_slots")))
+    """What a /props answer says: the per-slot context; any model name is taken. Its slot count
+    (`total_slots`) is not taken as the batch: the gateway's saves and parking are slot 0's, and a
+    llama-server started without --parallel picks several slots itself; `slots` says otherwise."""
+    return Served(n_ctx=positive(n_ctx(props)))
 
 
 # ---- what identifies a server's KV cache -------------------------------------------------------

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 # /proc/net/tcp's state column for a listening socket.
 LISTEN = "0A"
+# Local addresses that a loopback URL reaches, as /proc/net/tcp{,6} write them: 127.0.0.1 and 0.0.0.0,
+# ::1 and :: (a process on the same port of another address is another server).
+REACHED = {"0100007F", "00000000", "00000000000000000000000001000000", "00000000000000000000000000000000"}
 
 
 def command_line(pid: int | None) -> str | None:
@@ -33,7 +36,8 @@ def _listening_inodes(port: int) -> set[str]:
             continue
         for line in lines:
             f = line.split()
-            if len(f) > 9 and f[3] == LISTEN and int(f[1].rsplit(":", 1)[1], 16) == port:
+            address, _, hex_port = f[1].rpartition(":") if len(f) > 9 else ("", "", "")
+            if f[3:4] == [LISTEN] and address in REACHED and int(hex_port, 16) == port:
                 inodes.add(f[9])
     return inodes
 

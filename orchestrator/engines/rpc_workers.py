@@ -48,7 +48,7 @@ def supervised_workers(backend: BackendConfig) -> list[tuple[str, str, int]]:
 
 def with_rpc(backend: BackendConfig, command: str) -> str:
     """The head's command with `--rpc` naming its workers, unless the command names them itself."""
-    if not backend.rpc_workers or "--rpc" in shlex.split(command):
+    if not backend.rpc_workers or any(w == "--rpc" or w.startswith("--rpc=") for w in shlex.split(command)):
         return command
     return f"{command} --rpc {shlex.quote(','.join(backend.rpc_workers))}"
 

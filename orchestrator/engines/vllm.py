@@ -17,12 +17,14 @@ import math
 import re
 
 from ..errors import GatewayError
-from .base import Engine, Served, listed_context, listed_model, positive
+from .base import Engine, Load, Served, listed_context, listed_model, positive
 from .local_process import option
 
 METRICS_TIMEOUT = 5.0
 # vLLM's /metrics is some 100 kB of text.
 MAX_METRICS_BYTES = 4 * 1024 * 1024
+_GAUGE = re.compile(r"^(vllm:num_requests_running|vllm:num_requests_waiting|vllm:kv_cache_usage_perc)"
+                    r"(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
 _CONCURRENCY = re.compile(r'^vllm:cache_config_info\{[^}]*kv_cache_max_concurrency="([0-9.eE+-]+)"', re.M)
 
 
@@ -58,3 +60,20 @@ class Vllm(Engine):
         """Its /metrics' text, None unless it answers 200. A GatewayError when it does not answer."""
         status, text = await self.upstream.get_text(self.backend, "/metrics", timeout=timeout, limit=MAX_METRICS_BYTES)
         return text if status == 200 else None
+
+    async def load(self, timeout: float) -> Load | None:
+        """Its running and waiting requests and KV use, summed over its engines (/metrics' gauges)."""
+        text = await self.metrics(timeout)
+        if not text:
+            return None
+        sums: dict[str, float] = {}
+        for name, value in _GAUGE.findall(text):
+            try:
+                sums[name] = sums.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+        if "vllm:num_requests_running" not in sums:
+            return None
+        kv = sums.get("vllm:kv_cache_usage_perc")
+        return Load(running=int(sums["vllm:num_requests_running"]), waiting=int(sums.get("vllm:num_requests_waiting", 0)),
+                    kv_usage=kv)

@@ -22,13 +22,14 @@ PREFIX = "PROCESS_STATE_"
 
 
 def parse(headers: dict[str, str], payload: str) -> dict | None:
-    """{program, state, pid} from a PROCESS_STATE_* event of a backend program, else None."""
+    """{program, state, pid} from a PROCESS_STATE_* event of a backend program (a llama-server, or one
+    of its RPC workers), else None."""
     event = headers.get("eventname", "")
     if not event.startswith(PREFIX):
         return None
     body = get_headers(payload.split("\n", 1)[0])
     program = body.get("processname", "")
-    if not program.startswith("llama-"):
+    if not program.startswith(("llama-", "rpc-")):
         return None
     pid = body.get("pid")
     return {"program": program, "state": event[len(PREFIX):], "pid": int(pid) if pid and pid.isdigit() else None}

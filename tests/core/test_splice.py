@@ -248,7 +248,8 @@ def test_claude_code_shaped_bodies_always_take_the_splice(rest, turns, clamp):
 def test_the_engines_model_name_replaces_only_the_name():
     body = sample("main-2.1.332.json")["body"]
     raw = utf8_json(body)
-    sent = forwarded_body(body, raw, Rewrites(model="HuggingFaceTB/SmolLM2"))
+    assert raw.count(b'"model"') > 1  # the Task tool's `model` parameter, in `tools`
+    sent = splice(body, {**body, "model": "HuggingFaceTB/SmolLM2"}, raw)
     assert sent == raw.replace(utf8_json(body["model"]), b'"HuggingFaceTB/SmolLM2"', 1)
     # "model" written again in the conversation: proven only by re-serialising.
     more = {**body, "messages": [*body["messages"], {"role": "user", "content": [{"type": "text", "text": "x"}],

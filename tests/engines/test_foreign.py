@@ -65,6 +65,9 @@ def sglang_stream(model: str) -> bytes:
     ])
 
 
+VLLM_METRICS = ('vllm:cache_config_info{block_size="128",engine="0",kv_cache_max_concurrency="7.265625",'
+                'kv_cache_size_tokens="59520",model_name="smollm2"} 1.0\n')
+
 SERVED = "zai-org/GLM-5"
 
 
@@ -275,9 +278,11 @@ async def test_an_engine_that_answers_only_its_own_model_name_gets_it_and_its_ma
 
 
 async def test_slots_default_to_what_the_engine_runs_and_the_queue_never_sends_more(gateway, serve_app, http):
-    """No `slots` in the config: the queue takes the engine's own count (llama-server's /props
-    total_slots here), and never has more of its requests in the engine at once."""
-    engine = FakeEngine(capacity=3, props={"default_generation_settings": {"n_ctx": 4096}, "total_slots": 3})
+    """No `slots` in the config: the queue takes the engine's own count (a vLLM's, from its /metrics
+    here), and never has more of its requests in the engine at once."""
+    engine = engine_of("vllm", capacity=3)
+    engine.die_on_overlap, engine.script = True, None
+    engine.metrics = VLLM_METRICS.replace("7.265625", "3.5")
     base, app = await gateway({"backends": [{"name": "p", "url": await serve_app(engine.app())}]})
     backend = app[GATEWAY].backends["p"]
     await backend.health.check(timeout=5)
@@ -297,10 +302,6 @@ async def test_slots_default_to_what_the_engine_runs_and_the_queue_never_sends_m
     assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
     assert engine.max_in_flight == 3 and not engine.crashed
     assert app[GATEWAY].metrics.registry.get_sample_value("orchestrator_slots", {"backend": "p"}) == 3
-
-
-VLLM_METRICS = ('vllm:cache_config_info{block_size="128",engine="0",kv_cache_max_concurrency="7.265625",'
-                'kv_cache_size_tokens="59520",model_name="smollm2"} 1.0\n')
 
 
 @pytest.mark.parametrize("command,metrics,batch", [
