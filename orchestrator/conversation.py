@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
@@ -69,7 +70,7 @@ def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     if isinstance(tools, list):
         for i, tool in enumerate(tools):
             name = tool.get("name") if isinstance(tool, dict) else None
-            yield f"tools[{name if isinstance(name, str) else i}]"[:80], tool
+            yield f"tools[{shown(name) if isinstance(name, str) else i}]"[:80], tool
     messages = body.get("messages")
     if isinstance(messages, list):
         for i, m in enumerate(messages):
@@ -80,9 +81,18 @@ def _walk(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             if isinstance(content, list):
                 for j, block in enumerate(content):
                     kind = block.get("type") if isinstance(block, dict) else None
-                    yield f"messages[{i}].{role}[{j}]:{kind}"[:80], [role, block]
+                    yield f"messages[{i}].{shown(role)}[{j}]:{shown(kind)}"[:80], [role, block]
             else:
-                yield f"messages[{i}].{role}"[:80], [role, content]
+                yield f"messages[{i}].{shown(role)}"[:80], [role, content]
+
+
+_UNSHOWN = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def shown(value: Any) -> str:
+    """A client's name (a tool's, a role, a block's type) as a block's place shows it in the log and on
+    /health: letters, digits and `_.:-` only, the rest `?`, so no client writes a log line of its own."""
+    return _UNSHOWN.sub("?", str(value)[:40])
 
 
 def blocks(body: dict[str, Any]) -> list[tuple[str, str]]:

@@ -410,3 +410,4 @@ def test_make_status_says_why_the_cache_missed():
         {"reason": "prefix_changed", "at_token": 512, "at_block": "system[1]", "cached": 512, "prompt": 1600}]}}]}
     assert kv_lines(health, 0.0) == ["prompt cache: primary turns new 1, prefix_changed 1; last prefix_changed "
                                      "at token 512 (system[1]), 512/1,600 from cache"]
+

@@ -88,3 +88,4 @@ async def test_on_a_dense_model_parking_goes_on_as_before(park_stack, http):  # 
     one, two = _key("one")[:8], _key("two")[:8]
     assert [(a, n.split("-")[0][:8]) for a, n in fake.actions] == [("save", one), ("save", two), ("restore", one)]
 
+
