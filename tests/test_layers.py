@@ -6,6 +6,7 @@ tests' or testkit's), no function taking too many arguments; the architecture pa
 from __future__ import annotations
 
 import ast
+import collections
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,3 +217,10 @@ def test_the_architecture_page_names_every_module():
     page = (ROOT / "docs" / "architecture.md").read_text()
     unnamed = [m for m in _modules() if f"`{m.replace('.', '/')}`" not in page]
     assert unnamed == []
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by their basename (no packages under tests/): two of one name in two
+    folders stop the whole suite at collection ("import file mismatch")."""
+    names = collections.Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert [n for n, count in names.items() if count > 1] == []
