@@ -81,8 +81,9 @@ start_retries = {retries}
         async with http.get(self.url + "/health") as r:
             return (await r.json())["backends"][0]
 
-    async def ready(self, http, restarts: int = 0, timeout: float = 60) -> dict:
-        """The primary once it is ready, restarted at least `restarts` times."""
+    async def ready(self, http, restarts: int = 0, timeout: float = 300) -> dict:
+        """The primary once it is ready, restarted at least `restarts` times. The bound ends only a hung
+        test: a loaded machine starts a model in seconds, not minutes."""
         async with asyncio.timeout(timeout):
             while True:
                 try:

@@ -58,10 +58,15 @@ async def usage(http, url: str, body: dict) -> dict:
 
 
 async def crash(s, http) -> None:
-    """kill -SEGV the supervised server, and wait until the gateway sees it gone (polled: an event)."""
+    """kill -SEGV the supervised server, and wait until the gateway sees it gone or already restarted
+    (supervisord may bring it back before a poll of /health sees it down). The bound: a hung gateway."""
+    before = (await wait_health(http, s.url))["backends"][0]["restarts"]
     os.kill(s.pid("llama-primary"), signal.SIGSEGV)
-    async with asyncio.timeout(30):
-        while (await wait_health(http, s.url))["backends"][0]["state"] == "ready":
+    async with asyncio.timeout(300):
+        while True:
+            b = (await wait_health(http, s.url))["backends"][0]
+            if b["state"] != "ready" or b["restarts"] > before:
+                return
             await asyncio.sleep(0.02)
 
 
