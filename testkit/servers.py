@@ -66,20 +66,25 @@ class LlamaServer:
                "--no-webui", "--seed", "1", *self.extra_args]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except Exception:
-                time.sleep(0.2)
-        raise RuntimeError("llama-server did not become healthy in 120 s")
+        wait_started(self.proc, self.url + "/health", self.log, 120)
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def wait_started(proc: subprocess.Popen, health_url: str, log: Path, bound: float) -> None:
+    """Until `health_url` answers 200; the server's exit, or `bound` seconds, raise with its log's end."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}): {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(health_url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError(f"{health_url} did not answer 200 in {bound:g} s: {log.read_text()[-3000:]}")
 
 
 def stop_process(proc: subprocess.Popen | None) -> None:

@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
-from .servers import ROOT, free_port
+from .servers import ROOT, free_port, wait_started
 
 SERVED = "smollm2"
 # Its start: ~50 s on 2 idle cores; a loaded machine takes longer, and a stuck one is seen by its exit.
@@ -63,17 +61,7 @@ class VllmServer:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONPATH": str(ROOT / "deploy")})
-        deadline = time.monotonic() + START_BOUND
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except Exception:
-                time.sleep(0.5)
-        raise RuntimeError(f"vllm did not answer /health in {START_BOUND} s: {self.log.read_text()[-3000:]}")
+        wait_started(self.proc, self.url + "/health", self.log, START_BOUND)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """The whole process group, at once (a crash)."""
