@@ -21,17 +21,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 120) -> None:
-    """Until `url` answers 200."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until `url` answers 200. `proc`: the server's process, whose exit ends the wait at once; its
+    `log`'s end goes with the error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
                     return
         except Exception:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer")
+    raise RuntimeError(f"{url} did not answer 200 in {timeout:g} s: {log.read_text()[-3000:] if log else ''}")
 
 
 def llama_server_binary() -> str:
@@ -66,25 +69,10 @@ class LlamaServer:
                "--no-webui", "--seed", "1", *self.extra_args]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wait_started(self.proc, self.url + "/health", self.log, 120)
+        wait_http(self.url + "/health", 120, self.proc, self.log)
 
     def stop(self) -> None:
         stop_process(self.proc)
-
-
-def wait_started(proc: subprocess.Popen, health_url: str, log: Path, bound: float) -> None:
-    """Until `health_url` answers 200; the server's exit, or `bound` seconds, raise with its log's end."""
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}): {log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(health_url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.2)
-    raise RuntimeError(f"{health_url} did not answer 200 in {bound:g} s: {log.read_text()[-3000:]}")
 
 
 def stop_process(proc: subprocess.Popen | None) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .servers import ROOT, free_port, wait_started
+from .servers import ROOT, free_port, wait_http
 
 SERVED = "smollm2"
 # Its start: ~50 s on 2 idle cores; a loaded machine takes longer, and a stuck one is seen by its exit.
@@ -61,7 +61,7 @@ class VllmServer:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONPATH": str(ROOT / "deploy")})
-        wait_started(self.proc, self.url + "/health", self.log, START_BOUND)
+        wait_http(self.url + "/health", START_BOUND, self.proc, self.log)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """The whole process group, at once (a crash)."""
