@@ -101,6 +101,9 @@ class FakeEngine:
     # crashes the server, like a generation that overlaps another.
     folder: Path | None = None
     slot_tokens: int | None = None  # what GET /slots says slot 0 holds (n_prompt_tokens); None: not said
+    # What GET /slots says of a generating slot's prompt: (n_prompt_tokens_processed,
+    # n_prompt_tokens_cache); None: not said.
+    slot_prompt: tuple[int, int] | None = None
     tokens_per_turn: int | None = None  # a generation leaves the slot holding this many tokens
     save_delay: float = 0.0
     restore_delay: float = 0.0
@@ -196,6 +199,8 @@ class FakeEngine:
             return _json_error(501, "This server does not support slots", "not_supported_error")
         self.slots_headers.append(dict(request.headers))
         said = {} if self.slot_tokens is None else {"n_prompt_tokens": self.slot_tokens}
+        if self.slot_prompt is not None:
+            said.update(n_prompt_tokens_processed=self.slot_prompt[0], n_prompt_tokens_cache=self.slot_prompt[1])
         return web.json_response([{"id": i, "is_processing": i < self.in_flight, **said}
                                   for i in range(self.capacity)])
 

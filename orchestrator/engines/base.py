@@ -130,6 +130,12 @@ class Engine:
         """Its slots as it describes them (the /dashboard page shows them); None when it has no such view."""
         return None
 
+    async def prompt_usage(self, timeout: float) -> dict[str, int] | None:
+        """The prompt figures (`input_tokens` computed, `cache_read_input_tokens`) of the one request it
+        is generating for now, for an answer whose stream left them out; None when it cannot tell.
+        May raise a GatewayError."""
+        return None
+
     async def processing(self) -> int | None:
         """How many requests it is processing now, None when it cannot tell (let-go unknown: the slot is
         free once the connection closed). UpstreamUnavailable when it does not answer (nothing runs

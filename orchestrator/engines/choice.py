@@ -82,6 +82,9 @@ class Unnamed(Engine):
     async def processing(self) -> int | None:
         return await self.found.processing()
 
+    async def prompt_usage(self, timeout: float) -> dict[str, int] | None:
+        return await self.found.prompt_usage(timeout)
+
     async def load(self, timeout: float) -> Load | None:
         return await self.found.load(timeout)
 

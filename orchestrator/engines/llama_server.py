@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import BackendConfig
 from ..errors import GatewayError
+from ..jsonvalues import is_int
 from .base import Engine, Served, ServerId, listed_context, positive
 from .model_cache import ModelCache, command_model, of_file, server_options
 from .rpc_workers import with_rpc
@@ -110,6 +111,20 @@ class LlamaServer(Engine):
         does not answer."""
         status, slots = await self.upstream.get_json(self.backend, "/slots", timeout=timeout)
         return slots if status == 200 and isinstance(slots, list) else None
+
+    async def prompt_usage(self, timeout: float) -> dict[str, int] | None:
+        """From /slots: the processed and cached prompt tokens of the one slot generating now, else of
+        a lone slot's last task (an answer can end before this look: the gateway's queue gave that slot
+        to this request). None when which slot is unclear or it does not say."""
+        slots = [s for s in await self.slots(timeout) or () if isinstance(s, dict)]
+        busy = [s for s in slots if s.get("is_processing")]
+        slot = busy[0] if len(busy) == 1 else slots[0] if not busy and len(slots) == 1 else None
+        if slot is None:
+            return None
+        computed, cached = slot.get("n_prompt_tokens_processed"), slot.get("n_prompt_tokens_cache")
+        if not (is_int(computed) and is_int(cached) and computed >= 0 and cached >= 0):
+            return None
+        return {"input_tokens": computed, "cache_read_input_tokens": cached}
 
     async def processing(self) -> int | None:
         slots = await self.slots(SLOTS_TIMEOUT)

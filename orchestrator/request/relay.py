@@ -8,12 +8,20 @@ llama-server's OpenAI-shaped error event is put in Anthropic's shape. A tool cal
 whose input is not a JSON object (vLLM's tool parsers let a small model's
 `[...]` or `"..."` through) ends the stream with an error of ours before its
 `content_block_stop`: a client would run the tool with it, or fail on it.
+
+One event is added: a `message_start` before an answer that lacks one. llama-server writes it
+only with its first decoded token's event (server-task.cpp, `n_decoded == 1`), and a first token
+that is half a UTF-8 character (a byte-fallback emoji, a random-weight model) is held back, so
+the answer starts at `content_block_start`; Anthropic's SDK, Claude Code's, fails such a stream
+("Unexpected event order"). Its prompt figures are the engine's own (llama-server's /slots) or,
+when the engine cannot tell, 0, and the log says so.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 from typing import Any
 
 import aiohttp
@@ -31,6 +39,8 @@ TERMINAL = ("message_stop", "error")
 # What follows a terminal event (normally nothing) is read this long, so the answer counts as
 # complete and the slot as free at once.
 DRAIN_SECONDS = 1.0
+# The engine's look at its own slot, for an answer that left out its prompt figures.
+USAGE_TIMEOUT = 5.0
 
 
 async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -43,6 +53,7 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
     terminal: str | None = None
     problem: str | None = None
     tool_inputs: dict[Any, list[str]] = {}  # a tool_use block's input_json_delta parts, by its index
+    started = False  # a message_start reached the client
     eof = False
     while terminal is None and problem is None and not eof:
         try:
@@ -69,6 +80,13 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
                     problem = (f"backend {backend.name!r} sent a {ev.event!r} event whose data is not a JSON "
                                f"object: {ev.data[:200]!r}")
                     break
+                if ev.event == "message_start":
+                    started = True
+                elif not started and ev.event not in ("ping", "error"):
+                    start = await _missing_start(ex, rename)
+                    outcome.observe_event("message_start", start)
+                    out.append(sse.encode("message_start", start))
+                    started = True
                 outcome.observe_event(ev.event, data)
                 problem = _tool_input_problem(ev.event, data, tool_inputs)
                 if problem is not None:
@@ -101,6 +119,22 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
         raise Overloaded(f"backend {backend.name!r} ended the stream before message_stop (did it crash?)")
     log.warning("%s", problem)
     raise UpstreamError(problem)
+
+
+async def _missing_start(ex: Exchange, model: str | None) -> dict[str, Any]:
+    """The message_start an answer lacked, with the prompt figures its engine gives for it."""
+    backend = ex.backend
+    try:
+        usage = await backend.engine.prompt_usage(USAGE_TIMEOUT)
+    except GatewayError as exc:
+        log.warning("backend %r: its prompt figures not read: %s", backend.name, exc.message)
+        usage = None
+    log.warning("backend %r began an answer without message_start: one added, its prompt figures %s",
+                backend.name, "from the engine" if usage else "unknown (0)")
+    return {"type": "message_start", "message": {
+        "id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "content": [],
+        "model": model or backend.name, "stop_reason": None, "stop_sequence": None,
+        "usage": {**(usage or {"input_tokens": 0, "cache_read_input_tokens": 0}), "output_tokens": 0}}}
 
 
 def _tool_input_problem(event: str, data: dict[str, Any], parts: dict[Any, list[str]]) -> str | None:

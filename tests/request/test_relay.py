@@ -364,3 +364,23 @@ async def test_a_tool_call_whose_input_is_not_an_object_ends_in_one_error(script
         assert kinds[-1] == "error" and kinds.count("error") == 1 and "content_block_stop" not in kinds, kinds
         assert "tool call whose input is not a JSON object" in sse_events(got)[-1].json()["error"]["message"]
     await until_free(gw.backends["primary"].queue)
+
+
+@pytest.mark.parametrize("capacity, figures", [(1, {"input_tokens": 40, "cache_read_input_tokens": 2}),
+                                               (2, {"input_tokens": 0, "cache_read_input_tokens": 0})])
+async def test_an_answer_without_message_start_gets_one_with_the_engines_figures(serve_app, gateway, http,
+                                                                                capacity, figures):
+    # llama-server holds back a first token that is half a UTF-8 character, and with it message_start.
+    s = Scripted()
+    engine = FakeEngine(script=s, die_on_overlap=False, capacity=capacity, slot_prompt=(40, 2))
+    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(engine.app())}]})
+    events = sse_message(["😀", " hi"], model="gguf/path/model.gguf")
+    s.writes = events[1:]
+    status, got, _ = await post(http, base, {**MAIN, "stream": True})
+    kinds = [e.event for e in sse_events(got)]
+    assert status == 200 and kinds[0] == "message_start" and kinds[1:] == [e.event for e in sse_events(b"".join(events[1:]))]
+    start = sse_events(got)[0].json()["message"]
+    assert start["model"] == "big-model" and start["id"].startswith("msg_") and start["content"] == []
+    assert start["usage"] == {**figures, "output_tokens": 0}  # two slots, none busy: whose? unknown
+    assert got.endswith(b"".join(events[1:]))  # the backend's own events, byte for byte
+    await until_free(app[GATEWAY].backends["primary"].queue)
