@@ -61,6 +61,7 @@ class Node:
     requests: int = 0
     backend: str | None = None
     last_seen: float = field(default_factory=time.time)
+    live: int = 0  # its requests forwarded and not ended: a node with any is never forgotten
 
     def snapshot(self, name: str, now: float, counts: tuple[int, int]) -> dict[str, Any]:
         return {"id": short(name), "parent": short(self.parent) if self.parent else None,
@@ -121,8 +122,9 @@ class Entry:
 
 class Tree:
     """Sessions -> requesters (main and agents), a view of the tracker: the requesters it has seen,
-    bounded (at most `max_sessions` sessions of at most `max_agents` requesters, least recently seen
-    first out), each with its queued and running requests counted from the tracker's live entries.
+    bounded (at most `max_sessions` sessions of at most `max_agents` requesters, the least recently
+    seen idle ones first out; one with a request in flight stays, past the bound if need be, which
+    the tracker's live requests bound in turn), each with its queued and running requests counted from the tracker's live entries.
     Written by `InFlight` alone."""
 
     def __init__(self, live: dict[int, Entry], max_sessions: int = 256, max_agents: int = 64) -> None:
@@ -135,8 +137,9 @@ class Tree:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def _seen(self, ident: Identity) -> Node | None:
-        """The requester's node, most recently seen now; None for a request without a session."""
+    def _joined(self, ident: Identity) -> Node | None:
+        """The requester's node, most recently seen now, one more request of it live; None for a
+        request without a session."""
         if ident.session is None:
             return None
         nodes = self._sessions.get(ident.session)
@@ -149,15 +152,18 @@ class Tree:
             node = nodes[name] = Node(ident.parent)
         nodes.move_to_end(name)
         node.last_seen = time.time()
+        node.requests += 1
+        node.live += 1
         self._bound(nodes)
         return node
 
     def _bound(self, nodes: collections.OrderedDict[str, Node]) -> None:
-        while len(nodes) > self.max_agents:
-            nodes.popitem(last=False)
+        for name in _idle_first(nodes.items(), len(nodes) - self.max_agents, lambda n: n.live == 0):
+            del nodes[name]
             self.forgotten += 1
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+        over = len(self._sessions) - self.max_sessions
+        for sid in _idle_first(self._sessions.items(), over, lambda ns: all(n.live == 0 for n in ns.values())):
+            del self._sessions[sid]
             self.forgotten += 1
 
     def _in_tree(self) -> Iterable[Entry]:
@@ -193,6 +199,18 @@ class Tree:
                 "max_agents_per_session": self.max_agents, "forgotten": self.forgotten, "sessions": sessions}
 
 
+def _idle_first(items: Iterable[tuple[str, Any]], over: int, idle) -> list[str]:
+    """Up to `over` keys, least recently seen first, of the items `idle` says may go."""
+    out: list[str] = []
+    if over > 0:
+        for key, value in items:
+            if idle(value):
+                out.append(key)
+                if len(out) == over:
+                    break
+    return out
+
+
 class InFlight:
     """The one tracker of what runs (see the module's doc); its views are read, never written, outside."""
 
@@ -214,9 +232,7 @@ class InFlight:
     def forwarded(self, entry: Entry, outcome: Any, route: str, priority: str) -> None:
         """Routed to a backend: the entry follows its outcome from here, and its requester is in the tree."""
         entry.outcome, entry.route, entry.priority = outcome, route, priority
-        entry.node = self.agents._seen(entry.identity)
-        if entry.node is not None:
-            entry.node.requests += 1
+        entry.node = self.agents._joined(entry.identity)
 
     def granted(self, entry: Entry, backend: str) -> None:
         entry.running_on = backend
@@ -230,8 +246,9 @@ class InFlight:
             entry.status = "cancelled"
         if entry.route == "pending":
             entry.route = "gateway"  # answered by the gateway itself (synthetic) or refused
-        if entry.node is not None:
+        if entry.node is not None and entry.id in self.live:
             entry.node.last_seen = time.time()
+            entry.node.live -= 1
         entry.task = None
         self.live.pop(entry.id, None)
         self.recent.append(entry)

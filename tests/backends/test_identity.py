@@ -1,7 +1,7 @@
 from multidict import CIMultiDict
 
 from orchestrator.backends import identity
-from orchestrator.backends.identity import Identity, from_headers
+from orchestrator.backends.identity import Identity, from_headers, short
 from orchestrator.backends.inflight import Entry, InFlight
 from orchestrator.conversation import conversation_key as prefix_key
 from testkit.client import sample
@@ -82,3 +82,24 @@ def test_tree_is_bounded_whatever_ids_clients_send():
     snap = tree.snapshot()
     assert len(tree) == 3 and snap["sessions_known"] == 3
     assert all(len(s["agents"]) <= 2 for s in snap["sessions"]) and snap["forgotten"] > 0
+
+
+def test_a_session_with_a_request_in_flight_stays_in_the_tree_however_many_new_ids_come():
+    tracker = InFlight(max_sessions=3, max_agents=2)
+    tree = tracker.agents
+    running = _forwarded(tracker, Identity("busy-session"))
+    tracker.granted(running, "primary")
+    agent = _forwarded(tracker, Identity("busy-session", "agent-1"))
+    for i in range(300):  # new sessions and new agents of the busy one, each ending at once
+        tracker.end(_forwarded(tracker, Identity(f"new-{i}")), "200")
+        tracker.end(_forwarded(tracker, Identity("busy-session", f"agent-x{i}")), "200")
+    assert len(tree) == 3
+    busy = next(s for s in tree.snapshot()["sessions"] if s["id"] == short("busy-session"))
+    queued = {a["id"]: a["queued"] for a in busy["agents"]}
+    assert busy["main"]["running"] == 1 and queued[short("agent-1")] == 1 and len(queued) <= 2
+    assert tree.in_flight()[("main", "running")] == 1 and tree.in_flight()[("agent", "queued")] == 1
+    tracker.end(running, "200")
+    tracker.end(agent, "200")
+    for i in range(3):
+        tracker.end(_forwarded(tracker, Identity(f"later-{i}")), "200")
+    assert short("busy-session") not in [s["id"] for s in tree.snapshot()["sessions"]]  # idle now: it may go
