@@ -8,8 +8,8 @@ usage, so its state is derived, never copied; and its requester joins the agent 
 runs on a backend), `end`. Each send in a granted slot is a `Call`, begun and ended by
 release.in_slot. `InFlight` is the one writer of all of it; the rest reads views of it:
 
-- `snapshot()`: the dashboard's in-flight and recent lists (listed in flight: at most
-  `max_inflight`, a request past it runs and counts everywhere else, unlisted; recent: `max_recent`);
+- `snapshot()`: the dashboard's queue, in-flight and recent lists, each bounded (the queue's first
+  `max_listed` and its length; recent: `max_recent`), however many wait;
 - `agents` (`Tree`): Claude Code's sessions and agents, bounded, least recently seen first out, each
   node's queued and running requests counted from the live entries (/health's "agents", the
   requesters-in-flight metrics);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import itertools
 import time
 from collections import deque
@@ -214,9 +215,9 @@ def _idle_first(items: Iterable[tuple[str, Any]], over: int, idle) -> list[str]:
 class InFlight:
     """The one tracker of what runs (see the module's doc); its views are read, never written, outside."""
 
-    def __init__(self, max_inflight: int = 1024, max_recent: int = 100, *,
+    def __init__(self, max_listed: int = 50, max_recent: int = 100, *,
                  max_sessions: int = 256, max_agents: int = 64) -> None:
-        self.max_inflight = max_inflight
+        self.max_listed = max_listed
         self.live: dict[int, Entry] = {}
         self.recent: deque[Entry] = deque(maxlen=max_recent)
         self.agents = Tree(self.live, max_sessions, max_agents)
@@ -275,8 +276,15 @@ class InFlight:
     def sends(self, backend: str) -> frozenset[Call]:
         return frozenset(self._sends.get(backend, ()))
 
-    def snapshot(self) -> dict[str, list[dict[str, Any]]]:
-        now = time.monotonic()
-        listed = itertools.islice(self.live.values(), self.max_inflight)
-        return {"inflight": [e.view(now) for e in listed],
+    def snapshot(self) -> dict[str, Any]:
+        """The dashboard's lists, each bounded by `max_listed` whatever the queue holds: the queue (main
+        work first, then the longest waiting) and its length, the rest in flight, the recent ones."""
+        now, limit = time.monotonic(), self.max_listed
+        queued: list[Entry] = []
+        others: list[Entry] = []
+        for e in self.live.values():
+            (queued if e.state == "queued" else others).append(e)
+        first = heapq.nsmallest(limit, queued, key=lambda e: (e.priority != "main", e.arrived))
+        return {"queue": [e.view(now) for e in first], "queued": len(queued),
+                "inflight": [e.view(now) for e in itertools.islice(others, limit)],
                 "recent": [e.view(now) for e in reversed(self.recent)]}

@@ -184,11 +184,9 @@ async def state(request: web.Request) -> web.Response:
     slots = await asyncio.gather(*(dash.slots_of(b) for b, _ in views))
     backends = [{**view, "llama_slots": [_slot_view(s) for s in raw] if raw is not None else None}
                 for (_, view), raw in zip(views, slots)]
-    queued = sorted((e for e in snap["inflight"] if e["state"] == "queued"),
-                    key=lambda e: (e["priority"] != "main", -e["wait"]))
     return web.json_response({
         "version": __version__, "uptime": round(time.time() - gw.started, 1), "csrf": dash.csrf(request),
-        "backends": backends, "queue": queued, "inflight": snap["inflight"], "recent": snap["recent"],
+        "backends": backends, **snap,
         "history": dash.history.snapshot(), "totals": totals(gw.metrics.registry),
     }, headers=SECURITY_HEADERS)
 

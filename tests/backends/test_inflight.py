@@ -1,3 +1,4 @@
+import json
 """The tracker of what runs: bounded, states derived from the live outcome, cancel cancels the task,
 the agent tree and the sends views of it."""
 
@@ -33,7 +34,7 @@ async def test_states_follow_the_outcome_and_end_in_recent():
 
 
 async def test_bounded_and_cancel_only_what_runs():
-    reg = InFlight(max_inflight=1, max_recent=1)
+    reg = InFlight(max_listed=1, max_recent=1)
     task = asyncio.create_task(asyncio.sleep(10))
     entry = reg.begin(Identity(), task)
     past = reg.begin(Identity(), None)
@@ -55,3 +56,16 @@ def test_sends_are_counted_per_backend_while_they_run():
     assert reg.sends("primary") == {call} and reg.sends("small") == set()
     reg.end_send("primary", call)
     assert reg.sends("primary") == set()
+
+
+def test_the_page_lists_the_first_of_a_long_queue_and_counts_the_rest():
+    from types import SimpleNamespace
+    reg = InFlight()
+    waiting = [reg.begin(Identity(), None) for _ in range(300)]
+    for i, e in enumerate(waiting):
+        reg.forwarded(e, SimpleNamespace(granted=None, first_content=None), "main",
+                      "background" if i % 2 else "main")
+    snap = reg.snapshot()
+    assert snap["queued"] == 300 and len(snap["queue"]) == reg.max_listed == 50
+    assert [r["id"] for r in snap["queue"]] == [e.id for e in waiting[0:100:2]]  # main work first, oldest first
+    assert len(json.dumps(snap)) < 40_000

@@ -149,8 +149,8 @@ async def test_cancel_a_queued_request_and_a_streaming_one(gateway, fake, http):
 
     async def both():
         _, s = await _state(http, base)
-        states = sorted(r["state"] for r in s["inflight"])
-        return states == ["generating", "queued"] and s
+        states = [r["state"] for r in s["inflight"]] + [r["state"] for r in s["queue"]]
+        return states == ["generating", "queued"] and s["queued"] == 1 and s
 
     s = await _until(both)
     queued = s["queue"][0]

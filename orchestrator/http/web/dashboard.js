@@ -139,8 +139,15 @@ function renderBackends(s) {
 }
 
 function renderTables(s) {
-  fill("queue", s.queue.map((r) => row([r.id, r.priority, [r.session || "–", "text"], [r.agent || "–", "text"],
-                                         secs(r.wait), cancelButton(r.id)])), 6, "nobody waits");
+  const queue = s.queue.map((r) => row([r.id, r.priority, [r.session || "–", "text"], [r.agent || "–", "text"],
+                                        secs(r.wait), cancelButton(r.id)]));
+  if (s.queued > s.queue.length) {  // the gateway lists the first ones only
+    const more = el("tr", null, "more"), td = el("td", `… and ${s.queued - s.queue.length} more waiting`);
+    td.colSpan = 6;
+    more.append(td);
+    queue.push(more);
+  }
+  fill("queue", queue, 6, "nobody waits");
   const running = s.inflight.filter((r) => r.state === "prefill" || r.state === "generating");
   fill("running", running.map((r) => row([r.id, r.backend, r.state, secs(r.in_state), [r.session || "–", "text"],
                                           [r.agent || "–", "text"], num(r.computed), num(r.cached), num(r.output),
