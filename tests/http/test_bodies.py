@@ -131,8 +131,13 @@ async def test_a_30_mb_conversation_goes_through_intact_and_the_loop_keeps_servi
     (status, raw), gaps = await asyncio.gather(big(), health_latencies(http, base, 40, 0.02))
     assert status == 200 and b"message_stop" in raw
     assert f.requests[-1]["messages"] == fold_system_messages(body)["messages"]
-    # Parsing and re-serialising 30 MB happen in a thread: /health never waits long on them.
-    assert max(gaps) < 1.0, gaps
+    # Parsing and re-serialising 30 MB happen in a thread: /health never waits long on them. One
+    # parse, timed here on the same (maybe busy) machine, is the unit: a parse holds the GIL, so the
+    # loop may wait for one, never for the whole of the gateway's work on the body.
+    t = time.monotonic()
+    json.loads(data)
+    one_parse = time.monotonic() - t
+    assert max(gaps) < max(1.0, 4 * one_parse), (gaps, one_parse)
 
 
 async def test_over_the_limit_is_413_even_chunked_without_content_length(gateway, fake):
