@@ -5,7 +5,8 @@ key, which a browser cannot send as a header, is replaced by a login:
 
 - `orchestrator dashboard` prints `/dashboard/login?t=TICKET`. A ticket is `expiry.nonce.mac`, the mac
   an HMAC of both under the gateway's key, so the CLI that can read the key can make one and nobody
-  else can; it lives `TICKET_SECONDS` and is taken once (a process restart forgets which were taken).
+  else can; it lives `TICKET_SECONDS` and is taken once. Which were taken is kept in memory only, so a ticket
+  made before this process started is refused: a restart cannot make a taken one good again.
 - The login answers with a cookie `expiry.mac` (HttpOnly, SameSite=Strict, Path=/dashboard), checked
   by its HMAC alone, so it survives a gateway restart and needs no server-side store.
 - Cancel is a POST carrying `X-Dashboard-CSRF`, a token the state JSON hands to the page: a foreign page
@@ -81,6 +82,7 @@ class Dashboard:
         self.key = key
         self.history = history or History()
         self.taken: dict[str, float] = {}  # ticket nonces taken, until they expire
+        self.started = time.time()  # a ticket made before this may have been taken by the last process
         # Without a key the CSRF token comes from a per-process secret (a restart: the page reads a new one).
         self.secret = key or secrets.token_hex(32)
         self.slots: dict[str, tuple[float, Any]] = {}
@@ -93,6 +95,8 @@ class Dashboard:
         nonce, _, mac = rest.partition(".")
         now = time.time()
         if not (exp.isdigit() and nonce and mac and now < int(exp) <= now + TICKET_SECONDS):
+            return False
+        if int(exp) - TICKET_SECONDS + 1 < self.started:  # made (to the second) before this process
             return False
         if not hmac.compare_digest(mac, _mac(self.key, "dashboard-ticket", exp, nonce)):
             return False

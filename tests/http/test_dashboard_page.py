@@ -208,3 +208,12 @@ async def test_the_state_answers_while_a_backend_is_down(gateway, http):
 
     s = await _until(down)
     assert s["backends"][0]["llama_slots"] is None
+
+
+def test_a_ticket_made_before_a_restart_is_refused_after_it():
+    from orchestrator.http.page import Dashboard
+    made_before = make_ticket(KEY, now=time.time() - 5)  # taken, maybe, by the process before
+    restarted = Dashboard(KEY)
+    assert not restarted.take_ticket(made_before)
+    fresh = make_ticket(KEY)
+    assert restarted.take_ticket(fresh) and not restarted.take_ticket(fresh)
