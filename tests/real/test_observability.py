@@ -230,6 +230,11 @@ async def test_every_panel_query_returns_data_from_real_traffic(llama, llama_sma
         # title and topic answers were counted as its own.
         made = prom.query('sum by (shape) (orchestrator_background_answers_total{result="model"}) > 0')
         assert {m["metric"]["shape"] for m in made} == {"title", "topic"}, made
+        # The background panel on a stack without that backend (the default one): the gateway's own answers.
+        expr = next(e for _, e in dashboard_targets(board) if "orchestrator_background_answers_total" in e)
+        alone = prom.query(as_promql(expr).replace('backend=~".*"', 'backend=~"no-such-backend"'))
+        assert {(m["metric"]["shape"], m["metric"]["result"]) for m in alone} == \
+            {("title", "synthetic"), ("topic", "synthetic")}, alone
 
         # The recording rules produce series too.
         records = re.findall(r"record:\s*(\S+)", (PROM_DIR / "rules.yml").read_text())
@@ -248,12 +253,14 @@ async def test_every_panel_query_returns_data_from_real_traffic(llama, llama_sma
 
 def test_the_background_panel_shows_synthetic_answers_on_a_stack_without_a_background_model():
     """The default stack has no background backend, so no orchestrator_background_answers series: the
-    panel shows the gateway's own title and topic answers too (their series exist from the start)."""
+    panel's one query falls back to the gateway's own title and topic answers (their series exist
+    from the start), so no target of it is empty there. Its data on real traffic is checked above."""
     board = json.loads(DASHBOARD.read_text())
     panel = next(p for p in board["panels"] if "orchestrator_background_answers_total" in p["targets"][0]["expr"])
-    exprs = [t["expr"] for t in panel["targets"]]
-    synthetic = [e for e in exprs if "orchestrator_synthetic_responses_total" in e]
-    assert synthetic and 'kind=~"title|topic"' in synthetic[0] and "$backend" not in synthetic[0]
+    [target] = panel["targets"]
+    model, synthetic = target["expr"].split(" or ")
+    assert "orchestrator_background_answers_total" in model and "$backend" in model
+    assert 'orchestrator_synthetic_responses_total{kind=~"title|topic"}' in synthetic and "$backend" not in synthetic
     from prometheus_client import CollectorRegistry
 
     from orchestrator.metrics import Metrics
