@@ -234,8 +234,17 @@ class BackendConfig:
     kv_save_dir: str = setting("", "the folder this server saves slots in (its --slot-save-path); empty: "
                                    "var/slots/NAME when supervised, else no saving")
     # A save of 100k tokens of a big model is gigabytes; each conversation keeps its newest save.
-    kv_save_max_bytes: int = setting(16 * 1024 ** 3, "saves kept on disk for this backend (16 GiB); the oldest "
-                                                     "dropped past it", check=Check(_positive, "a positive integer"))
+    kv_save_max_bytes: int = setting(16 * 1024 ** 3, "saves kept on disk for this backend (16 GiB); the least "
+                                                     "recently used dropped past it",
+                                     check=Check(_positive, "a positive integer"))
+    # 16 GiB holds 11,000-35,000 small saves; the folder's index is in memory (kv/folder.py).
+    kv_save_max_files: int = setting(2000, "saves kept for this backend, whatever their size; the least "
+                                           "recently used dropped past it",
+                                     check=Check(_positive, "a positive integer"))
+    # A save that fills the disk fails, and so does everything else writing there.
+    kv_save_min_free_bytes: int = setting(-1, "free space a save leaves on its disk, older saves dropped to keep "
+                                              "it; -1: the smaller of 5% of the disk and 2 GiB",
+                                          check=Check(lambda v: v >= -1, "-1 or a non-negative integer"))
     # Claude Code's tool loop sends the next turn within a tool's run time; a save waits for a pause.
     kv_save_idle_seconds: float = setting(2.0, "the slot idle this long, nobody waiting: then save",
                                           check=Check(_non_negative, "a non-negative number"))

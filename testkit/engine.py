@@ -108,6 +108,10 @@ class FakeEngine:
     save_delay: float = 0.0
     restore_delay: float = 0.0
     save_bytes: int = 1000
+    n_saved: int = 123  # the tokens a save says it wrote (llama-server's n_saved: what the slot held)
+    # The size of the disk holding `folder`: a save that would not fit fails as llama-server's does on a
+    # full disk (500 "Unable to save slot"), its file cut short. None: no bound.
+    disk_bytes: int | None = None
     restored_tokens: int = 123
     restore_error: str = ""
     die_on: str = ""              # a slot action ("save", "restore") that closes the connection mid-way
@@ -363,6 +367,10 @@ class FakeEngine:
             pass  # the gateway left: what a test scripted is over either way
         return resp
 
+    def disk_used(self) -> int:
+        """Bytes of the files in `folder` (the fake disk's use: the saves and their metadata)."""
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file()) if self.folder else 0
+
     async def slot_action(self, request: web.Request) -> web.Response:
         action, name = request.query["action"], (await request.json())["filename"]
         self.order.append(action)
@@ -378,13 +386,17 @@ class FakeEngine:
         try:
             await asyncio.sleep(self.save_delay if action == "save" else self.restore_delay)
             if action == "save":
-                (self.folder / name).write_bytes(b"k" * self.save_bytes)
+                room = None if self.disk_bytes is None else self.disk_bytes - self.disk_used()
+                (self.folder / name).write_bytes(b"k" * (self.save_bytes if room is None else
+                                                         max(0, min(room, self.save_bytes))))
+                if room is not None and room < self.save_bytes:
+                    return _json_error(500, "Unable to save slot", "server_error")
         finally:
             self.saving = False
         if self.slot_answer_gate is not None:
             await self.slot_answer_gate.wait()
         if action == "save":
-            return web.json_response({"id_slot": 0, "filename": name, "n_saved": 123, "n_written": self.save_bytes,
+            return web.json_response({"id_slot": 0, "filename": name, "n_saved": self.n_saved, "n_written": self.save_bytes,
                                       "timings": {"save_ms": 1.0}})
         if self.restore_error or not (self.folder / name).exists():
             return _json_error(400, self.restore_error or "no file", "invalid_request_error")

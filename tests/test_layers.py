@@ -19,12 +19,12 @@ TESTKIT = ROOT / "testkit"
 # package's top level: the core every package may use.
 PACKAGES = ["ops", "http", "request", "backends", "kv", "engines", ""]
 MODULES = {
-    "ops": {"cli", "supervise", "status", "events", "grafana", "claude_env"},
+    "ops": {"cli", "supervise", "status", "status_format", "events", "grafana", "claude_env"},
     "http": {"app", "handlers", "listener", "access", "bodies", "schema_limits", "page", "history"},
     "request": {"exchange", "forward", "background", "placement", "parking", "relay", "release", "accounting",
                 "routing", "synthetic", "client_stream", "schemas"},
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
-    "kv": {"store", "folder", "server_id", "cachemiss", "parking", "results", "restorable"},
+    "kv": {"store", "backend_saves", "folder", "server_id", "cachemiss", "parking", "results", "restorable"},
     "engines": {"upstream", "base", "llama_server", "model_cache", "vllm", "sglang", "choice", "supervisord",
                 "local_process", "rpc_workers"},
     "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "splice", "slots"},

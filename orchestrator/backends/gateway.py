@@ -84,8 +84,11 @@ class Gateway:
         return {"sending": len(self.inflight.sends(backend.name)), "held_after_client_left": len(backend.held)}
 
     def kv_view(self, backend: Backend) -> dict[str, dict]:
-        """Whether its slot saves can pay off (kv/restorable.py), for /health and the page; {} unsaved."""
-        return {"kv_saves": backend.kv.watch.view()} if backend.kv is not None else {}
+        """Whether its slot saves can pay off (kv/restorable.py) and its save folder (kv/folder.py), for
+        /health and the page; {} unsaved."""
+        if backend.kv is None:
+            return {}
+        return {"kv_saves": backend.kv.watch.view(), "kv_folder": backend.kv.index.view()}
 
     def held_slots(self) -> int:
         """Slots held after their client left, over every backend."""

@@ -15,6 +15,7 @@ from typing import Any
 class SaveResult(enum.StrEnum):
     SAVED = "saved"
     FAILED = "failed"
+    NO_ROOM = "no_room"      # the disk or the budget has no room for it, even with every older save dropped
     BUSY = "busy"            # a slot was in use or a request waited: the request saves when it finishes
     UNCHANGED = "unchanged"  # its conversation's save holds as many tokens already
     SKIPPED = "skipped"      # nothing to save, or a save under way (not counted)

@@ -29,21 +29,19 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
-from ..config import BackendConfig, Config
+from ..config import Config
 from ..conversation import Conversation, for_waiter
 from ..engines.base import Engine, ServerId
 from ..engines.llama_server import SLOT, slot_dir
 from ..errors import GatewayError
 from ..metrics import Metrics
 from ..slots import Lease, SlotQueue
-from .folder import bound, read_meta, remove, write_atomic
-from .folder import saves as saved_files
-from .restorable import RestoreWatch
+from .backend_saves import BackendSaves
+from .folder import SaveFolder, file_size, read_all, read_meta, remove, remove_all, write_atomic
 from .results import HeldSave, Restore, RestoreResult, SaveResult
 from .server_id import checksum
 
@@ -62,28 +60,6 @@ class _Written(NamedTuple):
     answer: dict[str, Any]
     server: ServerId
     started: float
-
-
-@dataclass
-class BackendSaves:
-    """One backend's saving state and folder."""
-
-    backend: BackendConfig
-    queue: SlotQueue
-    folder: Path
-    engine: Engine  # what saves and restores the slot (engines/)
-    latest: tuple[Conversation, int] | None = None  # the last finished request's conversation, tokens
-    saved: dict[str, int] = field(default_factory=dict)  # conversation key -> tokens at its last save
-    generation: int = 0                          # bumped by every finished request
-    waiting: dict[int, Conversation] = field(default_factory=dict)  # waiting requests, first come first
-    saving: int = 0  # saves under way, from the slot's write to their metadata: the idle save waits
-    pending: set[str] = field(default_factory=set)  # files written, their metadata not yet: kept by _bound
-    keeping: asyncio.Lock = field(default_factory=asyncio.Lock)  # one save's metadata at a time, in order
-    watch: RestoreWatch = field(default_factory=RestoreWatch)  # whether its saves can pay off (restorable.py)
-
-    def tokens_saved(self, key: str) -> int:
-        """Tokens of conversation `key` on disk at its last save (0: none)."""
-        return max(self.saved.get(key, 0), 0)
 
 
 # A save keeps its conversation's first block hashes: a waiter without a save of its own gets the
@@ -107,7 +83,9 @@ class KvPersistence:
         if backend.role != "main" or not engine.saves_slots() or (not backend.kv_save_dir and self._var is None):
             return None  # supervised, but run by hand without `up`: no folder known
         self.metrics.add_kv_backend(backend.name)
-        return BackendSaves(backend, queue, slot_dir(self._var or Path("."), backend), engine)
+        index = SaveFolder(slot_dir(self._var or Path("."), backend), backend.kv_save_max_bytes,
+                           backend.kv_save_max_files, backend.kv_save_min_free_bytes)
+        return BackendSaves(backend, queue, index, engine)
 
     # ---- what placement tells it -----------------------------------------------------------
 
@@ -181,12 +159,12 @@ class KvPersistence:
             self.metrics.kv_saves.labels(backend, SaveResult.BUSY.value).inc()
             return SaveResult.BUSY  # the request that holds it saves when it finishes
         try:
-            written = await self._write(b, conversation)
+            written = await self._write(b, conversation, tokens)
         finally:
             for lease in leases:
                 lease.release()
-        if written is None:
-            return SaveResult.FAILED
+        if isinstance(written, SaveResult):
+            return written
         return await self._finish(b, conversation, tokens, written)
 
     async def save_held(self, b: BackendSaves, conversation: Conversation, tokens: int) -> HeldSave:
@@ -196,10 +174,10 @@ class KvPersistence:
         # No check of `saving`: the caller's slot keeps any other slot write out; an earlier save's
         # checksum may still be under way, and this conversation must not go unsaved for it.
         t0 = time.monotonic()
-        written = await self._write(b, conversation)
+        written = await self._write(b, conversation, tokens)
         took = time.monotonic() - t0
-        if written is None:
-            return HeldSave(SaveResult.FAILED, took)
+        if isinstance(written, SaveResult):
+            return HeldSave(written, took)
         # Counted as saved from now, so the next turn does not checkpoint it again while its checksum
         # runs; undone if its metadata cannot be written.
         key, before = conversation.key, b.saved.get(conversation.key, 0)
@@ -208,16 +186,17 @@ class KvPersistence:
         self._spawn(self._finish(b, conversation, tokens, written, undo), f"kv-keep:{b.backend.name}")
         return HeldSave(SaveResult.SAVED, took)
 
-    async def _write(self, b: BackendSaves, conversation: Conversation) -> _Written | None:
-        """The server writes the slot to a file, counted in `saving` from here until `_finish` ends."""
+    async def _write(self, b: BackendSaves, conversation: Conversation, tokens: int) -> _Written | SaveResult:
+        """The server writes the slot to a file, counted in `saving` from here until `_finish` ends;
+        else why not (FAILED, NO_ROOM), counted."""
         b.saving += 1
-        written = None
+        written: _Written | SaveResult = SaveResult.FAILED
         try:
-            written = await self._save(b, conversation.key)
+            written = await self._save(b, conversation.key, tokens)
         finally:
-            if written is None:
+            if isinstance(written, SaveResult):
                 b.saving -= 1
-                self.metrics.kv_saves.labels(b.backend.name, SaveResult.FAILED.value).inc()
+                self.metrics.kv_saves.labels(b.backend.name, written.value).inc()
         return written
 
     async def _finish(self, b: BackendSaves, conversation: Conversation, tokens: int, written: _Written,
@@ -243,29 +222,54 @@ class KvPersistence:
             self._spawn(self._save_when_idle(b, b.generation), f"kv-save:{backend}")
         return result
 
-    async def _save(self, b: BackendSaves, key: str) -> _Written | None:
-        """The slot written to a new file by the server: (file name, its answer, its identity, start)."""
+    async def _save(self, b: BackendSaves, key: str, tokens: int) -> _Written | SaveResult:
+        """The slot written to a new file by the server, once the folder has room for it (folder.py)."""
         name = b.backend.name
         server = await b.engine.server_id()
         if server is None:
             log.warning("backend %s: /props unreadable; no KV save", name)
-            return None
+            return SaveResult.FAILED
+        await b.index.ready(b.pending)
+        per_token = b.index.bytes_per_token()
+        expected = int(per_token * tokens) if per_token else 0
+        if not await self._make_room(b, key, expected, "to make room"):
+            return SaveResult.NO_ROOM
         started = time.monotonic()
         filename = f"{key}-{int(time.time() * 1000)}.bin"
         # Pending from before the server writes it: the file is on disk before its answer comes, and
-        # another save's bound (in its metadata step, meanwhile) would sweep it as named by no save.
+        # a start-up scan meanwhile would sweep it as named by no save.
         b.pending.add(filename)
         answer = None
         try:
-            b.folder.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(b.folder.mkdir, parents=True, exist_ok=True)
             answer = await b.engine.save_slot(filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
-            remove(b.folder / filename)
+            await asyncio.to_thread(remove, b.folder / filename)
+            # A full disk is the likely cause when the space left is short of a save: older ones go.
+            largest = max((k.bytes for k in map(b.index.get, b.index.keys()) if k), default=0)
+            await self._make_room(b, key, max(expected, largest), "after a failed save")
         finally:
-            if answer is None:  # failed or cancelled: a file left behind is the bound's to sweep
+            if answer is None:  # failed or cancelled: a file left behind is the next scan's to sweep
                 b.pending.discard(filename)
-        return _Written(filename, answer, server, started) if answer is not None else None
+        return _Written(filename, answer, server, started) if answer is not None else SaveResult.FAILED
+
+    async def _make_room(self, b: BackendSaves, key: str, expected: int, why: str) -> bool:
+        """The least recently used saves dropped for one of `expected` bytes to fit (folder.py); False
+        when even all of them would not do."""
+        dropped = await b.index.make_room(key, expected)
+        if dropped is None:
+            log.warning("backend %s: KV save not made: %s; the next turn after a restart is cold",
+                        b.backend.name, b.index.problem)
+            return False
+        self._dropped(b, dropped, why)
+        return True
+
+    def _dropped(self, b: BackendSaves, keys: list[str], why: str) -> None:
+        for key in keys:
+            b.saved.pop(key, None)
+            log.info("backend %s: dropped the KV save of conversation %s (%s)", b.backend.name, key[:8], why)
+        self.metrics.kv_disk_bytes.labels(b.backend.name).set(b.index.total)
 
     async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int,
                     written: _Written) -> SaveResult:
@@ -274,7 +278,7 @@ class KvPersistence:
         filename, answer, server = written.filename, written.answer, written.server
         path = b.folder / filename
         try:
-            size = path.stat().st_size
+            size = (await asyncio.to_thread(path.stat)).st_size
             t0 = time.monotonic()
             digest = await asyncio.to_thread(checksum, path)
             hashed = time.monotonic() - t0
@@ -282,30 +286,25 @@ class KvPersistence:
             meta = {"key": key, "file": filename, "bytes": size, "sha256": digest, "n_tokens": n_saved,
                     "time": time.time(), **server.fields(), "slot": SLOT,
                     "prefix": conversation.prefix[:PREFIX_BLOCKS]}
-            old = read_meta(b.folder / f"{key}.json")
-            write_atomic(b.folder / f"{key}.json", json.dumps(meta))
+            await asyncio.to_thread(write_atomic, b.folder / f"{key}.json", json.dumps(meta))
         except (OSError, ValueError, TypeError) as e:
             log.warning("backend %s: KV save of %s not kept (%s)", name, filename, _why(e))
-            remove(path)
+            await asyncio.to_thread(remove, path)
             return SaveResult.FAILED
-        if old and old.get("file") != filename:
-            remove(b.folder / str(old.get("file")))
+        replaced = b.index.kept(meta)
+        if replaced is not None:
+            await asyncio.to_thread(remove, b.folder / replaced)
         b.saved[key] = tokens
+        b.index.problem = ""
         took = answer.get("timings", {}).get("save_ms") if isinstance(answer.get("timings"), dict) else None
         log.info("backend %s: saved %d tokens of conversation %s (%s bytes%s, checksum %.0f ms)", name, n_saved,
                  key[:8], f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "", hashed * 1000)
         self.metrics.kv_saved_bytes.labels(name).inc(size)
-        self._bound(b)
+        budget = b.backend.kv_save_max_bytes, b.backend.kv_save_max_files
+        dropped = b.index.over_budget(key)
+        await b.index.drop(dropped)
+        self._dropped(b, dropped, "kv_save_max_bytes {}, kv_save_max_files {}".format(*budget))
         return SaveResult.SAVED
-
-    def _bound(self, b: BackendSaves) -> None:
-        """Keep the folder under its byte budget (folder.bound)."""
-        total, dropped = bound(b.folder, b.backend.kv_save_max_bytes, b.pending)
-        for key in dropped:
-            log.info("backend %s: dropped the KV save of conversation %s (kv_save_max_bytes = %d)",
-                     b.backend.name, key[:8], b.backend.kv_save_max_bytes)
-            b.saved.pop(key, None)
-        self.metrics.kv_disk_bytes.labels(b.backend.name).set(total)
 
     # ---- restoring -------------------------------------------------------------------------
 
@@ -336,19 +335,27 @@ class KvPersistence:
             return Restore(RestoreResult.NONE, error=f"restores off: {b.watch.off}")
         if await self.slot_tokens(b) > 0:
             return Restore(RestoreResult.WARM)  # its cache survived (the gateway restarted, not the server)
-        saves = [m for m in saved_files(b.folder) if m.get("slot", SLOT) == SLOT]
-        if not saves:
+        await b.index.ready(b.pending)
+        if not len(b.index):
             return Restore(RestoreResult.NONE)
         server = await b.engine.server_id()
         if server is None:
             return Restore(RestoreResult.FAILED, error="no /props")
+        first = b.waiting[min(b.waiting)] if b.waiting else None
+        if first is not None and b.index.get(first.key) is not None:  # the first waiter's own: one file read
+            own = await asyncio.to_thread(read_meta, b.folder / f"{first.key}.json")
+            if own is not None and own.get("slot", SLOT) == SLOT and not server.mismatch(own):
+                return await self._restore_file(b, own)
+        metas = await asyncio.to_thread(read_all, b.folder, b.index.keys())
+        saves = [m for m in metas if m.get("slot", SLOT) == SLOT]
+        if not saves:
+            return Restore(RestoreResult.NONE)
         fitting = [m for m in saves if not server.mismatch(m)]
         if not fitting:
             newest = max(saves, key=lambda m: m.get("time", 0))
             why = server.mismatch(newest)
             log.warning("backend %s: KV save refused, written by another server: %s; it starts cold", name, why)
             return Restore(RestoreResult.REFUSED, error=why)
-        first = b.waiting[min(b.waiting)] if b.waiting else None
         pick = for_waiter(fitting, first.key, first.prefix) if first else max(fitting, key=lambda m: m["time"])
         if pick is None:
             return Restore(RestoreResult.NONE)
@@ -362,7 +369,7 @@ class KvPersistence:
             async with b.keeping:
                 pass
         server = await b.engine.server_id()
-        meta = read_meta(b.folder / f"{key}.json")
+        meta = await asyncio.to_thread(read_meta, b.folder / f"{key}.json")
         if server is None or meta is None or meta.get("slot", SLOT) != SLOT or server.mismatch(meta):
             return Restore(RestoreResult.NONE)
         return await self._restore_file(b, meta)
@@ -372,7 +379,7 @@ class KvPersistence:
         A restored one counts as saved with what its file holds: no checkpoint of all of it again at once."""
         name = b.backend.name
         path = b.folder / str(pick.get("file"))
-        size = path.stat().st_size if path.exists() else -1
+        size = await asyncio.to_thread(file_size, path)
         if size != pick.get("bytes"):
             log.warning("backend %s: KV save %s is %s (expected %s bytes); it starts cold", name, path.name,
                         "missing" if size < 0 else f"{size} bytes", pick.get("bytes"))
@@ -381,8 +388,9 @@ class KvPersistence:
         if digest != pick.get("sha256"):
             log.warning("backend %s: KV save %s does not match its checksum (damaged on disk, or written "
                         "without one); removed, it starts cold", name, path.name)
-            remove(path)
-            remove(b.folder / f"{pick['key']}.json")
+            await b.index.drop([str(pick["key"])])
+            await asyncio.to_thread(remove_all, [path, b.folder / f"{pick['key']}.json"])
+            self._dropped(b, [str(pick["key"])], "damaged")
             return Restore(RestoreResult.FAILED, error="save file does not match its checksum")
         try:
             answer = await b.engine.restore_slot(path.name, RESTORE_TIMEOUT)
@@ -392,6 +400,7 @@ class KvPersistence:
         n, key = int(answer.get("n_restored") or 0), str(pick["key"])
         log.info("backend %s: restored %d tokens of conversation %s", name, n, key[:8])
         b.saved[key] = n
+        b.index.used(key, time.time())
         return Restore(RestoreResult.RESTORED, tokens=n, key=key)
 
     # ---- the engine ------------------------------------------------------------------------

