@@ -101,14 +101,14 @@ class FakeEngine:
     # crashes the server, like a generation that overlaps another.
     folder: Path | None = None
     slot_tokens: int | None = None  # what GET /slots says slot 0 holds (n_prompt_tokens); None: not said
-    # What GET /slots says of a generating slot's prompt: (n_prompt_tokens_processed,
-    # n_prompt_tokens_cache); None: not said.
-    slot_prompt: tuple[int, int] | None = None
+    slot_prompt: tuple[int, int] | None = None  # /slots' n_prompt_tokens_processed, _cache; None: not said
     tokens_per_turn: int | None = None  # a generation leaves the slot holding this many tokens
     save_delay: float = 0.0
     restore_delay: float = 0.0
     save_bytes: int = 1000
     n_saved: int = 123  # the tokens a save says it wrote (llama-server's n_saved: what the slot held)
+    # Its answer to the identity probe (engines/fingerprint.py): the five likeliest tokens' figures.
+    probe: str = "198:-0.806,33:-2.192,34:-2.773,378:-2.802,35:-3.390"
     # The size of the disk holding `folder`: a save that would not fit fails as llama-server's does on a
     # full disk (500 "Unable to save slot"), its file cut short. None: no bound.
     disk_bytes: int | None = None
@@ -132,6 +132,7 @@ class FakeEngine:
     generations_started: int = 0
     generations_finished: int = 0
     cancelled: int = 0
+    probes: int = 0  # identity probes answered
     count_calls: int = 0
     counted: list[dict] = field(default_factory=list)
     slots_headers: list[dict] = field(default_factory=list)
@@ -154,6 +155,7 @@ class FakeEngine:
         app.router.add_get("/slots", self.slots)
         if self.folder is not None:
             app.router.add_post("/slots/{id}", self.slot_action)
+            app.router.add_post("/completion", self.completion)
         if self.props is not None:
             app.router.add_get("/props", self.get_props)
         if self.models is not None:
@@ -366,6 +368,12 @@ class FakeEngine:
         except ConnectionError:
             pass  # the gateway left: what a test scripted is over either way
         return resp
+
+    async def completion(self, request: web.Request) -> web.Response:
+        """llama-server's /completion, as far as the identity probe asks it: one token and its figures."""
+        self.probes += 1
+        top = [{"id": int(i), "logprob": float(p)} for i, p in (x.split(":") for x in self.probe.split(","))]
+        return web.json_response({"content": "\n", "completion_probabilities": [{**top[0], "top_logprobs": top}]})
 
     def disk_used(self) -> int:
         """Bytes of the files in `folder` (the fake disk's use: the saves and their metadata)."""

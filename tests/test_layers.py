@@ -26,7 +26,7 @@ MODULES = {
     "backends": {"gateway", "health", "pool", "counting", "identity", "inflight"},
     "kv": {"store", "backend_saves", "folder", "server_id", "cachemiss", "parking", "results", "restorable"},
     "engines": {"upstream", "base", "llama_server", "model_cache", "vllm", "sglang", "choice", "supervisord",
-                "local_process", "rpc_workers"},
+                "local_process", "rpc_workers", "fingerprint"},
     "": {"config", "configfile", "errors", "metrics", "sse", "jsonvalues", "conversation", "splice", "slots"},
 }
 # Inside `request`, one request's way runs down too: forward never imported by what it calls.

@@ -22,6 +22,7 @@ from ..engines.choice import engine_for
 from ..engines.upstream import UpstreamClient
 from ..kv.cachemiss import CacheMisses
 from ..kv.parking import Parking
+from ..kv.results import RestoreResult
 from ..kv.store import BackendSaves, KvPersistence
 from ..metrics import Metrics
 from ..slots import Limits, SlotQueue
@@ -140,5 +141,6 @@ async def _restore(kv: KvPersistence, saves: BackendSaves, parking: Parking) -> 
     is read first: a model whose restores cannot work is not restored (kv/restorable.py)."""
     saves.watch.learned(await saves.engine.model_cache())
     done = await kv.restore(saves)
-    parking.restarted(done.key)  # only a restored save names one
+    if done.result is not RestoreResult.WARM:  # a warm slot holds what it held
+        parking.restarted(done.key)  # only a restored save names one
     return done.view()

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..config import BackendConfig
 from ..errors import GatewayError
 from ..jsonvalues import is_int
+from .fingerprint import same
 from .model_cache import ModelCache
 from .upstream import UpstreamClient
 
@@ -35,6 +36,7 @@ class ServerId:
     model_file: str = ""   # "SIZE:MTIME_NS" of the model file, "" when not readable from here
     kv_args: str = ""      # the options that change the KV, and their values, from the configured command
     lora: str = ""         # its LoRA adapters, as the server reports them
+    probe: str = ""        # a server run by hand: its answer to the probe (fingerprint.py); "" supervised
 
     def fields(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,7 +44,7 @@ class ServerId:
     def mismatch(self, meta: dict[str, Any]) -> str:
         """'' when `meta` was written by this server; else what differs."""
         return ", ".join(f"{k} {meta.get(k)!r} (server: {v!r})" for k, v in self.fields().items()
-                         if meta.get(k) != v)
+                         if (meta.get(k) != v if k != "probe" else not (v == meta.get(k, "") or same(meta.get(k), v))))
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ class Engine:
     async def server_id(self) -> ServerId | None:
         """Which server this is, as a save records it; None when it cannot say (no save, no restore)."""
         return None
+
+    async def identify(self, warm: bool) -> None:
+        """The server has (re)started, its slot `warm` or empty: learn what it must be known by, before
+        any save is restored into it (fingerprint.py). By default nothing to learn."""
 
     async def model_cache(self) -> ModelCache | None:
         """What kind of cache its model keeps and whether a slot restore can bring it back

@@ -73,6 +73,9 @@ class Unnamed(Engine):
     async def slot_tokens(self) -> int:
         return await self.found.slot_tokens()
 
+    async def identify(self, warm: bool) -> None:
+        await self.found.identify(warm)
+
     async def server_id(self) -> ServerId | None:
         return await self.found.server_id()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import shlex
@@ -19,14 +20,19 @@ from typing import Any
 from ..config import BackendConfig
 from ..errors import GatewayError
 from ..jsonvalues import is_int
+from . import fingerprint
 from .base import Engine, Served, ServerId, listed_context, positive
 from .model_cache import ModelCache, command_model, of_file, server_options
 from .rpc_workers import with_rpc
 from .upstream import read_whole
 
+log = logging.getLogger(__name__)
+
 # Only slot 0 is saved and restored: a workstation runs --parallel 1.
 SLOT = 0
 PROPS_TIMEOUT = 5.0
+# The probe is one prefill of 31 tokens: seconds at most on a big model, loaded.
+PROBE_TIMEOUT = 120.0
 # A look at /slots while a backend may be deep in a long batch.
 SLOTS_TIMEOUT = 5.0
 # llama-server answers a slot action with a small JSON object.
@@ -47,6 +53,8 @@ class LlamaServer(Engine):
     """llama.cpp's llama-server: /props, /slots and its slot actions."""
 
     kind = "llama-server"
+    # What a server run by hand is known by (fingerprint.py), set at each of its starts by `identify`.
+    probe: str = ""
     # The last model read, by its path, file identity and --swa-full bound: a restart with the same
     # file reads nothing.
     _model: tuple[tuple[str, str, float], ModelCache] | None = None
@@ -93,6 +101,25 @@ class LlamaServer(Engine):
             message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
             raise GatewayError(f"HTTP {resp.status}: {message or raw[:200]!r}")
         return answer
+
+    async def identify(self, warm: bool) -> None:
+        """A server run by hand: its probe figures when its slot is empty, else an identity of this
+        up-period only (fingerprint.py). A supervised one is known by its command."""
+        if self.backend.command:
+            return
+        self.probe = fingerprint.unknown()
+        if warm:
+            return
+        try:
+            async with self.upstream.post(self.backend, "/completion", fingerprint.request_body(),
+                                          {"Content-Type": "application/json"}, timeout=PROBE_TIMEOUT) as resp:
+                raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, self.backend)
+            figures = fingerprint.of_answer(json.loads(raw)) if resp.status == 200 else None
+        except (GatewayError, ValueError) as e:
+            figures = None
+            log.warning("backend %s: its probe failed (%s): its saves restore into this process only",
+                        self.backend.name, getattr(e, "message", e))
+        self.probe = figures or self.probe
 
     async def slot_tokens(self) -> int:
         """Tokens slot 0's last task had as its prompt (0 when empty or unknown). llama-server shows 0
@@ -169,7 +196,7 @@ class LlamaServer(Engine):
         cache = await self.model_cache()
         command = supervised_command(self.backend.command, cache) if self.backend.command else None
         return ServerId(model, n if isinstance(n, int) else 0, str(props.get("build_info", "")),
-                        file_identity(model), kv_args(command), lora)
+                        file_identity(model), kv_args(command), lora, "" if command else self.probe)
 
 
 def n_ctx(props: dict[str, Any] | None) -> Any:

@@ -66,9 +66,10 @@ class Parking:
     def restarted(self, restored: str | None) -> None:
         """The server restarted, and its restore put conversation `restored`'s save in the slot (None:
         nothing; whatever an earlier restore put there is gone)."""
+        # What it held before is gone: a park now would save the empty slot (or the identity probe's
+        # prompt, engines/fingerprint.py) under that conversation's name, over its good save.
         self.restored = restored
-        if restored is not None:
-            self.holder, self.holder_whole = restored, False
+        self.holder, self.holder_whole = restored, False
 
     # ---- what it decides -------------------------------------------------------------------
 

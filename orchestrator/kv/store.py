@@ -333,8 +333,11 @@ class KvPersistence:
         name = b.backend.name
         if b.watch.off:
             return Restore(RestoreResult.NONE, error=f"restores off: {b.watch.off}")
-        if await self.slot_tokens(b) > 0:
+        warm = await self.slot_tokens(b) > 0
+        await b.engine.identify(warm)  # before any restore into it, and before its next save
+        if warm:
             return Restore(RestoreResult.WARM)  # its cache survived (the gateway restarted, not the server)
+        b.saved.clear()  # a new server: what was saved for another one counts as unsaved until it fits
         await b.index.ready(b.pending)
         if not len(b.index):
             return Restore(RestoreResult.NONE)
