@@ -3,6 +3,8 @@ a server with what came back."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 from typing import Any, NamedTuple
 
@@ -30,3 +32,11 @@ async def post(http, base: str, body: Any, path: str = "/v1/messages", **kw) -> 
 
 # The path Claude Code sends its Messages requests to (the SDK adds the query).
 CLAUDE_PATH = "/v1/messages?beta=true"
+
+
+def claude_title(session: str) -> dict:
+    """Claude Code 2.1.332's own title request (its capture) for a session whose text is `session`."""
+    body = copy.deepcopy(sample("title-2.1.332.json")["body"])
+    block = body["messages"][0]["content"][0]
+    block["text"] = f"<session>\n{session}\n</session>" + block["text"].split("</session>", 1)[1]
+    return body

@@ -12,6 +12,7 @@ the gateway would be their whole report.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -78,21 +79,80 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
 
 
+# Claude Code's housekeeping, as its own releases send it (tests/fixtures/captures: 2.0.77, 2.1.197,
+# 2.1.332). A request is housekeeping only in that whole shape: a near miss from any other client (a
+# schema with a `title` and more, a one-token classification, "Warmup" beside an image) is work.
+IDENTITIES = ("You are Claude Code, Anthropic's official CLI for Claude.",
+              "You are a Claude agent, built on Anthropic's Claude Agent SDK.")  # (print mode, 2.1.197)
+TITLE_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"],
+                "additionalProperties": False}
+TITLE_PROMPTS = ("Generate a concise, sentence-case title", "You are naming a coding session")
+TOPIC_PROMPT = "Analyze if this message indicates a new conversation topic."
+# metadata.user_id: 2.0.77's "user_HEX_account_..._session_UUID", 2.1's JSON of device and session.
+_USER_ID = re.compile(r'user_[0-9a-f]{64}_account_[^"]*_session_[0-9a-f-]{36}|\{"device_id":"[0-9a-f]{64}".*"session_id":"[0-9a-f-]{36}"\}')
+
+
+def _system_blocks(body: dict[str, Any]) -> list[str]:
+    system = body.get("system")
+    if isinstance(system, str):
+        return [system]
+    if isinstance(system, list):
+        return [b["text"] for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    return []
+
+
+def _only_text(content: Any) -> str | None:
+    """A message's content when it is text alone (a string, or one text block); None otherwise."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and len(content) == 1 and isinstance(content[0], dict) \
+            and content[0].get("type") == "text" and isinstance(content[0].get("text"), str):
+        return content[0]["text"]
+    return None
+
+
+def _roles(messages: list[Any]) -> list[Any]:
+    return [m.get("role") if isinstance(m, dict) else None for m in messages]
+
+
 def classify_shape(body: dict[str, Any]) -> Shape:
-    messages = body.get("messages") or []
-    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
-    fmt = (body.get("output_config") or {}).get("format") if isinstance(body.get("output_config"), dict) else None
-    if (isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not body.get("tools")
-            and "title" in ((fmt.get("schema") or {}).get("properties") or {})):
+    """Which of Claude Code's housekeeping requests this is (Shape.OTHER: work)."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    system = _system_blocks(body)
+    claude_code = any(text.strip() in IDENTITIES for text in system)
+    no_tools = not body.get("tools")
+    if claude_code and no_tools and _roles(messages) == ["user"] and _is_title(body, system, messages[0]):
         return Shape.TITLE
-    if last.get("role") == "assistant" and text_of(last.get("content")).strip() == "{" \
-            and "isNewTopic" in text_of(body.get("system")):
+    if claude_code and no_tools and _roles(messages) == ["user", "assistant"] \
+            and _only_text(messages[1].get("content")) == "{" and any(t.startswith(TOPIC_PROMPT) for t in system) \
+            and not body.get("output_config"):
         return Shape.TOPIC
-    if len(messages) == 1 and last.get("role") == "user" and text_of(last.get("content")).strip() == "Warmup":
+    if claude_code and _roles(messages) == ["user"] and _only_text(messages[0].get("content")) == "Warmup" \
+            and not body.get("output_config"):
         return Shape.WARMUP
-    if body.get("max_tokens") == 1 and not body.get("stream"):
+    if _is_count_probe(body, messages):
         return Shape.COUNT_PROBE
     return Shape.OTHER
+
+
+def _is_title(body: dict[str, Any], system: list[str], message: dict[str, Any]) -> bool:
+    """2.1's session title: its own schema exactly (an answer made here satisfies it), its prompt."""
+    config = body.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else None
+    text = _only_text(message.get("content"))
+    return (fmt == {"type": "json_schema", "schema": TITLE_SCHEMA} and text is not None
+            and text.startswith("<session>") and "</session>" in text
+            and any(t.startswith(TITLE_PROMPTS) for t in system))
+
+
+def _is_count_probe(body: dict[str, Any], messages: list[Any]) -> bool:
+    """The one-token generation Claude Code counts tokens with when count_tokens is missing: no system,
+    no stream, one user message of text, its own metadata; nothing else asked."""
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return (body.get("max_tokens") == 1 and set(body) <= {"model", "max_tokens", "messages", "tools", "metadata"}
+            and _roles(messages) == ["user"] and isinstance(messages[0].get("content"), str)
+            and isinstance(user_id, str) and _USER_ID.fullmatch(user_id) is not None)
 
 
 def backends_for_model(model: str, config: Config) -> tuple[str, ...]:

@@ -190,30 +190,18 @@ def test_a_title_answer_with_nan_is_not_sent_as_valid_json():
 
 
 
-async def test_a_hostile_pattern_in_a_title_check_never_delays_a_main_stream(gateway, serve_app, http):
-    """The small model's answer is checked against `^(a+)+$`: with a backtracking engine the check holds
-    the event loop for seconds (4.6 s at 27 characters here, doubling with each); a main streaming
-    request arriving meanwhile must not wait for it."""
+async def test_a_title_schema_with_a_pattern_is_work_for_the_main_model(gateway, serve_app, http):
+    """Claude Code's title schema has no `pattern`: a request that adds one (here `^(a+)+$`, minutes of
+    backtracking for a checker) is another client's work. It goes to the main model, never to the
+    small one nor through the gateway's check of a small model's answer."""
     hostile = {**TITLE, "output_config": {"format": {"type": "json_schema", "schema": {
         "type": "object", "properties": {"title": {"type": "string", "pattern": "^(a+)+$"}},
         "required": ["title"], "additionalProperties": False}}}}
-    # 32 characters: minutes of backtracking, far past the bound below on any machine.
     small = FakeEngine(chat_answer=json.dumps({"title": "a" * 32 + "!"}))
     base, gw, big = await _two_backends(gateway, serve_app, small)
-    big.chunk_delay = 0.1  # a main answer streaming for 0.7 s
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    main = asyncio.create_task(post(http, base, {**MAIN, "stream": True}))
-    async with asyncio.timeout(5):
-        while big.generations_started == 0:
-            await asyncio.sleep(0.001)
-    title = asyncio.create_task(post(http, base, {**hostile, "stream": True}))
-    status, raw, _ = await main
-    took = loop.time() - started
-    assert status == 200 and [e.event for e in sse_events(raw)][-1] == "message_stop"
-    assert small.generations_finished == 1  # the title was answered (and checked) meanwhile
-    assert took < 10, took  # 0.7 s of streaming, with room for a loaded machine
-    assert (await title)[0] == 200 and _answers(gw, "invalid") == 1  # "aaa...!" breaks the pattern
+    status, _, _ = await post(http, base, {**hostile, "stream": True})
+    assert status == 200 and big.generations_finished == 1 and small.generations_started == 0
+    assert _answers(gw, "invalid") == 0
 
 
 async def test_a_const_that_breaks_its_own_pattern_is_refused_at_once(gateway, serve_app, http):

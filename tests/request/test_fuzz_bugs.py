@@ -13,6 +13,9 @@ import pytest
 from test_fuzz_bodies import BodyEnv
 
 from orchestrator.backends.gateway import GATEWAY
+from orchestrator.errors import InvalidRequest
+from orchestrator.request.synthetic import instance_of
+from testkit.client import claude_title
 from testkit.engine import FakeEngine
 from testkit.fuzz import HEALTH_LATENCY, REQUEST_TIMEOUT, SYNTHETIC_LIMIT, assert_envelope, with_health_probes
 
@@ -84,11 +87,16 @@ async def test_a_compressed_request_is_refused(bug_env, encoding):
 async def test_synthetic_answer_is_bounded(bug_env, items):
     schema = {"type": "object", "properties": {"title": {"type": "string"},
                                                "x": {"type": "array", "minItems": 20000, "items": items}}}
+    # Since issue 28 no such schema is housekeeping: it is work, and the model answers it.
     body = title_request(schema, text="Refactor the authentication middleware thoroughly")
     status, headers, raw = await post_raw(bug_env, "/v1/messages", json.dumps(body).encode())
-    assert bug_env.fake.requests == []  # answered by the gateway itself
-    assert status == 400 or len(raw) < SYNTHETIC_LIMIT, f"{status}: a {len(raw)}-byte answer to a " \
-                                                        f"{len(json.dumps(body))}-byte request"
+    assert status == 200 and len(bug_env.fake.requests) == 1
+    # What the gateway itself would make of it stays bounded (the background model's fallback uses it).
+    try:
+        answer = instance_of(schema, "t" * 300_000)
+    except InvalidRequest:
+        return
+    assert len(json.dumps(answer)) < SYNTHETIC_LIMIT
 
 
 # Found by this fuzzing (fixed): synthetic.user_words searched the user's text with <session>(.*?)</session> (re.S), which is
@@ -96,8 +104,7 @@ async def test_synthetic_answer_is_bounded(bug_env, items):
 # "<session>" 7000 times blocks the event loop for seconds (every other client, /health included,
 # waits), and a 1 MB one for minutes. Expected: a linear search (find the tag, then str.find the end).
 async def test_session_tag_search_is_linear(bug_env):
-    body = title_request({"type": "object", "properties": {"title": {"type": "string"}}},
-                         text="<session>" * 7000)
+    body = claude_title("<session>" * 7000)
     (status, headers, raw), worst = await with_health_probes(
         bug_env.http, bug_env.base, post_raw(bug_env, "/v1/messages", json.dumps(body).encode()))
     assert status == 200

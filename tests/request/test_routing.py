@@ -1,6 +1,10 @@
+import copy
 import json
+from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.config import ConfigError
 from orchestrator.configfile import config_from_dict, load_config
@@ -168,3 +172,119 @@ def test_background_work_needs_a_capable_background_backend_named():
         capable(False)
     with pytest.raises(ConfigError, match="routing.background_work"):
         config_from_dict({"routing": {"background_work": True}})
+
+
+# ---- Claude Code's own housekeeping, and nothing else (issue 28) ----------------------------------
+
+CAPTURES = FIXTURES / "captures"
+HOUSEKEEPING_KINDS = {"title": Shape.TITLE, "topic": Shape.TOPIC, "warmup": Shape.WARMUP,
+                      "count_probe": Shape.COUNT_PROBE}
+
+
+def _captured(kind: str | None = None) -> list[tuple[str, dict]]:
+    """Every captured /v1/messages body of 2.0.77, 2.1.197 and 2.1.332 (of that kind), with its name."""
+    out = []
+    for path in sorted(CAPTURES.glob("*/*.json")):
+        capture = json.loads(path.read_text())
+        label = path.stem.split("-", 1)[1]
+        if capture["path"] == "/v1/messages" and (kind is None or label == kind):
+            out.append((f"{path.parent.name}/{path.name}", capture["body"]))
+    return out
+
+
+def test_every_captured_request_of_three_releases_is_recognised_as_what_it_is():
+    seen = set()
+    for name, body in _captured():
+        label = name.split("-", 1)[1].removesuffix(".json")
+        assert classify_shape(body) is HOUSEKEEPING_KINDS.get(label, Shape.OTHER), name
+        seen.add((name.split("/")[0], label))
+    # What each release sends (none sends everything: 2.1 dropped warm-ups and topic checks, 2.1.332
+    # the count probe), so a capture set that lost a kind fails here.
+    assert {(v, k) for v, k in seen if k in HOUSEKEEPING_KINDS} == {
+        ("2.0.77", "warmup"), ("2.0.77", "topic"), ("2.0.77", "count_probe"),
+        ("2.1.197", "title"), ("2.1.197", "count_probe"), ("2.1.332", "title")}
+
+
+def _blog_post(schema_props: dict) -> dict:
+    return {"model": "claude-haiku-4-5", "max_tokens": 2000, "messages": [
+        {"role": "user", "content": "Write a 500-word blog post about Rust's borrow checker."}],
+        "output_config": {"format": {"type": "json_schema", "schema": {
+            "type": "object", "properties": schema_props, "required": list(schema_props),
+            "additionalProperties": False}}}}
+
+
+@pytest.mark.parametrize("body", [
+    _blog_post({"title": {"type": "string"}, "body": {"type": "string"}, "tags": {"type": "array"}}),
+    _blog_post({"title": {"type": "string"}, "severity": {"enum": ["low", "high"]}, "line": {"type": "integer"}}),
+    _blog_post({"title": {"type": "string", "maxLength": 10}}),
+    {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "Spam or not? Answer Y or N."}]},
+    {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "text", "text": "Warmup"}]}]},
+    {"model": "m", "max_tokens": 100, "system": "Reply with JSON. Fields: isNewTopic, title.",
+     "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "{"}]},
+], ids=["blog-post", "diff-review", "title-maxLength", "one-token-classification", "warmup-beside-an-image",
+        "isNewTopic-prefill"])
+def test_other_clients_requests_that_look_like_housekeeping_are_work(body):
+    """Each was answered by the gateway itself on 5446c05 (issue 28), the backend never seeing it."""
+    assert classify_shape(body) is Shape.OTHER
+    r = choose_route(body, SYNTH, background_up=False)
+    assert r.kind is RouteKind.MAIN and r.reason in (Reason.WORK, Reason.BACKGROUND_NAME_WORK)
+
+
+def _mutations() -> dict[str, Callable[[dict], None]]:
+    """One feature of a housekeeping request changed, as another client's request would differ."""
+    def first_text(b: dict) -> dict:
+        content = b["messages"][0]["content"]
+        return content[0] if isinstance(content, list) else b["messages"][0]
+
+    def set_first_text(b: dict, text: str) -> None:
+        if isinstance(b["messages"][0]["content"], list):
+            b["messages"][0]["content"][0]["text"] = text
+        else:
+            b["messages"][0]["content"] = text
+
+    def schema(b: dict) -> dict:
+        return b.setdefault("output_config", {}).setdefault("format", {"type": "json_schema", "schema": {}})["schema"]
+
+    return {
+        "a tool": lambda b: b.__setitem__("tools", [*(b.get("tools") or []), {
+            "name": "get_weather", "description": "w", "input_schema": {"type": "object"}}]),
+        "a second user turn": lambda b: b["messages"].append({"role": "user", "content": "and another thing"}),
+        "an image": lambda b: b["messages"][0].__setitem__("content", [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+            *(b["messages"][0]["content"] if isinstance(b["messages"][0]["content"], list)
+              else [{"type": "text", "text": b["messages"][0]["content"]}])]),
+        "no Claude Code system prompt": lambda b: b.__setitem__("system", "You are a helpful assistant."),
+        "another schema": lambda b: schema(b).setdefault("properties", {}).__setitem__("body", {"type": "string"}),
+        "a title constraint": lambda b: schema(b).setdefault("properties", {}).__setitem__(
+            "title", {"type": "string", "maxLength": 5}),
+        "other text": lambda b: set_first_text(b, "Please: " + (first_text(b).get("text") or "")),
+        "streamed": lambda b: b.__setitem__("stream", True) if b.get("max_tokens") == 1 else
+        b["messages"].append({"role": "user", "content": "more"}),
+        "max_tokens 2": lambda b: b.__setitem__("max_tokens", 2) if b.get("max_tokens") == 1 else
+        b["messages"].append({"role": "user", "content": "more"}),
+        "temperature": lambda b: b.__setitem__("temperature", 0) if b.get("max_tokens") == 1 else
+        b["messages"].append({"role": "user", "content": "more"}),
+    }
+
+
+MUTATIONS = _mutations()
+NOT_A_TELL = {(Shape.TOPIC, "other text"), (Shape.TOPIC, "an image"), (Shape.COUNT_PROBE, "other text"),
+              (Shape.WARMUP, "a tool"), (Shape.COUNT_PROBE, "a tool")}
+HOUSEKEEPING_CAPTURES = [c for kind in HOUSEKEEPING_KINDS for c in _captured(kind)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(capture=st.sampled_from(HOUSEKEEPING_CAPTURES), change=st.sampled_from(sorted(MUTATIONS)))
+def test_a_captured_housekeeping_request_with_one_feature_changed_is_work(capture, change):
+    name, body = capture
+    body = copy.deepcopy(body)
+    shape = classify_shape(body)
+    # Where a change is no tell, another is made: the user's own text (a topic check's prompt, what a
+    # probe counts) and an image in it vary; 2.0.77's warm-ups carry tools and probes count them; a
+    # schema is the title's alone.
+    if (shape, change) in NOT_A_TELL or (change in ("another schema", "a title constraint") and shape is not Shape.TITLE):
+        change = "a second user turn"
+    MUTATIONS[change](body)
+    assert classify_shape(body) is Shape.OTHER, (name, change)
