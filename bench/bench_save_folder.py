@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -128,7 +130,59 @@ async def run(n: int, scan_on_loop: bool, saves: int = 10) -> list[float]:
     return gaps
 
 
+async def full_disk(root: Path) -> None:
+    """Seven conversations saved by the real llama-server into a 30 MB tmpfs (5446c05: the first two
+    filled it, and every later save failed with llama-server's 500 while the old saves stayed)."""
+    from testkit.servers import LlamaServer
+
+    mount = root / "kv30"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], check=True)
+    server = LlamaServer(root, ("--slot-save-path", str(mount)))
+    try:
+        await asyncio.to_thread(server.start)
+        config = config_from_dict({"backends": [{"name": "primary", "url": server.url, "kv_save_dir": str(mount),
+                                                 "kv_save_idle_seconds": 0}]})
+        app = create_app(config, CollectorRegistry())
+        gw_runner = await start(app, "127.0.0.1", 0)
+        base = "http://%s:%d" % gw_runner.addresses[0][:2]
+        gw = app[GATEWAY]
+        results = ("saved", "failed", "no_room")
+
+        def counts() -> dict[str, float]:
+            return {r: gw.metrics.registry.get_sample_value(
+                "orchestrator_kv_saves_total", {"backend": "primary", "result": r}) or 0 for r in results}
+
+        async with aiohttp.ClientSession() as http:
+            while (await (await http.get(base + "/health")).json())["backends"][0]["state"] != "ready":
+                await asyncio.sleep(0.1)
+            for i in range(7):
+                # About 300 tokens: a save of about 7 MB with SmolLM2, four of them fill the disk.
+                body = {"model": "m", "max_tokens": 4, "system": "You are a helpful assistant.",
+                        "messages": [{"role": "user", "content": f"Conversation {i}. " + "Tell me about caches. " * 50}]}
+                before = sum(counts().values())
+                async with http.post(base + "/v1/messages", json=body) as r:
+                    status = r.status
+                    await r.read()
+                while sum(counts().values()) == before:
+                    await asyncio.sleep(0.05)
+                free = shutil.disk_usage(mount).free
+                files = sorted(p.name for p in mount.glob("*.bin"))
+                print(f"conversation {i}: HTTP {status}; saves {counts()}; {len(files)} on disk; "
+                      f"{free / 1e6:.1f} MB free")
+            async with http.get(base + "/health") as r:
+                print("kv_folder:", (await r.json())["backends"][0]["kv_folder"])
+        await gw_runner.cleanup()
+    finally:
+        server.stop()
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 def main() -> None:
+    if "--full-disk" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(full_disk(Path(tmp)))
+        return
     n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20_000
     rows = {}
     for name, scan, saves in (("idle", False, 0), ("index", False, 10), ("scan", True, 10)):

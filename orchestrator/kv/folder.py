@@ -137,6 +137,7 @@ class SaveFolder:
         self._kept: collections.OrderedDict[str, Kept] = collections.OrderedDict()  # least recently used first
         self.total = 0  # bytes of the saves kept
         self.problem = ""  # why the last save could not be made, until one is
+        self._failed_per_token = 0.0  # a failed save's bytes written per token: a lower bound, until one is kept
         self._loaded: asyncio.Task | None = None
 
     # ---- reading the folder, once ----
@@ -166,11 +167,17 @@ class SaveFolder:
         return list(reversed(self._kept))
 
     def bytes_per_token(self) -> float | None:
-        """Of the most recent save that says (what the next one will cost on disk, per token)."""
+        """Of the most recent save that says (what the next one will cost on disk, per token), at least
+        what a save that failed since had written."""
         for kept in reversed(self._kept.values()):
             if kept.tokens > 0:
-                return kept.bytes / kept.tokens
-        return None
+                return max(kept.bytes / kept.tokens, self._failed_per_token)
+        return self._failed_per_token or None
+
+    def failed(self, written: int, tokens: int) -> None:
+        """A save failed after writing `written` bytes of `tokens` (a full disk cuts it short)."""
+        if written > 0 and tokens > 0:
+            self._failed_per_token = max(self._failed_per_token, written / tokens)
 
     def disk(self) -> tuple[int, int] | None:
         """(free bytes, size) of its disk, now (a statvfs: microseconds)."""
@@ -193,6 +200,7 @@ class SaveFolder:
     # ---- what the store tells it ----
     def kept(self, meta: dict[str, Any]) -> str | None:
         """A save's metadata was written: it is the newest of its key; the file of the one it replaced."""
+        self._failed_per_token = 0.0
         old = self._kept.get(meta["key"])
         self._put(Kept.of(meta))
         return old.file if old is not None and old.file != meta["file"] else None

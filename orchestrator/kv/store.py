@@ -245,10 +245,12 @@ class KvPersistence:
             answer = await b.engine.save_slot(filename, SAVE_TIMEOUT)
         except (GatewayError, OSError, TimeoutError) as e:
             log.warning("backend %s: KV save failed (%s); it goes on serving", name, _why(e))
+            cut = await asyncio.to_thread(file_size, b.folder / filename)  # what was written: a lower bound
+            b.index.failed(cut, tokens)
             await asyncio.to_thread(remove, b.folder / filename)
             # A full disk is the likely cause when the space left is short of a save: older ones go.
             largest = max((k.bytes for k in map(b.index.get, b.index.keys()) if k), default=0)
-            await self._make_room(b, key, max(expected, largest), "after a failed save")
+            await self._make_room(b, key, max(expected, largest, cut), "after a failed save")
         finally:
             if answer is None:  # failed or cancelled: a file left behind is the next scan's to sweep
                 b.pending.discard(filename)

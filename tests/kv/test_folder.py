@@ -152,3 +152,18 @@ def test_status_shows_the_folder_and_why_a_save_was_not_made():
     [line] = kv_lines({"backends": [{"name": "primary", "kv_folder": folder}]}, time.time())
     assert line == ("kv saves: primary 3 saves, 2.50 of 17.18 GB, 1.0 GB free on its disk; "
                     "no room for a save of about 1,000 bytes")
+
+
+async def test_a_save_larger_than_the_disk_fails_once_then_is_not_tried(kv_stack, http, tmp_path, monkeypatch):
+    """What a failed save had written bounds the next one's size from below: one that cannot fit even
+    in an empty disk is not sent to the server again (a 30 MB disk, a 36 MB conversation: measured)."""
+    fake = slot_engine(tmp_path, save_bytes=100_000, disk_bytes=50_000, n_saved=18)
+    monkeypatch.setattr(kv_folder, "disk_space", FakeDisk(fake, fake.disk_bytes))
+    _, base, gw = await kv_stack(fake=fake)
+    for i in range(3):
+        assert (await post(http, base, main_body(f"conversation {i}")))[0] == 200
+        await _until(lambda i=i: sum(_metric(gw, "orchestrator_kv_saves_total", backend="primary", result=r)
+                                     for r in ("saved", "failed", "no_room")) == i + 1)
+    assert [_metric(gw, "orchestrator_kv_saves_total", backend="primary", result=r)
+            for r in ("saved", "failed", "no_room")] == [0, 1, 2]
+    assert [a for a, _ in fake.actions] == ["save"] and list(tmp_path.glob("*.bin")) == []
