@@ -97,5 +97,6 @@ bench: install
 	$(BIN)/python bench/bench_pool.py
 	$(BIN)/python bench/bench_dashboard.py
 	$(BIN)/python bench/bench_parking.py
+	$(BIN)/python bench/bench_save_folder.py
 	@deploy/install-claude-code.sh >/dev/null
 	$(BIN)/python bench/bench_crash.py --cli 8

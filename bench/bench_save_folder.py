@@ -12,7 +12,7 @@ asks /health every 5 ms; each /health answer's time is recorded.
 
 Prints each one's /health p50 and worst, and the ratio.
 
-  .venv/bin/python bench/bench_save_folder.py [N]
+  .venv/bin/python bench/bench_save_folder.py [N]          # (make bench runs it)
   .venv/bin/python bench/bench_save_folder.py --full-disk   # root: a 30 MB tmpfs and the real llama-server
 """
 
@@ -35,14 +35,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from orchestrator.backends.gateway import GATEWAY  # noqa: E402
-from orchestrator.configfile import config_from_dict  # noqa: E402
-from orchestrator.http.app import create_app, start  # noqa: E402
-from orchestrator.kv import folder as kv_folder  # noqa: E402
-from orchestrator.kv import store  # noqa: E402
-from testkit.engine import FakeEngine  # noqa: E402
+from orchestrator.backends.gateway import GATEWAY
+from orchestrator.configfile import config_from_dict
+from orchestrator.http.app import create_app, start
+from orchestrator.kv import folder as kv_folder
+from orchestrator.kv import store
+from testkit.engine import FakeEngine
 
 K_SHA256 = hashlib.sha256(b"k").hexdigest()
 PROPS = {"model_path": "/models/m.gguf", "n_ctx": 4096, "build_info": "b1-fake",
