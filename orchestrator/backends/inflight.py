@@ -284,6 +284,7 @@ class InFlight:
         others: list[Entry] = []
         for e in self.live.values():
             (queued if e.state == "queued" else others).append(e)
+        others.sort(key=lambda e: e.state not in ("prefill", "generating"))  # what runs first: it can be cancelled
         first = heapq.nsmallest(limit, queued, key=lambda e: (e.priority != "main", e.arrived))
         return {"queue": [e.view(now) for e in first], "queued": len(queued),
                 "inflight": [e.view(now) for e in itertools.islice(others, limit)],

@@ -103,23 +103,33 @@ class LlamaServer(Engine):
         return answer
 
     async def identify(self, warm: bool) -> None:
-        """A server run by hand: its probe figures when its slot is empty, else an identity of this
-        up-period only (fingerprint.py). A supervised one is known by its command."""
+        """A server run by hand: its probe figures when its slot is seen empty, else what it was known
+        by (a warm slot: the same process, most likely after a blip of its health), else an identity
+        of this up-period only (fingerprint.py). A supervised one is known by its command."""
         if self.backend.command:
             return
-        self.probe = fingerprint.unknown()
-        if warm:
+        if warm or not await self._slot_seen_empty():  # the probe would overwrite what it holds
+            self.probe = self.probe or fingerprint.unknown()
             return
+        figures = None
         try:
             async with self.upstream.post(self.backend, "/completion", fingerprint.request_body(),
                                           {"Content-Type": "application/json"}, timeout=PROBE_TIMEOUT) as resp:
                 raw = await read_whole(resp, MAX_ACTION_ANSWER_BYTES, self.backend)
             figures = fingerprint.of_answer(json.loads(raw)) if resp.status == 200 else None
         except (GatewayError, ValueError) as e:
-            figures = None
             log.warning("backend %s: its probe failed (%s): its saves restore into this process only",
                         self.backend.name, getattr(e, "message", e))
-        self.probe = figures or self.probe
+        self.probe = figures or fingerprint.unknown()
+
+    async def _slot_seen_empty(self) -> bool:
+        """/slots read, and slot 0 holds no prompt tokens (unreadable: not seen empty)."""
+        try:
+            slots = await self.slots(PROPS_TIMEOUT)
+        except GatewayError:
+            return False
+        slot = next((s for s in slots or () if isinstance(s, dict) and s.get("id") == SLOT), None)
+        return slot is not None and slot.get("n_prompt_tokens", 0) == 0 and not slot.get("is_processing")
 
     async def slot_tokens(self) -> int:
         """Tokens slot 0's last task had as its prompt (0 when empty or unknown). llama-server shows 0

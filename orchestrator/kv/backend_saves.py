@@ -42,3 +42,7 @@ class BackendSaves:
     def tokens_saved(self, key: str) -> int:
         """Tokens of conversation `key` on disk at its last save (0: none)."""
         return max(self.saved.get(key, 0), 0)
+
+    def keys_pending(self) -> frozenset[str]:
+        """Keys with a save written and its metadata not yet: never dropped under their keep."""
+        return frozenset(name.split("-", 1)[0] for name in self.pending)

@@ -142,13 +142,15 @@ class SaveFolder:
 
     # ---- reading the folder, once ----
     async def ready(self, pending: set[str]) -> None:
-        """The index read from disk (once; whoever comes first starts it, the rest wait for it)."""
+        """The index read from disk (once; whoever comes first starts it, the rest wait for it). The
+        task fills the index itself: a caller cancelled while it runs loses nothing."""
         if self._loaded is None:
-            self._loaded = asyncio.ensure_future(asyncio.to_thread(scan, self.path, set(pending)))
-            for kept in await asyncio.shield(self._loaded):
-                self._put(kept)
-        else:
-            await asyncio.shield(self._loaded)
+            self._loaded = asyncio.ensure_future(self._load(set(pending)))
+        await asyncio.shield(self._loaded)
+
+    async def _load(self, pending: set[str]) -> None:
+        for kept in await asyncio.to_thread(scan, self.path, pending):
+            self._put(kept)
 
     def _put(self, kept: Kept) -> None:
         old = self._kept.pop(kept.key, None)
@@ -220,7 +222,8 @@ class SaveFolder:
         self.total -= kept.bytes
         return [self.path / kept.file, self.path / f"{key}.json"]
 
-    def room_for(self, key: str, expected: int, disk: tuple[int, int] | None) -> list[str] | None:
+    def room_for(self, key: str, expected: int, disk: tuple[int, int] | None,
+                 busy: frozenset[str] = frozenset()) -> list[str] | None:
         """The saves to drop (least recently used first; `key`'s own is replaced by the new one, so not
         among them) for a save of about `expected` bytes to fit every bound; None when even dropping
         all of them would not do (the disk is full of other things)."""
@@ -233,7 +236,7 @@ class SaveFolder:
         for k, kept in self._kept.items():
             if count <= self.max_files and total <= self.max_bytes and (free is None or free >= floor):
                 break
-            if k == key:
+            if k == key or k in busy:  # its own, or one whose newer save is being kept: not dropped
                 continue
             drop.append(k)
             count, total = count - 1, total - kept.bytes
@@ -241,10 +244,10 @@ class SaveFolder:
         fits = count <= max(self.max_files, 1) and (free is None or free >= floor)
         return drop if fits else None
 
-    async def make_room(self, key: str, expected: int) -> list[str] | None:
+    async def make_room(self, key: str, expected: int, busy: frozenset[str] = frozenset()) -> list[str] | None:
         """Drop what `room_for` says, now; the keys dropped, or None (and `problem` says why)."""
         disk = self.disk()
-        drop = self.room_for(key, expected, disk)
+        drop = self.room_for(key, expected, disk, busy)
         if drop is None:
             free = f"{disk[0]:,} bytes free" if disk else "free space unknown"
             self.problem = (f"no room for a save of about {expected:,} bytes: {free}, {self.floor(disk):,} to "
@@ -259,14 +262,14 @@ class SaveFolder:
         if paths:
             await asyncio.to_thread(remove_all, paths)
 
-    def over_budget(self, keep: str) -> list[str]:
+    def over_budget(self, keep: str, busy: frozenset[str] = frozenset()) -> list[str]:
         """The saves to drop, least recently used first, for the folder to be within its bytes and count
         (the newest, `keep`, always stays: a budget smaller than one save still keeps that one)."""
         count, total, drop = len(self._kept), self.total, []
         for k, kept in self._kept.items():
             if count <= self.max_files and total <= self.max_bytes:
                 break
-            if k != keep:
+            if k != keep and k not in busy:
                 drop.append(k)
                 count, total = count - 1, total - kept.bytes
         return drop

@@ -259,7 +259,7 @@ class KvPersistence:
     async def _make_room(self, b: BackendSaves, key: str, expected: int, why: str) -> bool:
         """The least recently used saves dropped for one of `expected` bytes to fit (folder.py); False
         when even all of them would not do."""
-        dropped = await b.index.make_room(key, expected)
+        dropped = await b.index.make_room(key, expected, b.keys_pending())
         if dropped is None:
             log.warning("backend %s: KV save not made: %s; the next turn after a restart is cold",
                         b.backend.name, b.index.problem)
@@ -303,7 +303,7 @@ class KvPersistence:
                  key[:8], f"{size:,}", f", {took:.0f} ms" if isinstance(took, (int, float)) else "", hashed * 1000)
         self.metrics.kv_saved_bytes.labels(name).inc(size)
         budget = b.backend.kv_save_max_bytes, b.backend.kv_save_max_files
-        dropped = b.index.over_budget(key)
+        dropped = b.index.over_budget(key, b.keys_pending())
         await b.index.drop(dropped)
         self._dropped(b, dropped, "kv_save_max_bytes {}, kv_save_max_files {}".format(*budget))
         return SaveResult.SAVED

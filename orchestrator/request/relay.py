@@ -80,6 +80,8 @@ async def relay_stream(ex: Exchange, resp: aiohttp.ClientResponse) -> web.Stream
                     problem = (f"backend {backend.name!r} sent a {ev.event!r} event whose data is not a JSON "
                                f"object: {ev.data[:200]!r}")
                     break
+                if ev.event == "message_start" and started:
+                    continue  # one was added before it: a second would break the client's stream
                 if ev.event == "message_start":
                     started = True
                 elif not started and ev.event not in ("ping", "error"):

@@ -146,12 +146,13 @@ def _is_title(body: dict[str, Any], system: list[str], message: dict[str, Any]) 
 
 
 def _is_count_probe(body: dict[str, Any], messages: list[Any]) -> bool:
-    """The one-token generation Claude Code counts tokens with when count_tokens is missing: no system,
-    no stream, one user message of text, its own metadata; nothing else asked."""
+    """The one-token generation Claude Code counts tokens with when count_tokens is missing: not
+    streamed, no system prompt nor schema, its own metadata; the messages are what it counts (one
+    section's text, or a whole conversation), and it may carry its extra body params."""
     metadata = body.get("metadata")
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    return (body.get("max_tokens") == 1 and set(body) <= {"model", "max_tokens", "messages", "tools", "metadata"}
-            and _roles(messages) == ["user"] and isinstance(messages[0].get("content"), str)
+    return (body.get("max_tokens") == 1 and not body.get("stream") and "system" not in body
+            and "output_config" not in body and bool(messages)
             and isinstance(user_id, str) and _USER_ID.fullmatch(user_id) is not None)
 
 

@@ -375,7 +375,8 @@ async def test_an_answer_without_message_start_gets_one_with_the_engines_figures
     engine = FakeEngine(script=s, die_on_overlap=False, capacity=capacity, slot_prompt=(40, 2))
     base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(engine.app())}]})
     events = sse_message(["😀", " hi"], model="gguf/path/model.gguf")
-    s.writes = events[1:]
+    s.writes = [*events[1:3], events[0], *events[3:]]  # and a late one of its own: not passed on
+    events = [events[0], *events[1:3], *events[3:]]
     status, got, _ = await post(http, base, {**MAIN, "stream": True})
     kinds = [e.event for e in sse_events(got)]
     assert status == 200 and kinds[0] == "message_start" and kinds[1:] == [e.event for e in sse_events(b"".join(events[1:]))]

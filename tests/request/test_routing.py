@@ -270,8 +270,11 @@ def _mutations() -> dict[str, Callable[[dict], None]]:
 
 
 MUTATIONS = _mutations()
-NOT_A_TELL = {(Shape.TOPIC, "other text"), (Shape.TOPIC, "an image"), (Shape.COUNT_PROBE, "other text"),
-              (Shape.WARMUP, "a tool"), (Shape.COUNT_PROBE, "a tool")}
+# A probe counts whatever Claude Code counts (one section, or a whole conversation with its tools and
+# images), and carries its extra body params: its tells are max_tokens 1, no stream, no system, its metadata.
+NOT_A_TELL = {(Shape.TOPIC, "other text"), (Shape.TOPIC, "an image"), (Shape.WARMUP, "a tool"),
+              *((Shape.COUNT_PROBE, c) for c in ("other text", "a tool", "an image", "a second user turn",
+                                                "temperature"))}
 HOUSEKEEPING_CAPTURES = [c for kind in HOUSEKEEPING_KINDS for c in _captured(kind)]
 
 
@@ -285,6 +288,17 @@ def test_a_captured_housekeeping_request_with_one_feature_changed_is_work(captur
     # probe counts) and an image in it vary; 2.0.77's warm-ups carry tools and probes count them; a
     # schema is the title's alone.
     if (shape, change) in NOT_A_TELL or (change in ("another schema", "a title constraint") and shape is not Shape.TITLE):
-        change = "a second user turn"
+        change = "no Claude Code system prompt" if shape is Shape.COUNT_PROBE else "a second user turn"
     MUTATIONS[change](body)
     assert classify_shape(body) is Shape.OTHER, (name, change)
+
+
+def test_a_count_probe_of_a_whole_conversation_is_still_a_count_probe():
+    """/context counts the conversation too (2.0.77's count_tokens capture 19: four messages of blocks,
+    ending on the assistant's); when count_tokens is missing, that goes as a one-token generation."""
+    counted = json.loads((CAPTURES / "2.0.77" / "19-count_tokens.json").read_text())["body"]
+    probe = json.loads((CAPTURES / "2.0.77" / "29-count_probe.json").read_text())["body"]
+    body = {**counted, "max_tokens": 1, "metadata": probe["metadata"]}
+    assert len(body["messages"]) > 1 and classify_shape(body) is Shape.COUNT_PROBE
+    assert classify_shape({**body, "stream": True}) is Shape.OTHER
+    assert classify_shape({k: v for k, v in body.items() if k != "metadata"}) is Shape.OTHER
