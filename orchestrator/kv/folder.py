@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import os
@@ -175,6 +176,24 @@ class SaveFolder:
             if kept.tokens > 0:
                 return max(kept.bytes / kept.tokens, self._failed_per_token)
         return self._failed_per_token or None
+
+    @property
+    def largest(self) -> int:
+        """The largest save kept (a scan of the index: after a failed save only)."""
+        return max((k.bytes for k in self._kept.values()), default=0)
+
+    def expected(self, tokens: int) -> int:
+        """About what a save of `tokens` tokens will take: by the bytes per token of the last one, but
+        at most twice the largest of the 16 most recent (a hybrid model's save is mostly a fixed
+        recurrent state: per token, a short save would promise a long one gigabytes), at least what a
+        failed one wrote."""
+        per_token = self.bytes_per_token()
+        if not per_token:
+            return 0
+        linear = int(per_token * tokens)
+        recent = [k.bytes for k in itertools.islice(reversed(self._kept.values()), 16)]
+        cap = 2 * max(recent) if recent else linear
+        return max(min(linear, cap), int(self._failed_per_token * tokens))
 
     def failed(self, written: int, tokens: int) -> None:
         """A save failed after writing `written` bytes of `tokens` (a full disk cuts it short)."""

@@ -230,8 +230,7 @@ class KvPersistence:
             log.warning("backend %s: /props unreadable; no KV save", name)
             return SaveResult.FAILED
         await b.index.ready(b.pending)
-        per_token = b.index.bytes_per_token()
-        expected = int(per_token * tokens) if per_token else 0
+        expected = b.index.expected(tokens)
         if not await self._make_room(b, key, expected, "to make room"):
             return SaveResult.NO_ROOM
         started = time.monotonic()
@@ -249,8 +248,7 @@ class KvPersistence:
             b.index.failed(cut, tokens)
             await asyncio.to_thread(remove, b.folder / filename)
             # A full disk is the likely cause when the space left is short of a save: older ones go.
-            largest = max((k.bytes for k in map(b.index.get, b.index.keys()) if k), default=0)
-            await self._make_room(b, key, max(expected, largest, cut), "after a failed save")
+            await self._make_room(b, key, max(expected, b.index.largest, cut), "after a failed save")
         finally:
             if answer is None:  # failed or cancelled: a file left behind is the next scan's to sweep
                 b.pending.discard(filename)

@@ -167,3 +167,11 @@ async def test_a_save_larger_than_the_disk_fails_once_then_is_not_tried(kv_stack
     assert [_metric(gw, "orchestrator_kv_saves_total", backend="primary", result=r)
             for r in ("saved", "failed", "no_room")] == [0, 1, 2]
     assert [a for a, _ in fake.actions] == ["save"] and list(tmp_path.glob("*.bin")) == []
+
+
+def test_a_saves_size_is_guessed_by_its_tokens_within_twice_the_recent_ones():
+    index = _folder(Path("/x"), 1000)  # 1000 bytes for 100 tokens: 10 a token
+    assert index.expected(300) == 2000  # 3000 by the tokens, but a hybrid's state is mostly fixed
+    assert index.expected(50) == 500
+    index.failed(900, 30)  # a failed save had written 30 a token
+    assert index.expected(50) == 1500 and _folder(Path("/x")).expected(50) == 0
