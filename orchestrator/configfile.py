@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import (
     ENV_PREFIX,
@@ -183,6 +185,11 @@ def _backend_problems(backends: list[BackendConfig]) -> list[str]:
     names = [b.name for b in backends]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"backends: name {dup!r} is used more than once")
+    # Each backend keeps an index of its save folder (kv/folder.py) and removes the files no save of
+    # its own names: two in one folder would remove each other's saves.
+    folders = [os.path.normpath(b.kv_save_dir) for b in backends if b.kv_save_dir]
+    for dup in sorted({f for f in folders if folders.count(f) > 1}):
+        problems.append(f"backends: kv_save_dir {dup!r} is used by more than one backend")
     # Two backends on one server would each count its slots: two generations at once.
     by_url: dict[str, list[str]] = {}
     for b in backends:

@@ -100,3 +100,11 @@ def test_describe_shows_what_differs_and_hides_secrets():
     assert "gateway.port = 9191" in lines and "gateway.api_key = ***" in lines
     assert not any("very-secret-key" in line for line in lines)
     assert not any(line.startswith("queue.") for line in lines)
+
+
+def test_two_backends_cannot_share_a_save_folder(tmp_path):
+    from orchestrator.configfile import config_from_dict
+    raw = {"backends": [{"name": "a", "url": "http://127.0.0.1:8080", "kv_save_dir": str(tmp_path)},
+                        {"name": "b", "url": "http://127.0.0.1:8081", "kv_save_dir": str(tmp_path) + "/"}]}
+    with pytest.raises(ConfigError, match="kv_save_dir .* more than one backend"):
+        config_from_dict(raw)
