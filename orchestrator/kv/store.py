@@ -268,7 +268,9 @@ class KvPersistence:
     def _dropped(self, b: BackendSaves, keys: list[str], why: str) -> None:
         for key in keys:
             b.saved.pop(key, None)
-            log.info("backend %s: dropped the KV save of conversation %s (%s)", b.backend.name, key[:8], why)
+        if keys:  # one line however many (a lowered kv_save_max_files drops thousands at once)
+            log.info("backend %s: dropped the KV saves of %d conversations (%s): %s%s", b.backend.name, len(keys),
+                     why, ", ".join(k[:8] for k in keys[:5]), " ..." if len(keys) > 5 else "")
         self.metrics.kv_disk_bytes.labels(b.backend.name).set(b.index.total)
 
     async def _keep(self, b: BackendSaves, conversation: Conversation, tokens: int,
