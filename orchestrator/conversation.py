@@ -13,10 +13,11 @@ matching. Pure; a hash is 8 bytes, and a turn keeps at most MAX_BLOCKS of them.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from typing import Any, Iterator
 from urllib.parse import urlsplit
+
+import orjson
 
 from .config import BackendConfig, is_loopback_host
 from .errors import GatewayError
@@ -46,10 +47,12 @@ def without_cache_control(value: Any) -> Any:
 def _digest(value: Any) -> str:
     value = without_cache_control(value)
     try:
-        text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+        # orjson writes the same compact, key-sorted UTF-8 as json.dumps(sort_keys=True, ensure_ascii=False,
+        # separators=(",", ":")), the same hashes, in half the time (issue 29: 8 against 18 ms a MB, loaded).
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, ValueError, RecursionError):  # a lone surrogate, an integer past 64 bits
+        text = repr(value).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
 def as_blocks(content: Any) -> Any:
