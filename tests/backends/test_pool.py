@@ -146,10 +146,11 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
     await post(http, base, turn("one", 1))
     home, other = ("a", "b") if a.requests else ("b", "a")
     fakes = {"a": a, "b": b}
-    fakes[home].prefill_delay = 1.0
-    # Turn 2 holds the home's slot; turn 3 (a retry, a second window: anything) waits behind it.
-    slow = asyncio.create_task(post(http, base, turn("one", 2)))
-    await until(lambda: fakes[home].in_flight == 1)  # in its 1 s prefill
+    # Turn 2 holds the home's slot until its gate opens (no clock a loaded machine could beat: a 1 s
+    # prefill here failed one busy run); turn 3 (a retry, a second window: anything) waits behind it.
+    fakes[home].gate.clear()
+    slow = asyncio.create_task(post(http, base, {**turn("one", 2), "metadata": {"x_fake_hold": 1}}))
+    await until(lambda: fakes[home].in_flight == 1)
     waiting = asyncio.create_task(post(http, base, turn("one", 3)))
     await until(lambda: gw.backends[home].queue.depth == 1)
     assert not waiting.done()
@@ -159,6 +160,7 @@ async def test_a_waiting_request_moves_when_its_backend_goes_down(gateway, serve
     assert gw.backends[home].queue.depth == 0  # it left the dead backend's line
     assert [r["messages"][-1]["content"] for r in fakes[other].requests] == ["more 2"]
     gw.backends[home].health.set(State.READY)
+    fakes[home].gate.set()
     assert (await slow)[0] == 200  # the one already sent finished on its own backend
     assert gw.backends["a"].queue.busy == gw.backends["b"].queue.busy == 0
     assert gw.backends["a"].queue.acquired_total == gw.backends["a"].queue.released_total
@@ -195,10 +197,18 @@ async def test_a_busy_home_is_left_only_past_the_wait_bound(gateway, serve_app, 
     sent = len(a.requests) + len(b.requests)
     busy = asyncio.create_task(post(http, base, turn("other", 1)))  # new: the free backend...
     await until(lambda: len(a.requests) + len(b.requests) == sent + 1)
-    # ... so make the home busy with a turn of its own conversation, then send the next turn.
-    first = asyncio.create_task(post(http, base, turn("one", 3)))
+    # ... so make the home busy with a turn of its own conversation (held until its gate opens: no
+    # clock to beat), then send the next turn.
+    fakes[home].gate.clear()
+    first = asyncio.create_task(post(http, base, {**turn("one", 3), "metadata": {"x_fake_hold": 1}}))
     await until(lambda: len(a.requests) + len(b.requests) == sent + 2)
-    status, _, _ = await post(http, base, turn("one", 4))
+    following = asyncio.create_task(post(http, base, turn("one", 4)))
+    if not moved:  # it waits at home, behind the held turn
+        await until(lambda: gw.backends[home].queue.depth == 1)
+    else:
+        await until(lambda: following.done())
+    fakes[home].gate.set()
+    status, _, _ = await following
     await asyncio.gather(busy, first)
     assert status == 200
     other = "b" if home == "a" else "a"
