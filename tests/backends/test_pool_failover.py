@@ -34,14 +34,15 @@ async def test_waiter_moves_when_its_backend_goes_failed_not_only_down(gateway, 
     await post(http, base, turn("one", 1))
     home, other = ("a", "b") if a.requests else ("b", "a")
     fakes = {"a": a, "b": b}
-    fakes[home].prefill_delay = 1.0
-    slow = asyncio.create_task(post(http, base, turn("one", 2)))
-    assert await _until(lambda: fakes[home].in_flight == 1)  # in its 1 s prefill
+    fakes[home].gate.clear()  # turn 2 holds the home's slot until the gate opens: no clock to beat
+    slow = asyncio.create_task(post(http, base, {**turn("one", 2), "metadata": {"x_fake_hold": 1}}))
+    assert await _until(lambda: fakes[home].in_flight == 1)
     waiting = asyncio.create_task(post(http, base, turn("one", 3)))
     assert await _until(lambda: gw.backends[home].queue.depth == 1)
     assert gw.backends[other].queue.busy == 0
     gw.backends[home].health.set(State.FAILED, "test: FATAL in supervisord")
     status, raw, _ = await asyncio.wait_for(waiting, 30)
+    fakes[home].gate.set()
     await slow
     assert status == 200, f"the waiter got {status} {raw[:200]!r} instead of moving to the idle backend {other!r}"
 

@@ -156,17 +156,25 @@ async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_mod
 
 
 async def test_continuous_batching_engine_gets_its_many_slots_at_once(gateway, serve_app, http):
-    engine = engine_of("vllm", capacity=64, hold=0.3)
+    engine = engine_of("vllm", capacity=64)
+    engine.script = None  # its default answers, held on its gate: no clock for 64 sends to beat
     base, app = await gateway({"backends": [{"name": "big", "url": await serve_app(engine.app()), "slots": 64}]})
+    queue = app[GATEWAY].backends["big"].queue
+    engine.gate.clear()
 
     async def one(i):
-        async with http.post(base + "/v1/messages", json={**BODY, "messages": [
-                {"role": "user", "content": f"q{i}"}]}) as r:
+        async with http.post(base + "/v1/messages", json={**BODY, "stream": True, "metadata": {"x_fake_hold": 1},
+                                                          "messages": [{"role": "user", "content": f"q{i}"}]}) as r:
             return r.status, await r.read()
 
-    results = await asyncio.gather(*[one(i) for i in range(80)])
+    sent = [asyncio.ensure_future(one(i)) for i in range(80)]
+    async with asyncio.timeout(60):
+        while engine.in_flight < 64 or queue.depth < 16:  # all its slots used, the rest waiting
+            await asyncio.sleep(0.01)
+    engine.gate.set()
+    results = await asyncio.gather(*sent)
     assert all(s == 200 and b"event: message_stop" in raw for s, raw in results)
-    assert engine.max_in_flight == 64  # all its slots used, never more
+    assert engine.max_in_flight == 64  # never more
     assert app[GATEWAY].backends["big"].queue.busy == 0
 
 

@@ -67,7 +67,7 @@ async def test_a_switch_parks_the_outgoing_conversation_and_unparks_the_incoming
     assert cache == {"new": 2, "unparked": 2}
 
 
-@pytest.mark.parametrize("keep,stop", [(0.5, "tool_use"), (0.0, "tool_use"), (0.5, "end_turn")],
+@pytest.mark.parametrize("keep,stop", [(30, "tool_use"), (0.0, "tool_use"), (30, "end_turn")],
                          ids=["kept", "keep-off", "no-tool-asked"])
 async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gateway, serve_app, tmp_path, http, keep,
                                                                  stop):
@@ -86,14 +86,19 @@ async def test_a_tool_loops_next_turn_finds_the_slot_kept_for_it(park_stack, gat
 
     async def loop():
         for turn in range(3):
-            # Each answer asks for a tool, but the last: the loop's next turn follows at once.
+            # Each answer asks for a tool, but the last: the loop's next turn follows at once. The
+            # first is held on the fake's gate until two waits (no clock a loaded machine could beat).
             body = {**main_body("one", turn=turn), "metadata": {"x_fake_stop_reason": stop if turn < 2
-                                                                else "end_turn"}}
+                                                                else "end_turn", **({"x_fake_hold": 1} if turn == 0 else {})}}
             assert (await post(http, base, body))[0] == 200
 
+    fake.gate.clear()
     one = asyncio.create_task(loop())
     await _until(lambda: gw.backends["primary"].queue.busy == 1)
-    assert (await post(http, base, main_body("two")))[0] == 200
+    two = asyncio.create_task(post(http, base, main_body("two")))
+    await _until(lambda: gw.backends["primary"].queue.depth == 1)
+    fake.gate.set()
+    assert (await two)[0] == 200
     await one
     order = [t["conversation"] for t in gw.misses.snapshot("primary")["recent"]]
     a, b = _key("one")[:8], _key("two")[:8]
