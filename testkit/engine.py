@@ -254,6 +254,7 @@ class FakeEngine:
         self._start()
         try:
             await asyncio.sleep(self.prefill_delay)
+            await self.gate.wait()  # a test holds its answers here (the gate is open by default)
             if knob(request, body, "mode", self.mode) == "stall":
                 await asyncio.sleep(3600)
             schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")

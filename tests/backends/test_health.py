@@ -127,7 +127,8 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     from orchestrator.backends.gateway import GATEWAY
 
     title = sample("title-2.1.332.json")["body"]
-    small = FakeEngine(mode="stall", linger=4)  # lets go of the abandoned request only after 4 s
+    # It lets go of the abandoned request only when the test says so: no clock for "stuck" to beat.
+    small = FakeEngine(mode="stall", linger=600, linger_ends=asyncio.Event())
     base, app = await gateway({
         "backends": [{"name": "primary", "url": await serve_app(FakeEngine().app())},
                      {"name": "small", "url": await serve_app(small.app()), "role": "background"}],
@@ -142,7 +143,7 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
 
     async with http.post(base + "/v1/messages", json=title) as r:
         assert r.status == 200  # the synthetic title, after background_timeout_seconds
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(60):
         while await small_state() != "stuck":
             await asyncio.sleep(0.05)
     assert watch.restarts == 1 and "abandoned" in gw.backends["small"].health.last_error
@@ -153,7 +154,8 @@ async def test_a_background_slot_held_past_the_bound_is_stuck_in_health_and_rest
     assert len(small.requests) == 1
     assert gw.metrics.background_answers.labels("small", "title", "timeout")._value.get() == 1
     small.in_flight = 0  # the restarted server holds nothing
-    async with asyncio.timeout(5):
+    small.linger_ends.set()
+    async with asyncio.timeout(60):
         while await small_state() != "ready":
             await asyncio.sleep(0.05)
     assert gw.backends["small"].queue.busy == 0

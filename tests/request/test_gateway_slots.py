@@ -57,9 +57,8 @@ async def test_client_disconnect_while_queued_leaves_queue(gateway, fake, http):
 async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     f, url = fake
     f.mode = "stall"
-    # The waiter must still wait when the third request comes: 2 s leave a loaded machine room (0.3 s
-    # was a race with sending it).
-    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 2,
+    # Full: the waiter waits as long as the test needs (no race with sending the third request).
+    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 600,
                                                  "retry_after_seconds": 4})
     q = gw.backends["primary"].queue
     running = asyncio.create_task(post(http, base, MAIN))
@@ -70,7 +69,17 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
         await asyncio.sleep(0.01)
     status, raw, headers = await post(http, base, MAIN)
     assert status == 529 and headers["retry-after"] == "4" and "full" in json.loads(raw)["error"]["message"]
-    status, raw, headers = await waiting
+    waiting.cancel()
+    running.cancel()
+    await until_free(q)
+    # Waited too long: on a gateway of its own, one waiter and its short bound, nothing to race.
+    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 0.3,
+                                                 "retry_after_seconds": 4})
+    q = gw.backends["primary"].queue
+    running = asyncio.create_task(post(http, base, MAIN))
+    while q.busy == 0:
+        await asyncio.sleep(0.01)
+    status, raw, headers = await post(http, base, MAIN)
     assert status == 529 and "waited" in json.loads(raw)["error"]["message"]
     running.cancel()
     await until_free(q)
@@ -147,10 +156,13 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
     says so (held_after_client_left), apart from sends in progress."""
     f, url = fake
     # The backend lingers until the test has seen the slot held: no race with a loaded machine.
-    f.chunk_delay, f.linger, f.linger_ends = 0.2, 600, asyncio.Event()
+    # Its answer is held after the first event (the fake's gate) until the client has left: no stream
+    # for a loaded machine to finish before /health is read.
+    f.linger, f.linger_ends = 600, asyncio.Event()
+    f.gate.clear()
     base, app = await _start(gateway, url)
     async with aiohttp.ClientSession() as s:
-        async with s.post(base + "/v1/messages", json={**MAIN, "stream": True}) as r:
+        async with s.post(base + "/v1/messages", json={**MAIN, "stream": True, "metadata": {"x_fake_hold": 1}}) as r:
             await r.content.readany()
             async with http.get(base + "/health") as h:
                 during = (await h.json())["backends"][0]
@@ -164,6 +176,7 @@ async def test_health_says_what_holds_a_busy_slot(gateway, fake, http):
                 break
             await asyncio.sleep(0.05)
     assert held["busy"] == 1 and held["sending"] == 0 and held["held_after_client_left"] == 1
+    f.gate.set()
     f.linger_ends.set()
     await until_free(app.backends["primary"].queue)
     async with http.get(base + "/health") as h:
