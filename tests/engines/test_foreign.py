@@ -146,12 +146,13 @@ async def test_count_tokens_is_the_engines_own_and_its_context_comes_from_v1_mod
     async with http.post(base + "/v1/messages/count_tokens?beta=true", json=BODY) as r:
         counted = await r.json()
     assert counted == {"input_tokens": 7 + len(json.dumps(BODY["messages"])) // 4} and len(engine.counted) == 1
-    for _ in range(50):
-        async with http.get(base + "/health") as r:
-            backend = (await r.json())["backends"][0]
-        if backend.get("n_ctx"):
-            break
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(30):  # read at a health poll: waited for, with a broken gateway's bound
+        while True:
+            async with http.get(base + "/health") as r:
+                backend = (await r.json())["backends"][0]
+            if backend.get("n_ctx"):
+                break
+            await asyncio.sleep(0.05)
     assert backend["state"] == "ready" and backend["n_ctx"] == 65536
 
 
@@ -241,11 +242,10 @@ async def test_https_backend_with_its_private_ca(gateway, http, tls_files):
         # Without its CA the certificate is refused, and the health check says why.
         base2, app2 = await gateway({"backends": [{"name": "remote", "url": url}],
                                      "queue": {"down_grace_seconds": 0.5}})
-        for _ in range(50):
-            h = app2[GATEWAY].backends["remote"].health
-            if not h.up:
-                break
-            await asyncio.sleep(0.05)
+        h = app2[GATEWAY].backends["remote"].health
+        async with asyncio.timeout(30):  # at a health poll: waited for
+            while h.up:
+                await asyncio.sleep(0.05)
         assert not h.up and "TLS failed" in h.last_error and "ca_file" in h.last_error
     finally:
         await runner.cleanup()

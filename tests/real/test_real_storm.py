@@ -347,9 +347,10 @@ async def test_storm_of_vanishing_clients_never_overlaps_on_the_real_server(llam
         await asyncio.gather(*[run_client(session, base, c, t0) for c in clients])
     storm_s = time.monotonic() - t0
 
-    # Settle: the last abandoned request is let go by the server, its slot released.
+    # Settle: the last abandoned request is let go by the server, its slot released (minutes on a loaded
+    # machine, as test_real_leaving measured: the bound is only a broken gateway's).
     settle_t = time.monotonic()
-    while (queue.busy or queue.depth or gw.held_slots()) and time.monotonic() - settle_t < 45:
+    while (queue.busy or queue.depth or gw.held_slots()) and time.monotonic() - settle_t < 600:
         await asyncio.sleep(0.05)
     settle_s = time.monotonic() - settle_t
     stop.set()
