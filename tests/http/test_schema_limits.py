@@ -112,36 +112,27 @@ def _rich_title_schema(optional: int) -> dict:
 
 @pytest.mark.real
 @pytest.mark.parametrize("optional", [8, MAX_PROPERTIES - 2])
-async def test_schemas_within_the_limits_are_answered_by_the_real_small_model(gateway, serve_app, http, llama,
-                                                                               optional):
-    """The limits leave room. A title schema with a pattern (checked by the gateway, not in the grammar)
-    and a $ref to a 1000-value enum: llama-server answers it, valid against the client's whole schema.
-    At the property limit (98 optional properties) it still builds the grammar and answers in time
-    (SmolLM2 then fills every optional property and runs out of its 256 tokens: the synthetic answer)."""
+async def test_schemas_within_the_limits_reach_the_real_model_as_work(gateway, serve_app, http, llama, optional):
+    """The limits leave room: a title schema with a pattern, a $ref to a 1000-value enum and up to 98
+    optional properties passes the gateway's check. It is no Claude Code title (issue 28: only Claude
+    Code's own {title} schema is housekeeping), so the main model answers it, the real llama-server
+    here; the small background model is never asked, and nothing is made up by the gateway."""
     import time
-
-    import jsonschema
 
     schema = _rich_title_schema(optional)
     check_schema(schema, "output_config.format.schema")
-    base, app = await gateway({"backends": [{"name": "primary", "url": await serve_app(FakeEngine().app())},
-                                            {"name": "small", "url": llama.url, "role": "background"}],
-                               "routing": {"background": "small", "background_timeout_seconds": 60}})
+    small = FakeEngine()
+    base, app = await gateway({"backends": [{"name": "primary", "url": llama.url},
+                                            {"name": "small", "url": await serve_app(small.app()), "role": "background"}],
+                               "routing": {"background": "small"}})
     gw = app[GATEWAY]
-    body = {**TITLE, "stream": False, "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    body = {**TITLE, "stream": False, "max_tokens": 16, "output_config": {"format": {"type": "json_schema", "schema": schema}}}
     t0 = time.monotonic()
     async with http.post(base + "/v1/messages?beta=true", json=body) as r:
-        assert r.status == 200
-        text = (await r.json())["content"][0]["text"]
+        answer = await r.json()
+        assert r.status == 200, answer
     took = time.monotonic() - t0
-
-    def answers(result: str) -> float:
-        return gw.metrics.background_answers.labels("small", "title", result)._value.get()
-
-    if optional < 10:
-        assert answers("model") == 1, text
-    else:
-        assert answers("model") + answers("invalid") == 1 and answers("timeout") == answers("failed") == 0
-    jsonschema.validate(json.loads(text), schema)  # the model's, or the synthetic one
-    assert gw.backends["small"].queue.busy == 0
-    print(f"\n{optional} optional properties: answered in {took:.1f} s: {text[:120]}")
+    assert answer["content"] and small.requests == [] and gw.backends["small"].queue.acquired_total == 0
+    assert sum(gw.metrics.background_answers.labels("small", "title", result)._value.get()
+               for result in ("model", "invalid", "timeout", "failed", "busy")) == 0
+    print(f"\n{optional} optional properties: answered by the main model in {took:.1f} s")
