@@ -57,13 +57,19 @@ async def test_client_disconnect_while_queued_leaves_queue(gateway, fake, http):
 async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     f, url = fake
     f.mode = "stall"
+
+    async def one_running(max_wait: float):
+        """A gateway of one slot and one place in line, its slot taken by a request that never ends."""
+        base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": max_wait,
+                                                     "retry_after_seconds": 4})
+        q = gw.backends["primary"].queue
+        running = asyncio.create_task(post(http, base, MAIN))
+        while q.busy == 0:
+            await asyncio.sleep(0.01)
+        return base, q, running
+
     # Full: the waiter waits as long as the test needs (no race with sending the third request).
-    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 600,
-                                                 "retry_after_seconds": 4})
-    q = gw.backends["primary"].queue
-    running = asyncio.create_task(post(http, base, MAIN))
-    while q.busy == 0:
-        await asyncio.sleep(0.01)
+    base, q, running = await one_running(600)
     waiting = asyncio.create_task(post(http, base, MAIN))
     while q.depth == 0:
         await asyncio.sleep(0.01)
@@ -73,12 +79,7 @@ async def test_queue_bounds_answer_529_with_retry_after(gateway, fake, http):
     running.cancel()
     await until_free(q)
     # Waited too long: on a gateway of its own, one waiter and its short bound, nothing to race.
-    base, gw = await _start(gateway, url, queue={"max_depth": 1, "max_wait_seconds": 0.3,
-                                                 "retry_after_seconds": 4})
-    q = gw.backends["primary"].queue
-    running = asyncio.create_task(post(http, base, MAIN))
-    while q.busy == 0:
-        await asyncio.sleep(0.01)
+    base, q, running = await one_running(0.3)
     status, raw, headers = await post(http, base, MAIN)
     assert status == 529 and "waited" in json.loads(raw)["error"]["message"]
     running.cancel()
